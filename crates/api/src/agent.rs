@@ -1,0 +1,436 @@
+//! The guest agent protocol, spoken over one vsock stream per request.
+//!
+//! Framing: the host opens a stream to [`AGENT_PORT`] (through the hybrid
+//! vsock Unix socket: `CONNECT 1024\n` → `OK …\n`), writes exactly one
+//! [`Request`] as a single JSON line, and reads [`Response`] frames, one JSON
+//! line each, until a final frame ([`Response::is_final`]). A
+//! [`Request::Forward`] that succeeds answers [`Response::ForwardReady`] and the
+//! stream then carries raw bytes in both directions.
+//!
+//! Guest-initiated streams go to the host's CID 2: [`LOG_PORT`] carries
+//! [`LogRecord`] JSON lines (the agent's own log and every supervised
+//! service's output) so that a crash inside the VM is visible outside it.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+/// Vsock port the guest agent serves its API on.
+pub const AGENT_PORT: u32 = 1024;
+/// Vsock port on the host that receives the guest's log stream.
+pub const LOG_PORT: u32 = 1025;
+/// Vsock context id of the host, as seen from a guest.
+pub const HOST_CID: u32 = 2;
+/// Longest request line the agent accepts, in bytes.
+pub const MAX_REQUEST_LINE: usize = 16 * 1024 * 1024;
+/// Protocol revision; bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// One request to the guest agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Liveness: answered with [`Response::Health`].
+    Health,
+    /// Static facts about the guest: answered with [`Response::Info`].
+    Info,
+    /// Run a program, streaming its output.
+    Exec(ExecRequest),
+    /// Read a whole file (up to `max_bytes`).
+    ReadFile {
+        /// Absolute path inside the guest.
+        path: String,
+        /// Refuse files larger than this many bytes.
+        #[serde(default = "default_max_read")]
+        max_bytes: u64,
+    },
+    /// Write (create or replace) a file atomically.
+    WriteFile(FileSpec),
+    /// Push per-VM configuration; see [`GuestConfig`].
+    Configure(GuestConfig),
+    /// Splice this stream to a guest-local TCP port or Unix socket.
+    Forward {
+        /// Where to connect inside the guest.
+        target: ForwardTarget,
+    },
+    /// The agent's in-memory log ring (most recent last).
+    Logs {
+        /// Return at most this many records.
+        #[serde(default = "default_log_limit")]
+        limit: usize,
+    },
+    /// State of every supervised service.
+    Services,
+    /// Stop all services, sync and power off (or reboot).
+    Shutdown {
+        /// Reboot instead of powering off.
+        #[serde(default)]
+        reboot: bool,
+    },
+}
+
+fn default_max_read() -> u64 {
+    64 * 1024 * 1024
+}
+
+fn default_log_limit() -> usize {
+    1000
+}
+
+/// A program to run in the guest.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments; `argv[0]` is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Extra environment, on top of the agent's configured environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default `/`).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Bytes fed to standard input, then closed (base64 on the wire).
+    #[serde(default, with = "b64_opt")]
+    pub stdin: Option<Vec<u8>>,
+    /// Kill the process (SIGKILL) after this many milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// A file to write in the guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    /// Absolute path inside the guest.
+    pub path: String,
+    /// Contents (base64 on the wire).
+    #[serde(with = "b64")]
+    pub data: Vec<u8>,
+    /// Permission bits, e.g. `0o600` (default `0o644`).
+    #[serde(default = "default_mode")]
+    pub mode: u32,
+    /// Create missing parent directories.
+    #[serde(default)]
+    pub create_dirs: bool,
+}
+
+fn default_mode() -> u32 {
+    0o644
+}
+
+/// Per-VM configuration pushed by the host after boot and after every
+/// snapshot restore. Every field is optional so a push can carry only what
+/// changed.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestConfig {
+    /// Host name of the guest.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// Environment given to every exec and service started afterwards.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Files to write before anything else in this push.
+    #[serde(default)]
+    pub files: Vec<FileSpec>,
+    /// Fresh entropy mixed into the guest's pool (base64 on the wire), so two
+    /// VMs restored from one snapshot do not share random state.
+    #[serde(default, with = "b64_opt")]
+    pub entropy: Option<Vec<u8>>,
+    /// Wall clock to set, in nanoseconds since the Unix epoch.
+    #[serde(default)]
+    pub clock_unix_ns: Option<u128>,
+    /// Services to (re)declare; the agent starts new ones and restarts
+    /// changed ones.
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+}
+
+/// A long-running program the guest agent supervises.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Unique name; `[a-z0-9_.-]`, at most 64 characters.
+    pub name: String,
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default `/`).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Run as this user (name or numeric uid); default root.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// When to restart the service after it exits.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// Restart policy of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartPolicy {
+    /// Restart whatever the exit status (with exponential backoff).
+    #[default]
+    Always,
+    /// Restart only after a non-zero exit or a signal.
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+/// Where a forwarded stream connects inside the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ForwardTarget {
+    /// `127.0.0.1:<port>` in the guest.
+    Tcp {
+        /// TCP port.
+        port: u16,
+    },
+    /// A Unix stream socket in the guest.
+    Unix {
+        /// Absolute path of the socket.
+        path: String,
+    },
+}
+
+/// One frame of an answer from the guest agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    /// Answer to [`Request::Health`].
+    Health(Health),
+    /// Answer to [`Request::Info`].
+    Info(AgentInfo),
+    /// The exec'd process has started.
+    Started {
+        /// Its pid inside the guest.
+        pid: u32,
+    },
+    /// A chunk of the process's standard output.
+    Stdout {
+        /// Raw bytes (base64 on the wire).
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// A chunk of the process's standard error.
+    Stderr {
+        /// Raw bytes (base64 on the wire).
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// The process ended; final.
+    Exit(ExitStatus),
+    /// Contents of a file; final.
+    File {
+        /// Raw bytes (base64 on the wire).
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// The agent's log ring; final.
+    Logs {
+        /// Records, oldest first.
+        records: Vec<LogRecord>,
+    },
+    /// Supervised services; final.
+    Services {
+        /// One entry per declared service.
+        services: Vec<ServiceStatus>,
+    },
+    /// The stream now carries raw bytes to the forward target; final.
+    ForwardReady,
+    /// The request succeeded and has nothing else to say; final.
+    Done,
+    /// The request failed; final.
+    Error(AgentError),
+}
+
+impl Response {
+    /// Whether this frame ends the answer to a request.
+    pub fn is_final(&self) -> bool {
+        !matches!(
+            self,
+            Response::Started { .. } | Response::Stdout { .. } | Response::Stderr { .. }
+        )
+    }
+}
+
+/// How an exec'd process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Signal number, if a signal killed it.
+    pub signal: Option<i32>,
+    /// Killed by the agent because `timeout_ms` passed.
+    #[serde(default)]
+    pub timed_out: bool,
+}
+
+/// Liveness answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    /// Always true when the agent answers.
+    pub ok: bool,
+    /// Seconds since the guest kernel booted.
+    pub uptime_s: f64,
+}
+
+/// Static facts about the guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// Agent version (the crate version).
+    pub version: String,
+    /// [`PROTOCOL_VERSION`] of the agent.
+    pub protocol: u32,
+    /// Guest kernel release (`uname -r`).
+    pub kernel: String,
+    /// Whether the agent switched into a root filesystem.
+    pub rootfs: bool,
+    /// Number of online CPUs.
+    pub cpus: u32,
+    /// Total memory in KiB.
+    pub mem_total_kib: u64,
+    /// Seconds since the guest kernel booted.
+    pub uptime_s: f64,
+}
+
+/// State of one supervised service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Service name.
+    pub name: String,
+    /// Pid while running.
+    pub pid: Option<u32>,
+    /// How many times it has been started.
+    pub starts: u32,
+    /// How the last run ended.
+    pub last_exit: Option<ExitStatus>,
+    /// Milliseconds until the next restart, when waiting on backoff.
+    pub backoff_ms: Option<u64>,
+}
+
+/// A failure reported by the guest agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentError {
+    /// Machine-readable kind.
+    pub kind: AgentErrorKind,
+    /// What went wrong and what to do about it.
+    pub message: String,
+}
+
+/// Machine-readable kinds of [`AgentError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentErrorKind {
+    /// The request was malformed or invalid.
+    BadRequest,
+    /// A file or program was not found.
+    NotFound,
+    /// The guest refused (permissions, size limits).
+    Refused,
+    /// Something failed inside the guest.
+    Internal,
+}
+
+/// One line of log output from inside the guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// Monotonic sequence number assigned by the agent.
+    pub seq: u64,
+    /// Guest wall clock, milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    /// `agent` for the agent itself, `service:<name>` for a service.
+    pub source: String,
+    /// `info`, `warn`, `error` for the agent; `stdout`/`stderr` for services.
+    pub stream: String,
+    /// The line, without its newline.
+    pub line: String,
+}
+
+/// Encode a value as one protocol line (JSON followed by `\n`).
+pub fn encode_line<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let mut out = serde_json::to_vec(value)?;
+    out.push(b'\n');
+    Ok(out)
+}
+
+mod b64 {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+mod b64_opt {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let s = Option::<String>::deserialize(d)?;
+        s.map(|s| {
+            base64::engine::general_purpose::STANDARD
+                .decode(s.as_bytes())
+                .map_err(serde::de::Error::custom)
+        })
+        .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_request_round_trips_with_binary_stdin() {
+        let req = Request::Exec(ExecRequest {
+            argv: vec!["cat".into()],
+            stdin: Some(vec![0, 1, 2, 255]),
+            ..Default::default()
+        });
+        let line = encode_line(&req).unwrap();
+        assert_eq!(line.last(), Some(&b'\n'));
+        let back: Request = serde_json::from_slice(&line).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn unknown_fields_and_ops_are_rejected() {
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"exec","argv":["a"],"bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn only_output_frames_are_non_final() {
+        assert!(!Response::Stdout { data: vec![] }.is_final());
+        assert!(!Response::Started { pid: 1 }.is_final());
+        assert!(Response::Done.is_final());
+        assert!(Response::Exit(ExitStatus { code: Some(0), signal: None, timed_out: false }).is_final());
+    }
+
+    #[test]
+    fn bad_base64_is_an_error_not_a_panic() {
+        let r = serde_json::from_str::<Response>(r#"{"type":"stdout","data":"!!!"}"#);
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! VM descriptions exchanged between the CLI/controller and the host agent.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::ServiceSpec;
+
+/// What to create. Every field has a default so `{}` is a valid request for
+/// the minimal image.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Optional human name (`[a-z0-9-]`, ≤ 63 characters, unique on the host).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Whole virtual CPUs (default from host configuration).
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Guest memory in MiB (default from host configuration).
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Root filesystem image to boot; `None` boots the minimal image (the
+    /// initramfs alone, with busybox for commands).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Kernel to boot instead of the host's default (a path on the host).
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// Initramfs to boot instead of the host's default (a path on the host).
+    #[serde(default)]
+    pub initramfs: Option<String>,
+    /// Hypervisor to use instead of the host's default.
+    #[serde(default)]
+    pub hypervisor: Option<HypervisorKind>,
+    /// Environment pushed to the guest agent.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Services the guest agent supervises.
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    /// Size of a persistent writable disk in MiB (0 or absent: none).
+    #[serde(default)]
+    pub data_disk_mib: Option<u32>,
+}
+
+/// Hypervisor drivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HypervisorKind {
+    /// QEMU `-M microvm`.
+    Qemu,
+    /// Firecracker.
+    Firecracker,
+}
+
+impl std::fmt::Display for HypervisorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HypervisorKind::Qemu => "qemu",
+            HypervisorKind::Firecracker => "firecracker",
+        })
+    }
+}
+
+/// CPU virtualization in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accel {
+    /// Hardware virtualization through `/dev/kvm`.
+    Kvm,
+    /// QEMU's software emulation.
+    Tcg,
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+/// Lifecycle state of a VM on a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Resources are being prepared and the hypervisor started.
+    Starting,
+    /// The guest agent answered; the VM is usable.
+    Running,
+    /// vCPUs are stopped; memory is kept.
+    Paused,
+    /// Being torn down.
+    Stopping,
+    /// Torn down after a request; only logs remain.
+    Stopped,
+    /// Died or could not start; see the failure reason. Only logs remain.
+    Failed,
+}
+
+impl VmState {
+    /// Whether the VM can no longer change state.
+    pub fn is_final(self) -> bool {
+        matches!(self, VmState::Stopped | VmState::Failed)
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
+        })
+    }
+}
+
+/// What a host reports about one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Host-unique id (`vm-` + 12 hex digits).
+    pub id: String,
+    /// Optional human name.
+    pub name: Option<String>,
+    /// Current state.
+    pub state: VmState,
+    /// Why the VM failed, when `state` is `failed`.
+    pub failure: Option<String>,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Image booted (`minimal` for the initramfs-only image).
+    pub image: String,
+    /// Hypervisor driving it.
+    pub hypervisor: HypervisorKind,
+    /// CPU virtualization in use.
+    pub accel: Accel,
+    /// Hypervisor process id while it runs.
+    pub pid: Option<u32>,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// Milliseconds from start to guest-agent-ready (when known).
+    pub boot_ms: Option<u64>,
+    /// Snapshot this VM was restored from, if any.
+    pub restored_from: Option<String>,
+}
+
+/// A saved snapshot of a VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Host-unique id (`snap-` + 12 hex digits).
+    pub id: String,
+    /// VM it was taken from.
+    pub source_vm: String,
+    /// Hypervisor that can restore it.
+    pub hypervisor: HypervisorKind,
+    /// Memory in MiB of the saved VM.
+    pub memory_mib: u32,
+    /// Virtual CPUs of the saved VM.
+    pub vcpus: u32,
+    /// Size on disk in bytes.
+    pub size_bytes: u64,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// Which of a VM's preserved logs to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogKind {
+    /// The serial console (kernel and early agent output).
+    Console,
+    /// The guest agent's log stream, including service output.
+    Agent,
+}
