@@ -26,6 +26,12 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Bytes the writer gathers before one `write` to the link.
 const BATCH_BYTES: usize = 256 * 1024;
 
+/// Queued frames beyond which answers the peer provoked (PONG, refusals)
+/// are dropped. Data is bounded by credit, but a peer that floods PINGs or
+/// OPENs while not reading our replies could otherwise grow the queue
+/// without limit.
+const MAX_QUEUED_REPLIES: usize = 16 * 1024;
+
 /// Tunables of an endpoint. The defaults suit both sides.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointConfig {
@@ -41,6 +47,11 @@ pub struct EndpointConfig {
     /// Accepted-but-not-yet-`accept()`ed streams per listener; further
     /// OPENs are refused, like a full listen backlog.
     pub backlog: usize,
+    /// Most streams alive at once (opening, open, or waiting to be
+    /// accepted); further OPENs from the peer are refused. Bounds the memory
+    /// and threads a misbehaving peer can make us spend. Firecracker's limit
+    /// is similar (1023 connections per device).
+    pub max_streams: usize,
 }
 
 impl Default for EndpointConfig {
@@ -51,6 +62,7 @@ impl Default for EndpointConfig {
             hello_interval: Duration::from_millis(200),
             need_hello_interval: Duration::from_millis(500),
             backlog: 128,
+            max_streams: 1024,
         }
     }
 }
@@ -221,6 +233,16 @@ impl Inner {
             pad: false,
         });
         self.writer_cv.notify_one();
+    }
+
+    /// Queues an answer to something the peer sent, unless the queue is
+    /// already absurdly long (see [`MAX_QUEUED_REPLIES`]).
+    fn push_reply(&self, core: &mut Core, kind: FrameType, stream: u32, payload: Vec<u8>) {
+        if core.queue.len() >= MAX_QUEUED_REPLIES {
+            core.stats.protocol_errors += 1;
+            return;
+        }
+        self.push(core, kind, stream, payload);
     }
 
     /// Ends the current session's streams: every handle of them now fails.
@@ -413,7 +435,7 @@ impl Inner {
             FrameType::Hello | FrameType::HelloAck | FrameType::NeedHello => {}
             FrameType::Ping => {
                 if f.payload.len() == 8 {
-                    self.push(core, FrameType::Pong, 0, f.payload);
+                    self.push_reply(core, FrameType::Pong, 0, f.payload);
                 } else {
                     core.stats.protocol_errors += 1;
                 }
@@ -436,10 +458,14 @@ impl Inner {
                     core.stats.protocol_errors += 1;
                     return;
                 }
+                if core.streams.len() >= self.cfg.max_streams {
+                    self.push_reply(core, FrameType::OpenRefused, id, Vec::new());
+                    return;
+                }
                 let backlog_max = self.cfg.backlog;
                 if let Some(l) = core.listeners.get_mut(&port) {
                     if l.backlog.len() >= backlog_max {
-                        self.push(core, FrameType::OpenRefused, id, Vec::new());
+                        self.push_reply(core, FrameType::OpenRefused, id, Vec::new());
                         return;
                     }
                     l.backlog.push_back(id);
@@ -454,7 +480,7 @@ impl Inner {
                     core.incoming.push_back((id, port));
                     self.session_cv.notify_all();
                 } else {
-                    self.push(core, FrameType::OpenRefused, id, Vec::new());
+                    self.push_reply(core, FrameType::OpenRefused, id, Vec::new());
                 }
             }
             FrameType::OpenOk => {
@@ -778,6 +804,7 @@ impl MuxEndpoint {
         // certainly a mistake and would defeat the memory bound.
         cfg.window = cfg.window.clamp(1, 1 << 30);
         cfg.backlog = cfg.backlog.max(1);
+        cfg.max_streams = cfg.max_streams.max(1);
         let inner = Arc::new(Inner {
             role,
             cfg,

@@ -132,6 +132,29 @@ fn backlog_overflow_is_refused() {
 }
 
 #[test]
+fn stream_limit_refuses_further_opens() {
+    let cfg = EndpointConfig {
+        max_streams: 3,
+        ..EndpointConfig::default()
+    };
+    let p = Pair::new(cfg);
+    let l = p.guest.listen(1).unwrap();
+    let mut keep = Vec::new();
+    for _ in 0..3 {
+        keep.push(p.host.connect(1).unwrap());
+        keep.push(l.accept().unwrap());
+    }
+    assert!(matches!(p.host.connect(1), Err(MuxError::Refused { .. })));
+    keep.clear();
+    // Closed streams free their places.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.host.connect(1).is_err() {
+        assert!(Instant::now() < deadline);
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
 fn read_timeout_and_try_clone() {
     let p = Pair::new(EndpointConfig::default());
     let l = p.guest.listen(1).unwrap();
