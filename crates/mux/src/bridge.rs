@@ -44,10 +44,11 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Settings of [`run_bridge_with`].
 #[derive(Debug, Clone)]
 pub struct BridgeOptions {
-    /// Exit as soon as this process (normally the VM's QEMU) has exited.
-    /// Without it, the bridge relies on the chardev socket disappearing,
-    /// which also lets one bridge follow a VM across a restore into a new
-    /// QEMU process at the same socket path.
+    /// Exit as soon as this process has exited: the VM's QEMU, or the
+    /// parent that spawned the bridge (checked every 200 ms). Without it, the
+    /// bridge relies on the chardev socket disappearing, which also lets one
+    /// bridge follow a VM across a restore into a new QEMU process at the
+    /// same socket path.
     pub watch_pid: Option<i32>,
     /// How long to wait for the chardev socket to accept a first connection.
     pub startup_timeout: Duration,
@@ -305,6 +306,12 @@ pub fn run_bridge_with(
     while !ep.is_closed() {
         if stop_requested() {
             set_exit(&exit, BridgeExit::Stopped);
+            break;
+        }
+        // Also checked here, not only between links, so that watching a
+        // parent (rather than QEMU) ends the bridge while the link is up.
+        if opts.watch_pid.is_some_and(|pid| !pid_alive(pid)) {
+            set_exit(&exit, BridgeExit::WatchedProcessExited);
             break;
         }
         match poll_one(

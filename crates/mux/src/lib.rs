@@ -34,6 +34,8 @@
 //! window, so a stalled reader holds back only its own sender and memory per
 //! stream is bounded by the window.
 
+#![warn(missing_docs)]
+
 pub mod bridge;
 mod crc;
 pub mod endpoint;

@@ -442,3 +442,34 @@ fn second_bridge_on_a_live_socket_is_refused_and_stale_socket_replaced() {
     ));
     assert!(file.exists());
 }
+
+/// Host client → bridge → chardev socket → guest, one stream; MB/s.
+/// `cargo test --release -p polydev-mux --test bridge -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark; run in release"]
+fn bridge_throughput_512_mib() {
+    let rig = Rig::new(Mode::Direct);
+    let l = rig.guest.listen(1024).unwrap();
+    let total = 512usize << 20;
+    let sink = thread::spawn(move || {
+        let g = l.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0usize;
+        loop {
+            match (&g).read(&mut buf).unwrap() {
+                0 => return n,
+                k => n += k,
+            }
+        }
+    });
+    let mut h = rig.host_connect(1024).unwrap();
+    let chunk = pattern(3, 1 << 20);
+    let start = Instant::now();
+    for _ in 0..total / chunk.len() {
+        h.write_all(&chunk).unwrap();
+    }
+    h.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(sink.join().unwrap(), total);
+    let mbps = total as f64 / start.elapsed().as_secs_f64() / 1e6;
+    eprintln!("bridge host → guest throughput (512 MiB): {mbps:.0} MB/s");
+}
