@@ -89,6 +89,23 @@ pub fn error(msg: impl Into<String>) {
     logger().record("agent", "error", msg.into());
 }
 
+/// Log the end of a service run that will be restarted after `backoff`.
+pub fn record_service_end(name: &str, what: &str, backoff: Duration) {
+    let stream = if what.starts_with("could not start") {
+        "error"
+    } else {
+        "warn"
+    };
+    logger().record(
+        "agent",
+        stream,
+        format!(
+            "service {name}: {what}; restarting in {} ms",
+            backoff.as_millis()
+        ),
+    );
+}
+
 fn truncate(mut line: String) -> String {
     if line.len() > MAX_LINE {
         let mut cut = MAX_LINE;

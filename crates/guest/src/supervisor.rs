@@ -270,21 +270,26 @@ fn run_service(svc: Arc<Service>, env: SharedEnv) {
             (st.spec.clone(), st.generation, st.run)
         };
         let started = Instant::now();
-        let status = match start(&svc, &spec, &env, run) {
-            Ok(pid) => wait_exit(&svc, pid, generation, run),
+        let (status, what) = match start(&svc, &spec, &env, run) {
+            Ok(pid) => {
+                let status = wait_exit(&svc, pid, generation, run);
+                (status, describe(&status))
+            }
             Err(msg) => {
-                logger::error(format!("service {}: {msg}", svc.name));
-                ExitStatus {
+                let status = ExitStatus {
                     code: Some(SPAWN_FAILED_CODE),
                     signal: None,
                     timed_out: false,
-                }
+                };
+                (status, format!("could not start: {msg}"))
             }
         };
         let mut st = lock(&svc.state);
         st.pid = None;
         st.last_exit = Some(status);
-        logger::info(format!("service {}: {}", svc.name, describe(&status)));
+        if st.stopping || st.generation != generation || !should_restart(spec.restart, &status) {
+            logger::info(format!("service {}: {what}", svc.name));
+        }
         if st.stopping {
             st.thread_running = false;
             svc.cv.notify_all();
@@ -302,6 +307,8 @@ fn run_service(svc: Arc<Service>, env: SharedEnv) {
         if started.elapsed() >= STABLE_AFTER {
             backoff = BACKOFF_START;
         }
+        // One line per run, so a crash loop is visible in the shipped log.
+        logger::record_service_end(&svc.name, &what, backoff);
         let until = Instant::now() + backoff;
         st.backoff_until = Some(until);
         while !st.stopping && st.generation == generation {
@@ -359,6 +366,7 @@ fn start(svc: &Arc<Service>, spec: &ServiceSpec, env: &SharedEnv, run: u64) -> R
     let mut child = reaper::spawn(&mut cmd, on_exit)
         .map_err(|e| format!("cannot start {:?}: {e}", spec.argv[0]))?;
     let pid = child.id();
+    logger::info(format!("service {}: started, pid {pid}", svc.name));
     let source = format!("service:{}", svc.name);
     if let Some(out) = child.stdout.take() {
         capture(source.clone(), "stdout", Pipe::Out(out));
@@ -375,7 +383,6 @@ fn start(svc: &Arc<Service>, spec: &ServiceSpec, env: &SharedEnv, run: u64) -> R
         st.pid = Some(pid);
     }
     drop(st);
-    logger::info(format!("service {}: started, pid {pid}", svc.name));
     Ok(pid)
 }
 
