@@ -354,6 +354,90 @@ pub fn parse_cmdline(s: &str) -> Result<Option<RootConfig>, BootError> {
     }))
 }
 
+/// How the agent reaches the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// AF_VSOCK (Firecracker, QEMU with vhost-user-vsock).
+    Vsock,
+    /// The `polydev-mux` protocol over this virtio-serial port device.
+    Mux(std::path::PathBuf),
+}
+
+/// What `polydev.transport=` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportChoice {
+    /// Mux if the VM has a `polydev.mux` port, else vsock.
+    Auto,
+    /// Always vsock.
+    Vsock,
+    /// Always the mux.
+    Mux,
+}
+
+/// `polydev.transport=` from the command line (`auto` when absent).
+pub fn parse_transport(cmdline: &str) -> Result<TransportChoice, BootError> {
+    let mut choice = TransportChoice::Auto;
+    for w in cmdline_words(cmdline) {
+        if let Some(v) = w.strip_prefix("polydev.transport=") {
+            choice = match v {
+                "auto" | "" => TransportChoice::Auto,
+                "vsock" => TransportChoice::Vsock,
+                "mux" => TransportChoice::Mux,
+                other => {
+                    return Err(BootError::Cmdline(format!(
+                        "polydev.transport={other} is not one of auto, vsock, mux"
+                    )))
+                }
+            };
+        }
+    }
+    Ok(choice)
+}
+
+/// Virtio device id of a console (virtio-serial) device.
+const VIRTIO_ID_CONSOLE: u32 = 3;
+
+fn has_virtio_device(id: u32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/sys/bus/virtio/devices") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        std::fs::read_to_string(e.path().join("device"))
+            .ok()
+            .and_then(|s| u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok())
+            == Some(id)
+    })
+}
+
+/// Decide how to reach the host. Port names arrive from the host shortly
+/// after virtio_console loads, so a VM that has a virtio-serial device is
+/// given a few seconds for its `polydev.mux` port to show up.
+pub fn choose_transport(choice: TransportChoice) -> Transport {
+    let wait = match choice {
+        TransportChoice::Vsock => return Transport::Vsock,
+        TransportChoice::Mux => DEVICE_TIMEOUT,
+        TransportChoice::Auto if has_virtio_device(VIRTIO_ID_CONSOLE) => Duration::from_secs(5),
+        TransportChoice::Auto => return Transport::Vsock,
+    };
+    let start = Instant::now();
+    loop {
+        if let Ok(dev) = polydev_mux::find_virtio_port(polydev_mux::PORT_NAME) {
+            if dev.exists() {
+                return Transport::Mux(dev);
+            }
+        }
+        if start.elapsed() >= wait {
+            logger::warn(format!(
+                "no virtio-serial port named {} after {}s; using vsock (is virtio_console in /etc/polydev/modules?)",
+                polydev_mux::PORT_NAME,
+                wait.as_secs()
+            ));
+            return Transport::Vsock;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn wait_for_device(dev: &str) -> Result<(), BootError> {
     let start = Instant::now();
     loop {
@@ -510,6 +594,20 @@ mod tests {
             cmdline_words(r#"a "b c" d="e f"  g"#),
             vec!["a", "b c", "d=e f", "g"]
         );
+    }
+
+    #[test]
+    fn transport_param() {
+        assert_eq!(parse_transport("quiet").ok(), Some(TransportChoice::Auto));
+        assert_eq!(
+            parse_transport("polydev.transport=mux").ok(),
+            Some(TransportChoice::Mux)
+        );
+        assert_eq!(
+            parse_transport("polydev.transport=vsock").ok(),
+            Some(TransportChoice::Vsock)
+        );
+        assert!(parse_transport("polydev.transport=tcp").is_err());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 
 use std::io::{Read, Write};
 use std::process::Stdio;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use polydev_api::agent::{AgentErrorKind, ExecRequest, ExitStatus, Response};
@@ -22,6 +23,9 @@ pub const CHUNK: usize = 64 * 1024;
 /// descendants that keep the pipes open (a daemon started in the
 /// background) must not hold the answer hostage.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
+
+/// How often the disconnect watcher checks whether the exec is over.
+const WATCH_POLL: Duration = Duration::from_millis(500);
 
 enum Event {
     Stdout(Vec<u8>),
@@ -115,7 +119,9 @@ pub fn handle(conn: &Stream, env: &SharedEnv, req: ExecRequest) {
     if let Some(err) = stderr {
         pending_eofs += pump(err, tx.clone(), Event::Stderr);
     }
-    watch_disconnect(conn, tx.clone());
+    let done = Arc::new(AtomicBool::new(false));
+    let _watch_guard = DoneOnDrop(done.clone());
+    watch_disconnect(conn, tx.clone(), done);
     drop(tx);
 
     let deadline = req
@@ -176,8 +182,17 @@ pub fn handle(conn: &Stream, env: &SharedEnv, req: ExecRequest) {
     });
     status.timed_out = timed_out;
     let _ = send(conn, &Response::Exit(status));
-    // Wakes the disconnect watcher, which is blocked reading this socket.
+    // Wakes the disconnect watcher at once where the stream allows it.
     conn.shutdown(std::net::Shutdown::Both);
+}
+
+/// Tells the watcher to stop on every way out of `handle`.
+struct DoneOnDrop(Arc<AtomicBool>);
+
+impl Drop for DoneOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 fn client_gone(pid: u32) {
@@ -216,11 +231,16 @@ fn pump<R: Read + Send + 'static>(
 }
 
 /// The client sends nothing after its request, so any end of its side of
-/// the stream (EOF or error) means it is gone.
-fn watch_disconnect(conn: &Stream, tx: mpsc::Sender<Event>) {
+/// the stream (EOF or error) means it is gone. The watcher polls `done` so
+/// that it also ends when the exec finishes while the client keeps the
+/// stream open (a mux stream cannot be shut down for reading to wake it).
+fn watch_disconnect(conn: &Stream, tx: mpsc::Sender<Event>, done: Arc<AtomicBool>) {
     let Ok(reader) = conn.try_clone() else {
         return;
     };
+    if reader.set_read_timeout(Some(WATCH_POLL)).is_err() {
+        return;
+    }
     let _ = std::thread::Builder::new()
         .name("exec-watch".into())
         .spawn(move || {
@@ -229,7 +249,18 @@ fn watch_disconnect(conn: &Stream, tx: mpsc::Sender<Event>) {
                 match (&reader).read(&mut buf) {
                     Ok(0) => break,
                     Ok(_) => continue,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock
+                                | std::io::ErrorKind::TimedOut
+                                | std::io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        if done.load(Ordering::Relaxed) {
+                            return;
+                        }
+                    }
                     Err(_) => break,
                 }
             }

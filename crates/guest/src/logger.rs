@@ -7,7 +7,7 @@
 //! can stall on a slow serial port; the host stream can be down).
 
 use std::collections::VecDeque;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -25,6 +25,9 @@ pub const CONSOLE_CAPACITY: usize = 2_000;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often an idle log stream is checked for having gone away.
+const IDLE_PROBE: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(5);
 
 #[derive(Default)]
 struct Queue {
@@ -253,11 +256,24 @@ impl Logger {
                 return;
             }
         }
+        // Probing reads must return quickly.
+        let _ = stream.set_read_timeout(Some(PROBE_TIMEOUT));
         loop {
             let batch: Vec<LogRecord> = {
                 let mut g = lock(&self.inner);
                 while g.ship.records.is_empty() {
-                    g = self.ship_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                    let (g2, timeout) = self
+                        .ship_cv
+                        .wait_timeout(g, IDLE_PROBE)
+                        .unwrap_or_else(|e| e.into_inner());
+                    g = g2;
+                    if timeout.timed_out() && g.ship.records.is_empty() {
+                        drop(g);
+                        if !peer_alive(stream) {
+                            return;
+                        }
+                        g = lock(&self.inner);
+                    }
                 }
                 let n = g.ship.records.len().min(256);
                 g.ship.records.drain(..n).collect()
@@ -276,6 +292,24 @@ impl Logger {
                 return;
             }
         }
+    }
+}
+
+/// The host never writes on the log stream, so a read that ends (EOF or
+/// error, not a timeout) means the stream is gone: the host restarted its
+/// listener, or a snapshot restore reset every stream. Noticing while idle
+/// lets the host see the guest reconnect without waiting for a log line.
+fn peer_alive(mut stream: &Stream) -> bool {
+    let mut buf = [0u8; 256];
+    match stream.read(&mut buf) {
+        Ok(0) => false,
+        Ok(_) => true,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock
+                | std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::Interrupted
+        ),
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! As PID 1 it mounts the pseudo filesystems, loads the initramfs's kernel
 //! modules, switches into the VM's root overlay (when the kernel command
-//! line names one), then serves the agent API on vsock, ships its log to the
+//! line names one), then serves the agent API on vsock (or on the
+//! `polydev-mux` virtio-serial port, which QEMU VMs use), ships its log to the
 //! host, supervises services and reaps every process. With `--listen` (not
 //! PID 1) it serves the same protocol on a Unix socket for development and
 //! tests, and touches nothing system-wide on its own.
@@ -237,15 +238,28 @@ fn pid1_boot() {
     };
     let env = base_env(true);
     let sup = Arc::new(Supervisor::new(env.clone()));
-    let listen = Addr::Vsock {
-        cid: libc::VMADDR_CID_ANY,
-        port: AGENT_PORT,
+    let choice = boot::parse_transport(&cmdline).unwrap_or_else(|e| {
+        logger::error(format!("{e}; choosing automatically"));
+        boot::TransportChoice::Auto
+    });
+    let (listen, log_addr) = match boot::choose_transport(choice) {
+        boot::Transport::Mux(dev) => match net::start_mux(&dev) {
+            Ok(()) => {
+                logger::info(format!(
+                    "talking to the host over the mux on {}",
+                    dev.display()
+                ));
+                (Addr::Mux { port: AGENT_PORT }, Addr::Mux { port: LOG_PORT })
+            }
+            Err(e) => {
+                logger::error(format!("{e}; falling back to vsock"));
+                vsock_addrs()
+            }
+        },
+        boot::Transport::Vsock => vsock_addrs(),
     };
     let listener = bind_retrying(&listen);
-    start_shipper(Some(Addr::Vsock {
-        cid: HOST_CID,
-        port: LOG_PORT,
-    }));
+    start_shipper(Some(log_addr));
     let services = match std::fs::read_to_string(SERVICES_JSON) {
         Ok(t) => Some(t),
         Err(_) => initramfs_services,
@@ -274,6 +288,20 @@ fn pid1_boot() {
             shutdown,
         }),
     );
+}
+
+/// The agent's listen address and the host's log address over vsock.
+fn vsock_addrs() -> (Addr, Addr) {
+    (
+        Addr::Vsock {
+            cid: libc::VMADDR_CID_ANY,
+            port: AGENT_PORT,
+        },
+        Addr::Vsock {
+            cid: HOST_CID,
+            port: LOG_PORT,
+        },
+    )
 }
 
 /// Without the API the VM is unusable, but staying up keeps the console

@@ -1,5 +1,7 @@
-//! Stream sockets over vsock or Unix, held as plain fds so the rest of the
-//! agent treats both (and forwarded TCP streams) the same way.
+//! Streams to the host and inside the guest, one type for all of them so the
+//! rest of the agent does not care: AF_VSOCK (Firecracker, vhost-user-vsock),
+//! the `polydev-mux` multiplexer over a virtio-serial port (QEMU VMs, whose
+//! vhost-user-vsock device cannot be snapshotted), Unix and TCP sockets.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -8,7 +10,34 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::time::Duration;
+
+use polydev_mux::{MuxEndpoint, MuxListener, MuxStream};
+
+/// The guest's mux endpoint, when the VM talks to the host over the
+/// virtio-serial mux instead of AF_VSOCK.
+static MUX: OnceLock<MuxEndpoint> = OnceLock::new();
+
+/// Start the mux endpoint on the virtio-serial port `device`; afterwards
+/// [`Addr::Mux`] addresses work.
+pub fn start_mux(device: &std::path::Path) -> Result<(), NetError> {
+    let ep = MuxEndpoint::guest(device).map_err(|e| NetError::Mux {
+        device: device.display().to_string(),
+        source: e,
+    })?;
+    let _ = MUX.set(ep);
+    Ok(())
+}
+
+fn mux() -> io::Result<&'static MuxEndpoint> {
+    MUX.get().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotConnected,
+            "the mux endpoint is not running (no polydev.mux virtio-serial port)",
+        )
+    })
+}
 
 /// Errors of socket setup.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +54,14 @@ pub enum NetError {
         addr: Addr,
         /// The OS error.
         source: io::Error,
+    },
+    /// The mux endpoint could not start.
+    #[error("cannot start the mux on {device}: {source}; check that virtio_console is in /etc/polydev/modules")]
+    Mux {
+        /// The port device.
+        device: String,
+        /// Why.
+        source: polydev_mux::MuxError,
     },
     /// Connecting failed.
     #[error("cannot connect to {addr}: {source}")]
@@ -45,6 +82,11 @@ pub enum Addr {
     Vsock {
         /// Context id.
         cid: u32,
+        /// Port.
+        port: u32,
+    },
+    /// A port on the host through the mux (see [`start_mux`]).
+    Mux {
         /// Port.
         port: u32,
     },
@@ -83,6 +125,7 @@ impl fmt::Display for Addr {
             Addr::Unix(p) => write!(f, "unix:{}", p.display()),
             Addr::Vsock { cid, port } if *cid == libc::VMADDR_CID_ANY => write!(f, "vsock:{port}"),
             Addr::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Addr::Mux { port } => write!(f, "mux:{port}"),
         }
     }
 }
@@ -112,10 +155,16 @@ fn vsock_socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// A connected stream socket (vsock, Unix or TCP).
+#[derive(Debug)]
+enum Conn {
+    Fd(OwnedFd),
+    Mux(MuxStream),
+}
+
+/// A connected stream (vsock, mux, Unix or TCP).
 #[derive(Debug)]
 pub struct Stream {
-    fd: OwnedFd,
+    conn: Conn,
 }
 
 impl Stream {
@@ -127,6 +176,11 @@ impl Stream {
         };
         match addr {
             Addr::Unix(p) => Ok(Stream::from(UnixStream::connect(p).map_err(err)?)),
+            Addr::Mux { port } => {
+                let m = mux().map_err(err)?;
+                let s = m.connect(*port).map_err(|e| err(io::Error::other(e)))?;
+                Ok(Stream { conn: Conn::Mux(s) })
+            }
             Addr::Vsock { cid, port } => {
                 let fd = vsock_socket().map_err(err)?;
                 let sa = vsock_addr(*cid, *port);
@@ -139,34 +193,51 @@ impl Stream {
                     )
                 };
                 cvt(r).map_err(err)?;
-                Ok(Stream { fd })
+                Ok(Stream { conn: Conn::Fd(fd) })
             }
         }
     }
 
-    /// A second handle to the same socket, for a thread reading while
+    /// A second handle to the same stream, for a thread reading while
     /// another writes.
     pub fn try_clone(&self) -> io::Result<Stream> {
-        Ok(Stream {
-            fd: self.fd.try_clone()?,
-        })
-    }
-
-    /// Shut down one or both directions; wakes threads blocked on this
-    /// socket through other handles, which closing one fd would not.
-    pub fn shutdown(&self, how: std::net::Shutdown) {
-        let how = match how {
-            std::net::Shutdown::Read => libc::SHUT_RD,
-            std::net::Shutdown::Write => libc::SHUT_WR,
-            std::net::Shutdown::Both => libc::SHUT_RDWR,
+        let conn = match &self.conn {
+            Conn::Fd(fd) => Conn::Fd(fd.try_clone()?),
+            Conn::Mux(m) => Conn::Mux(m.try_clone()?),
         };
-        // SAFETY: plain syscall on a fd we own. Failure (already closed by
-        // the peer) needs no handling.
-        unsafe { libc::shutdown(self.fd.as_raw_fd(), how) };
+        Ok(Stream { conn })
     }
 
-    /// Set (or clear, with `None`) a timeout on blocking reads.
+    /// Shut down one or both directions. On a socket this also wakes
+    /// threads blocked on it through other handles; a mux stream can only
+    /// half-close (its read side ends when the peer closes).
+    pub fn shutdown(&self, how: std::net::Shutdown) {
+        match &self.conn {
+            Conn::Fd(fd) => {
+                let how = match how {
+                    std::net::Shutdown::Read => libc::SHUT_RD,
+                    std::net::Shutdown::Write => libc::SHUT_WR,
+                    std::net::Shutdown::Both => libc::SHUT_RDWR,
+                };
+                // SAFETY: plain syscall on a fd we own. Failure (already
+                // closed by the peer) needs no handling.
+                unsafe { libc::shutdown(fd.as_raw_fd(), how) };
+            }
+            Conn::Mux(m) => {
+                if how != std::net::Shutdown::Read {
+                    let _ = m.shutdown_write();
+                }
+            }
+        }
+    }
+
+    /// Set (or clear, with `None`) a timeout on blocking reads; a read that
+    /// times out fails with `WouldBlock`.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        let fd = match &self.conn {
+            Conn::Mux(m) => return m.set_read_timeout(t),
+            Conn::Fd(fd) => fd.as_raw_fd(),
+        };
         let tv = match t {
             Some(t) => libc::timeval {
                 tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
@@ -180,7 +251,7 @@ impl Stream {
         // SAFETY: tv is a valid timeval of the size we pass.
         let r = unsafe {
             libc::setsockopt(
-                self.fd.as_raw_fd(),
+                fd,
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
                 (&tv as *const libc::timeval).cast(),
@@ -189,36 +260,60 @@ impl Stream {
         };
         cvt(r).map(|_| ())
     }
-
-    /// The raw fd, for `poll`.
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
 }
 
 impl From<UnixStream> for Stream {
     fn from(s: UnixStream) -> Self {
-        Stream { fd: s.into() }
+        Stream {
+            conn: Conn::Fd(s.into()),
+        }
     }
 }
 
 impl From<TcpStream> for Stream {
     fn from(s: TcpStream) -> Self {
-        Stream { fd: s.into() }
+        Stream {
+            conn: Conn::Fd(s.into()),
+        }
+    }
+}
+
+fn fd_read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: buf is valid for buf.len() bytes of writes.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn fd_send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // MSG_NOSIGNAL: a vanished peer must be an error, never SIGPIPE.
+        // SAFETY: buf is valid for buf.len() bytes of reads.
+        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
 impl Read for &Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            // SAFETY: buf is valid for buf.len() bytes of writes.
-            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+        match &self.conn {
+            Conn::Fd(fd) => fd_read(fd.as_raw_fd(), buf),
+            Conn::Mux(m) => {
+                let mut m: &MuxStream = m;
+                m.read(buf)
             }
         }
     }
@@ -226,23 +321,11 @@ impl Read for &Stream {
 
 impl Write for &Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        loop {
-            // MSG_NOSIGNAL: a vanished peer must be an error, never SIGPIPE.
-            // SAFETY: buf is valid for buf.len() bytes of reads.
-            let n = unsafe {
-                libc::send(
-                    self.fd.as_raw_fd(),
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_NOSIGNAL,
-                )
-            };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+        match &self.conn {
+            Conn::Fd(fd) => fd_send(fd.as_raw_fd(), buf),
+            Conn::Mux(m) => {
+                let mut m: &MuxStream = m;
+                m.write(buf)
             }
         }
     }
@@ -268,10 +351,13 @@ impl Write for Stream {
     }
 }
 
-/// A listening stream socket.
+/// A listening stream socket (or mux port).
 #[derive(Debug)]
-pub struct Listener {
-    fd: OwnedFd,
+pub enum Listener {
+    /// A listening socket.
+    Fd(OwnedFd),
+    /// A mux port.
+    Mux(MuxListener),
 }
 
 impl Listener {
@@ -282,9 +368,12 @@ impl Listener {
             source,
         };
         match addr {
-            Addr::Unix(p) => Ok(Listener {
-                fd: UnixListener::bind(p).map_err(err)?.into(),
-            }),
+            Addr::Unix(p) => Ok(Listener::Fd(UnixListener::bind(p).map_err(err)?.into())),
+            Addr::Mux { port } => {
+                let m = mux().map_err(err)?;
+                let l = m.listen(*port).map_err(|e| err(io::Error::other(e)))?;
+                Ok(Listener::Mux(l))
+            }
             Addr::Vsock { cid, port } => {
                 let fd = vsock_socket().map_err(err)?;
                 let sa = vsock_addr(*cid, *port);
@@ -299,18 +388,25 @@ impl Listener {
                 cvt(r).map_err(err)?;
                 // SAFETY: plain syscall on our fd.
                 cvt(unsafe { libc::listen(fd.as_raw_fd(), 128) }).map_err(err)?;
-                Ok(Listener { fd })
+                Ok(Listener::Fd(fd))
             }
         }
     }
 
     /// Wait for the next connection.
     pub fn accept(&self) -> io::Result<Stream> {
+        let lfd = match self {
+            Listener::Mux(l) => {
+                let s = l.accept().map_err(io::Error::other)?;
+                return Ok(Stream { conn: Conn::Mux(s) });
+            }
+            Listener::Fd(fd) => fd.as_raw_fd(),
+        };
         loop {
             // SAFETY: null address pointers are allowed by accept4.
             let fd = unsafe {
                 libc::accept4(
-                    self.fd.as_raw_fd(),
+                    lfd,
                     std::ptr::null_mut(),
                     std::ptr::null_mut(),
                     libc::SOCK_CLOEXEC,
@@ -319,7 +415,7 @@ impl Listener {
             if fd >= 0 {
                 // SAFETY: accept4 returned a fresh fd that only we own.
                 return Ok(Stream {
-                    fd: unsafe { OwnedFd::from_raw_fd(fd) },
+                    conn: Conn::Fd(unsafe { OwnedFd::from_raw_fd(fd) }),
                 });
             }
             let e = io::Error::last_os_error();

@@ -516,3 +516,56 @@ fn shutdown_answers_done_then_exits() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn log_stream_reconnects_after_the_host_drops_it() {
+    let dir = temp_dir();
+    let log_path = dir.join("log.sock");
+    let log_listener = UnixListener::bind(&log_path).expect("bind log socket");
+    let a = Agent::start(
+        dir,
+        &[
+            "--log-socket".into(),
+            format!("unix:{}", log_path.display()),
+        ],
+    );
+    // First connection: take one record, then hang up like a restarting host.
+    let (first, _) = log_listener.accept().expect("first log connection");
+    let mut line = String::new();
+    BufReader::new(&first)
+        .read_line(&mut line)
+        .expect("first record");
+    assert!(serde_json::from_str::<LogRecord>(&line).is_ok(), "{line}");
+    drop(first);
+    // The agent notices while idle and reconnects without new records.
+    let (second, _) = log_listener.accept().expect("second log connection");
+    second
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let r = a.call(&Request::Configure(GuestConfig {
+        services: vec![ServiceSpec {
+            name: "once".into(),
+            argv: vec!["echo".into(), "after-reconnect".into()],
+            env: BTreeMap::new(),
+            cwd: None,
+            user: None,
+            restart: RestartPolicy::Never,
+        }],
+        ..Default::default()
+    }));
+    assert_eq!(r, Response::Done);
+    let mut seen = false;
+    for line in BufReader::new(second).lines() {
+        let Ok(line) = line else { break };
+        if let Ok(rec) = serde_json::from_str::<LogRecord>(&line) {
+            if rec.source == "service:once" && rec.line == "after-reconnect" {
+                seen = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        seen,
+        "service output did not arrive on the new log connection"
+    );
+}
