@@ -12,12 +12,15 @@ use serde::{Deserialize, Serialize};
 use crate::{elf, ImageError};
 
 /// Modules the guest needs before it can reach its root filesystem and the
-/// host: virtio-mmio discovery, the block device, vsock, and the filesystems
-/// a read-only base plus a writable overlay are made of. ext4 is built in.
+/// host: virtio-mmio discovery, the block device, vsock (Firecracker) and
+/// virtio-serial (`virtio_console`: QEMU's snapshot-safe host link, see
+/// `polydev-mux`), entropy, and the filesystems a read-only base plus a
+/// writable overlay are made of. ext4 is built in.
 pub const DEFAULT_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_blk",
     "vmw_vsock_virtio_transport",
+    "virtio_console",
     "overlay",
     "erofs",
     "squashfs",

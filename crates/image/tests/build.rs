@@ -210,6 +210,7 @@ fn check_archive(path: &Path, release: &str) {
     assert!(pos("vsock") < pos("vmw_vsock_virtio_transport_common"));
     assert!(pos("vmw_vsock_virtio_transport_common") < pos("vmw_vsock_virtio_transport"));
     assert!(pos("libcrc32c") < pos("erofs"));
+    assert!(pos("virtio_ring") < pos("virtio_console"));
 
     let info: serde_json::Value =
         serde_json::from_slice(&get("etc/polydev/initramfs.json").data).unwrap();
@@ -286,6 +287,8 @@ fn boot(vmlinux: &Path, initrd: &Path, tmp: &Path) {
         mount -t sysfs sys /sys\n\
         while read m; do insmod \"$m\" || echo \"POLYDEV-INSMOD-FAIL $m\"; done < /etc/polydev/modules\n\
         echo \"POLYDEV-LOADED $(wc -l < /proc/modules) $(wc -l < /etc/polydev/modules)\"\n\
+        echo \"POLYDEV-PORTS $(cat /sys/class/virtio-ports/*/name)\"\n\
+        echo \"POLYDEV-RNG $(cat /sys/class/misc/hw_random/rng_available)\"\n\
         echo POLYDEV-BOOT-OK\n\
         reboot -f\n";
     let mut extra = CpioBuilder::new();
@@ -329,6 +332,10 @@ fn boot(vmlinux: &Path, initrd: &Path, tmp: &Path) {
         .arg("-initrd")
         .arg(&boot_path)
         .args(["-append", &append])
+        // Devices the modules drive, found over virtio-mmio via ACPI.
+        .args(["-chardev", "null,id=mux", "-device", "virtio-serial-device"])
+        .args(["-device", "virtserialport,chardev=mux,name=polydev.mux"])
+        .args(["-device", "virtio-rng-device"])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .stdin(Stdio::null())
@@ -359,6 +366,14 @@ fn boot(vmlinux: &Path, initrd: &Path, tmp: &Path) {
     assert!(
         !out.contains("POLYDEV-INSMOD-FAIL"),
         "a module failed to load:\n{out}"
+    );
+    assert!(
+        out.contains("POLYDEV-PORTS polydev.mux"),
+        "virtio_console did not bind:\n{out}"
+    );
+    assert!(
+        out.contains("POLYDEV-RNG virtio_rng"),
+        "virtio_rng did not bind:\n{out}"
     );
     let loaded = out
         .lines()
