@@ -5,6 +5,7 @@
 //! Everything is content-addressed under a [`Cache`]:
 //!
 //! ```text
+//! <cache>/apt/pkgcache.bin                    (apt's binary index, ~40 MB: fast lookups)
 //! <cache>/downloads/<deb-sha256>.deb          (only while a build needs it)
 //! <cache>/kernel/<deb-sha256>/{vmlinux,config,modules/,modules.json,manifest.json}
 //! <cache>/busybox/<deb-sha256>/{busybox,manifest.json}
@@ -24,6 +25,8 @@
 //! println!("-kernel {} -initrd {}", kernel.vmlinux.display(), initrd.path.display());
 //! # Ok(()) }
 //! ```
+
+#![warn(missing_docs)]
 
 mod apt;
 mod busybox;
