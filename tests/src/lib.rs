@@ -1,1 +1,229 @@
-//! Test harness for end-to-end tests.
+//! Harness for end-to-end tests: each test starts its own `polydev host`
+//! (the real binary) on its own temporary data directory and drives it with
+//! the real CLI, so tests run in parallel without sharing anything.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use polydev_api::vm::VmInfo;
+
+/// The `polydev` binary under test: `$POLYDEV_BIN`, or the release build.
+pub fn polydev_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("POLYDEV_BIN") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/polydev")
+}
+
+/// A host agent owned by one test.
+pub struct Host {
+    /// Temporary data directory (removed on drop).
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+/// Result of a CLI invocation.
+pub struct Run {
+    /// Exit code.
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Host {
+    /// Start a host agent on a fresh data directory and wait until it serves.
+    pub fn start() -> Host {
+        // Short paths: Unix socket paths must stay under 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("pd")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let mut h = Host { dir, child: None };
+        h.spawn();
+        h
+    }
+
+    /// The data directory.
+    pub fn data(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// (Re)start the host agent process on this data directory.
+    pub fn spawn(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.data().join("host-agent.log"))
+            .expect("log file");
+        let child = Command::new(polydev_bin())
+            .arg("--data-dir")
+            .arg(self.data())
+            .arg("host")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn polydev host");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let sock = self.data().join("host.sock");
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("host agent exited early ({st}): {}", self.agent_log());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("host agent did not come up: {}", self.agent_log());
+    }
+
+    /// Kill the host agent process with `signal` and reap it.
+    pub fn kill(&mut self, signal: i32) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(c.id() as i32, signal);
+            }
+            let _ = c.wait();
+        }
+    }
+
+    /// The host agent's own output so far.
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.data().join("host-agent.log")).unwrap_or_default()
+    }
+
+    /// Run `polydev <args>` against this host.
+    pub fn cli(&self, args: &[&str]) -> Run {
+        Command::new(polydev_bin())
+            .arg("--data-dir")
+            .arg(self.data())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run polydev")
+            .into()
+    }
+
+    /// Run a CLI command that must succeed.
+    pub fn ok(&self, args: &[&str]) -> Run {
+        let r = self.cli(args);
+        assert_eq!(
+            r.code,
+            0,
+            "polydev {args:?} failed: {}{}\nhost agent:\n{}",
+            r.stdout,
+            r.stderr,
+            self.agent_log()
+        );
+        r
+    }
+
+    /// `vm run --json` with extra args; returns the VM.
+    pub fn run_vm(&self, extra: &[&str]) -> VmInfo {
+        let mut args = vec!["vm", "run", "--json"];
+        args.extend_from_slice(extra);
+        let r = self.ok(&args);
+        serde_json::from_str(r.stdout.trim()).expect("vm run --json prints a VM")
+    }
+
+    /// `vm inspect` as a VM.
+    pub fn inspect(&self, id: &str) -> VmInfo {
+        let r = self.ok(&["vm", "inspect", id]);
+        serde_json::from_str(&r.stdout).expect("inspect prints a VM")
+    }
+
+    /// Poll `f` until it returns `Some` or `timeout` passes.
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut() -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}\nhost agent:\n{}",
+                    self.agent_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Processes whose command line mentions this host's data directory.
+    pub fn processes(&self) -> Vec<(u32, String)> {
+        processes_mentioning(&self.data().display().to_string())
+            .into_iter()
+            .filter(|(pid, _)| Some(*pid) != self.child.as_ref().map(|c| c.id()))
+            .collect()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // Destroy whatever a failed test left, then stop the agent.
+        if self.child.is_some() {
+            let ls = self.cli(&["vm", "ls", "--json"]);
+            if let Ok(vms) = serde_json::from_str::<Vec<VmInfo>>(ls.stdout.trim()) {
+                for vm in vms {
+                    let _ = self.cli(&["vm", "rm", &vm.id]);
+                }
+            }
+        }
+        self.kill(libc::SIGTERM);
+        for (pid, _) in self.processes() {
+            // SAFETY: kill(2) on processes started for this test's data dir.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Live (non-zombie) processes whose command line contains `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|s| s == "Z");
+        let text = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if !zombie && text.contains(needle) {
+            out.push((pid, text));
+        }
+    }
+    out
+}

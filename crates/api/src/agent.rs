@@ -138,9 +138,11 @@ pub struct GuestConfig {
     /// VMs restored from one snapshot do not share random state.
     #[serde(default, with = "b64_opt")]
     pub entropy: Option<Vec<u8>>,
-    /// Wall clock to set, in nanoseconds since the Unix epoch.
+    /// Wall clock to set, in nanoseconds since the Unix epoch (u64: serde
+    /// cannot decode u128 inside an internally tagged enum; u64 lasts until
+    /// the year 2554).
     #[serde(default)]
-    pub clock_unix_ns: Option<u128>,
+    pub clock_unix_ns: Option<u64>,
     /// Services to (re)declare; the agent starts new ones and restarts
     /// changed ones.
     #[serde(default)]
@@ -417,7 +419,9 @@ mod tests {
     #[test]
     fn unknown_fields_and_ops_are_rejected() {
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
-        assert!(serde_json::from_str::<Request>(r#"{"op":"exec","argv":["a"],"bogus":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"op":"exec","argv":["a"],"bogus":1}"#).is_err()
+        );
     }
 
     #[test]
@@ -425,7 +429,22 @@ mod tests {
         assert!(!Response::Stdout { data: vec![] }.is_final());
         assert!(!Response::Started { pid: 1 }.is_final());
         assert!(Response::Done.is_final());
-        assert!(Response::Exit(ExitStatus { code: Some(0), signal: None, timed_out: false }).is_final());
+        assert!(Response::Exit(ExitStatus {
+            code: Some(0),
+            signal: None,
+            timed_out: false
+        })
+        .is_final());
+    }
+
+    #[test]
+    fn configure_with_a_clock_decodes_through_the_request_enum() {
+        let req = Request::Configure(GuestConfig {
+            clock_unix_ns: Some(1_795_331_382_996_000_000),
+            ..Default::default()
+        });
+        let line = encode_line(&req).unwrap();
+        assert_eq!(serde_json::from_slice::<Request>(&line).unwrap(), req);
     }
 
     #[test]

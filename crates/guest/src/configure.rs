@@ -52,7 +52,7 @@ pub fn validate(cfg: &GuestConfig) -> Result<(), ConfigureError> {
     process::validate(&["env".to_string()], &cfg.env).map_err(|e| invalid(e.to_string()))?;
     supervisor::validate(&cfg.services).map_err(|e| invalid(e.to_string()))?;
     if let Some(ns) = cfg.clock_unix_ns {
-        timespec_from_ns(ns)
+        timespec_from_ns(u128::from(ns))
             .ok_or_else(|| invalid(format!("clock_unix_ns {ns} is out of range")))?;
     }
     Ok(())
@@ -83,7 +83,7 @@ pub fn apply(cfg: GuestConfig, env: &SharedEnv, sup: &Supervisor) -> Result<(), 
         }
     }
     if let Some(ns) = cfg.clock_unix_ns {
-        if let Err(e) = set_clock(ns) {
+        if let Err(e) = set_clock(u128::from(ns)) {
             failures.push(format!(
                 "cannot set the clock: {e}; the agent needs CAP_SYS_TIME"
             ));

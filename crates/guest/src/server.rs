@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use polydev_api::agent::{
-    encode_line, AgentError, AgentErrorKind, AgentInfo, GuestConfig, Health, Request, Response,
+    encode_line, AgentError, AgentErrorKind, AgentInfo, Health, Request, Response,
     MAX_REQUEST_LINE, PROTOCOL_VERSION,
 };
 
@@ -122,30 +122,12 @@ pub fn read_request_line<R: Read>(
 
 /// Parse a request line into a [`Request`], with a message that says what
 /// was wrong.
-///
-/// `configure` is decoded on its own: `Request` is an internally tagged
-/// enum, which serde buffers in a form that cannot hold the `u128` of
-/// `GuestConfig::clock_unix_ns`, so decoding it through `Request` fails for
-/// every push that sets the clock. Decoding `GuestConfig` directly from the
-/// line accepts exactly the same JSON.
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
-    let malformed = |e: serde_json::Error| {
+    serde_json::from_slice::<Request>(line).map_err(|e| {
         format!(
             "malformed request: {e}; send one JSON object with an \"op\" field (health, info, exec, read_file, write_file, configure, forward, logs, services, shutdown)"
         )
-    };
-    if let Ok(serde_json::Value::Object(mut obj)) =
-        serde_json::from_slice::<serde_json::Value>(line)
-    {
-        if obj.get("op").and_then(|v| v.as_str()) == Some("configure") {
-            obj.remove("op");
-            let rest = serde_json::to_vec(&obj).map_err(malformed)?;
-            return serde_json::from_slice::<GuestConfig>(&rest)
-                .map(Request::Configure)
-                .map_err(malformed);
-        }
-    }
-    serde_json::from_slice::<Request>(line).map_err(malformed)
+    })
 }
 
 fn handle(conn: Stream, state: &State) {
@@ -291,13 +273,12 @@ mod tests {
 
     #[test]
     fn configure_with_clock_parses() {
-        let cfg = GuestConfig {
+        let cfg = polydev_api::agent::GuestConfig {
             clock_unix_ns: Some(1_795_330_849_556_000_000),
             hostname: Some("vm".into()),
             ..Default::default()
         };
         let line = encode_line(&Request::Configure(cfg.clone())).unwrap_or_default();
-        // Through `Request` this fails (u128 inside a tagged enum).
         assert_eq!(parse_request(&line), Ok(Request::Configure(cfg)));
         assert!(parse_request(b"{\"op\":\"configure\",\"bogus\":1}").is_err());
         assert!(parse_request(b"{\"op\":\"configure\"}").is_ok());

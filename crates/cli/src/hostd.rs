@@ -1,0 +1,143 @@
+//! `polydev host` / `polydev up`: the long-running host agent.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use polydev_api::vm::{Accel, HypervisorKind};
+use polydev_host::config::QemuVsock;
+use polydev_host::{HostConfig, Manager};
+
+use crate::artifacts::ensure_boot_files;
+use crate::doctor;
+
+/// Accelerator choice on the command line.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum AccelArg {
+    /// Probe KVM with a real boot; fall back to TCG.
+    Auto,
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+/// Options of the host agent.
+#[derive(Args, Clone, Debug)]
+pub struct HostArgs {
+    /// Accelerator for QEMU VMs.
+    #[arg(long, value_enum, default_value = "auto", env = "POLYDEV_ACCEL")]
+    pub accel: AccelArg,
+    /// Default hypervisor.
+    #[arg(long, default_value = "qemu", value_parser = parse_hypervisor)]
+    pub hypervisor: HypervisorKind,
+    /// vCPUs of a VM whose request names none.
+    #[arg(long, default_value_t = 1)]
+    pub default_vcpus: u32,
+    /// Memory (MiB) of a VM whose request names none.
+    #[arg(long, default_value_t = 256)]
+    pub default_memory_mib: u32,
+    /// Dead VMs whose logs are kept.
+    #[arg(long, default_value_t = 200)]
+    pub log_retention: usize,
+    /// Seconds a VM may take to boot to agent-ready.
+    #[arg(long, default_value_t = 60)]
+    pub boot_timeout_s: u64,
+    /// vsock transport of QEMU VMs: serial-mux (snapshots work) or
+    /// vhost-user (vhost-device-vsock; QEMU cannot snapshot it).
+    #[arg(long, default_value = "serial-mux", value_parser = parse_qemu_vsock)]
+    pub qemu_vsock: QemuVsock,
+    /// Kernel to boot (default: the cached Debian cloud kernel).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs to boot (default: built with the current guest agent).
+    #[arg(long)]
+    pub initramfs: Option<PathBuf>,
+}
+
+fn parse_qemu_vsock(s: &str) -> Result<QemuVsock, String> {
+    match s {
+        "serial-mux" => Ok(QemuVsock::SerialMux),
+        "vhost-user" => Ok(QemuVsock::VhostUser),
+        _ => Err("use serial-mux or vhost-user".into()),
+    }
+}
+
+fn parse_hypervisor(s: &str) -> Result<HypervisorKind, String> {
+    match s {
+        "qemu" => Ok(HypervisorKind::Qemu),
+        "firecracker" => Ok(HypervisorKind::Firecracker),
+        _ => Err("use qemu or firecracker".into()),
+    }
+}
+
+/// Build the host configuration: artifacts, accelerator, limits.
+pub async fn config(data_dir: PathBuf, a: &HostArgs) -> anyhow::Result<HostConfig> {
+    let (kernel, initramfs) = match (&a.kernel, &a.initramfs) {
+        (Some(k), Some(i)) => (k.clone(), i.clone()),
+        _ => {
+            let f = ensure_boot_files(true).await?;
+            (
+                a.kernel.clone().unwrap_or(f.kernel),
+                a.initramfs.clone().unwrap_or(f.initramfs),
+            )
+        }
+    };
+    let mut cfg = HostConfig::with_defaults(data_dir, kernel, initramfs);
+    cfg.hypervisor = a.hypervisor;
+    cfg.qemu_vsock = a.qemu_vsock;
+    cfg.default_vcpus = a.default_vcpus;
+    cfg.default_memory_mib = a.default_memory_mib;
+    cfg.log_retention = a.log_retention;
+    cfg.boot_timeout = std::time::Duration::from_secs(a.boot_timeout_s);
+    cfg.accel = match a.accel {
+        AccelArg::Kvm => Accel::Kvm,
+        AccelArg::Tcg => Accel::Tcg,
+        AccelArg::Auto => doctor::choose_accel(&cfg, false).await,
+    };
+    Ok(cfg)
+}
+
+pub async fn run(data_dir: PathBuf, a: HostArgs, up: bool) -> anyhow::Result<i32> {
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    let cfg = config(data_dir, &a).await?;
+    let socket = cfg.socket_path();
+    eprintln!(
+        "polydev {}: accelerator {} (hypervisor {}), data in {}",
+        if up { "up" } else { "host" },
+        cfg.accel,
+        cfg.hypervisor,
+        cfg.data_dir.display()
+    );
+    let mgr = Manager::start(cfg)
+        .await
+        .context("starting the host agent")?;
+    let adopted = mgr.list(false).await.len();
+    if adopted > 0 {
+        eprintln!("adopted {adopted} running VM(s) from a previous run");
+    }
+    eprintln!("host agent listening on {}", socket.display());
+    eprintln!("try: polydev vm run && polydev vm ls");
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    };
+    let m2 = Arc::clone(&mgr);
+    polydev_host::server::serve(mgr, &socket, shutdown)
+        .await
+        .context("serving the host API")?;
+    // VMs keep running; the next host agent adopts them.
+    m2.detach();
+    let _ = std::fs::remove_file(&socket);
+    eprintln!("host agent stopped; VMs keep running and will be adopted on the next start");
+    Ok(0)
+}

@@ -1,0 +1,355 @@
+//! `polydev vm …`: a client of the running host agent.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use hyper::Method;
+use polydev_api::agent::{ExecRequest, Response as Frame, RestartPolicy, ServiceSpec};
+use polydev_api::vm::{SnapshotInfo, VmInfo, VmSpec};
+use polydev_host::client::HostClient;
+
+/// `polydev vm …`
+#[derive(Subcommand)]
+pub enum VmCmd {
+    /// Create and boot a VM (the minimal image unless one is named).
+    Run {
+        /// Human name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Whole vCPUs.
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory in MiB.
+        #[arg(long)]
+        memory: Option<u32>,
+        /// Image to boot.
+        #[arg(long)]
+        image: Option<String>,
+        /// Environment for the guest, KEY=VALUE (repeatable).
+        #[arg(long = "env", value_parser = parse_kv)]
+        env: Vec<(String, String)>,
+        /// A supervised service, NAME=COMMAND (run by `sh -c`; repeatable).
+        #[arg(long = "service", value_parser = parse_kv)]
+        services: Vec<(String, String)>,
+        /// Persistent data disk size in MiB.
+        #[arg(long)]
+        data_disk: Option<u32>,
+        /// Kernel to boot instead of the host's default (a host path).
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Print the VM as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List VMs.
+    Ls {
+        /// Include ended VMs whose logs are kept.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM.
+    Inspect {
+        /// VM id or name.
+        id: String,
+    },
+    /// Run a command in a VM; exits with its exit code.
+    Exec {
+        /// VM id or name.
+        id: String,
+        /// Kill the command after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Environment, KEY=VALUE (repeatable).
+        #[arg(long = "env", value_parser = parse_kv)]
+        env: Vec<(String, String)>,
+        /// Command and arguments.
+        #[arg(trailing_var_arg = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Print a VM's logs (kept after it ends).
+    Logs {
+        /// VM id or name.
+        id: String,
+        /// The serial console instead of the agent log.
+        #[arg(long)]
+        console: bool,
+    },
+    /// Pause a VM's vCPUs.
+    Pause {
+        /// VM id or name.
+        id: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// VM id or name.
+        id: String,
+    },
+    /// Snapshot a VM.
+    Snapshot {
+        /// VM id or name.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a new VM from a snapshot.
+    Restore {
+        /// Snapshot id.
+        snapshot: String,
+        /// Name of the new VM.
+        #[arg(long)]
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List snapshots.
+    Snapshots {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Destroy VMs (their logs are kept).
+    Rm {
+        /// VM ids or names.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+fn path_seg(s: &str) -> anyhow::Result<&str> {
+    // Ids and names never contain these; refuse instead of building odd URLs.
+    if s.is_empty() || s.contains(['/', '?', '#', '%', ' ']) || s == "." || s == ".." {
+        bail!("invalid VM or snapshot id {s:?}");
+    }
+    Ok(s)
+}
+
+pub async fn run(data_dir: PathBuf, cmd: VmCmd) -> anyhow::Result<i32> {
+    let c = HostClient::new(&data_dir.join("host.sock"));
+    match cmd {
+        VmCmd::Run {
+            name,
+            vcpus,
+            memory,
+            image,
+            env,
+            services,
+            data_disk,
+            kernel,
+            json,
+        } => {
+            let spec = VmSpec {
+                name,
+                vcpus,
+                memory_mib: memory,
+                image,
+                env: env.into_iter().collect::<BTreeMap<_, _>>(),
+                services: services
+                    .into_iter()
+                    .map(|(name, cmd)| ServiceSpec {
+                        name,
+                        argv: vec!["sh".into(), "-c".into(), cmd],
+                        env: BTreeMap::new(),
+                        cwd: None,
+                        user: None,
+                        restart: RestartPolicy::Always,
+                    })
+                    .collect(),
+                data_disk_mib: data_disk,
+                kernel,
+                ..Default::default()
+            };
+            let vm: VmInfo = c.call(Method::POST, "/v1/vms", Some(&spec)).await?;
+            if json {
+                println!("{}", serde_json::to_string(&vm)?);
+            } else {
+                println!(
+                    "{} running ({} vCPU, {} MiB, {} under {}, booted in {} ms)",
+                    vm.id,
+                    vm.vcpus,
+                    vm.memory_mib,
+                    vm.hypervisor,
+                    vm.accel,
+                    vm.boot_ms.unwrap_or(0)
+                );
+            }
+            Ok(0)
+        }
+        VmCmd::Ls { all, json } => {
+            let vms: Vec<VmInfo> = c
+                .call::<(), _>(Method::GET, &format!("/v1/vms?all={all}"), None)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string(&vms)?);
+            } else {
+                println!(
+                    "{:<16} {:<12} {:<9} {:>4} {:>7} {:<11} FAILURE",
+                    "ID", "NAME", "STATE", "CPU", "MEM", "HV/ACCEL"
+                );
+                for v in vms {
+                    println!(
+                        "{:<16} {:<12} {:<9} {:>4} {:>6}M {:<11} {}",
+                        v.id,
+                        v.name.unwrap_or_else(|| "-".into()),
+                        v.state.to_string(),
+                        v.vcpus,
+                        v.memory_mib,
+                        format!("{}/{}", v.hypervisor, v.accel),
+                        v.failure.unwrap_or_default()
+                    );
+                }
+            }
+            Ok(0)
+        }
+        VmCmd::Inspect { id } => {
+            let vm: VmInfo = c
+                .call::<(), _>(Method::GET, &format!("/v1/vms/{}", path_seg(&id)?), None)
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&vm)?);
+            Ok(0)
+        }
+        VmCmd::Exec {
+            id,
+            timeout,
+            env,
+            argv,
+        } => {
+            let req = ExecRequest {
+                argv,
+                env: env.into_iter().collect(),
+                timeout_ms: timeout.map(|s| s.saturating_mul(1000)),
+                ..Default::default()
+            };
+            let mut frames = c.exec(path_seg(&id)?, &req).await?;
+            let mut stdout = std::io::stdout();
+            let mut stderr = std::io::stderr();
+            while let Some(f) = frames.next().await? {
+                match f {
+                    Frame::Stdout { data } => {
+                        stdout.write_all(&data)?;
+                        stdout.flush()?;
+                    }
+                    Frame::Stderr { data } => {
+                        stderr.write_all(&data)?;
+                        stderr.flush()?;
+                    }
+                    Frame::Exit(e) => {
+                        if e.timed_out {
+                            eprintln!("polydev: command timed out and was killed");
+                        }
+                        return Ok(e.code.unwrap_or_else(|| 128 + e.signal.unwrap_or(0)));
+                    }
+                    Frame::Error(e) => bail!("exec failed: {}", e.message),
+                    _ => {}
+                }
+            }
+            bail!("the exec stream ended without an exit status")
+        }
+        VmCmd::Logs { id, console } => {
+            let kind = if console { "console" } else { "agent" };
+            let text = c
+                .text(&format!("/v1/vms/{}/logs?kind={kind}", path_seg(&id)?))
+                .await?;
+            print!("{text}");
+            Ok(0)
+        }
+        VmCmd::Pause { id } => simple(&c, &id, "pause").await,
+        VmCmd::Resume { id } => simple(&c, &id, "resume").await,
+        VmCmd::Snapshot { id, json } => {
+            let s: SnapshotInfo = c
+                .call::<(), _>(
+                    Method::POST,
+                    &format!("/v1/vms/{}/snapshot", path_seg(&id)?),
+                    None,
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!("{} ({} bytes)", s.id, s.size_bytes);
+            }
+            Ok(0)
+        }
+        VmCmd::Restore {
+            snapshot,
+            name,
+            json,
+        } => {
+            let body = serde_json::json!({ "name": name });
+            let vm: VmInfo = c
+                .call(
+                    Method::POST,
+                    &format!("/v1/snapshots/{}/restore", path_seg(&snapshot)?),
+                    Some(&body),
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string(&vm)?);
+            } else {
+                println!(
+                    "{} running (restored from {snapshot} in {} ms)",
+                    vm.id,
+                    vm.boot_ms.unwrap_or(0)
+                );
+            }
+            Ok(0)
+        }
+        VmCmd::Snapshots { json } => {
+            let s: Vec<SnapshotInfo> = c.call::<(), _>(Method::GET, "/v1/snapshots", None).await?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                for s in s {
+                    println!(
+                        "{} from {} ({} MiB, {} bytes)",
+                        s.id, s.source_vm, s.memory_mib, s.size_bytes
+                    );
+                }
+            }
+            Ok(0)
+        }
+        VmCmd::Rm { ids } => {
+            let mut code = 0;
+            for id in ids {
+                let r: Result<VmInfo, _> = c
+                    .call::<(), _>(Method::DELETE, &format!("/v1/vms/{}", path_seg(&id)?), None)
+                    .await;
+                match r {
+                    Ok(v) => println!("{} removed", v.id),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        code = 1;
+                    }
+                }
+            }
+            Ok(code)
+        }
+    }
+}
+
+async fn simple(c: &HostClient, id: &str, op: &str) -> anyhow::Result<i32> {
+    let vm: VmInfo = c
+        .call::<(), _>(
+            Method::POST,
+            &format!("/v1/vms/{}/{op}", path_seg(id)?),
+            None,
+        )
+        .await
+        .with_context(|| format!("{op} {id}"))?;
+    println!("{} {}", vm.id, vm.state);
+    Ok(0)
+}

@@ -1,0 +1,183 @@
+//! Client of the host agent API over its Unix socket (used by the CLI and
+//! by tests).
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request as HttpRequest};
+use hyper_util::rt::TokioIo;
+use polydev_api::agent::{ExecRequest, Response as Frame};
+use polydev_api::Problem;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::UnixStream;
+
+/// Why a call to the host agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No host agent listens on the socket.
+    #[error("cannot reach the host agent at {path}: {cause}; start it with `polydev host` (or `polydev up`)")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// Underlying error.
+        cause: std::io::Error,
+    },
+    /// HTTP-level failure.
+    #[error("host agent connection failed: {0}")]
+    Http(String),
+    /// The host agent answered with a problem.
+    #[error("{0}")]
+    Problem(Problem),
+    /// The answer could not be decoded.
+    #[error("unexpected answer from the host agent: {0}")]
+    Decode(String),
+}
+
+/// A host agent client.
+#[derive(Debug, Clone)]
+pub struct HostClient {
+    socket: PathBuf,
+}
+
+/// Exec output as it streams.
+pub struct ExecStream {
+    body: Incoming,
+    buf: Vec<u8>,
+}
+
+impl ExecStream {
+    /// The next frame, or `None` at the end.
+    pub async fn next(&mut self) -> Result<Option<Frame>, ClientError> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                let f = serde_json::from_slice(&line[..line.len() - 1])
+                    .map_err(|e| ClientError::Decode(e.to_string()))?;
+                return Ok(Some(f));
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => return Err(ClientError::Http(e.to_string())),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+impl HostClient {
+    /// A client for the socket at `socket`.
+    pub fn new(socket: &Path) -> Self {
+        HostClient {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|cause| ClientError::Connect {
+                    path: self.socket.display().to_string(),
+                    cause,
+                })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        tokio::spawn(conn);
+        let mut req = HttpRequest::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "polydev-host");
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        if resp.status().is_client_error() || resp.status().is_server_error() {
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?
+                .to_bytes();
+            let problem = serde_json::from_slice::<Problem>(&bytes).unwrap_or_else(|_| {
+                Problem::new(
+                    status,
+                    "unknown",
+                    "Error",
+                    String::from_utf8_lossy(&bytes).into_owned(),
+                )
+            });
+            return Err(ClientError::Problem(problem));
+        }
+        Ok(resp)
+    }
+
+    /// Send a request and decode a JSON answer.
+    pub async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        let resp = self.send(method, path, body).await?;
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// Send a request and return the raw answer body as text.
+    pub async fn text(&self, path: &str) -> Result<String, ClientError> {
+        let resp = self.send(Method::GET, path, None).await?;
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Send a request whose answer has no body.
+    pub async fn call_empty(&self, method: Method, path: &str) -> Result<(), ClientError> {
+        self.send(method, path, None).await.map(|_| ())
+    }
+
+    /// Run a command in a VM, streaming its frames.
+    pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecStream, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Decode(e.to_string()))?;
+        let resp = self
+            .send(Method::POST, &format!("/v1/vms/{id}/exec"), Some(body))
+            .await?;
+        Ok(ExecStream {
+            body: resp.into_body(),
+            buf: Vec::new(),
+        })
+    }
+}

@@ -1,0 +1,443 @@
+//! Host agent configuration and validation of VM requests against it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use polydev_api::agent::ServiceSpec;
+use polydev_api::vm::{Accel, HypervisorKind, VmSpec};
+
+/// Everything the host agent needs to know to run VMs.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Root of all host state: `vms/`, `logs/`, `snapshots/`, `host.sock`.
+    pub data_dir: PathBuf,
+    /// Default guest kernel (an uncompressed ELF `vmlinux`).
+    pub kernel: PathBuf,
+    /// Default initramfs (carries the guest agent).
+    pub initramfs: PathBuf,
+    /// Default hypervisor.
+    pub hypervisor: HypervisorKind,
+    /// Accelerator QEMU uses.
+    pub accel: Accel,
+    /// `qemu-system-x86_64` binary.
+    pub qemu_bin: PathBuf,
+    /// qboot firmware for `-M microvm`.
+    pub qboot: PathBuf,
+    /// `vhost-device-vsock` binary.
+    pub vhost_vsock_bin: PathBuf,
+    /// How QEMU VMs get their vsock transport.
+    pub qemu_vsock: QemuVsock,
+    /// Binary that runs `vsock-bridge` (the `polydev` binary itself).
+    pub bridge_bin: PathBuf,
+    /// `firecracker` binary, when installed.
+    pub firecracker_bin: Option<PathBuf>,
+    /// Host TSC frequency in kHz, passed to guests as `tsc_early_khz` because
+    /// under TCG the guest cannot calibrate its TSC.
+    pub tsc_khz: Option<u64>,
+    /// vCPUs when a request names none.
+    pub default_vcpus: u32,
+    /// Memory when a request names none.
+    pub default_memory_mib: u32,
+    /// Upper bound of vCPUs per VM.
+    pub max_vcpus: u32,
+    /// Upper bound of memory per VM.
+    pub max_memory_mib: u32,
+    /// How long a VM may take from launch to agent-ready.
+    pub boot_timeout: Duration,
+    /// How many dead VMs' logs to keep.
+    pub log_retention: usize,
+}
+
+/// The vsock transport of QEMU VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QemuVsock {
+    /// `vhost-user-vsock-device` + `vhost-device-vsock`: real virtio-vsock,
+    /// but QEMU marks the device unmigratable, so no snapshots.
+    VhostUser,
+    /// A virtio-serial port carrying `polydev-mux`, bridged to the same
+    /// hybrid vsock socket by `polydev vsock-bridge`; migratable.
+    SerialMux,
+}
+
+/// Lower bound of guest memory: the kernel plus agent need about this much.
+pub const MIN_MEMORY_MIB: u32 = 96;
+/// Longest allowed VM name.
+pub const MAX_NAME_LEN: usize = 63;
+/// Largest data disk.
+pub const MAX_DATA_DISK_MIB: u32 = 1024 * 1024;
+
+impl HostConfig {
+    /// Defaults for a data directory; paths to binaries are looked up in
+    /// `PATH`, resource limits follow the machine's size.
+    pub fn with_defaults(data_dir: PathBuf, kernel: PathBuf, initramfs: PathBuf) -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let mem_mib = host_memory_mib().unwrap_or(4096);
+        HostConfig {
+            data_dir,
+            kernel,
+            initramfs,
+            hypervisor: HypervisorKind::Qemu,
+            accel: Accel::Tcg,
+            qemu_bin: find_in_path("qemu-system-x86_64")
+                .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
+            qboot: PathBuf::from("/usr/share/qemu/qboot.rom"),
+            vhost_vsock_bin: find_in_path("vhost-device-vsock")
+                .unwrap_or_else(|| PathBuf::from("vhost-device-vsock")),
+            qemu_vsock: QemuVsock::SerialMux,
+            bridge_bin: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("polydev")),
+            firecracker_bin: std::env::var_os("FIRECRACKER_BIN")
+                .map(PathBuf::from)
+                .or_else(|| find_in_path("firecracker")),
+            tsc_khz: host_tsc_khz(),
+            default_vcpus: 1,
+            default_memory_mib: 256,
+            max_vcpus: cpus.max(1) * 4,
+            max_memory_mib: (mem_mib * 3 / 4).max(MIN_MEMORY_MIB),
+            boot_timeout: Duration::from_secs(60),
+            log_retention: 200,
+        }
+    }
+
+    /// Directory of live VMs.
+    pub fn vms_dir(&self) -> PathBuf {
+        self.data_dir.join("vms")
+    }
+
+    /// Directory of preserved logs of dead VMs.
+    pub fn logs_dir(&self) -> PathBuf {
+        self.data_dir.join("logs")
+    }
+
+    /// Directory of snapshots.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.data_dir.join("snapshots")
+    }
+
+    /// The host agent's API socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.data_dir.join("host.sock")
+    }
+
+    /// Check a request against the limits and fill in defaults.
+    pub fn resolve(&self, spec: &VmSpec) -> Result<ResolvedSpec, SpecError> {
+        if let Some(name) = &spec.name {
+            validate_name(name)?;
+        }
+        let vcpus = spec.vcpus.unwrap_or(self.default_vcpus);
+        if vcpus == 0 || vcpus > self.max_vcpus {
+            return Err(SpecError::Vcpus {
+                got: vcpus,
+                max: self.max_vcpus,
+            });
+        }
+        let memory_mib = spec.memory_mib.unwrap_or(self.default_memory_mib);
+        if !(MIN_MEMORY_MIB..=self.max_memory_mib).contains(&memory_mib) {
+            return Err(SpecError::Memory {
+                got: memory_mib,
+                min: MIN_MEMORY_MIB,
+                max: self.max_memory_mib,
+            });
+        }
+        if let Some(image) = &spec.image {
+            if image != "minimal" {
+                return Err(SpecError::UnknownImage(image.clone()));
+            }
+        }
+        let kernel = match &spec.kernel {
+            Some(k) => existing_file(k, "kernel")?,
+            None => existing_default(&self.kernel, "kernel")?,
+        };
+        let initramfs = match &spec.initramfs {
+            Some(i) => existing_file(i, "initramfs")?,
+            None => existing_default(&self.initramfs, "initramfs")?,
+        };
+        let hypervisor = spec.hypervisor.unwrap_or(self.hypervisor);
+        if hypervisor == HypervisorKind::Firecracker && self.firecracker_bin.is_none() {
+            return Err(SpecError::NoFirecracker);
+        }
+        let data_disk_mib = spec.data_disk_mib.unwrap_or(0);
+        if data_disk_mib > MAX_DATA_DISK_MIB {
+            return Err(SpecError::Disk {
+                got: data_disk_mib,
+                max: MAX_DATA_DISK_MIB,
+            });
+        }
+        for key in spec.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(SpecError::Env(key.clone()));
+            }
+        }
+        for svc in &spec.services {
+            validate_service(svc)?;
+        }
+        Ok(ResolvedSpec {
+            name: spec.name.clone(),
+            vcpus,
+            memory_mib,
+            image: "minimal".into(),
+            kernel,
+            initramfs,
+            hypervisor,
+            env: spec.env.clone(),
+            services: spec.services.clone(),
+            data_disk_mib,
+        })
+    }
+}
+
+/// A request with defaults filled in and every field checked.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ResolvedSpec {
+    /// Optional human name.
+    pub name: Option<String>,
+    /// Whole vCPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Image name.
+    pub image: String,
+    /// Kernel path.
+    pub kernel: PathBuf,
+    /// Initramfs path.
+    pub initramfs: PathBuf,
+    /// Hypervisor.
+    pub hypervisor: HypervisorKind,
+    /// Environment for the guest.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Services for the guest agent.
+    pub services: Vec<ServiceSpec>,
+    /// Data disk size (0: none).
+    pub data_disk_mib: u32,
+}
+
+/// Why a VM request was refused before anything was created.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SpecError {
+    /// Name is not `[a-z0-9-]{1,63}`.
+    #[error("invalid VM name {0:?}: use 1-63 characters from a-z, 0-9 and '-', starting with a letter or digit")]
+    Name(String),
+    /// vCPUs out of range.
+    #[error("vcpus must be a whole number from 1 to {max}; got {got}")]
+    Vcpus {
+        /// Requested.
+        got: u32,
+        /// Allowed maximum.
+        max: u32,
+    },
+    /// Memory out of range.
+    #[error("memory_mib must be from {min} to {max} MiB on this host; got {got}")]
+    Memory {
+        /// Requested.
+        got: u32,
+        /// Allowed minimum.
+        min: u32,
+        /// Allowed maximum.
+        max: u32,
+    },
+    /// Data disk too large.
+    #[error("data_disk_mib must be at most {max}; got {got}")]
+    Disk {
+        /// Requested.
+        got: u32,
+        /// Allowed maximum.
+        max: u32,
+    },
+    /// No such image.
+    #[error("unknown image {0:?}: this host offers only \"minimal\" (see `polydev image ls`)")]
+    UnknownImage(String),
+    /// A kernel or initramfs path does not exist.
+    #[error("{what} {path:?} does not exist or is not a file: build it with `polydev image kernel` or pass an existing path")]
+    MissingFile {
+        /// Which file.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// Firecracker requested but not installed.
+    #[error("hypervisor firecracker is not available on this host: install it and set FIRECRACKER_BIN, or use qemu")]
+    NoFirecracker,
+    /// Bad environment variable name.
+    #[error("invalid environment variable name {0:?}: it must be non-empty without '=' or NUL")]
+    Env(String),
+    /// Bad service declaration.
+    #[error("invalid service {name:?}: {why}")]
+    Service {
+        /// Service name.
+        name: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+fn validate_name(name: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::Name(name.to_string()))
+    }
+}
+
+fn validate_service(svc: &ServiceSpec) -> Result<(), SpecError> {
+    let name_ok = !svc.name.is_empty()
+        && svc.name.len() <= 64
+        && svc
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
+    if !name_ok {
+        return Err(SpecError::Service {
+            name: svc.name.clone(),
+            why: "names use 1-64 characters from a-z, 0-9, '_', '.', '-'".into(),
+        });
+    }
+    if svc.argv.is_empty() || svc.argv[0].is_empty() {
+        return Err(SpecError::Service {
+            name: svc.name.clone(),
+            why: "argv must name a program".into(),
+        });
+    }
+    Ok(())
+}
+
+fn existing_file(p: &str, what: &'static str) -> Result<PathBuf, SpecError> {
+    existing_default(Path::new(p), what)
+}
+
+fn existing_default(p: &Path, what: &'static str) -> Result<PathBuf, SpecError> {
+    if p.is_file() {
+        Ok(p.to_path_buf())
+    } else {
+        Err(SpecError::MissingFile {
+            what,
+            path: p.to_path_buf(),
+        })
+    }
+}
+
+/// Find an executable in `PATH` (and `~/.cargo/bin`, where `cargo install`
+/// puts things even when it is not on `PATH`).
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+fn host_memory_mib() -> Option<u32> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    u32::try_from(kib / 1024).ok()
+}
+
+/// The host's TSC frequency in kHz, from the kernel's `tsc` clocksource
+/// calibration as shown in `/proc/cpuinfo`.
+pub fn host_tsc_khz() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("cpu MHz"))?;
+    let mhz: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(dir: &Path) -> HostConfig {
+        let k = dir.join("vmlinux");
+        let i = dir.join("initramfs");
+        std::fs::write(&k, b"k").unwrap();
+        std::fs::write(&i, b"i").unwrap();
+        let mut c = HostConfig::with_defaults(dir.join("data"), k, i);
+        c.max_vcpus = 8;
+        c.max_memory_mib = 4096;
+        c
+    }
+
+    #[test]
+    fn defaults_resolve() {
+        let d = tempfile::tempdir().unwrap();
+        let r = cfg(d.path()).resolve(&VmSpec::default()).unwrap();
+        assert_eq!((r.vcpus, r.memory_mib), (1, 256));
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_with_bounds_in_the_message() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        let e = c
+            .resolve(&VmSpec {
+                memory_mib: Some(10_000_000),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("96 to 4096"), "{e}");
+        let e = c
+            .resolve(&VmSpec {
+                vcpus: Some(0),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(matches!(e, SpecError::Vcpus { got: 0, .. }));
+    }
+
+    #[test]
+    fn names_and_missing_files_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        for bad in ["", "UPPER", "-lead", "a/b", "../x", &"x".repeat(64)] {
+            let spec = VmSpec {
+                name: Some(bad.to_string()),
+                ..Default::default()
+            };
+            assert!(matches!(c.resolve(&spec), Err(SpecError::Name(_))), "{bad}");
+        }
+        let spec = VmSpec {
+            kernel: Some("/nonexistent/vmlinux".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            c.resolve(&spec),
+            Err(SpecError::MissingFile { what: "kernel", .. })
+        ));
+    }
+
+    #[test]
+    fn services_are_validated() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        let spec = VmSpec {
+            services: vec![ServiceSpec {
+                name: "Bad Name".into(),
+                argv: vec!["x".into()],
+                env: Default::default(),
+                cwd: None,
+                user: None,
+                restart: Default::default(),
+            }],
+            ..Default::default()
+        };
+        assert!(matches!(c.resolve(&spec), Err(SpecError::Service { .. })));
+    }
+}

@@ -1,0 +1,435 @@
+//! QEMU driver: `-M microvm` with qboot and a PVH `vmlinux`, QMP for
+//! pause/resume/snapshot, TCG or KVM. The guest's vsock transport is either
+//! `vhost-device-vsock` (`vhost-user-vsock-device` over a shared memfd memory
+//! backend; QEMU refuses to migrate it) or a virtio-serial port carrying
+//! `polydev-mux`, bridged by `polydev vsock-bridge` to the same hybrid vsock
+//! socket (migratable, so snapshots work). Either way the host side sees one
+//! `vsock.sock` per VM.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use polydev_api::vm::{Accel, HypervisorKind};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use super::{Hypervisor, HypervisorError, LaunchPlan, Launched};
+use crate::config::QemuVsock;
+use crate::process::spawn_logged;
+use crate::vmdir::VmDir;
+
+/// Guest CID given to every QEMU VM. Each VM has its own vsock backend and
+/// its own sibling group, so equal CIDs never meet.
+pub const GUEST_CID: u32 = 3;
+
+/// File name of the memory/device state inside a snapshot directory.
+pub const STATE_FILE: &str = "state.bin";
+
+/// The QEMU driver.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    /// `qemu-system-x86_64`.
+    pub qemu_bin: PathBuf,
+    /// qboot firmware.
+    pub qboot: PathBuf,
+    /// `vhost-device-vsock`.
+    pub vhost_vsock_bin: PathBuf,
+    /// vsock transport.
+    pub vsock: QemuVsock,
+    /// Binary providing `vsock-bridge` (the `polydev` binary).
+    pub bridge_bin: PathBuf,
+}
+
+impl Qemu {
+    /// The QEMU command line for a plan (without the binary).
+    pub fn args(&self, plan: &LaunchPlan) -> Vec<String> {
+        let d = &plan.dir;
+        let mem = plan.spec.memory_mib;
+        let (accel, cpu) = match plan.accel {
+            // kvm_pvm and some nested setups reject the arch-capabilities MSR.
+            Accel::Kvm => ("kvm", "host,-arch-capabilities"),
+            Accel::Tcg => ("tcg", "max"),
+        };
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!("polydev-{}", plan.id),
+            // ACPI stays on: virtio-mmio discovery and poweroff need it.
+            "-M".into(),
+            "microvm,acpi=on,pit=off,pic=off,rtc=on".into(),
+            "-accel".into(),
+            accel.into(),
+            "-cpu".into(),
+            cpu.into(),
+            "-smp".into(),
+            plan.spec.vcpus.to_string(),
+            "-m".into(),
+            format!("{mem}M"),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-nographic".into(),
+            "-no-reboot".into(),
+            "-bios".into(),
+            self.qboot.display().to_string(),
+            "-kernel".into(),
+            plan.spec.kernel.display().to_string(),
+            "-initrd".into(),
+            plan.spec.initramfs.display().to_string(),
+            "-append".into(),
+            plan.cmdline.clone(),
+            "-chardev".into(),
+            format!(
+                "file,id=console,path={},append=on",
+                d.console_log().display()
+            ),
+            "-serial".into(),
+            "chardev:console".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", d.control().display()),
+        ];
+        match self.vsock {
+            QemuVsock::VhostUser => a.extend([
+                // vhost-user needs guest memory the backend can map.
+                "-object".into(),
+                format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+                "-numa".into(),
+                "node,memdev=mem".into(),
+                "-chardev".into(),
+                format!("socket,id=vsock,path={}", d.vhost().display()),
+                "-device".into(),
+                "vhost-user-vsock-device,chardev=vsock".into(),
+            ]),
+            QemuVsock::SerialMux => a.extend([
+                "-device".into(),
+                "virtio-serial-device,max_ports=2".into(),
+                "-chardev".into(),
+                format!(
+                    "socket,id=mux,path={},server=on,wait=off",
+                    d.mux().display()
+                ),
+                "-device".into(),
+                "virtserialport,chardev=mux,name=polydev.mux".into(),
+            ]),
+        }
+        if plan.spec.data_disk_mib > 0 {
+            a.push("-drive".into());
+            a.push(format!(
+                "file={},format=raw,if=none,id=data,cache=none,aio=threads",
+                d.data_disk().display()
+            ));
+            a.push("-device".into());
+            a.push("virtio-blk-device,drive=data".into());
+        }
+        if plan.restore_from.is_some() {
+            a.push("-incoming".into());
+            a.push("defer".into());
+        }
+        a
+    }
+
+    async fn start_backend(
+        &self,
+        plan: &LaunchPlan,
+    ) -> Result<tokio::process::Child, HypervisorError> {
+        let d = &plan.dir;
+        let mut cmd = tokio::process::Command::new(&self.vhost_vsock_bin);
+        cmd.arg("--vm").arg(format!(
+            "guest-cid={GUEST_CID},socket={},uds-path={},groups={}",
+            d.vhost().display(),
+            d.vsock().display(),
+            // A group of its own: VMs in one group can reach each other.
+            plan.id
+        ));
+        let mut child =
+            spawn_logged(&mut cmd, &d.backend_log()).map_err(|source| HypervisorError::Spawn {
+                what: "vhost-device-vsock",
+                path: self.vhost_vsock_bin.display().to_string(),
+                source,
+            })?;
+        wait_for_socket(
+            &d.vhost(),
+            &mut child,
+            "vhost-device-vsock",
+            &d.backend_log(),
+        )
+        .await?;
+        Ok(child)
+    }
+}
+
+impl Qemu {
+    async fn start_bridge(
+        &self,
+        plan: &LaunchPlan,
+        qemu_pid: Option<u32>,
+    ) -> Result<tokio::process::Child, HypervisorError> {
+        let d = &plan.dir;
+        let mut cmd = tokio::process::Command::new(&self.bridge_bin);
+        cmd.arg("vsock-bridge")
+            .arg("--chardev")
+            .arg(d.mux())
+            .arg("--uds")
+            .arg(d.vsock());
+        if let Some(pid) = qemu_pid {
+            cmd.arg("--watch-pid").arg(pid.to_string());
+        }
+        let mut child =
+            spawn_logged(&mut cmd, &d.backend_log()).map_err(|source| HypervisorError::Spawn {
+                what: "polydev vsock-bridge",
+                path: self.bridge_bin.display().to_string(),
+                source,
+            })?;
+        wait_for_socket(&d.vsock(), &mut child, "vsock-bridge", &d.backend_log()).await?;
+        Ok(child)
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    fn kind(&self) -> HypervisorKind {
+        HypervisorKind::Qemu
+    }
+
+    async fn launch(&self, plan: &LaunchPlan) -> Result<Launched, HypervisorError> {
+        let d = &plan.dir;
+        // vhost-user: the backend serves the socket QEMU connects to, so it
+        // starts first. Serial mux: QEMU serves the chardev the bridge
+        // connects to, so the bridge starts after QEMU.
+        let mut backend = match self.vsock {
+            QemuVsock::VhostUser => Some(self.start_backend(plan).await?),
+            QemuVsock::SerialMux => None,
+        };
+        let mut cmd = tokio::process::Command::new(&self.qemu_bin);
+        cmd.args(self.args(plan));
+        let mut qemu = match spawn_logged(&mut cmd, &d.hypervisor_log()) {
+            Ok(c) => c,
+            Err(source) => {
+                if let Some(mut b) = backend {
+                    let _ = b.start_kill();
+                    let _ = b.wait().await;
+                }
+                return Err(HypervisorError::Spawn {
+                    what: "qemu-system-x86_64",
+                    path: self.qemu_bin.display().to_string(),
+                    source,
+                });
+            }
+        };
+        let ready = async {
+            wait_for_socket(&d.control(), &mut qemu, "qemu", &d.hypervisor_log()).await?;
+            if self.vsock == QemuVsock::SerialMux {
+                backend = Some(self.start_bridge(plan, qemu.id()).await?);
+            }
+            if let Some(snap) = &plan.restore_from {
+                let mut q = Qmp::connect(&d.control()).await?;
+                let uri = format!("file:{}", snap.join(STATE_FILE).display());
+                q.execute("migrate-incoming", json!({ "uri": uri })).await?;
+                q.wait_migration("restore").await?;
+                q.execute("cont", json!({})).await?;
+            }
+            Ok::<(), HypervisorError>(())
+        };
+        let result = ready.await;
+        if let Err(e) = result {
+            let _ = qemu.start_kill();
+            let _ = qemu.wait().await;
+            if let Some(mut b) = backend {
+                let _ = b.start_kill();
+                let _ = b.wait().await;
+            }
+            return Err(e);
+        }
+        Ok(Launched {
+            hypervisor: qemu,
+            backend,
+        })
+    }
+
+    async fn pause(&self, dir: &VmDir) -> Result<(), HypervisorError> {
+        Qmp::connect(&dir.control())
+            .await?
+            .execute("stop", json!({}))
+            .await?;
+        Ok(())
+    }
+
+    async fn resume(&self, dir: &VmDir) -> Result<(), HypervisorError> {
+        Qmp::connect(&dir.control())
+            .await?
+            .execute("cont", json!({}))
+            .await?;
+        Ok(())
+    }
+
+    async fn snapshot(&self, dir: &VmDir, dest: &Path) -> Result<(), HypervisorError> {
+        let mut q = Qmp::connect(&dir.control()).await?;
+        let status = q.execute("query-status", json!({})).await?;
+        let was_running = status
+            .get("running")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if was_running {
+            q.execute("stop", json!({})).await?;
+        }
+        let uri = format!("file:{}", dest.join(STATE_FILE).display());
+        let result = async {
+            q.execute("migrate", json!({ "uri": uri })).await?;
+            q.wait_migration("snapshot").await
+        }
+        .await;
+        if was_running {
+            q.execute("cont", json!({})).await?;
+        }
+        result
+    }
+}
+
+/// Wait until `path` exists as a socket, failing fast if `child` exits.
+async fn wait_for_socket(
+    path: &Path,
+    child: &mut tokio::process::Child,
+    what: &'static str,
+    log: &Path,
+) -> Result<(), HypervisorError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if UnixStream::connect(path).await.is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(HypervisorError::EarlyExit {
+                what,
+                status: crate::process::describe_exit(&status),
+                log: tail(log),
+            });
+        }
+        if Instant::now() > deadline {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(HypervisorError::NotReady(what));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The last lines of a log, to put a process's own words into an error.
+pub fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    let mut lines: Vec<&str> = lines.into_iter().rev().collect();
+    if lines.is_empty() {
+        lines.push("(no output)");
+    }
+    format!("{}: {}", log.display(), lines.join(" | "))
+}
+
+/// A minimal QMP client: one command at a time, events skipped.
+pub struct Qmp {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Qmp {
+    /// Connect and negotiate capabilities.
+    pub async fn connect(path: &Path) -> Result<Self, HypervisorError> {
+        let s = UnixStream::connect(path).await?;
+        let (r, w) = s.into_split();
+        let mut q = Qmp {
+            reader: BufReader::new(r),
+            writer: w,
+        };
+        let mut greeting = String::new();
+        q.reader.read_line(&mut greeting).await?;
+        if !greeting.contains("QMP") {
+            return Err(HypervisorError::Control {
+                op: "qmp handshake",
+                message: greeting,
+            });
+        }
+        q.execute("qmp_capabilities", json!({})).await?;
+        Ok(q)
+    }
+
+    /// Run one command and return its `return` value.
+    pub async fn execute(
+        &mut self,
+        cmd: &'static str,
+        args: Value,
+    ) -> Result<Value, HypervisorError> {
+        let mut msg = json!({ "execute": cmd });
+        if args.as_object().is_some_and(|o| !o.is_empty()) {
+            msg["arguments"] = args;
+        }
+        let mut line = msg.to_string();
+        line.push('\n');
+        self.writer.write_all(line.as_bytes()).await?;
+        loop {
+            let mut buf = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(30), self.reader.read_line(&mut buf))
+                .await
+                .map_err(|_| HypervisorError::NotReady("qmp"))??;
+            if n == 0 {
+                return Err(HypervisorError::Control {
+                    op: cmd,
+                    message: "QMP connection closed".into(),
+                });
+            }
+            let v: Value = serde_json::from_str(&buf).map_err(|e| HypervisorError::Control {
+                op: cmd,
+                message: format!("invalid QMP reply: {e}"),
+            })?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(HypervisorError::Control {
+                    op: cmd,
+                    message: e
+                        .get("desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unknown error")
+                        .to_string(),
+                });
+            }
+            // Anything else is an asynchronous event; skip it.
+        }
+    }
+
+    /// Poll `query-migrate` until the migration completes or fails.
+    pub async fn wait_migration(&mut self, op: &'static str) -> Result<(), HypervisorError> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let r = self.execute("query-migrate", json!({})).await?;
+            match r.get("status").and_then(Value::as_str) {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    return Err(HypervisorError::Control {
+                        op,
+                        message: r
+                            .get("error-desc")
+                            .and_then(Value::as_str)
+                            .unwrap_or("migration failed")
+                            .to_string(),
+                    })
+                }
+                None => {
+                    // No migration at all: QEMU refused to start it.
+                    let reasons = r
+                        .get("blocked-reasons")
+                        .map(|b| b.to_string())
+                        .unwrap_or_else(|| r.to_string());
+                    return Err(HypervisorError::Control {
+                        op,
+                        message: format!("migration did not start: {reasons}"),
+                    });
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                return Err(HypervisorError::NotReady("migration"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}

@@ -1,0 +1,977 @@
+//! VM lifecycle on one host: create, watch, adopt, pause, snapshot, restore,
+//! destroy — each step persisted in the VM's record so a restart of the host
+//! agent resumes where it was.
+//!
+//! Invariant: a VM that is not `stopped`/`failed` owns exactly one state
+//! directory and its processes; when it ends for any reason its processes
+//! are killed and reaped, its sockets and disks removed, and its logs moved
+//! to `<data>/logs/<id>/` together with its final record.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use polydev_api::agent::{self, ExecRequest, GuestConfig, LogRecord, Request, Response};
+use polydev_api::vm::{HypervisorKind, LogKind, SnapshotInfo, VmInfo, VmSpec, VmState};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::agent_client::{AgentCallError, AgentClient, FrameStream};
+use crate::config::{HostConfig, ResolvedSpec, SpecError};
+use crate::hypervisor::qemu::Qemu;
+use crate::hypervisor::{Hypervisor, HypervisorError, LaunchPlan};
+use crate::process;
+use crate::vmdir::{write_atomic, VmDir, VmRecord};
+use crate::{new_id, now_ms};
+
+/// Failures of VM operations, each mapping to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// No VM or snapshot with that id.
+    #[error("no {what} with id {id:?}{hint}")]
+    NotFound {
+        /// "VM" or "snapshot".
+        what: &'static str,
+        /// The id asked for.
+        id: String,
+        /// Extra advice.
+        hint: String,
+    },
+    /// The request is invalid.
+    #[error(transparent)]
+    Invalid(#[from] SpecError),
+    /// The operation does not fit the VM's current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The VM failed to start; it has been cleaned up and its logs kept.
+    #[error("VM {id} failed to start: {reason}; its console and agent logs are kept (`polydev vm logs {id}`)")]
+    StartFailed {
+        /// The VM's id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// A hypervisor operation failed.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    /// The guest agent failed.
+    #[error(transparent)]
+    Agent(#[from] AgentCallError),
+    /// Host file system trouble.
+    #[error("host I/O error on {path}: {source}")]
+    Io {
+        /// Path involved.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The data directory is too deep for Unix socket paths.
+    #[error("socket path {0} is longer than 107 bytes: choose a shorter --data-dir")]
+    PathTooLong(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ManagerError + '_ {
+    move |source| ManagerError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// One live VM.
+struct Vm {
+    id: String,
+    name: Option<String>,
+    dir: VmDir,
+    record: Mutex<VmRecord>,
+    backend: Mutex<Option<tokio::process::Child>>,
+    watcher: StdMutex<Option<JoinHandle<()>>>,
+    log_task: StdMutex<Option<JoinHandle<()>>>,
+    exited: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Vm {
+    fn agent(&self) -> AgentClient {
+        AgentClient::new(&self.dir.vsock())
+    }
+}
+
+/// Owns every VM on this host.
+pub struct Manager {
+    cfg: Arc<HostConfig>,
+    drivers: HashMap<HypervisorKind, Arc<dyn Hypervisor>>,
+    vms: StdMutex<HashMap<String, Arc<Vm>>>,
+}
+
+impl Manager {
+    /// Create the data directories, adopt VMs still running from a previous
+    /// run and clean up the remains of dead ones.
+    pub async fn start(cfg: HostConfig) -> Result<Arc<Self>, ManagerError> {
+        for d in [cfg.vms_dir(), cfg.logs_dir(), cfg.snapshots_dir()] {
+            std::fs::create_dir_all(&d).map_err(io_err(&d))?;
+        }
+        let mut drivers: HashMap<HypervisorKind, Arc<dyn Hypervisor>> = HashMap::new();
+        drivers.insert(
+            HypervisorKind::Qemu,
+            Arc::new(Qemu {
+                qemu_bin: cfg.qemu_bin.clone(),
+                qboot: cfg.qboot.clone(),
+                vhost_vsock_bin: cfg.vhost_vsock_bin.clone(),
+                vsock: cfg.qemu_vsock,
+                bridge_bin: cfg.bridge_bin.clone(),
+            }),
+        );
+        let mgr = Arc::new(Manager {
+            cfg: Arc::new(cfg),
+            drivers,
+            vms: StdMutex::new(HashMap::new()),
+        });
+        mgr.reconcile().await?;
+        Ok(mgr)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &HostConfig {
+        &self.cfg
+    }
+
+    fn live(&self, id: &str) -> Result<Arc<Vm>, ManagerError> {
+        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(vm) = vms.get(id) {
+            return Ok(vm.clone());
+        }
+        // Names work wherever ids do.
+        if let Some(vm) = vms.values().find(|v| v.name.as_deref() == Some(id)) {
+            return Ok(vm.clone());
+        }
+        let hint = if self.archived_record(id).is_some() {
+            format!(" running; it has ended, its logs are kept (`polydev vm logs {id}`)")
+        } else {
+            " on this host (`polydev vm ls` lists them)".to_string()
+        };
+        Err(ManagerError::NotFound {
+            what: "VM",
+            id: id.to_string(),
+            hint,
+        })
+    }
+
+    fn archived_record(&self, id: &str) -> Option<VmRecord> {
+        if !valid_id(id) {
+            return None;
+        }
+        VmRecord::load(&self.cfg.logs_dir().join(id).join("vm.json")).ok()
+    }
+
+    /// Live VMs, and with `all` also ended ones whose logs are kept.
+    pub async fn list(&self, all: bool) -> Vec<VmInfo> {
+        let vms: Vec<Arc<Vm>> = self
+            .vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for vm in vms {
+            out.push(vm.record.lock().await.info.clone());
+        }
+        if all {
+            if let Ok(rd) = std::fs::read_dir(self.cfg.logs_dir()) {
+                for e in rd.flatten() {
+                    if let Ok(r) = VmRecord::load(&e.path().join("vm.json")) {
+                        out.push(r.info);
+                    }
+                }
+            }
+        }
+        out.sort_by_key(|i| i.created_ms);
+        out
+    }
+
+    /// One VM, live or ended.
+    pub async fn get(&self, id: &str) -> Result<VmInfo, ManagerError> {
+        match self.live(id) {
+            Ok(vm) => Ok(vm.record.lock().await.info.clone()),
+            Err(e) => self.archived_record(id).map(|r| r.info).ok_or(e),
+        }
+    }
+
+    /// Create and boot a VM; returns once its guest agent answers.
+    pub async fn create(self: &Arc<Self>, req: &VmSpec) -> Result<VmInfo, ManagerError> {
+        let spec = self.cfg.resolve(req)?;
+        self.launch(spec, None).await
+    }
+
+    async fn launch(
+        self: &Arc<Self>,
+        spec: ResolvedSpec,
+        snapshot: Option<(PathBuf, String)>,
+    ) -> Result<VmInfo, ManagerError> {
+        let driver = self
+            .drivers
+            .get(&spec.hypervisor)
+            .cloned()
+            .ok_or(ManagerError::Invalid(SpecError::NoFirecracker))?;
+        let id = new_id("vm-");
+        let dir = VmDir::new(&self.cfg.vms_dir(), &id);
+        dir.check_socket_paths()
+            .map_err(|p| ManagerError::PathTooLong(p.display().to_string()))?;
+        let started = Instant::now();
+        let info = VmInfo {
+            id: id.clone(),
+            name: spec.name.clone(),
+            state: VmState::Starting,
+            failure: None,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            image: spec.image.clone(),
+            hypervisor: spec.hypervisor,
+            accel: self.cfg.accel,
+            pid: None,
+            created_ms: now_ms(),
+            boot_ms: None,
+            restored_from: snapshot.as_ref().map(|(_, s)| s.clone()),
+        };
+        let record = VmRecord {
+            info,
+            spec: spec.clone(),
+            hypervisor_pid: None,
+            backend_pid: None,
+        };
+        {
+            // Name uniqueness and registration under one lock, so two
+            // concurrent creates cannot both take a name.
+            let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(name) = &spec.name {
+                let taken = vms.values().any(|v| v.name.as_deref() == Some(name));
+                if taken {
+                    return Err(ManagerError::Conflict(format!(
+                        "a VM named {name:?} already exists; pick another name or remove it first"
+                    )));
+                }
+            }
+            // create_dir (not _all): an existing directory is a collision.
+            std::fs::create_dir(dir.root()).map_err(io_err(dir.root()))?;
+            vms.insert(
+                id.clone(),
+                Arc::new(Vm {
+                    id: id.clone(),
+                    name: spec.name.clone(),
+                    dir: dir.clone(),
+                    record: Mutex::new(record.clone()),
+                    backend: Mutex::new(None),
+                    watcher: StdMutex::new(None),
+                    log_task: StdMutex::new(None),
+                    exited: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                }),
+            );
+        }
+        let vm = self.live(&id)?;
+        if let Err(e) = record.save(&dir.record()) {
+            self.finish(
+                &vm,
+                VmState::Failed,
+                Some(format!("cannot write record: {e}")),
+            )
+            .await;
+            return Err(ManagerError::Io {
+                path: dir.record().display().to_string(),
+                source: e,
+            });
+        }
+        match self
+            .boot(&vm, driver, &spec, snapshot.map(|(p, _)| p), started)
+            .await
+        {
+            Ok(info) => Ok(info),
+            Err(reason) => {
+                let reason = reason.to_string();
+                self.finish(&vm, VmState::Failed, Some(reason.clone()))
+                    .await;
+                Err(ManagerError::StartFailed { id, reason })
+            }
+        }
+    }
+
+    async fn boot(
+        self: &Arc<Self>,
+        vm: &Arc<Vm>,
+        driver: Arc<dyn Hypervisor>,
+        spec: &ResolvedSpec,
+        restore_from: Option<PathBuf>,
+        started: Instant,
+    ) -> Result<VmInfo, ManagerError> {
+        let dir = &vm.dir;
+        if spec.data_disk_mib > 0 && restore_from.is_none() {
+            create_data_disk(&dir.data_disk(), spec.data_disk_mib).await?;
+        }
+        if let Some(snap) = &restore_from {
+            let src = snap.join("data.img");
+            if src.exists() {
+                copy_disk(&src, &dir.data_disk()).await?;
+            }
+        }
+        self.start_log_listener(vm)?;
+        let plan = LaunchPlan {
+            id: vm.id.clone(),
+            dir: dir.clone(),
+            spec: spec.clone(),
+            accel: self.cfg.accel,
+            cmdline: self.cmdline(&vm.id),
+            restore_from: restore_from.clone(),
+        };
+        let launched = driver.launch(&plan).await?;
+        let pid = launched.hypervisor.id();
+        let backend_pid = launched.backend.as_ref().and_then(|b| b.id());
+        *vm.backend.lock().await = launched.backend;
+        {
+            let mut r = vm.record.lock().await;
+            r.hypervisor_pid = pid;
+            r.backend_pid = backend_pid;
+            r.info.pid = pid;
+            r.save(&dir.record()).map_err(io_err(&dir.record()))?;
+        }
+        self.watch_child(vm, launched.hypervisor);
+
+        let agent = vm.agent();
+        let exited = vm.exited.clone();
+        agent
+            .wait_ready(started + self.cfg.boot_timeout, move || {
+                !exited.load(std::sync::atomic::Ordering::SeqCst)
+            })
+            .await?;
+        // Fresh entropy and the clock on every start, so VMs restored from one
+        // snapshot never share random state or a stale clock.
+        let mut config = GuestConfig {
+            entropy: Some(random_bytes(64)),
+            clock_unix_ns: Some(now_ns()),
+            ..Default::default()
+        };
+        if restore_from.is_none() {
+            config.hostname = Some(vm.id.clone());
+            config.env = spec.env.clone();
+            config.services = spec.services.clone();
+        }
+        agent
+            .call(&Request::Configure(config), Duration::from_secs(30))
+            .await?;
+        let mut r = vm.record.lock().await;
+        if r.info.state != VmState::Starting {
+            return Err(ManagerError::Conflict(format!(
+                "VM {} changed to {} while starting",
+                vm.id, r.info.state
+            )));
+        }
+        r.info.state = VmState::Running;
+        r.info.boot_ms = Some(started.elapsed().as_millis() as u64);
+        r.save(&dir.record()).map_err(io_err(&dir.record()))?;
+        info!(vm = %vm.id, boot_ms = r.info.boot_ms, "vm running");
+        Ok(r.info.clone())
+    }
+
+    fn cmdline(&self, id: &str) -> String {
+        let mut c = String::from("console=ttyS0 reboot=t panic=-1 quiet");
+        if let Some(khz) = self.cfg.tsc_khz {
+            c.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        c.push_str(&format!(" polydev.id={id}"));
+        c
+    }
+
+    /// Receive the guest's log stream (guest-initiated vsock to LOG_PORT)
+    /// into `agent.log` on the host, where it outlives the VM.
+    fn start_log_listener(&self, vm: &Arc<Vm>) -> Result<(), ManagerError> {
+        let path = vm.dir.vsock_port(agent::LOG_PORT);
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(io_err(&path))?;
+        let log = vm.dir.agent_log();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((conn, _)) = listener.accept().await else {
+                    break;
+                };
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut lines = BufReader::new(conn).lines();
+                    let Ok(mut file) = tokio::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&log)
+                        .await
+                    else {
+                        return;
+                    };
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let text = match serde_json::from_str::<LogRecord>(&line) {
+                            Ok(r) => {
+                                format!("{} [{}/{}] {}\n", r.ts_ms, r.source, r.stream, r.line)
+                            }
+                            Err(_) => format!("[unparsed] {line}\n"),
+                        };
+                        if file.write_all(text.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        *vm.log_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(())
+    }
+
+    fn watch_child(self: &Arc<Self>, vm: &Arc<Vm>, mut child: tokio::process::Child) {
+        let mgr = Arc::downgrade(self);
+        let vm2 = vm.clone();
+        let task = tokio::spawn(async move {
+            let reason = match child.wait().await {
+                Ok(status) => format!("hypervisor {}", process::describe_exit(&status)),
+                Err(e) => format!("hypervisor could not be waited for: {e}"),
+            };
+            vm2.exited.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(mgr) = mgr.upgrade() {
+                mgr.on_exit(&vm2, reason).await;
+            }
+        });
+        *vm.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+    }
+
+    fn watch_adopted(self: &Arc<Self>, vm: &Arc<Vm>, pid: u32) -> std::io::Result<()> {
+        let fd = process::pidfd_open(pid)?;
+        let mgr = Arc::downgrade(self);
+        let vm2 = vm.clone();
+        let task = tokio::spawn(async move {
+            let reason = match process::wait_pidfd(fd).await {
+                Ok(()) => "hypervisor exited (adopted process; exit status unknown)".to_string(),
+                Err(e) => format!("hypervisor could not be watched: {e}"),
+            };
+            vm2.exited.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(mgr) = mgr.upgrade() {
+                mgr.on_exit(&vm2, reason).await;
+            }
+        });
+        *vm.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(())
+    }
+
+    async fn on_exit(self: &Arc<Self>, vm: &Arc<Vm>, reason: String) {
+        let state = vm.record.lock().await.info.state;
+        if matches!(state, VmState::Stopping) || state.is_final() {
+            return;
+        }
+        warn!(vm = %vm.id, %reason, "vm died");
+        let me = self.clone();
+        let vm = vm.clone();
+        // Finish from a separate task: finish() awaits this watcher task.
+        tokio::spawn(async move {
+            me.finish(&vm, VmState::Failed, Some(reason)).await;
+        });
+    }
+
+    /// Tear a VM down and preserve its logs: kill and reap its processes,
+    /// move logs and the final record to `logs/<id>/`, remove its state
+    /// directory, forget it.
+    async fn finish(&self, vm: &Arc<Vm>, state: VmState, failure: Option<String>) {
+        let (hv_pid, be_pid) = {
+            let mut r = vm.record.lock().await;
+            if r.info.state.is_final() {
+                return;
+            }
+            if !matches!(r.info.state, VmState::Stopping) {
+                r.info.state = VmState::Stopping;
+                let _ = r.save(&vm.dir.record());
+            }
+            (r.hypervisor_pid, r.backend_pid)
+        };
+        let needle = vm.dir.root().display().to_string();
+        if let Some(pid) = hv_pid {
+            process::kill_matching(pid, &needle).await;
+        }
+        let watcher = vm.watcher.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = watcher {
+            // The watcher reaps our own child; for an adopted one it returns
+            // once the pidfd fires.
+            let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
+        }
+        if let Some(mut b) = vm.backend.lock().await.take() {
+            let _ = b.start_kill();
+            let _ = b.wait().await;
+        } else if let Some(pid) = be_pid {
+            process::kill_matching(pid, &needle).await;
+        }
+        if let Some(t) = vm.log_task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            t.abort();
+        }
+        let mut record = vm.record.lock().await.clone();
+        record.info.state = state;
+        record.info.failure = failure;
+        record.info.pid = None;
+        if let Err(e) = self.archive(vm, &record) {
+            warn!(vm = %vm.id, error = %e, "cannot archive logs");
+        }
+        if let Err(e) = std::fs::remove_dir_all(vm.dir.root()) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(vm = %vm.id, error = %e, "cannot remove state directory");
+            }
+        }
+        *vm.record.lock().await = record;
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vm.id);
+        self.prune_logs();
+    }
+
+    fn archive(&self, vm: &Vm, record: &VmRecord) -> std::io::Result<()> {
+        let dest = self.cfg.logs_dir().join(&vm.id);
+        std::fs::create_dir_all(&dest)?;
+        for src in [
+            vm.dir.console_log(),
+            vm.dir.agent_log(),
+            vm.dir.hypervisor_log(),
+            vm.dir.backend_log(),
+        ] {
+            if let Some(name) = src.file_name() {
+                if src.exists() {
+                    std::fs::rename(&src, dest.join(name))?;
+                }
+            }
+        }
+        write_atomic(
+            &dest.join("vm.json"),
+            &serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?,
+        )
+    }
+
+    fn prune_logs(&self) {
+        let Ok(rd) = std::fs::read_dir(self.cfg.logs_dir()) else {
+            return;
+        };
+        let mut dirs: Vec<(u64, PathBuf)> = rd
+            .flatten()
+            .map(|e| {
+                let created = VmRecord::load(&e.path().join("vm.json"))
+                    .map(|r| r.info.created_ms)
+                    .unwrap_or(0);
+                (created, e.path())
+            })
+            .collect();
+        if dirs.len() <= self.cfg.log_retention {
+            return;
+        }
+        dirs.sort();
+        let excess = dirs.len() - self.cfg.log_retention;
+        for (_, p) in dirs.into_iter().take(excess) {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+
+    async fn reconcile(self: &Arc<Self>) -> Result<(), ManagerError> {
+        let vms_dir = self.cfg.vms_dir();
+        let rd = std::fs::read_dir(&vms_dir).map_err(io_err(&vms_dir))?;
+        for entry in rd.flatten() {
+            let path = entry.path();
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            let dir = VmDir::new(&vms_dir, &id);
+            let record = match VmRecord::load(&dir.record()) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(%id, error = %e, "removing state directory without a readable record");
+                    let _ = std::fs::remove_dir_all(&path);
+                    continue;
+                }
+            };
+            let vm = Arc::new(Vm {
+                id: id.clone(),
+                name: record.info.name.clone(),
+                dir: dir.clone(),
+                record: Mutex::new(record.clone()),
+                backend: Mutex::new(None),
+                watcher: StdMutex::new(None),
+                log_task: StdMutex::new(None),
+                exited: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            });
+            self.vms
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.clone(), vm.clone());
+            let needle = dir.root().display().to_string();
+            let alive = record
+                .hypervisor_pid
+                .is_some_and(|pid| process::alive_with(pid, &needle));
+            if !alive {
+                self.finish(
+                    &vm,
+                    VmState::Failed,
+                    Some("hypervisor exited while the host agent was not running".into()),
+                )
+                .await;
+                continue;
+            }
+            if record.info.state == VmState::Starting || record.info.state == VmState::Stopping {
+                let why = format!(
+                    "host agent restarted while the VM was {}",
+                    record.info.state
+                );
+                self.finish(&vm, VmState::Failed, Some(why)).await;
+                continue;
+            }
+            let adopted = async {
+                self.start_log_listener(&vm)?;
+                if let Some(pid) = record.hypervisor_pid {
+                    self.watch_adopted(&vm, pid).map_err(io_err(dir.root()))?;
+                }
+                if record.info.state == VmState::Running {
+                    vm.agent()
+                        .call(&Request::Health, Duration::from_secs(10))
+                        .await?;
+                }
+                Ok::<(), ManagerError>(())
+            }
+            .await;
+            match adopted {
+                Ok(()) => info!(%id, "adopted running vm"),
+                Err(e) => {
+                    self.finish(&vm, VmState::Failed, Some(format!("could not adopt: {e}")))
+                        .await
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop and remove a VM, keeping its logs.
+    pub async fn destroy(&self, id: &str) -> Result<VmInfo, ManagerError> {
+        let vm = self.live(id)?;
+        self.finish(&vm, VmState::Stopped, None).await;
+        let info = vm.record.lock().await.info.clone();
+        Ok(info)
+    }
+
+    async fn running(&self, id: &str) -> Result<Arc<Vm>, ManagerError> {
+        let vm = self.live(id)?;
+        let state = vm.record.lock().await.info.state;
+        if state != VmState::Running {
+            return Err(ManagerError::Conflict(format!(
+                "VM {} is {state}, not running{}",
+                vm.id,
+                if state == VmState::Paused {
+                    " (resume it first)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        Ok(vm)
+    }
+
+    /// Run a command in a VM; frames stream as the guest produces them.
+    pub async fn exec(&self, id: &str, req: ExecRequest) -> Result<FrameStream, ManagerError> {
+        if req.argv.is_empty() || req.argv[0].is_empty() {
+            return Err(ManagerError::Invalid(SpecError::Service {
+                name: "exec".into(),
+                why: "argv must name a program".into(),
+            }));
+        }
+        let vm = self.running(id).await?;
+        Ok(vm.agent().stream(&Request::Exec(req)).await?)
+    }
+
+    /// Ask the guest agent something that has one final answer.
+    pub async fn agent_call(&self, id: &str, req: Request) -> Result<Response, ManagerError> {
+        let vm = self.running(id).await?;
+        Ok(vm.agent().call(&req, Duration::from_secs(60)).await?)
+    }
+
+    /// Stop a VM's vCPUs.
+    pub async fn pause(&self, id: &str) -> Result<VmInfo, ManagerError> {
+        let vm = self.running(id).await?;
+        let driver = self.driver(&vm).await?;
+        let mut r = vm.record.lock().await;
+        driver.pause(&vm.dir).await?;
+        r.info.state = VmState::Paused;
+        r.save(&vm.dir.record()).map_err(io_err(&vm.dir.record()))?;
+        Ok(r.info.clone())
+    }
+
+    /// Resume a paused VM.
+    pub async fn resume(&self, id: &str) -> Result<VmInfo, ManagerError> {
+        let vm = self.live(id)?;
+        let driver = self.driver(&vm).await?;
+        let mut r = vm.record.lock().await;
+        if r.info.state != VmState::Paused {
+            return Err(ManagerError::Conflict(format!(
+                "VM {} is {}, not paused",
+                vm.id, r.info.state
+            )));
+        }
+        driver.resume(&vm.dir).await?;
+        r.info.state = VmState::Running;
+        r.save(&vm.dir.record()).map_err(io_err(&vm.dir.record()))?;
+        Ok(r.info.clone())
+    }
+
+    async fn driver(&self, vm: &Vm) -> Result<Arc<dyn Hypervisor>, ManagerError> {
+        let kind = vm.record.lock().await.info.hypervisor;
+        self.drivers
+            .get(&kind)
+            .cloned()
+            .ok_or(ManagerError::Invalid(SpecError::NoFirecracker))
+    }
+
+    /// Save a running or paused VM to a new snapshot.
+    pub async fn snapshot(&self, id: &str) -> Result<SnapshotInfo, ManagerError> {
+        let vm = self.live(id)?;
+        let driver = self.driver(&vm).await?;
+        let r = vm.record.lock().await;
+        if !matches!(r.info.state, VmState::Running | VmState::Paused) {
+            return Err(ManagerError::Conflict(format!(
+                "VM {} is {}; only running or paused VMs can be snapshotted",
+                vm.id, r.info.state
+            )));
+        }
+        let snap_id = new_id("snap-");
+        let dest = self.cfg.snapshots_dir().join(&snap_id);
+        std::fs::create_dir(&dest).map_err(io_err(&dest))?;
+        let result = async {
+            driver.snapshot(&vm.dir, &dest).await?;
+            if vm.dir.data_disk().exists() {
+                copy_disk(&vm.dir.data_disk(), &dest.join("data.img")).await?;
+            }
+            let info = SnapshotInfo {
+                id: snap_id.clone(),
+                source_vm: vm.id.clone(),
+                hypervisor: r.info.hypervisor,
+                memory_mib: r.spec.memory_mib,
+                vcpus: r.spec.vcpus,
+                size_bytes: dir_size(&dest),
+                created_ms: now_ms(),
+            };
+            let meta = SnapshotMeta {
+                info: info.clone(),
+                spec: r.spec.clone(),
+            };
+            let path = dest.join("snapshot.json");
+            write_atomic(
+                &path,
+                &serde_json::to_vec_pretty(&meta)
+                    .map_err(std::io::Error::other)
+                    .map_err(io_err(&path))?,
+            )
+            .map_err(io_err(&path))?;
+            Ok::<SnapshotInfo, ManagerError>(info)
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&dest);
+        }
+        result
+    }
+
+    /// Snapshots on this host.
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        let mut out: Vec<SnapshotInfo> = std::fs::read_dir(self.cfg.snapshots_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| load_snapshot(&e.path()).ok())
+            .map(|m| m.info)
+            .collect();
+        out.sort_by_key(|s| s.created_ms);
+        out
+    }
+
+    fn snapshot_dir(&self, snap_id: &str) -> Result<PathBuf, ManagerError> {
+        let dir = self.cfg.snapshots_dir().join(snap_id);
+        if !valid_id(snap_id) || !dir.join("snapshot.json").is_file() {
+            return Err(ManagerError::NotFound {
+                what: "snapshot",
+                id: snap_id.to_string(),
+                hint: " (`polydev vm snapshots` lists them)".into(),
+            });
+        }
+        Ok(dir)
+    }
+
+    /// Start a new VM from a snapshot.
+    pub async fn restore(
+        self: &Arc<Self>,
+        snap_id: &str,
+        name: Option<String>,
+    ) -> Result<VmInfo, ManagerError> {
+        let dir = self.snapshot_dir(snap_id)?;
+        let meta = load_snapshot(&dir).map_err(io_err(&dir))?;
+        let mut spec = meta.spec;
+        if let Some(n) = &name {
+            self.cfg.resolve(&VmSpec {
+                name: Some(n.clone()),
+                ..Default::default()
+            })?;
+        }
+        spec.name = name;
+        for f in [&spec.kernel, &spec.initramfs] {
+            if !f.is_file() {
+                return Err(ManagerError::Invalid(SpecError::MissingFile {
+                    what: "snapshot's boot file",
+                    path: f.clone(),
+                }));
+            }
+        }
+        self.launch(spec, Some((dir, snap_id.to_string()))).await
+    }
+
+    /// Delete a snapshot.
+    pub fn delete_snapshot(&self, snap_id: &str) -> Result<(), ManagerError> {
+        let dir = self.snapshot_dir(snap_id)?;
+        std::fs::remove_dir_all(&dir).map_err(io_err(&dir))
+    }
+
+    /// A VM's console or agent log, live or preserved.
+    pub async fn logs(&self, id: &str, kind: LogKind) -> Result<String, ManagerError> {
+        let file = match kind {
+            LogKind::Console => "console.log",
+            LogKind::Agent => "agent.log",
+        };
+        let path = match self.live(id) {
+            Ok(vm) => vm.dir.root().join(file),
+            Err(e) => {
+                if self.archived_record(id).is_none() {
+                    return Err(e);
+                }
+                self.cfg.logs_dir().join(id).join(file)
+            }
+        };
+        match std::fs::read(&path) {
+            Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(ManagerError::Io {
+                path: path.display().to_string(),
+                source: e,
+            }),
+        }
+    }
+
+    /// Stop watching VMs without touching them (they keep running and are
+    /// adopted by the next host agent).
+    pub fn detach(&self) {
+        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        for vm in vms.values() {
+            if let Some(w) = vm.watcher.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                w.abort();
+            }
+            if let Some(t) = vm.log_task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                t.abort();
+            }
+        }
+    }
+}
+
+/// What a snapshot directory records besides the hypervisor's state.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct SnapshotMeta {
+    info: SnapshotInfo,
+    spec: ResolvedSpec,
+}
+
+fn load_snapshot(dir: &Path) -> std::io::Result<SnapshotMeta> {
+    let bytes = std::fs::read(dir.join("snapshot.json"))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Ids are generated by us; anything else (say `../x`) is not one.
+pub fn valid_id(id: &str) -> bool {
+    let rest = id.strip_prefix("vm-").or_else(|| id.strip_prefix("snap-"));
+    rest.is_some_and(|r| r.len() == 12 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+async fn create_data_disk(path: &Path, mib: u32) -> Result<(), ManagerError> {
+    let f = std::fs::File::create(path).map_err(io_err(path))?;
+    f.set_len(u64::from(mib) * 1024 * 1024)
+        .map_err(io_err(path))?;
+    let out = tokio::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
+        .arg(path)
+        .output()
+        .await
+        .map_err(io_err(path))?;
+    if !out.status.success() {
+        return Err(ManagerError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()),
+        });
+    }
+    Ok(())
+}
+
+async fn copy_disk(src: &Path, dst: &Path) -> Result<(), ManagerError> {
+    // --reflink=auto: instant on file systems that share extents, a plain
+    // sparse copy elsewhere.
+    let out = tokio::process::Command::new("cp")
+        .args(["--reflink=auto", "--sparse=always"])
+        .arg(src)
+        .arg(dst)
+        .output()
+        .await
+        .map_err(io_err(src))?;
+    if !out.status.success() {
+        return Err(ManagerError::Io {
+            path: src.display().to_string(),
+            source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()),
+        });
+    }
+    Ok(())
+}
+
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    let _ = getrandom::fill(&mut b);
+    b
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_strict() {
+        assert!(valid_id("vm-0123456789ab"));
+        assert!(valid_id("snap-0123456789ab"));
+        for bad in [
+            "",
+            "vm-",
+            "vm-../../etc",
+            "vm-0123456789abc",
+            "x-0123456789ab",
+            "vm-0123456789aZ",
+        ] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+    }
+}

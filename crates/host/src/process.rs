@@ -1,0 +1,107 @@
+//! Processes the host agent starts on behalf of VMs (hypervisors, vsock
+//! backends): spawned in their own process group so that they outlive a
+//! restart of the host agent, watched through pidfds so that processes
+//! adopted after a restart are watched the same way as our own children.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::unix::AsyncFd;
+
+/// Start `cmd` detached from our process group, with stdout and stderr
+/// appended to `log`.
+pub fn spawn_logged(
+    cmd: &mut tokio::process::Command,
+    log: &Path,
+) -> std::io::Result<tokio::process::Child> {
+    let out = File::options().create(true).append(true).open(log)?;
+    let err = out.try_clone()?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .process_group(0)
+        .kill_on_drop(false);
+    cmd.spawn()
+}
+
+/// Whether `pid` is alive and its command line mentions `needle` (a VM's
+/// state directory), so that a recycled pid is never mistaken for our VM.
+pub fn alive_with(pid: u32, needle: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    if is_zombie(pid) {
+        return false;
+    }
+    let text = String::from_utf8_lossy(&cmdline);
+    text.contains(needle)
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rfind(')')?;
+            s[after + 1..].split_whitespace().next().map(|st| st == "Z")
+        })
+        .unwrap_or(true)
+}
+
+/// SIGKILL `pid` if it is alive and matches `needle`, then wait (bounded)
+/// until it is gone or a zombie awaiting its parent.
+pub async fn kill_matching(pid: u32, needle: &str) {
+    if !alive_with(pid, needle) {
+        return;
+    }
+    // SAFETY: plain syscall on a pid we verified belongs to our VM.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && alive_with(pid, needle) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A pidfd for a process that may not be our child.
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this fd and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Wait until the process behind `pidfd` exits. Works for any process,
+/// child or not; it does not reap.
+pub async fn wait_pidfd(pidfd: OwnedFd) -> std::io::Result<()> {
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and refers to
+    // the same pidfd until the AsyncFd is dropped.
+    let afd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)? };
+    let _guard = afd.readable().await?;
+    let _ = afd.get_ref().as_raw_fd();
+    Ok(())
+}
+
+/// Describe how a child ended, for failure reasons.
+pub fn describe_exit(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(sig) = status.signal() {
+        let name = match sig {
+            libc::SIGKILL => "SIGKILL",
+            libc::SIGTERM => "SIGTERM",
+            libc::SIGSEGV => "SIGSEGV",
+            libc::SIGABRT => "SIGABRT",
+            libc::SIGINT => "SIGINT",
+            _ => "a signal",
+        };
+        format!("killed by {name} ({sig})")
+    } else {
+        format!("exited with code {}", status.code().unwrap_or(-1))
+    }
+}

@@ -1,0 +1,324 @@
+//! The host agent's HTTP API, served on a Unix socket (`<data>/host.sock`,
+//! mode 0600: only the host's administrator may drive VMs).
+//!
+//! JSON in and out; errors are RFC 7807 problems; exec output streams as
+//! newline-delimited JSON frames (`polydev_api::agent::Response`).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use polydev_api::agent::{ExecRequest, Request};
+use polydev_api::vm::{LogKind, VmSpec};
+use polydev_api::Problem;
+use serde::Deserialize;
+use tokio::net::UnixListener;
+
+use crate::manager::{Manager, ManagerError};
+
+/// Largest request body accepted (exec stdin included).
+pub const MAX_BODY: usize = 8 * 1024 * 1024;
+
+/// An error response.
+pub struct ApiError(Problem);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::to_vec(&self.0).unwrap_or_default();
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            body,
+        )
+            .into_response()
+    }
+}
+
+impl From<ManagerError> for ApiError {
+    fn from(e: ManagerError) -> Self {
+        let (status, slug, title) = match &e {
+            ManagerError::NotFound { .. } => (404, "not-found", "Not found"),
+            ManagerError::Invalid(_) | ManagerError::PathTooLong(_) => {
+                (422, "invalid-request", "Invalid request")
+            }
+            ManagerError::Conflict(_) => (409, "conflict", "Conflict"),
+            ManagerError::StartFailed { .. } => (502, "vm-start-failed", "VM failed to start"),
+            ManagerError::Hypervisor(_) => (502, "hypervisor", "Hypervisor error"),
+            ManagerError::Agent(_) => (502, "guest-agent", "Guest agent error"),
+            ManagerError::Io { .. } => (500, "host-io", "Host I/O error"),
+        };
+        ApiError(Problem::new(status, slug, title, e.to_string()))
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError(Problem::new(
+            e.status().as_u16(),
+            "bad-body",
+            "Malformed request body",
+            format!(
+                "{}: send a JSON object matching the documented schema",
+                e.body_text()
+            ),
+        ))
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// All routes.
+pub fn router(mgr: Arc<Manager>) -> Router {
+    Router::new()
+        .route(
+            "/v1/health",
+            get(|| async { Json(serde_json::json!({"ok": true})) }),
+        )
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
+        .route("/v1/vms/{id}/exec", post(exec))
+        .route("/v1/vms/{id}/logs", get(logs))
+        .route("/v1/vms/{id}/agent-logs", get(agent_ring))
+        .route("/v1/vms/{id}/services", get(services))
+        .route("/v1/vms/{id}/pause", post(pause))
+        .route("/v1/vms/{id}/resume", post(resume))
+        .route("/v1/vms/{id}/snapshot", post(snapshot))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route("/v1/snapshots/{id}", axum::routing::delete(delete_snapshot))
+        .route("/v1/snapshots/{id}/restore", post(restore))
+        .fallback(|| async {
+            ApiError(Problem::new(
+                404,
+                "no-route",
+                "Not found",
+                "no such API route; see `polydev vm --help`",
+            ))
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(mgr)
+}
+
+/// Serve the API on `path` until `shutdown` resolves.
+pub async fn serve(
+    mgr: Arc<Manager>,
+    path: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if path.exists() {
+        // A live host agent answers; a stale socket from a crash does not.
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "another host agent is serving {}; stop it first",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    axum::serve(listener, router(mgr))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list_vms(
+    State(m): State<Arc<Manager>>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(q) = q.map_err(|e| {
+        ApiError(Problem::new(
+            400,
+            "bad-query",
+            "Bad query",
+            format!("{}: use all=true or all=false", e.body_text()),
+        ))
+    })?;
+    Ok(Json(m.list(q.all).await))
+}
+
+async fn create_vm(
+    State(m): State<Arc<Manager>>,
+    body: Result<Json<VmSpec>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(spec) = body?;
+    Ok((StatusCode::CREATED, Json(m.create(&spec).await?)))
+}
+
+async fn get_vm(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(m.get(&id).await?))
+}
+
+async fn delete_vm(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(m.destroy(&id).await?))
+}
+
+async fn exec(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+    body: Result<Json<ExecRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(req) = body?;
+    let mut frames = m.exec(&id, req).await?;
+    let stream = async_stream(move |tx| async move {
+        loop {
+            match frames.next().await {
+                Ok(Some(f)) => {
+                    let mut line = serde_json::to_vec(&f).unwrap_or_default();
+                    line.push(b'\n');
+                    if tx.send(Ok(Bytes::from(line))).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let f = polydev_api::agent::Response::Error(polydev_api::agent::AgentError {
+                        kind: polydev_api::agent::AgentErrorKind::Internal,
+                        message: e.to_string(),
+                    });
+                    let mut line = serde_json::to_vec(&f).unwrap_or_default();
+                    line.push(b'\n');
+                    let _ = tx.send(Ok(Bytes::from(line))).await;
+                    break;
+                }
+            }
+        }
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_default())
+}
+
+/// A body stream fed by a task through a bounded channel.
+fn async_stream<F, Fut>(
+    f: F,
+) -> tokio_stream::wrappers::ReceiverStream<Result<Bytes, std::io::Error>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    #[serde(default = "default_kind")]
+    kind: LogKind,
+}
+
+fn default_kind() -> LogKind {
+    LogKind::Agent
+}
+
+async fn logs(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+    q: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(q) = q.map_err(|e| {
+        ApiError(Problem::new(
+            400,
+            "bad-query",
+            "Bad query",
+            format!("{}: use kind=console or kind=agent", e.body_text()),
+        ))
+    })?;
+    let text = m.logs(&id, q.kind).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text))
+}
+
+async fn agent_ring(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        m.agent_call(&id, Request::Logs { limit: 10_000 }).await?,
+    ))
+}
+
+async fn services(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(m.agent_call(&id, Request::Services).await?))
+}
+
+async fn pause(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(m.pause(&id).await?))
+}
+
+async fn resume(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(m.resume(&id).await?))
+}
+
+async fn snapshot(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok((StatusCode::CREATED, Json(m.snapshot(&id).await?)))
+}
+
+async fn list_snapshots(State(m): State<Arc<Manager>>) -> impl IntoResponse {
+    Json(m.snapshots())
+}
+
+async fn delete_snapshot(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<impl IntoResponse> {
+    m.delete_snapshot(&id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RestoreBody {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn restore(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+    body: Result<Json<RestoreBody>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(JsonRejection::MissingJsonContentType(_)) => RestoreBody::default(),
+        Err(e) => return Err(e.into()),
+    };
+    Ok((StatusCode::CREATED, Json(m.restore(&id, body.name).await?)))
+}

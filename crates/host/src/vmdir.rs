@@ -1,0 +1,145 @@
+//! The per-VM state directory and the record persisted in it.
+//!
+//! Every VM owns exactly one directory, `<data>/vms/<id>/`, holding its
+//! sockets, pid files, disks and logs, so that cleanup is "remove one
+//! directory" and nothing can collide between VMs. When a VM ends, its logs
+//! and final record move to `<data>/logs/<id>/`.
+
+use std::path::{Path, PathBuf};
+
+use polydev_api::vm::VmInfo;
+use serde::{Deserialize, Serialize};
+
+use crate::config::ResolvedSpec;
+
+/// Longest Unix socket path the kernel accepts (`sun_path` minus NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Paths inside one VM's state directory.
+#[derive(Debug, Clone)]
+pub struct VmDir {
+    root: PathBuf,
+}
+
+impl VmDir {
+    /// The directory for `id` under `vms_dir`.
+    pub fn new(vms_dir: &Path, id: &str) -> Self {
+        VmDir {
+            root: vms_dir.join(id),
+        }
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Persisted [`VmRecord`].
+    pub fn record(&self) -> PathBuf {
+        self.root.join("vm.json")
+    }
+
+    /// Hybrid vsock socket (host-initiated streams).
+    pub fn vsock(&self) -> PathBuf {
+        self.root.join("vsock.sock")
+    }
+
+    /// Where guest-initiated streams to host port `port` arrive.
+    pub fn vsock_port(&self, port: u32) -> PathBuf {
+        self.root.join(format!("vsock.sock_{port}"))
+    }
+
+    /// vhost-user control socket between QEMU and the vsock backend.
+    pub fn vhost(&self) -> PathBuf {
+        self.root.join("vhost.sock")
+    }
+
+    /// QEMU chardev socket of the virtio-serial port carrying the stream
+    /// multiplexer (the vsock transport of snapshot-capable QEMU VMs).
+    pub fn mux(&self) -> PathBuf {
+        self.root.join("mux.sock")
+    }
+
+    /// Hypervisor control socket (QMP or the Firecracker API).
+    pub fn control(&self) -> PathBuf {
+        self.root.join("control.sock")
+    }
+
+    /// Serial console output.
+    pub fn console_log(&self) -> PathBuf {
+        self.root.join("console.log")
+    }
+
+    /// Guest agent log stream, as received by the host.
+    pub fn agent_log(&self) -> PathBuf {
+        self.root.join("agent.log")
+    }
+
+    /// Hypervisor's own stdout/stderr.
+    pub fn hypervisor_log(&self) -> PathBuf {
+        self.root.join("hypervisor.log")
+    }
+
+    /// vsock backend's stdout/stderr.
+    pub fn backend_log(&self) -> PathBuf {
+        self.root.join("vsock-backend.log")
+    }
+
+    /// Writable data disk, when the VM has one.
+    pub fn data_disk(&self) -> PathBuf {
+        self.root.join("data.img")
+    }
+
+    /// Check that every socket path fits in `sun_path`.
+    pub fn check_socket_paths(&self) -> Result<(), PathBuf> {
+        for p in [
+            self.vsock_port(65535),
+            self.vhost(),
+            self.mux(),
+            self.control(),
+        ] {
+            if p.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(p);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the host agent remembers about a VM across its own restarts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// What the API reports.
+    pub info: VmInfo,
+    /// The validated request it was created from.
+    pub spec: ResolvedSpec,
+    /// Hypervisor process.
+    pub hypervisor_pid: Option<u32>,
+    /// vsock backend process (QEMU only).
+    pub backend_pid: Option<u32>,
+}
+
+impl VmRecord {
+    /// Load a record from its file.
+    pub fn load(path: &Path) -> std::io::Result<Self> {
+        let bytes = std::fs::read(path)?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    /// Write a record atomically (temp file + rename), so a crash never
+    /// leaves a torn record behind.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        write_atomic(
+            path,
+            &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
+        )
+    }
+}
+
+/// Write `bytes` to `path` via a temp file in the same directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}

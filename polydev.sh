@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Polydev Remote: set up this machine, build, and run.
+#
+#   ./polydev.sh up      install what is missing, build, then run `polydev up`
+#   ./polydev.sh test    install what is missing, build, then run every test
+#   ./polydev.sh setup   install and build only
+#
+# Idempotent: every step checks before it acts. Heavy artifacts (guest kernel,
+# initramfs) are cached under ~/.cache/polydev and rebuilt only when an input
+# changes.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VHOST_DEVICE_VSOCK_VERSION=0.3.0
+export PATH="$HOME/.cargo/bin:$PATH"
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+step() { printf '\n==> %s\n' "$*"; }
+
+need_apt() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  printf '%s\n' "${missing[@]}"
+}
+
+setup_apt() {
+  step "system packages"
+  # QEMU 10 comes from bookworm-backports on Debian 12 (bookworm's 7.2 lacks
+  # `migrate file:`); on newer Debian the default suite has it.
+  local codename=""
+  codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
+  local target=()
+  if [ "$codename" = bookworm ]; then
+    if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      echo "adding bookworm-backports to apt sources"
+      printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+        | $SUDO tee /etc/apt/sources.list.d/polydev-backports.sources >/dev/null
+      $SUDO apt-get update -q
+    fi
+    target=(-t bookworm-backports)
+  fi
+  local pkgs=(qemu-system-x86 qemu-system-data qemu-utils e2fsprogs dpkg cpio)
+  mapfile -t missing < <(need_apt "${pkgs[@]}")
+  if [ "${#missing[@]}" -gt 0 ] && [ -n "${missing[0]}" ]; then
+    echo "installing: ${missing[*]}"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${target[@]}" "${missing[@]}"
+  else
+    echo "all present: ${pkgs[*]}"
+  fi
+  # The guest kernel and busybox are fetched with `apt-get download`, which
+  # needs package lists; make sure they exist.
+  if ! apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q Candidate; then
+    $SUDO apt-get update -q
+  fi
+}
+
+setup_cargo_tools() {
+  step "cargo tools"
+  if ! vhost-device-vsock --version 2>/dev/null | grep -q "$VHOST_DEVICE_VSOCK_VERSION"; then
+    echo "installing vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION"
+    cargo install vhost-device-vsock --version "$VHOST_DEVICE_VSOCK_VERSION" --locked
+  else
+    echo "vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION present"
+  fi
+}
+
+build() {
+  step "build"
+  cargo build --release -p polydev
+  # The guest agent is PID 1 of an initramfs without a libc: link it statically.
+  RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release -p polydev-guest --target x86_64-unknown-linux-gnu
+  step "guest kernel and initramfs"
+  ./target/release/polydev image kernel
+}
+
+setup() {
+  setup_apt
+  setup_cargo_tools
+  build
+  step "doctor"
+  ./target/release/polydev doctor || true
+}
+
+run_tests() {
+  step "format and lint"
+  cargo fmt --all -- --check
+  cargo clippy --workspace --all-targets -- -D warnings
+  step "tests"
+  export POLYDEV_BIN="$PWD/target/release/polydev"
+  if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast
+  else
+    cargo test --workspace --no-fail-fast
+  fi
+}
+
+case "${1:-up}" in
+  setup) setup ;;
+  up) setup; step "polydev up"; exec ./target/release/polydev up ;;
+  test) setup; run_tests ;;
+  *) echo "usage: $0 [up|test|setup]" >&2; exit 2 ;;
+esac

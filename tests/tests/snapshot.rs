@@ -1,0 +1,97 @@
+//! Snapshot a running VM and restore it into a new one.
+
+use polydev_api::vm::{SnapshotInfo, VmState};
+use polydev_e2e::Host;
+
+#[test]
+fn a_restored_vm_has_the_state_written_before_the_snapshot() {
+    let host = Host::start();
+    let vm = host.run_vm(&[]);
+    host.ok(&[
+        "vm",
+        "exec",
+        &vm.id,
+        "--",
+        "sh",
+        "-c",
+        "echo before-snapshot > /tmp/marker",
+    ]);
+
+    let snap: SnapshotInfo =
+        serde_json::from_str(host.ok(&["vm", "snapshot", &vm.id, "--json"]).stdout.trim())
+            .expect("snapshot json");
+    assert_eq!(snap.source_vm, vm.id);
+    assert!(snap.size_bytes > 0);
+
+    // The source keeps running and diverges after the snapshot.
+    host.ok(&[
+        "vm",
+        "exec",
+        &vm.id,
+        "--",
+        "sh",
+        "-c",
+        "echo after > /tmp/marker",
+    ]);
+
+    let restored = host.ok(&["vm", "restore", &snap.id, "--json"]).stdout;
+    let restored: polydev_api::vm::VmInfo = serde_json::from_str(restored.trim()).expect("vm json");
+    assert_ne!(restored.id, vm.id);
+    assert_eq!(restored.state, VmState::Running);
+    assert_eq!(restored.restored_from.as_deref(), Some(snap.id.as_str()));
+
+    let r = host.ok(&["vm", "exec", &restored.id, "--", "cat", "/tmp/marker"]);
+    assert_eq!(r.stdout, "before-snapshot\n");
+    let r = host.ok(&["vm", "exec", &vm.id, "--", "cat", "/tmp/marker"]);
+    assert_eq!(r.stdout, "after\n");
+
+    // Fresh entropy was pushed: the two VMs' random streams differ.
+    let a = host
+        .ok(&[
+            "vm",
+            "exec",
+            &vm.id,
+            "--",
+            "sh",
+            "-c",
+            "head -c 16 /dev/urandom | od -An -tx1",
+        ])
+        .stdout;
+    let b = host
+        .ok(&[
+            "vm",
+            "exec",
+            &restored.id,
+            "--",
+            "sh",
+            "-c",
+            "head -c 16 /dev/urandom | od -An -tx1",
+        ])
+        .stdout;
+    assert_ne!(a, b);
+
+    // Pause/resume on the restored VM.
+    host.ok(&["vm", "pause", &restored.id]);
+    assert_eq!(host.inspect(&restored.id).state, VmState::Paused);
+    let r = host.cli(&["vm", "exec", &restored.id, "--", "true"]);
+    assert!(r.stderr.contains("resume it first"), "{}", r.stderr);
+    host.ok(&["vm", "resume", &restored.id]);
+    host.ok(&["vm", "exec", &restored.id, "--", "true"]);
+
+    host.ok(&["vm", "rm", &vm.id, &restored.id]);
+    assert!(host.processes().is_empty());
+}
+
+#[test]
+fn restoring_an_unknown_snapshot_is_a_clear_error() {
+    let host = Host::start();
+    let r = host.cli(&["vm", "restore", "snap-0123456789ab"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("no snapshot with id"), "{}", r.stderr);
+    assert_eq!(
+        std::fs::read_dir(host.data().join("vms"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
+}

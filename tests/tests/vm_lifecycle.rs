@@ -1,0 +1,188 @@
+//! The VM runtime end to end: real QEMU VMs booting our kernel, initramfs
+//! and guest agent, driven through the real `polydev` CLI and host agent.
+
+use std::time::Duration;
+
+use polydev_api::vm::VmState;
+use polydev_e2e::Host;
+
+const BOOT: Duration = Duration::from_secs(120);
+
+#[test]
+fn boot_exec_destroy_leaves_only_logs() {
+    let host = Host::start();
+    let vm = host.run_vm(&["--name", "first"]);
+    assert_eq!(vm.state, VmState::Running);
+    assert!(vm.id.starts_with("vm-"));
+
+    let r = host.cli(&[
+        "vm",
+        "exec",
+        &vm.id,
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
+    ]);
+    assert_eq!(r.code, 7, "exit code travels back: {}", r.stderr);
+    assert_eq!(r.stdout, "out\n");
+    assert_eq!(r.stderr, "err\n");
+
+    // The guest is a real Linux with our kernel.
+    let r = host.ok(&["vm", "exec", "first", "--", "cat", "/proc/version"]);
+    assert!(r.stdout.contains("Linux version 6."), "{}", r.stdout);
+
+    let vm_dir = host.data().join("vms").join(&vm.id);
+    assert!(vm_dir.join("vsock.sock").exists());
+    host.ok(&["vm", "rm", &vm.id]);
+
+    assert!(!vm_dir.exists(), "state directory removed");
+    let leftovers = host.processes();
+    assert!(
+        leftovers.is_empty(),
+        "no VM process survives: {leftovers:?}"
+    );
+    let info = host.inspect(&vm.id);
+    assert_eq!(info.state, VmState::Stopped);
+    let console = host.ok(&["vm", "logs", &vm.id, "--console"]).stdout;
+    assert!(
+        console.contains("polydev-guest"),
+        "console log kept: {console}"
+    );
+    let agent = host.ok(&["vm", "logs", &vm.id]).stdout;
+    assert!(agent.contains("[agent/"), "agent log kept: {agent}");
+    let ls = host.ok(&["vm", "ls", "--json"]).stdout;
+    assert_eq!(ls.trim(), "[]");
+}
+
+#[test]
+fn sigkill_of_the_hypervisor_fails_the_vm_and_keeps_its_logs() {
+    let host = Host::start();
+    let vm = host.run_vm(&[]);
+    let pid = vm.pid.expect("running VM has a hypervisor pid");
+    // SAFETY: kill(2) on the QEMU process of our own VM.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    let info = host.wait_for("VM to be marked failed", BOOT, || {
+        let i = host.inspect(&vm.id);
+        (i.state == VmState::Failed).then_some(i)
+    });
+    let reason = info.failure.unwrap_or_default();
+    assert!(
+        reason.contains("SIGKILL"),
+        "failure names the signal: {reason}"
+    );
+    assert!(!host.data().join("vms").join(&vm.id).exists());
+    let leftovers = host.processes();
+    assert!(
+        leftovers.is_empty(),
+        "vsock backend reaped too: {leftovers:?}"
+    );
+    let console = host.ok(&["vm", "logs", &vm.id, "--console"]).stdout;
+    assert!(console.contains("polydev-guest"), "{console}");
+    let agent = host.ok(&["vm", "logs", &vm.id]).stdout;
+    assert!(!agent.is_empty());
+    // It is no longer something one can act on.
+    let r = host.cli(&["vm", "exec", &vm.id, "--", "true"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("has ended"), "{}", r.stderr);
+}
+
+#[test]
+fn a_crashing_service_is_restarted_with_backoff_and_its_output_reaches_the_host() {
+    let host = Host::start();
+    let vm = host.run_vm(&["--service", "crashy=echo boom-$$; exit 3"]);
+    // Poll the agent's view until several restarts happened with a growing delay.
+    let statuses = host.wait_for("three restarts", BOOT, || {
+        let r = host.ok(&["vm", "exec", &vm.id, "--", "true"]);
+        assert_eq!(r.code, 0);
+        let log = host.ok(&["vm", "logs", &vm.id]).stdout;
+        let booms = log.lines().filter(|l| l.contains("boom-")).count();
+        (booms >= 3).then_some(log)
+    });
+    let lines: Vec<&str> = statuses.lines().filter(|l| l.contains("boom-")).collect();
+    assert!(
+        lines.iter().all(|l| l.contains("[service:crashy/stdout]")),
+        "{lines:?}"
+    );
+    // Each start is a new process: distinct pids in the output.
+    let mut pids: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.split("boom-").nth(1))
+        .collect();
+    pids.sort();
+    pids.dedup();
+    assert!(pids.len() >= 3, "restarted processes: {pids:?}");
+    // Backoff: timestamps of consecutive starts spread further apart.
+    let ts: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(ts.len() >= 3);
+    let gaps: Vec<u64> = ts.windows(2).map(|w| w[1].saturating_sub(w[0])).collect();
+    assert!(
+        gaps[gaps.len() - 1] > gaps[0],
+        "backoff grows: gaps {gaps:?} ms"
+    );
+    host.ok(&["vm", "rm", &vm.id]);
+}
+
+#[test]
+fn four_vms_run_at_once_and_survive_a_host_agent_restart() {
+    let mut host = Host::start();
+    let vms: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let host = &host;
+                s.spawn(move || host.run_vm(&["--name", &format!("n{i}")]))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let mut ids: Vec<_> = vms.iter().map(|v| v.id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 4);
+    for (i, vm) in vms.iter().enumerate() {
+        host.ok(&[
+            "vm",
+            "exec",
+            &vm.id,
+            "--",
+            "sh",
+            "-c",
+            &format!("echo {i} > /tmp/who"),
+        ]);
+    }
+
+    // Kill the host agent outright: the VMs must not notice.
+    host.kill(libc::SIGKILL);
+    host.spawn();
+    assert!(
+        host.agent_log().contains("adopted 4 running VM(s)"),
+        "{}",
+        host.agent_log()
+    );
+    for (i, vm) in vms.iter().enumerate() {
+        assert_eq!(host.inspect(&vm.id).state, VmState::Running);
+        let r = host.ok(&["vm", "exec", &vm.id, "--", "cat", "/tmp/who"]);
+        assert_eq!(r.stdout.trim(), i.to_string(), "each VM kept its own state");
+    }
+    // Adopted VMs are still watched: a death after adoption is noticed.
+    let victim = host.inspect(&vms[0].id);
+    // SAFETY: kill(2) on our own VM's QEMU process.
+    unsafe {
+        libc::kill(victim.pid.expect("pid") as i32, libc::SIGKILL);
+    }
+    host.wait_for("adopted VM death noticed", BOOT, || {
+        (host.inspect(&victim.id).state == VmState::Failed).then_some(())
+    });
+    for vm in &vms[1..] {
+        host.ok(&["vm", "rm", &vm.id]);
+    }
+    assert!(host.processes().is_empty(), "{:?}", host.processes());
+}
