@@ -6,6 +6,7 @@
 //! for every driver because both expose the guest through a hybrid vsock
 //! socket at [`VmDir::vsock`].
 
+pub mod firecracker;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
