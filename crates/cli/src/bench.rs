@@ -123,7 +123,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
                 mgr.destroy(&r.id).await?;
             }
             stats("snapshot restore to agent-ready", "ms", restores);
-            let _ = mgr.delete_snapshot(&snap.id);
+            let _ = mgr.delete_snapshot(&snap.id).await;
         }
         Err(e) => println!("{:<34} unavailable: {e}", "snapshot restore to agent-ready"),
     }

@@ -155,8 +155,13 @@ impl HostConfig {
             None => existing_default(&self.initramfs, "initramfs")?,
         };
         let hypervisor = spec.hypervisor.unwrap_or(self.hypervisor);
-        if hypervisor == HypervisorKind::Firecracker && self.firecracker_bin.is_none() {
-            return Err(SpecError::NoFirecracker);
+        if hypervisor == HypervisorKind::Firecracker {
+            if self.firecracker_bin.is_none() {
+                return Err(SpecError::NoFirecracker);
+            }
+            if self.accel != Accel::Kvm {
+                return Err(SpecError::FirecrackerNeedsKvm);
+            }
         }
         let data_disk_mib = spec.data_disk_mib.unwrap_or(0);
         if data_disk_mib > MAX_DATA_DISK_MIB {
@@ -259,6 +264,9 @@ pub enum SpecError {
     /// Firecracker requested but not installed.
     #[error("hypervisor firecracker is not available on this host: install it and set FIRECRACKER_BIN, or use qemu")]
     NoFirecracker,
+    /// Firecracker requested on a host without working KVM.
+    #[error("hypervisor firecracker needs KVM, and this host runs VMs under TCG (see `polydev doctor`); use qemu")]
+    FirecrackerNeedsKvm,
     /// Bad environment variable name.
     #[error("invalid environment variable name {0:?}: it must be non-empty without '=' or NUL")]
     Env(String),

@@ -124,6 +124,14 @@ impl Manager {
                 bridge_bin: cfg.bridge_bin.clone(),
             }),
         );
+        if let Some(bin) = &cfg.firecracker_bin {
+            drivers.insert(
+                HypervisorKind::Firecracker,
+                Arc::new(crate::hypervisor::firecracker::Firecracker::new(
+                    bin.clone(),
+                )),
+            );
+        }
         let mgr = Arc::new(Manager {
             cfg: Arc::new(cfg),
             drivers,
@@ -830,8 +838,28 @@ impl Manager {
     }
 
     /// Delete a snapshot.
-    pub fn delete_snapshot(&self, snap_id: &str) -> Result<(), ManagerError> {
+    pub async fn delete_snapshot(&self, snap_id: &str) -> Result<(), ManagerError> {
         let dir = self.snapshot_dir(snap_id)?;
+        // Firecracker maps a restored VM's memory from the snapshot file for
+        // as long as the VM runs; QEMU reads it once.
+        let vms: Vec<Arc<Vm>> = self
+            .vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for vm in vms {
+            let r = vm.record.lock().await;
+            if r.info.hypervisor == HypervisorKind::Firecracker
+                && r.info.restored_from.as_deref() == Some(snap_id)
+            {
+                return Err(ManagerError::Conflict(format!(
+                    "snapshot {snap_id} backs the memory of running VM {}; remove that VM first",
+                    vm.id
+                )));
+            }
+        }
         std::fs::remove_dir_all(&dir).map_err(io_err(&dir))
     }
 

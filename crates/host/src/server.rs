@@ -299,7 +299,7 @@ async fn delete_snapshot(
     State(m): State<Arc<Manager>>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    m.delete_snapshot(&id)?;
+    m.delete_snapshot(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
