@@ -159,13 +159,35 @@ fn four_vms_run_at_once_and_survive_a_host_agent_restart() {
         ]);
     }
 
+    // A fifth VM dies while no host agent watches it: the next one must
+    // clean up its remains instead of adopting them.
+    let doomed = host.run_vm(&[]);
+
     // Kill the host agent outright: the VMs must not notice.
     host.kill(libc::SIGKILL);
+    // SAFETY: kill(2) on our own VM's QEMU process.
+    unsafe {
+        libc::kill(doomed.pid.expect("pid") as i32, libc::SIGKILL);
+    }
     host.spawn();
     assert!(
         host.agent_log().contains("adopted 4 running VM(s)"),
         "{}",
         host.agent_log()
+    );
+    let gone = host.inspect(&doomed.id);
+    assert_eq!(gone.state, VmState::Failed);
+    assert!(
+        gone.failure
+            .unwrap_or_default()
+            .contains("while the host agent was not running"),
+        "reason recorded"
+    );
+    assert!(!host.data().join("vms").join(&doomed.id).exists());
+    let console = host.ok(&["vm", "logs", &doomed.id, "--console"]).stdout;
+    assert!(
+        console.contains("polydev-guest"),
+        "logs of the dead VM kept"
     );
     for (i, vm) in vms.iter().enumerate() {
         assert_eq!(host.inspect(&vm.id).state, VmState::Running);
