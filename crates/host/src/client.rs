@@ -112,12 +112,7 @@ impl HostClient {
             .map_err(|e| ClientError::Http(e.to_string()))?;
         if resp.status().is_client_error() || resp.status().is_server_error() {
             let status = resp.status().as_u16();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| ClientError::Http(e.to_string()))?
-                .to_bytes();
+            let bytes = body_bytes(resp).await?;
             let problem = serde_json::from_slice::<Problem>(&bytes).unwrap_or_else(|_| {
                 Problem::new(
                     status,
@@ -142,25 +137,13 @@ impl HostClient {
             .map(serde_json::to_vec)
             .transpose()
             .map_err(|e| ClientError::Decode(e.to_string()))?;
-        let resp = self.send(method, path, body).await?;
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes();
+        let bytes = body_bytes(self.send(method, path, body).await?).await?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     /// Send a request and return the raw answer body as text.
     pub async fn text(&self, path: &str) -> Result<String, ClientError> {
-        let resp = self.send(Method::GET, path, None).await?;
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes();
+        let bytes = body_bytes(self.send(Method::GET, path, None).await?).await?;
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
@@ -180,4 +163,13 @@ impl HostClient {
             buf: Vec::new(),
         })
     }
+}
+
+async fn body_bytes(resp: hyper::Response<Incoming>) -> Result<Bytes, ClientError> {
+    Ok(resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?
+        .to_bytes())
 }

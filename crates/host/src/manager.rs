@@ -936,34 +936,34 @@ async fn create_data_disk(path: &Path, mib: u32) -> Result<(), ManagerError> {
     let f = std::fs::File::create(path).map_err(io_err(path))?;
     f.set_len(u64::from(mib) * 1024 * 1024)
         .map_err(io_err(path))?;
-    let out = tokio::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
-        .arg(path)
-        .output()
-        .await
-        .map_err(io_err(path))?;
-    if !out.status.success() {
-        return Err(ManagerError::Io {
-            path: path.display().to_string(),
-            source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()),
-        });
-    }
-    Ok(())
+    run_tool(
+        tokio::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
+            .arg(path),
+        path,
+    )
+    .await
 }
 
 async fn copy_disk(src: &Path, dst: &Path) -> Result<(), ManagerError> {
     // --reflink=auto: instant on file systems that share extents, a plain
     // sparse copy elsewhere.
-    let out = tokio::process::Command::new("cp")
-        .args(["--reflink=auto", "--sparse=always"])
-        .arg(src)
-        .arg(dst)
-        .output()
-        .await
-        .map_err(io_err(src))?;
+    run_tool(
+        tokio::process::Command::new("cp")
+            .args(["--reflink=auto", "--sparse=always"])
+            .arg(src)
+            .arg(dst),
+        src,
+    )
+    .await
+}
+
+/// Run a host tool on `path`; its stderr becomes the error.
+async fn run_tool(cmd: &mut tokio::process::Command, path: &Path) -> Result<(), ManagerError> {
+    let out = cmd.output().await.map_err(io_err(path))?;
     if !out.status.success() {
         return Err(ManagerError::Io {
-            path: src.display().to_string(),
+            path: path.display().to_string(),
             source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()),
         });
     }
