@@ -987,6 +987,79 @@ fn now_ns() -> u64 {
 mod tests {
     use super::*;
 
+    fn record(id: &str, created_ms: u64, dir: &Path) -> VmRecord {
+        let cfg = HostConfig::with_defaults(dir.to_path_buf(), dir.join("k"), dir.join("i"));
+        VmRecord {
+            info: VmInfo {
+                id: id.into(),
+                name: None,
+                state: VmState::Stopped,
+                failure: None,
+                vcpus: 1,
+                memory_mib: 128,
+                image: "minimal".into(),
+                hypervisor: HypervisorKind::Qemu,
+                accel: cfg.accel,
+                pid: None,
+                created_ms,
+                boot_ms: None,
+                restored_from: None,
+            },
+            spec: ResolvedSpec {
+                name: None,
+                vcpus: 1,
+                memory_mib: 128,
+                image: "minimal".into(),
+                kernel: cfg.kernel.clone(),
+                initramfs: cfg.initramfs.clone(),
+                hypervisor: HypervisorKind::Qemu,
+                env: Default::default(),
+                services: vec![],
+                data_disk_mib: 0,
+            },
+            hypervisor_pid: None,
+            backend_pid: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn log_retention_keeps_the_newest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = HostConfig::with_defaults(
+            tmp.path().to_path_buf(),
+            tmp.path().join("k"),
+            tmp.path().join("i"),
+        );
+        cfg.log_retention = 3;
+        let mgr = Manager::start(cfg).await.unwrap();
+        for n in 0..5u64 {
+            let id = format!("vm-00000000000{n}");
+            let d = tmp.path().join("logs").join(&id);
+            std::fs::create_dir_all(&d).unwrap();
+            record(&id, 1000 + n, tmp.path())
+                .save(&d.join("vm.json"))
+                .unwrap();
+        }
+        mgr.prune_logs();
+        let mut left: Vec<String> = std::fs::read_dir(tmp.path().join("logs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["vm-000000000002", "vm-000000000003", "vm-000000000004"]
+        );
+        // Ended VMs stay readable until pruned.
+        let all = mgr.list(true).await;
+        assert_eq!(all.len(), 3);
+        assert!(mgr.get("vm-000000000004").await.is_ok());
+        assert!(matches!(
+            mgr.get("vm-000000000000").await,
+            Err(ManagerError::NotFound { .. })
+        ));
+    }
+
     #[test]
     fn ids_are_strict() {
         assert!(valid_id("vm-0123456789ab"));
