@@ -42,7 +42,7 @@ setup_apt() {
     fi
     target=(-t bookworm-backports)
   fi
-  local pkgs=(qemu-system-x86 qemu-system-data qemu-utils e2fsprogs dpkg cpio)
+  local pkgs=(qemu-system-x86 qemu-system-data qemu-utils e2fsprogs dpkg cpio postgresql)
   mapfile -t missing < <(need_apt "${pkgs[@]}")
   if [ "${#missing[@]}" -gt 0 ] && [ -n "${missing[0]}" ]; then
     echo "installing: ${missing[*]}"

@@ -1,0 +1,1 @@
+//! Provider definitions (to come).

@@ -1,0 +1,155 @@
+//! The migration runner: one ordered migration set for both dialects.
+//!
+//! sqlx's own migrator needs its `macros` feature and knows nothing of our
+//! dialect blocks, so the runner is ours (≈100 lines): every migration file
+//! is embedded in the binary, rendered for the dialect, applied in its own
+//! transaction together with its row in `schema_migrations`, and the
+//! database is refused if it carries a version this binary does not know
+//! (a newer binary migrated it) or a known version whose file changed.
+
+use sha2::{Digest, Sha256};
+use sqlx::AnyConnection;
+
+use super::{Dialect, StoreError};
+use crate::util::now_ms;
+
+/// One embedded migration.
+struct Migration {
+    version: i64,
+    name: &'static str,
+    sql: &'static str,
+}
+
+/// Every migration, in order. Append only; never edit a shipped file (the
+/// checksum check refuses databases migrated by a different file).
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "init",
+    sql: include_str!("../../migrations/0001_init.sql"),
+}];
+
+/// The schema version this binary brings a database to.
+pub fn latest_version() -> i64 {
+    MIGRATIONS.last().map(|m| m.version).unwrap_or(0)
+}
+
+fn checksum(sql: &str) -> String {
+    hex::encode(Sha256::digest(sql.as_bytes()))
+}
+
+/// Render a portable migration for one dialect: substitute the type
+/// placeholders and keep only matching `-- dialect:` blocks.
+pub(crate) fn render(sql: &str, dialect: Dialect) -> String {
+    let (auto_id, blob) = match dialect {
+        Dialect::Sqlite => ("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB"),
+        Dialect::Postgres => ("BIGSERIAL PRIMARY KEY", "BYTEA"),
+    };
+    let mut out = String::with_capacity(sql.len());
+    let mut keep = true;
+    for line in sql.lines() {
+        if let Some(rest) = line.trim().strip_prefix("-- dialect:") {
+            keep = match rest.trim() {
+                "end" => true,
+                name => name == dialect.name(),
+            };
+            continue;
+        }
+        if keep {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.replace("{{AUTO_ID}}", auto_id)
+        .replace("{{BLOB}}", blob)
+}
+
+/// Bring the database on `conn` up to [`latest_version`], or refuse it.
+pub(crate) async fn run(conn: &mut AnyConnection, dialect: Dialect) -> Result<(), StoreError> {
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version    BIGINT PRIMARY KEY,
+            name       TEXT NOT NULL,
+            checksum   TEXT NOT NULL,
+            applied_at BIGINT NOT NULL
+        )",
+    )
+    .execute(&mut *conn)
+    .await?;
+
+    let applied: Vec<(i64, String)> =
+        sqlx::query_as("SELECT version, checksum FROM schema_migrations ORDER BY version")
+            .fetch_all(&mut *conn)
+            .await?;
+    let latest = latest_version();
+    if let Some(&(newest, _)) = applied.last() {
+        if newest > latest {
+            return Err(StoreError::SchemaTooNew {
+                database: newest,
+                binary: latest,
+            });
+        }
+    }
+    for (version, sum) in &applied {
+        let Some(m) = MIGRATIONS.iter().find(|m| m.version == *version) else {
+            return Err(StoreError::MigrationUnknown { version: *version });
+        };
+        if checksum(m.sql) != *sum {
+            return Err(StoreError::MigrationChanged {
+                version: *version,
+                name: m.name,
+            });
+        }
+    }
+    for m in MIGRATIONS
+        .iter()
+        .filter(|m| !applied.iter().any(|(v, _)| *v == m.version))
+    {
+        let fail = |source| StoreError::Migrate {
+            version: m.version,
+            name: m.name,
+            source,
+        };
+        // DDL is transactional on both dialects: a failed migration leaves
+        // nothing half-applied.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(fail)?;
+        sqlx::raw_sql(&render(m.sql, dialect))
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?;
+        sqlx::query(
+            "INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(m.version)
+        .bind(m.name)
+        .bind(checksum(m.sql))
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(fail)?;
+        tx.commit().await.map_err(fail)?;
+        tracing::info!(version = m.version, name = m.name, "applied migration");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_keeps_only_own_dialect() {
+        let sql = "A {{BLOB}}\n-- dialect: sqlite\nS\n-- dialect: end\n-- dialect: postgres\nP\n-- dialect: end\nB {{AUTO_ID}}\n";
+        let s = render(sql, Dialect::Sqlite);
+        assert_eq!(s, "A BLOB\nS\nB INTEGER PRIMARY KEY AUTOINCREMENT\n");
+        let p = render(sql, Dialect::Postgres);
+        assert_eq!(p, "A BYTEA\nP\nB BIGSERIAL PRIMARY KEY\n");
+    }
+
+    #[test]
+    fn versions_strictly_increase() {
+        for w in MIGRATIONS.windows(2) {
+            assert!(w[0].version < w[1].version);
+        }
+        assert!(!render(MIGRATIONS[0].sql, Dialect::Postgres).contains("{{"));
+    }
+}
