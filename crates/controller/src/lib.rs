@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod providers;
+pub mod recovery;
 pub mod state;
 pub mod store;
 pub mod util;

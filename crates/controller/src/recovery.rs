@@ -1,0 +1,447 @@
+//! Restart recovery: reload every non-final VM and session and decide, per
+//! record, whether it continues where it was, steps back to retry, or fails
+//! with a clear reason — so nothing a previous controller left behind stays
+//! stuck (the prototype lost its sessions on every restart).
+//!
+//! VMs are settled first, against what their host reports now; sessions are
+//! then settled against their browser VM's (already settled) record. The
+//! decisions are pure functions of (record, observation, clock), tested over
+//! every state; [`recover`] applies them through the store, so each change is
+//! one transaction with its event like any other.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::state::{Failure, FailureReason, Lifecycle, SessionState, VmState};
+use crate::store::{Also, Session, Store, StoreError, Vm};
+use crate::util::now_ms;
+
+/// What a host reports about one of its VMs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostVm {
+    /// Still being created/booted.
+    Starting,
+    /// Booted and healthy.
+    Running,
+    /// vCPUs stopped, memory kept.
+    Paused,
+    /// Being torn down.
+    Stopping,
+    /// Not running any more (ended, failed, or unknown to the host), with
+    /// the host's reason when it has one.
+    Gone(Option<String>),
+    /// The host could not be asked (unreachable, or not a host we know).
+    Unknown,
+}
+
+/// The one question recovery asks hosts. Implemented for the in-process
+/// host agent ([`LocalHost`]); a fleet's remote hosts implement it over
+/// their protocol.
+pub trait HostLookup: Send + Sync {
+    /// Status of `host_vm_id` on `host_id`.
+    fn vm_status(&self, host_id: &str, host_vm_id: &str) -> impl Future<Output = HostVm> + Send;
+}
+
+/// The in-process host agent of `polydev up`, registered as `host_id`.
+pub struct LocalHost {
+    /// The id this host has in the store's `hosts` table.
+    pub host_id: String,
+    /// The host agent.
+    pub manager: Arc<polydev_host::Manager>,
+}
+
+impl HostLookup for LocalHost {
+    async fn vm_status(&self, host_id: &str, host_vm_id: &str) -> HostVm {
+        use polydev_api::vm::VmState as H;
+        if host_id != self.host_id {
+            return HostVm::Unknown;
+        }
+        match self.manager.get(host_vm_id).await {
+            Ok(info) => match info.state {
+                H::Starting => HostVm::Starting,
+                H::Running => HostVm::Running,
+                H::Paused => HostVm::Paused,
+                H::Stopping => HostVm::Stopping,
+                H::Stopped => HostVm::Gone(Some("stopped".into())),
+                H::Failed => HostVm::Gone(info.failure.or(Some("failed".into()))),
+            },
+            // The manager answers NotFound for ids it never had or whose
+            // logs were pruned: either way the VM is not running there.
+            Err(polydev_host::manager::ManagerError::NotFound { .. }) => HostVm::Gone(None),
+            Err(e) => {
+                tracing::warn!(host_vm_id, error = %e, "host lookup failed during recovery");
+                HostVm::Unknown
+            }
+        }
+    }
+}
+
+/// What to do with one record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision<S> {
+    /// Leave it; the driver continues from this state.
+    Keep,
+    /// Step to this state (re-attach, retry, or finish a teardown).
+    Move(S),
+    /// Fail it.
+    Fail(Failure),
+}
+
+fn overdue(deadline_at: Option<i64>, now: i64) -> bool {
+    deadline_at.is_some_and(|d| d < now)
+}
+
+fn gone_detail(what: &str, reason: &Option<String>) -> String {
+    match reason {
+        Some(r) => format!("{what} ({r})"),
+        None => what.to_string(),
+    }
+}
+
+/// Decide a VM's fate from what its host reports (`None`: not placed yet).
+pub fn decide_vm(vm: &Vm, host: Option<&HostVm>, now: i64) -> Decision<VmState> {
+    use Decision::*;
+    use VmState::*;
+    let st = vm.life.state;
+    if st.is_final() {
+        return Keep;
+    }
+    // Re-attaching to a VM that came up while we were down beats a timeout.
+    if matches!((st, host), (Creating | Resuming, Some(HostVm::Running))) {
+        return Move(Running);
+    }
+    if overdue(vm.life.deadline_at, now) {
+        return Fail(Failure::new(
+            FailureReason::Timeout,
+            format!("{st} passed its deadline while the controller was down"),
+        ));
+    }
+    // `Some(reason)`: the VM is not running at its host (or was never placed).
+    let gone: Option<Option<String>> = match host {
+        None => Some(None),
+        Some(HostVm::Gone(r)) => Some(r.clone()),
+        Some(_) => None,
+    };
+    match st {
+        Pending | Hibernated | Destroyed | Failed => Keep,
+        // Placed but not running at the host: place it again (bounded by
+        // Creating's entry limit).
+        Creating => match gone {
+            Some(_) => Move(Pending),
+            None => Keep,
+        },
+        Running => match gone {
+            Some(r) => Fail(Failure::new(
+                FailureReason::VmDied,
+                gone_detail("VM ended while the controller was down", &r),
+            )),
+            None => Keep,
+        },
+        Hibernating => match (gone, host) {
+            (Some(r), _) => Fail(Failure::new(
+                FailureReason::SnapshotFailed,
+                gone_detail("VM ended during hibernation", &r),
+            )),
+            // The snapshot did not finish: the VM still runs, so say so.
+            (None, Some(HostVm::Running)) => Move(Running),
+            (None, _) => Keep,
+        },
+        Resuming => match gone {
+            Some(r) => Fail(Failure::new(
+                FailureReason::SnapshotFailed,
+                gone_detail("restore did not complete", &r),
+            )),
+            None => Keep,
+        },
+        // Destroy was asked for and the VM is gone: that is the outcome.
+        Stopping => match gone {
+            Some(_) => Move(Destroyed),
+            None => Keep,
+        },
+    }
+}
+
+/// The browser VM as a session sees it after VM recovery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrowserVm {
+    /// No VM recorded yet.
+    None,
+    /// Pending or being created.
+    Starting,
+    /// Running (or in any other live state).
+    Live,
+    /// Final: failed or destroyed.
+    Gone,
+}
+
+impl BrowserVm {
+    /// Classify a VM record.
+    pub fn of(vm: Option<&Vm>) -> Self {
+        match vm.map(|v| v.life.state) {
+            None => BrowserVm::None,
+            Some(VmState::Pending | VmState::Creating) => BrowserVm::Starting,
+            Some(s) if s.is_final() => BrowserVm::Gone,
+            Some(_) => BrowserVm::Live,
+        }
+    }
+}
+
+/// Decide a session's fate from its browser VM's record.
+pub fn decide_session(s: &Session, vm: BrowserVm, now: i64) -> Decision<SessionState> {
+    use Decision::*;
+    use SessionState::*;
+    let st = s.life.state;
+    if st.is_final() {
+        return Keep;
+    }
+    if overdue(s.life.deadline_at, now) {
+        return Fail(Failure::new(
+            FailureReason::Timeout,
+            format!("{st} passed its deadline while the controller was down"),
+        ));
+    }
+    let vm_died = || {
+        Fail(Failure::new(
+            FailureReason::VmDied,
+            format!("the browser VM ended while the controller was down ({st}); start the connection again"),
+        ))
+    };
+    match (st, vm) {
+        (Requested, _) => Keep,
+        // The VM start failed for good: retry from the top (bounded by
+        // StartingVm's entry limit).
+        (StartingVm, BrowserVm::Gone) => Move(Requested),
+        (StartingVm, _) => Keep,
+        // The login, the user's sign-in and the credential files all live in
+        // the browser VM: without it they are lost.
+        (StartingLogin | AwaitingUser | Capturing, BrowserVm::Gone | BrowserVm::None) => vm_died(),
+        (StartingLogin | AwaitingUser | Capturing, _) => Keep,
+        // The credential is already in the vault; delivery is idempotent and
+        // does not need the browser VM.
+        (Delivering, _) => Keep,
+        (Completed | Cancelled | Failed, _) => Keep,
+    }
+}
+
+/// What [`recover`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Records left in their state for the driver to continue.
+    pub kept: usize,
+    /// Records moved to another non-failed state (re-attached, retried, finished).
+    pub moved: usize,
+    /// Records failed, with their ids.
+    pub failed: Vec<String>,
+}
+
+/// Settle every non-final VM and session after a (re)start.
+pub async fn recover<H: HostLookup>(store: &Store, hosts: &H) -> Result<Report, StoreError> {
+    let mut report = Report::default();
+    for vm in store.non_final_vms().await? {
+        let host = match (&vm.host_id, &vm.host_vm_id) {
+            (Some(h), Some(v)) => Some(hosts.vm_status(h, v).await),
+            _ => None,
+        };
+        let d = decide_vm(&vm, host.as_ref(), now_ms());
+        apply(&mut report, &vm.id, d, |to, f| {
+            store.transition_vm(&vm, to, f, Also::default())
+        })
+        .await?;
+    }
+    for s in store.non_final_sessions().await? {
+        let vm = match &s.browser_vm_id {
+            Some(id) => Some(store.vm(id).await?),
+            None => None,
+        };
+        let d = decide_session(&s, BrowserVm::of(vm.as_ref()), now_ms());
+        apply(&mut report, &s.id, d, |to, f| {
+            store.transition_session(&s, to, f, Also::default())
+        })
+        .await?;
+    }
+    tracing::info!(
+        kept = report.kept,
+        moved = report.moved,
+        failed = report.failed.len(),
+        "recovered records after start"
+    );
+    Ok(report)
+}
+
+async fn apply<S, R, F, Fut>(
+    report: &mut Report,
+    id: &str,
+    d: Decision<S>,
+    step: F,
+) -> Result<(), StoreError>
+where
+    S: Lifecycle,
+    F: FnOnce(S, Option<Failure>) -> Fut,
+    Fut: Future<Output = Result<R, StoreError>>,
+{
+    match d {
+        Decision::Keep => report.kept += 1,
+        Decision::Move(to) => {
+            step(to, None).await?;
+            report.moved += 1;
+        }
+        Decision::Fail(f) => {
+            tracing::warn!(id, reason = %f.reason, detail = %f.detail, "failing record on recovery");
+            step(S::FAILED, Some(f)).await?;
+            report.failed.push(id.to_string());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Life, VmKind};
+
+    fn vm(state: VmState, deadline_at: Option<i64>, placed: bool) -> Vm {
+        Vm {
+            id: "vm-1".into(),
+            user_id: "usr-1".into(),
+            kind: VmKind::Browser,
+            host_id: placed.then(|| "h1".into()),
+            host_vm_id: placed.then(|| "vm-abc".into()),
+            created_at: 0,
+            life: Life {
+                state,
+                state_since: 0,
+                deadline_at,
+                attempts: 1,
+                failure: None,
+                version: 1,
+            },
+        }
+    }
+
+    fn session(state: SessionState, deadline_at: Option<i64>) -> Session {
+        Session {
+            id: "ses-1".into(),
+            user_id: "usr-1".into(),
+            provider: "codex".into(),
+            browser_vm_id: None,
+            created_at: 0,
+            life: Life {
+                state,
+                state_since: 0,
+                deadline_at,
+                attempts: 1,
+                failure: None,
+                version: 1,
+            },
+        }
+    }
+
+    fn host_views() -> Vec<Option<HostVm>> {
+        vec![
+            None,
+            Some(HostVm::Starting),
+            Some(HostVm::Running),
+            Some(HostVm::Paused),
+            Some(HostVm::Stopping),
+            Some(HostVm::Gone(None)),
+            Some(HostVm::Gone(Some("killed by SIGKILL".into()))),
+            Some(HostVm::Unknown),
+        ]
+    }
+
+    /// Every decision over every (state, observation, deadline) is a legal
+    /// step of the machine, and an overdue record never stays as it is.
+    #[test]
+    fn vm_decisions_are_valid_transitions() {
+        for &st in VmState::ALL {
+            for h in host_views() {
+                for (deadline, overdue) in
+                    [(Some(1_000), true), (Some(10_000), false), (None, false)]
+                {
+                    let v = vm(st, deadline, h.is_some());
+                    let d = decide_vm(&v, h.as_ref(), 5_000);
+                    match &d {
+                        Decision::Keep => {
+                            assert!(!overdue || st.is_final(), "{st} {h:?}: overdue kept")
+                        }
+                        Decision::Move(to) => assert!(st.valid_transition(*to), "{st} -> {to}"),
+                        Decision::Fail(f) => {
+                            assert!(st.valid_transition(VmState::Failed), "{st} fail");
+                            assert!(!f.detail.is_empty());
+                        }
+                    }
+                    if st.is_final() {
+                        assert_eq!(d, Decision::Keep);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn vm_decisions_examples() {
+        use VmState::*;
+        let run = Some(HostVm::Running);
+        let gone = Some(HostVm::Gone(Some("killed by SIGKILL".into())));
+        assert_eq!(
+            decide_vm(&vm(Creating, Some(1), true), run.as_ref(), 5),
+            Decision::Move(Running)
+        );
+        assert_eq!(
+            decide_vm(&vm(Creating, None, true), gone.as_ref(), 5),
+            Decision::Move(Pending)
+        );
+        assert_eq!(
+            decide_vm(&vm(Stopping, None, true), gone.as_ref(), 5),
+            Decision::Move(Destroyed)
+        );
+        assert_eq!(
+            decide_vm(&vm(Running, None, true), run.as_ref(), 5),
+            Decision::Keep
+        );
+        match decide_vm(&vm(Running, None, true), gone.as_ref(), 5) {
+            Decision::Fail(f) => {
+                assert_eq!(f.reason, FailureReason::VmDied);
+                assert!(f.detail.contains("SIGKILL"), "{}", f.detail);
+            }
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn session_decisions_are_valid_transitions() {
+        let vms = [
+            BrowserVm::None,
+            BrowserVm::Starting,
+            BrowserVm::Live,
+            BrowserVm::Gone,
+        ];
+        for &st in SessionState::ALL {
+            for vmv in vms {
+                for (deadline, overdue) in [(Some(1_000), true), (Some(10_000), false)] {
+                    let d = decide_session(&session(st, deadline), vmv, 5_000);
+                    match &d {
+                        Decision::Keep => assert!(!overdue || st.is_final(), "{st}: overdue kept"),
+                        Decision::Move(to) => assert!(st.valid_transition(*to), "{st} -> {to}"),
+                        Decision::Fail(_) => assert!(st.valid_transition(SessionState::Failed)),
+                    }
+                }
+            }
+        }
+        // Only the VM-bound states die with their browser VM.
+        let d = decide_session(
+            &session(SessionState::AwaitingUser, None),
+            BrowserVm::Gone,
+            5,
+        );
+        assert!(matches!(
+            d,
+            Decision::Fail(Failure {
+                reason: FailureReason::VmDied,
+                ..
+            })
+        ));
+        let d = decide_session(&session(SessionState::Delivering, None), BrowserVm::Gone, 5);
+        assert_eq!(d, Decision::Keep);
+    }
+}
