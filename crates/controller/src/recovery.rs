@@ -268,6 +268,50 @@ pub async fn recover<H: HostLookup>(store: &Store, hosts: &H) -> Result<Report, 
     Ok(report)
 }
 
+/// Fail every non-final VM and session whose state deadline has passed
+/// (run periodically while the controller runs; [`recover`] covers the time
+/// it was down). Returns the ids failed. A record that moved meanwhile is
+/// left to its new deadline.
+pub async fn fail_overdue(store: &Store, now: i64) -> Result<Vec<String>, StoreError> {
+    let mut failed = Vec::new();
+    let timeout = |st: &dyn std::fmt::Display, since: i64| {
+        Failure::new(
+            FailureReason::Timeout,
+            format!(
+                "{st} did not finish within its limit ({} s in state)",
+                (now - since) / 1000
+            ),
+        )
+    };
+    for vm in store.non_final_vms().await? {
+        if overdue(vm.life.deadline_at, now) {
+            let f = timeout(&vm.life.state, vm.life.state_since);
+            match store
+                .transition_vm(&vm, VmState::Failed, Some(f), Also::default())
+                .await
+            {
+                Ok(_) => failed.push(vm.id.clone()),
+                Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    for s in store.non_final_sessions().await? {
+        if overdue(s.life.deadline_at, now) {
+            let f = timeout(&s.life.state, s.life.state_since);
+            match store
+                .transition_session(&s, SessionState::Failed, Some(f), Also::default())
+                .await
+            {
+                Ok(_) => failed.push(s.id.clone()),
+                Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(failed)
+}
+
 async fn apply<S, R, F, Fut>(
     report: &mut Report,
     id: &str,

@@ -261,6 +261,15 @@ impl Keyring {
         }
     }
 
+    /// The keyring in force: [`KEYS_ENV`] when set (then the file is not
+    /// touched), else the key file, created on first start.
+    pub fn from_env_or_file(path: &Path) -> Result<Self, VaultError> {
+        match Self::from_env()? {
+            Some(ring) => Ok(ring),
+            None => Self::load_or_create(path),
+        }
+    }
+
     /// Load the key file, or create it with one new key (mode 0600) if it does
     /// not exist. A file that group or others can access is refused.
     pub fn load_or_create(path: &Path) -> Result<Self, VaultError> {
@@ -752,6 +761,24 @@ mod tests {
         write(&format!("active = \"b\"\n[keys]\na = \"{k}\"\n"));
         let e = Keyring::load(&p).unwrap_err().to_string();
         assert!(e.contains("active key"), "{e}");
+    }
+
+    #[test]
+    fn env_wins_over_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("vault.key");
+        let k = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
+        // Only this test touches the variable.
+        std::env::set_var(KEYS_ENV, format!("envkey:{k}"));
+        let r = Keyring::from_env_or_file(&p);
+        std::env::remove_var(KEYS_ENV);
+        assert_eq!(r.unwrap().active_id(), "envkey");
+        assert!(
+            !p.exists(),
+            "no key file is written when the env supplies keys"
+        );
+        assert_ne!(Keyring::from_env_or_file(&p).unwrap().active_id(), "envkey");
+        assert!(p.exists());
     }
 
     #[test]

@@ -332,3 +332,108 @@ async fn records_survive_reopen(db: common::TestDb) {
     assert_eq!(live, vec![a, b]);
     assert_eq!(s2.user(&u.id).await.unwrap(), u);
 }
+
+both_backends!(
+    upstream_ports_never_shared,
+    overdue_records_fail_with_timeout,
+    concurrent_first_open_migrates_once
+);
+
+async fn upstream_ports_never_shared(db: common::TestDb) {
+    let s = db.store.clone();
+    let mut users = Vec::new();
+    for i in 0..6 {
+        users.push(s.create_user(&format!("p{i}"), "user").await.unwrap());
+    }
+    // Five users race for a range of five ports.
+    let mut tasks = Vec::new();
+    for u in users.iter().take(5) {
+        let (s, id) = (s.clone(), u.id.clone());
+        tasks.push(tokio::spawn(async move {
+            s.upstream_port(&id, 10000..=10004).await
+        }));
+    }
+    let mut ports = Vec::new();
+    for t in tasks {
+        ports.push(t.await.unwrap().unwrap());
+    }
+    ports.sort();
+    assert_eq!(ports, vec![10000, 10001, 10002, 10003, 10004]);
+    // Stable per user.
+    let again = s.upstream_port(&users[2].id, 10000..=10004).await.unwrap();
+    assert!(ports.contains(&again));
+    assert_eq!(
+        s.upstream_port(&users[2].id, 10000..=10004).await.unwrap(),
+        again
+    );
+    let e = s
+        .upstream_port(&users[5].id, 10000..=10004)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::PortsExhausted { .. }), "{e}");
+    // The database itself refuses a shared port.
+    let dup = sqlx::query(
+        "INSERT INTO upstream_port_assignments (port, user_id, assigned_at) VALUES (10000, $1, 0)",
+    )
+    .bind(&users[5].id)
+    .execute(s.pool())
+    .await;
+    assert!(dup.is_err());
+}
+
+async fn overdue_records_fail_with_timeout(db: common::TestDb) {
+    use polydev_controller::recovery::fail_overdue;
+    let s = &db.store;
+    let u = s.create_user("tina", "user").await.unwrap();
+    let late = s.create_session(&u.id, "codex").await.unwrap();
+    let fresh = s.create_session(&u.id, "codex").await.unwrap();
+    let vm = s.create_vm(&u.id, VmKind::Browser).await.unwrap();
+    let now = polydev_controller::util::now_ms();
+    assert!(fail_overdue(s, now).await.unwrap().is_empty());
+    // Deadlines are data: move two into the past as time would.
+    for (t, id) in [("sessions", &late.id), ("vms", &vm.id)] {
+        sqlx::query(&format!("UPDATE {t} SET deadline_at = $1 WHERE id = $2"))
+            .bind(now - 1)
+            .bind(id)
+            .execute(s.pool())
+            .await
+            .unwrap();
+    }
+    let mut failed = fail_overdue(s, now).await.unwrap();
+    failed.sort();
+    let mut want = vec![late.id.clone(), vm.id.clone()];
+    want.sort();
+    assert_eq!(failed, want);
+    let l = s.session(&late.id).await.unwrap();
+    assert_eq!(l.life.state, SessionState::Failed);
+    assert_eq!(l.life.failure.unwrap().reason, FailureReason::Timeout);
+    assert_eq!(
+        s.session(&fresh.id).await.unwrap().life.state,
+        SessionState::Requested
+    );
+    assert_eq!(s.vm(&vm.id).await.unwrap().life.state, VmState::Failed);
+    let ev = s.events_for("session", &late.id).await.unwrap();
+    assert_eq!(ev.last().unwrap().detail["reason"], "timeout");
+}
+
+async fn concurrent_first_open_migrates_once(db: common::TestDb) {
+    // Several controllers start on the same database at once: all come up,
+    // and the migration is recorded once.
+    let fresh = db.fresh_url().await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let url = fresh.clone();
+        tasks.push(tokio::spawn(async move {
+            polydev_controller::store::Store::open(&url).await
+        }));
+    }
+    let mut stores = Vec::new();
+    for t in tasks {
+        stores.push(t.await.unwrap().unwrap());
+    }
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM schema_migrations")
+        .fetch_one(stores[0].pool())
+        .await
+        .unwrap();
+    assert_eq!(n, latest_version());
+}

@@ -8,7 +8,7 @@
 //! (a newer binary migrated it) or a known version whose file changed.
 
 use sha2::{Digest, Sha256};
-use sqlx::AnyConnection;
+use sqlx::{AnyConnection, Connection};
 
 use super::{Dialect, StoreError};
 use crate::util::now_ms;
@@ -64,8 +64,27 @@ pub(crate) fn render(sql: &str, dialect: Dialect) -> String {
 }
 
 /// Bring the database on `conn` up to [`latest_version`], or refuse it.
+///
+/// Everything happens in one transaction that first takes a database-wide
+/// lock (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: a transaction-scoped advisory
+/// lock), so controllers starting together migrate once and the others see
+/// the result; a failed migration leaves nothing half-applied (DDL is
+/// transactional on both).
 pub(crate) async fn run(conn: &mut AnyConnection, dialect: Dialect) -> Result<(), StoreError> {
-    sqlx::raw_sql(
+    let mut tx = match dialect {
+        Dialect::Sqlite => AnyConnection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?,
+        Dialect::Postgres => {
+            let mut tx = AnyConnection::begin(&mut *conn).await?;
+            sqlx::Executor::execute(&mut *tx, "SELECT pg_advisory_xact_lock(7305831)").await?;
+            tx
+        }
+    };
+    // Plain `&str` executes (no arguments: PostgreSQL's simple protocol,
+    // which allows several statements). `sqlx::raw_sql` would do the same
+    // but makes the future non-`Send` (sqlx lifetime bounds), and `Store::open`
+    // must be spawnable.
+    sqlx::Executor::execute(
+        &mut *tx,
         "CREATE TABLE IF NOT EXISTS schema_migrations (
             version    BIGINT PRIMARY KEY,
             name       TEXT NOT NULL,
@@ -73,12 +92,11 @@ pub(crate) async fn run(conn: &mut AnyConnection, dialect: Dialect) -> Result<()
             applied_at BIGINT NOT NULL
         )",
     )
-    .execute(&mut *conn)
     .await?;
 
     let applied: Vec<(i64, String)> =
         sqlx::query_as("SELECT version, checksum FROM schema_migrations ORDER BY version")
-            .fetch_all(&mut *conn)
+            .fetch_all(&mut *tx)
             .await?;
     let latest = latest_version();
     if let Some(&(newest, _)) = applied.last() {
@@ -109,11 +127,8 @@ pub(crate) async fn run(conn: &mut AnyConnection, dialect: Dialect) -> Result<()
             name: m.name,
             source,
         };
-        // DDL is transactional on both dialects: a failed migration leaves
-        // nothing half-applied.
-        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(fail)?;
-        sqlx::raw_sql(&render(m.sql, dialect))
-            .execute(&mut *tx)
+        let sql = render(m.sql, dialect);
+        sqlx::Executor::execute(&mut *tx, sql.as_str())
             .await
             .map_err(fail)?;
         sqlx::query(
@@ -126,9 +141,9 @@ pub(crate) async fn run(conn: &mut AnyConnection, dialect: Dialect) -> Result<()
         .execute(&mut *tx)
         .await
         .map_err(fail)?;
-        tx.commit().await.map_err(fail)?;
         tracing::info!(version = m.version, name = m.name, "applied migration");
     }
+    tx.commit().await?;
     Ok(())
 }
 

@@ -62,6 +62,22 @@ impl TestDb {
         }
     }
 
+    /// URL of another, empty database on the same backend (never migrated).
+    pub async fn fresh_url(&self) -> String {
+        match &self._pg {
+            Some(pg) => pg.create_database().await,
+            None => {
+                let mut b = [0u8; 6];
+                getrandom::fill(&mut b).unwrap();
+                format!(
+                    "sqlite://{}/{}.db",
+                    self._dir.path().display(),
+                    hex::encode(b)
+                )
+            }
+        }
+    }
+
     /// Open the same database again (as a restarted controller would).
     pub async fn reopen(&self) -> Store {
         Store::open(&self.url).await.expect("reopen store")
