@@ -122,6 +122,20 @@ impl Host {
             .into()
     }
 
+    /// Run `polydev <args>` with extra environment variables (secrets that
+    /// must not appear on a command line).
+    pub fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        Command::new(polydev_bin())
+            .arg("--data-dir")
+            .arg(self.data())
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run polydev")
+            .into()
+    }
+
     /// Run a CLI command that must succeed.
     pub fn ok(&self, args: &[&str]) -> Run {
         let r = self.cli(args);

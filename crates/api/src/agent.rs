@@ -20,6 +20,14 @@ use serde::{Deserialize, Serialize};
 pub const AGENT_PORT: u32 = 1024;
 /// Vsock port on the host that receives the guest's log stream.
 pub const LOG_PORT: u32 = 1025;
+/// Vsock port on the host that receives the guest's egress connections
+/// (see [`EgressRequest`]).
+pub const EGRESS_PORT: u32 = 1026;
+/// Address of the guest's HTTP(S) forward proxy, which carries every
+/// connection to [`EGRESS_PORT`].
+pub const EGRESS_PROXY_ADDR: &str = "127.0.0.1:3128";
+/// Longest [`EgressRequest`] line the host accepts, in bytes.
+pub const MAX_EGRESS_LINE: usize = 4096;
 /// Vsock context id of the host, as seen from a guest.
 pub const HOST_CID: u32 = 2;
 /// Longest request line the agent accepts, in bytes.
@@ -354,6 +362,36 @@ pub struct LogRecord {
     pub line: String,
 }
 
+/// First line of a guest-initiated stream to [`EGRESS_PORT`]: where the
+/// guest wants to go. The host answers one [`EgressReply`] line; when it is
+/// `ok`, the stream carries raw bytes to and from the target.
+///
+/// The host name travels unresolved: the guest has no DNS, the host resolves
+/// it (and applies its policy to the addresses it resolves to).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressRequest {
+    /// Host name or IP literal (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+/// The host's answer to an [`EgressRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressReply {
+    /// The stream is now connected to the target.
+    pub ok: bool,
+    /// Why not, when `ok` is false (safe to show inside the VM: it never
+    /// names upstream credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The refusal is the host's policy (deny list, limits), not a failure
+    /// to connect; the shim answers 403 instead of 502.
+    #[serde(default)]
+    pub denied: bool,
+}
+
 /// Encode a value as one protocol line (JSON followed by `\n`).
 pub fn encode_line<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::Error> {
     let mut out = serde_json::to_vec(value)?;
@@ -445,6 +483,20 @@ mod tests {
         });
         let line = encode_line(&req).unwrap();
         assert_eq!(serde_json::from_slice::<Request>(&line).unwrap(), req);
+    }
+
+    #[test]
+    fn egress_lines_round_trip_and_reject_unknown_fields() {
+        let req = EgressRequest {
+            host: "example.com".into(),
+            port: 443,
+        };
+        let line = encode_line(&req).unwrap();
+        assert_eq!(serde_json::from_slice::<EgressRequest>(&line).unwrap(), req);
+        assert!(serde_json::from_str::<EgressRequest>(r#"{"host":"a","port":1,"x":2}"#).is_err());
+        assert!(serde_json::from_str::<EgressRequest>(r#"{"host":"a","port":70000}"#).is_err());
+        let ok: EgressReply = serde_json::from_str(r#"{"ok":true}"#).unwrap();
+        assert!(ok.ok && !ok.denied && ok.reason.is_none());
     }
 
     #[test]

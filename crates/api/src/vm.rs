@@ -42,6 +42,65 @@ pub struct VmSpec {
     /// Size of a persistent writable disk in MiB (0 or absent: none).
     #[serde(default)]
     pub data_disk_mib: Option<u32>,
+    /// How the VM reaches the outside world (absent: it cannot).
+    #[serde(default)]
+    pub egress: Option<EgressPolicy>,
+}
+
+/// Where a VM's egress connections (its guest proxy on 127.0.0.1:3128) may
+/// go. Everything not allowed here is refused by the host.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressPolicy {
+    /// Chain every connection through this HTTP CONNECT proxy (the user's
+    /// own upstream).
+    #[serde(default)]
+    pub upstream: Option<Upstream>,
+    /// Explicit exceptions to the deny list: `ADDR[/PREFIX]:PORT` or
+    /// `ADDR[/PREFIX]:*`, IPv6 in brackets (`[::1]:8080`).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Without an upstream, dial targets directly from the host.
+    #[serde(default)]
+    pub direct: bool,
+}
+
+/// An upstream HTTP proxy and its credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// `http://host:port`.
+    pub url: String,
+    /// Proxy user name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Proxy password; redacted in `Debug` output.
+    #[serde(default)]
+    pub password: Option<Secret>,
+}
+
+/// A credential: serialized as a plain string (it must reach the host
+/// agent), but never shown by `Debug`, so it cannot leak into a log line.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a credential.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The credential itself; call only where it is sent upstream.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 /// Hypervisor drivers.
@@ -168,6 +227,26 @@ pub struct SnapshotInfo {
     pub size_bytes: u64,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let p = EgressPolicy {
+            upstream: Some(Upstream {
+                url: "http://127.0.0.1:1".into(),
+                username: Some("u".into()),
+                password: Some(Secret::new("hunter2")),
+            }),
+            ..Default::default()
+        };
+        assert!(!format!("{p:?}").contains("hunter2"));
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(json.contains("\"password\":\"hunter2\""), "{json}");
+    }
 }
 
 /// Which of a VM's preserved logs to read.

@@ -66,6 +66,9 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
         qemu_vsock: polydev_host::config::QemuVsock::SerialMux,
         kernel: None,
         initramfs: None,
+        egress_max_connections: 256,
+        egress_idle_timeout_s: 300,
+        egress_bytes_per_sec: 25 * 1024 * 1024,
     };
     let cfg = hostd::config(tmp.path().to_path_buf(), &args).await?;
     println!(

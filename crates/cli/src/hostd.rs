@@ -54,6 +54,16 @@ pub struct HostArgs {
     /// Initramfs to boot (default: built with the current guest agent).
     #[arg(long)]
     pub initramfs: Option<PathBuf>,
+    /// Egress connections one VM may have open at once.
+    #[arg(long, default_value_t = 256)]
+    pub egress_max_connections: usize,
+    /// Seconds without traffic after which an egress connection is closed.
+    #[arg(long, default_value_t = 300)]
+    pub egress_idle_timeout_s: u64,
+    /// Egress bandwidth per VM in bytes per second, both directions
+    /// together (0: unlimited).
+    #[arg(long, default_value_t = 25 * 1024 * 1024)]
+    pub egress_bytes_per_sec: u64,
 }
 
 fn parse_qemu_vsock(s: &str) -> Result<QemuVsock, String> {
@@ -90,6 +100,12 @@ pub async fn config(data_dir: PathBuf, a: &HostArgs) -> anyhow::Result<HostConfi
     cfg.default_vcpus = a.default_vcpus;
     cfg.default_memory_mib = a.default_memory_mib;
     cfg.log_retention = a.log_retention;
+    if a.egress_max_connections == 0 || a.egress_idle_timeout_s == 0 {
+        anyhow::bail!("--egress-max-connections and --egress-idle-timeout-s must be at least 1");
+    }
+    cfg.egress.max_connections = a.egress_max_connections;
+    cfg.egress.idle_timeout = std::time::Duration::from_secs(a.egress_idle_timeout_s);
+    cfg.egress.bytes_per_sec = a.egress_bytes_per_sec;
     cfg.boot_timeout = std::time::Duration::from_secs(a.boot_timeout_s);
     cfg.accel = match a.accel {
         AccelArg::Kvm => Accel::Kvm,

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use hyper::Method;
 use polydev_api::agent::{ExecRequest, Response as Frame, RestartPolicy, ServiceSpec};
-use polydev_api::vm::{SnapshotInfo, VmInfo, VmSpec};
+use polydev_api::vm::{EgressPolicy, Secret, SnapshotInfo, Upstream, VmInfo, VmSpec};
 use polydev_host::client::HostClient;
 
 /// `polydev vm …`
@@ -40,6 +40,21 @@ pub enum VmCmd {
         /// Kernel to boot instead of the host's default (a host path).
         #[arg(long)]
         kernel: Option<String>,
+        /// Send the VM's traffic through this HTTP proxy (http://HOST:PORT).
+        /// Its password comes from $POLYDEV_EGRESS_PASSWORD, never from the
+        /// command line.
+        #[arg(long)]
+        egress_upstream: Option<String>,
+        /// User name for --egress-upstream.
+        #[arg(long, requires = "egress_upstream")]
+        egress_upstream_user: Option<String>,
+        /// Open a denied address for the VM: ADDR[/PREFIX]:PORT or
+        /// ADDR[/PREFIX]:* (repeatable).
+        #[arg(long = "egress-allow")]
+        egress_allow: Vec<String>,
+        /// Without an upstream, let the host dial targets directly.
+        #[arg(long, conflicts_with = "egress_upstream")]
+        egress_direct: bool,
         /// Print the VM as JSON.
         #[arg(long)]
         json: bool,
@@ -130,6 +145,41 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The environment variable that carries an upstream proxy password, so it
+/// never appears in a process list or shell history.
+const PASSWORD_ENV: &str = "POLYDEV_EGRESS_PASSWORD";
+
+fn egress_policy(
+    upstream: Option<String>,
+    user: Option<String>,
+    allow: Vec<String>,
+    direct: bool,
+) -> anyhow::Result<Option<EgressPolicy>> {
+    let password = match std::env::var(PASSWORD_ENV) {
+        Ok(p) if !p.is_empty() => Some(Secret::new(p)),
+        Ok(_) | Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => bail!("{PASSWORD_ENV} is not valid UTF-8"),
+    };
+    if upstream.is_none() && allow.is_empty() && !direct {
+        return Ok(None);
+    }
+    if password.is_some() && user.is_none() {
+        bail!("{PASSWORD_ENV} is set but --egress-upstream-user is not: give both or neither");
+    }
+    if user.is_some() && password.is_none() {
+        bail!("--egress-upstream-user needs the password in {PASSWORD_ENV}");
+    }
+    Ok(Some(EgressPolicy {
+        upstream: upstream.map(|url| Upstream {
+            url,
+            username: user,
+            password,
+        }),
+        allow,
+        direct,
+    }))
+}
+
 fn path_seg(s: &str) -> anyhow::Result<&str> {
     // Ids and names never contain these; refuse instead of building odd URLs.
     if s.is_empty() || s.contains(['/', '?', '#', '%', ' ']) || s == "." || s == ".." {
@@ -150,8 +200,18 @@ pub async fn run(data_dir: PathBuf, cmd: VmCmd) -> anyhow::Result<i32> {
             services,
             data_disk,
             kernel,
+            egress_upstream,
+            egress_upstream_user,
+            egress_allow,
+            egress_direct,
             json,
         } => {
+            let egress = egress_policy(
+                egress_upstream,
+                egress_upstream_user,
+                egress_allow,
+                egress_direct,
+            )?;
             let spec = VmSpec {
                 name,
                 vcpus,
@@ -171,6 +231,7 @@ pub async fn run(data_dir: PathBuf, cmd: VmCmd) -> anyhow::Result<i32> {
                     .collect(),
                 data_disk_mib: data_disk,
                 kernel,
+                egress,
                 ..Default::default()
             };
             let vm: VmInfo = c.call(Method::POST, "/v1/vms", Some(&spec)).await?;

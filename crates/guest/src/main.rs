@@ -10,6 +10,7 @@
 
 mod boot;
 mod configure;
+mod egress;
 mod exec;
 mod files;
 mod forward;
@@ -26,7 +27,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use polydev_api::agent::{ServiceSpec, AGENT_PORT, HOST_CID, LOG_PORT};
+use polydev_api::agent::{self, ServiceSpec, AGENT_PORT, EGRESS_PORT, HOST_CID, LOG_PORT};
 
 use crate::logger::logger;
 use crate::net::{Addr, Listener};
@@ -242,14 +243,18 @@ fn pid1_boot() {
         logger::error(format!("{e}; choosing automatically"));
         boot::TransportChoice::Auto
     });
-    let (listen, log_addr) = match boot::choose_transport(choice) {
+    let (listen, log_addr, egress_addr) = match boot::choose_transport(choice) {
         boot::Transport::Mux(dev) => match net::start_mux(&dev) {
             Ok(()) => {
                 logger::info(format!(
                     "talking to the host over the mux on {}",
                     dev.display()
                 ));
-                (Addr::Mux { port: AGENT_PORT }, Addr::Mux { port: LOG_PORT })
+                (
+                    Addr::Mux { port: AGENT_PORT },
+                    Addr::Mux { port: LOG_PORT },
+                    Addr::Mux { port: EGRESS_PORT },
+                )
             }
             Err(e) => {
                 logger::error(format!("{e}; falling back to vsock"));
@@ -260,6 +265,17 @@ fn pid1_boot() {
     };
     let listener = bind_retrying(&listen);
     start_shipper(Some(log_addr));
+    // Before any service starts: services get HTTP(S)_PROXY pointing here.
+    match egress::start(egress_addr) {
+        Ok(()) => logger::info(format!(
+            "egress proxy listening on {}",
+            agent::EGRESS_PROXY_ADDR
+        )),
+        Err(e) => logger::error(format!(
+            "cannot start the egress proxy on {}: {e}; nothing in this VM can reach the network",
+            agent::EGRESS_PROXY_ADDR
+        )),
+    }
     let services = match std::fs::read_to_string(SERVICES_JSON) {
         Ok(t) => Some(t),
         Err(_) => initramfs_services,
@@ -290,8 +306,9 @@ fn pid1_boot() {
     );
 }
 
-/// The agent's listen address and the host's log address over vsock.
-fn vsock_addrs() -> (Addr, Addr) {
+/// The agent's listen address and the host's log and egress addresses over
+/// vsock.
+fn vsock_addrs() -> (Addr, Addr, Addr) {
     (
         Addr::Vsock {
             cid: libc::VMADDR_CID_ANY,
@@ -300,6 +317,10 @@ fn vsock_addrs() -> (Addr, Addr) {
         Addr::Vsock {
             cid: HOST_CID,
             port: LOG_PORT,
+        },
+        Addr::Vsock {
+            cid: HOST_CID,
+            port: EGRESS_PORT,
         },
     )
 }
@@ -341,7 +362,8 @@ fn start_shipper(addr: Option<Addr>) {
 }
 
 /// The environment of children: the agent's own, with PATH (and as PID 1,
-/// HOME) set for a normal system.
+/// HOME and the egress proxy variables) set for a normal system. The host's
+/// `configure` can override any of them.
 fn base_env(pid1: bool) -> SharedEnv {
     let mut env: BTreeMap<String, String> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
@@ -349,6 +371,14 @@ fn base_env(pid1: bool) -> SharedEnv {
     if pid1 {
         env.insert("PATH".into(), PATH.into());
         env.insert("HOME".into(), "/root".into());
+        // The VM has no network interface: the shim is the only way out.
+        // Both spellings, because tools disagree on which one they read.
+        let proxy = format!("http://{}", agent::EGRESS_PROXY_ADDR);
+        for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            env.insert(k.into(), proxy.clone());
+        }
+        env.insert("NO_PROXY".into(), "localhost,127.0.0.1".into());
+        env.insert("no_proxy".into(), "localhost,127.0.0.1".into());
     } else {
         env.entry("PATH".into()).or_insert_with(|| PATH.into());
     }

@@ -46,6 +46,8 @@ pub struct HostConfig {
     pub boot_timeout: Duration,
     /// How many dead VMs' logs to keep.
     pub log_retention: usize,
+    /// Per-VM limits of the egress proxy.
+    pub egress: crate::egress::EgressLimits,
 }
 
 /// The vsock transport of QEMU VMs.
@@ -98,6 +100,7 @@ impl HostConfig {
             max_memory_mib: (mem_mib * 3 / 4).max(MIN_MEMORY_MIB),
             boot_timeout: Duration::from_secs(60),
             log_retention: 200,
+            egress: crate::egress::EgressLimits::default(),
         }
     }
 
@@ -178,6 +181,9 @@ impl HostConfig {
         for svc in &spec.services {
             validate_service(svc)?;
         }
+        if let Some(p) = &spec.egress {
+            crate::egress::validate(p)?;
+        }
         Ok(ResolvedSpec {
             name: spec.name.clone(),
             vcpus,
@@ -189,6 +195,7 @@ impl HostConfig {
             env: spec.env.clone(),
             services: spec.services.clone(),
             data_disk_mib,
+            egress: spec.egress.clone(),
         })
     }
 }
@@ -216,6 +223,23 @@ pub struct ResolvedSpec {
     pub services: Vec<ServiceSpec>,
     /// Data disk size (0: none).
     pub data_disk_mib: u32,
+    /// Egress policy, upstream credentials included: this is why VM records
+    /// are written with mode 0600, and why archived records and snapshots
+    /// store [`ResolvedSpec::without_secrets`] instead.
+    #[serde(default)]
+    pub egress: Option<polydev_api::vm::EgressPolicy>,
+}
+
+impl ResolvedSpec {
+    /// This spec with upstream passwords removed, for anything kept after
+    /// the VM (archived records) or shared between VMs (snapshots).
+    pub fn without_secrets(&self) -> ResolvedSpec {
+        let mut s = self.clone();
+        if let Some(up) = s.egress.as_mut().and_then(|e| e.upstream.as_mut()) {
+            up.password = None;
+        }
+        s
+    }
 }
 
 /// Why a VM request was refused before anything was created.
@@ -270,6 +294,9 @@ pub enum SpecError {
     /// Bad environment variable name.
     #[error("invalid environment variable name {0:?}: it must be non-empty without '=' or NUL")]
     Env(String),
+    /// Bad egress policy.
+    #[error(transparent)]
+    Egress(#[from] crate::egress::EgressError),
     /// Bad service declaration.
     #[error("invalid service {name:?}: {why}")]
     Service {

@@ -8,6 +8,7 @@
 pub mod agent_client;
 pub mod client;
 pub mod config;
+pub mod egress;
 pub mod hypervisor;
 pub mod manager;
 pub mod process;

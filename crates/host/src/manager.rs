@@ -90,6 +90,8 @@ struct Vm {
     backend: Mutex<Option<tokio::process::Child>>,
     watcher: StdMutex<Option<JoinHandle<()>>>,
     log_task: StdMutex<Option<JoinHandle<()>>>,
+    /// The VM's egress proxy (`vsock.sock_1026`).
+    egress_task: StdMutex<Option<JoinHandle<()>>>,
     exited: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -274,6 +276,7 @@ impl Manager {
                     backend: Mutex::new(None),
                     watcher: StdMutex::new(None),
                     log_task: StdMutex::new(None),
+                    egress_task: StdMutex::new(None),
                     exited: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 }),
             );
@@ -324,6 +327,7 @@ impl Manager {
             }
         }
         self.start_log_listener(vm)?;
+        self.start_egress(vm, spec)?;
         let plan = LaunchPlan {
             id: vm.id.clone(),
             dir: dir.clone(),
@@ -431,6 +435,22 @@ impl Manager {
         Ok(())
     }
 
+    /// Serve the VM's egress connections (guest-initiated vsock to
+    /// EGRESS_PORT) under its policy; see [`crate::egress`].
+    fn start_egress(&self, vm: &Arc<Vm>, spec: &ResolvedSpec) -> Result<(), ManagerError> {
+        let path = vm.dir.vsock_port(agent::EGRESS_PORT);
+        let task = crate::egress::start(
+            &vm.id,
+            &path,
+            spec.egress.as_ref(),
+            self.cfg.egress,
+            vm.dir.egress_log(),
+        )
+        .map_err(io_err(&path))?;
+        *vm.egress_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(())
+    }
+
     fn watch_child(self: &Arc<Self>, vm: &Arc<Vm>, mut child: tokio::process::Child) {
         let mgr = Arc::downgrade(self);
         let vm2 = vm.clone();
@@ -513,6 +533,14 @@ impl Manager {
         if let Some(t) = vm.log_task.lock().unwrap_or_else(|p| p.into_inner()).take() {
             t.abort();
         }
+        if let Some(t) = vm
+            .egress_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            t.abort();
+        }
         let mut record = vm.record.lock().await.clone();
         record.info.state = state;
         record.info.failure = failure;
@@ -541,6 +569,7 @@ impl Manager {
             vm.dir.agent_log(),
             vm.dir.hypervisor_log(),
             vm.dir.backend_log(),
+            vm.dir.egress_log(),
         ] {
             if let Some(name) = src.file_name() {
                 if src.exists() {
@@ -548,9 +577,14 @@ impl Manager {
                 }
             }
         }
+        // Logs outlive the VM; its upstream password must not.
+        let kept = VmRecord {
+            spec: record.spec.without_secrets(),
+            ..record.clone()
+        };
         write_atomic(
             &dest.join("vm.json"),
-            &serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?,
+            &serde_json::to_vec_pretty(&kept).map_err(std::io::Error::other)?,
         )
     }
 
@@ -606,6 +640,7 @@ impl Manager {
                 backend: Mutex::new(None),
                 watcher: StdMutex::new(None),
                 log_task: StdMutex::new(None),
+                egress_task: StdMutex::new(None),
                 exited: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             });
             self.vms
@@ -635,6 +670,7 @@ impl Manager {
             }
             let adopted = async {
                 self.start_log_listener(&vm)?;
+                self.start_egress(&vm, &record.spec)?;
                 if let Some(pid) = record.hypervisor_pid {
                     self.watch_adopted(&vm, pid).map_err(io_err(dir.root()))?;
                 }
@@ -764,9 +800,14 @@ impl Manager {
                 size_bytes: dir_size(&dest),
                 created_ms: now_ms(),
             };
+            // Egress policy belongs to a VM (its user), not to a snapshot:
+            // a restored VM gets none until one is given for it.
             let meta = SnapshotMeta {
                 info: info.clone(),
-                spec: r.spec.clone(),
+                spec: ResolvedSpec {
+                    egress: None,
+                    ..r.spec.clone()
+                },
             };
             let path = dest.join("snapshot.json");
             write_atomic(
@@ -899,6 +940,14 @@ impl Manager {
             if let Some(t) = vm.log_task.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 t.abort();
             }
+            if let Some(t) = vm
+                .egress_task
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                t.abort();
+            }
         }
     }
 }
@@ -1016,6 +1065,7 @@ mod tests {
                 env: Default::default(),
                 services: vec![],
                 data_disk_mib: 0,
+                egress: None,
             },
             hypervisor_pid: None,
             backend_pid: None,

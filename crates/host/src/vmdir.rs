@@ -75,6 +75,11 @@ impl VmDir {
         self.root.join("agent.log")
     }
 
+    /// One JSON line per egress connection of the VM.
+    pub fn egress_log(&self) -> PathBuf {
+        self.root.join("egress.log")
+    }
+
     /// Hypervisor's own stdout/stderr.
     pub fn hypervisor_log(&self) -> PathBuf {
         self.root.join("hypervisor.log")
@@ -137,9 +142,19 @@ impl VmRecord {
     }
 }
 
-/// Write `bytes` to `path` via a temp file in the same directory.
+/// Write `bytes` to `path` via a temp file in the same directory. The file
+/// is created with mode 0600: records may hold egress upstream credentials.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    drop(f);
     std::fs::rename(&tmp, path)
 }

@@ -167,6 +167,7 @@ fn plan(
             env: Default::default(),
             services: Vec::new(),
             data_disk_mib,
+            egress: None,
         },
         accel: Accel::Kvm,
         cmdline: "console=ttyS0 reboot=k panic=0 pci=off".into(),

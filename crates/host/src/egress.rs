@@ -1,0 +1,977 @@
+//! The host egress proxy: the far end of every VM's guest proxy.
+//!
+//! A VM has no network interface; its guest agent carries each outgoing
+//! connection as a guest-initiated stream to [`EGRESS_PORT`], which arrives
+//! at `<vmdir>/vsock.sock_1026`. Because that socket belongs to one VM, the
+//! proxy knows which VM (and so which user) a connection is from without
+//! trusting anything the guest says.
+//!
+//! Per connection: read one [`EgressRequest`] line, resolve the name here
+//! (the guest has no DNS), refuse addresses on the deny list (private,
+//! loopback, link-local including 169.254.169.254, multicast, the host's own
+//! addresses) unless the VM's allow list names them, then either chain to
+//! the VM's upstream proxy (`CONNECT` with `Proxy-Authorization`) or dial
+//! directly when the policy says `direct`; answer one [`EgressReply`] line
+//! and splice, under the VM's limits (concurrent connections, a shared
+//! bytes-per-second token bucket, an idle timeout). Each connection ends in
+//! one `tracing` event and one JSON line in `<vmdir>/egress.log`, which name
+//! the upstream by address only — never its credentials.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use polydev_api::agent::{encode_line, EgressReply, EgressRequest, MAX_EGRESS_LINE};
+use polydev_api::vm::EgressPolicy;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+#[cfg(doc)]
+use polydev_api::agent::EGRESS_PORT;
+
+/// Per-VM limits of the egress proxy (set on `polydev host`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressLimits {
+    /// Connections open at once; more are refused.
+    pub max_connections: usize,
+    /// A connection with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Bytes per second, both directions together (0: unlimited).
+    pub bytes_per_sec: u64,
+    /// How long dialing the target or the upstream may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for EgressLimits {
+    fn default() -> Self {
+        EgressLimits {
+            // A browser opens ~6 per origin; a busy page touches a dozen.
+            max_connections: 256,
+            idle_timeout: Duration::from_secs(300),
+            // 25 MiB/s: well above one user's need, well below a host NIC.
+            bytes_per_sec: 25 * 1024 * 1024,
+            connect_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// A VM's egress policy could not be used.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum EgressError {
+    /// The upstream URL is not `http://host:port`.
+    #[error("egress upstream {0:?} must be http://HOST:PORT (other schemes are not supported)")]
+    UpstreamUrl(String),
+    /// The upstream has a password but no user name, or the reverse.
+    #[error("egress upstream credentials need both a user name and a password (the password via POLYDEV_EGRESS_PASSWORD)")]
+    HalfCredentials,
+    /// A user name contains `:` or control characters.
+    #[error("egress upstream user name must not contain ':' or control characters")]
+    BadUser,
+    /// An allow entry is not `ADDR[/PREFIX]:PORT|*`.
+    #[error("egress allow entry {0:?} must be ADDR[/PREFIX]:PORT or ADDR[/PREFIX]:* (IPv6 in brackets, e.g. [::1]:8080)")]
+    BadAllow(String),
+    /// Both an upstream and `direct`.
+    #[error("egress policy names an upstream and direct: choose one")]
+    UpstreamAndDirect,
+}
+
+/// One allow-list entry: a network and a port (or every port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowRule {
+    net: IpAddr,
+    prefix: u8,
+    port: Option<u16>,
+}
+
+impl AllowRule {
+    /// Parse `ADDR[/PREFIX]:PORT` or `ADDR[/PREFIX]:*`; IPv6 in brackets.
+    pub fn parse(s: &str) -> Result<AllowRule, EgressError> {
+        let bad = || EgressError::BadAllow(s.to_string());
+        let (net, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (inner, tail) = rest.split_once(']').ok_or_else(bad)?;
+            // `[fd00::/8]:*` and `[fd00::]/8:*` both read naturally.
+            match tail.strip_prefix(':') {
+                Some(port) => (inner.to_string(), port),
+                None => {
+                    let (pfx, port) = tail.split_once(':').ok_or_else(bad)?;
+                    if !pfx.starts_with('/') {
+                        return Err(bad());
+                    }
+                    (format!("{inner}{pfx}"), port)
+                }
+            }
+        } else {
+            let (n, p) = s.rsplit_once(':').ok_or_else(bad)?;
+            // `::1:80` is ambiguous; IPv6 must come in brackets.
+            if n.contains(':') {
+                return Err(bad());
+            }
+            (n.to_string(), p)
+        };
+        let port = match port {
+            "*" => None,
+            p => Some(p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?),
+        };
+        let (addr, prefix) = match net.split_once('/') {
+            Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
+            None => (net.as_str(), None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(AllowRule {
+            net: addr,
+            prefix,
+            port,
+        })
+    }
+
+    /// Whether `addr` is inside this rule.
+    pub fn matches(&self, addr: SocketAddr) -> bool {
+        self.port.is_none_or(|p| p == addr.port())
+            && in_net(canonical(addr.ip()), self.net, self.prefix)
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are their IPv4 address for every check, so
+/// `::ffff:127.0.0.1` is loopback.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => ip,
+        },
+        v4 => v4,
+    }
+}
+
+fn in_net(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Ranges no VM may reach unless allowed: (network, prefix, why).
+const DENY_V4: &[(Ipv4Addr, u8, &str)] = &[
+    (Ipv4Addr::new(0, 0, 0, 0), 8, "\"this network\" (0.0.0.0/8)"),
+    (Ipv4Addr::new(10, 0, 0, 0), 8, "private range 10.0.0.0/8"),
+    (
+        Ipv4Addr::new(100, 64, 0, 0),
+        10,
+        "carrier-grade NAT range 100.64.0.0/10",
+    ),
+    (Ipv4Addr::new(127, 0, 0, 0), 8, "loopback 127.0.0.0/8"),
+    (
+        Ipv4Addr::new(169, 254, 169, 254),
+        32,
+        "cloud metadata endpoint 169.254.169.254",
+    ),
+    (
+        Ipv4Addr::new(169, 254, 0, 0),
+        16,
+        "link-local 169.254.0.0/16",
+    ),
+    (
+        Ipv4Addr::new(172, 16, 0, 0),
+        12,
+        "private range 172.16.0.0/12",
+    ),
+    (
+        Ipv4Addr::new(192, 0, 0, 0),
+        24,
+        "IETF protocol assignments 192.0.0.0/24",
+    ),
+    (
+        Ipv4Addr::new(192, 168, 0, 0),
+        16,
+        "private range 192.168.0.0/16",
+    ),
+    (
+        Ipv4Addr::new(198, 18, 0, 0),
+        15,
+        "benchmarking range 198.18.0.0/15",
+    ),
+    (Ipv4Addr::new(224, 0, 0, 0), 4, "multicast 224.0.0.0/4"),
+    (Ipv4Addr::new(240, 0, 0, 0), 4, "reserved 240.0.0.0/4"),
+];
+
+const DENY_V6: &[(Ipv6Addr, u8, &str)] = &[
+    (Ipv6Addr::UNSPECIFIED, 128, "the unspecified address ::"),
+    (Ipv6Addr::LOCALHOST, 128, "loopback ::1"),
+    (
+        Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0),
+        7,
+        "unique-local range fc00::/7",
+    ),
+    (
+        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
+        10,
+        "link-local fe80::/10",
+    ),
+    (
+        Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0),
+        8,
+        "multicast ff00::/8",
+    ),
+    (
+        Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254),
+        128,
+        "cloud metadata endpoint fd00:ec2::254",
+    ),
+];
+
+/// Why `ip` is denied by default, if it is. `own` are the host's addresses.
+pub fn deny_reason(ip: IpAddr, own: &[IpAddr]) -> Option<String> {
+    let ip = canonical(ip);
+    // Ranges first: "loopback" says more than "an address of this host".
+    let hit = match ip {
+        IpAddr::V4(_) => DENY_V4
+            .iter()
+            .find(|(n, p, _)| in_net(ip, IpAddr::V4(*n), *p))
+            .map(|(_, _, why)| *why),
+        IpAddr::V6(_) => DENY_V6
+            .iter()
+            .find(|(n, p, _)| in_net(ip, IpAddr::V6(*n), *p))
+            .map(|(_, _, why)| *why),
+    };
+    if let Some(why) = hit {
+        return Some(format!("{ip} is in the {why}"));
+    }
+    own.iter()
+        .any(|o| canonical(*o) == ip)
+        .then(|| format!("{ip} is an address of this host"))
+}
+
+/// The host's own interface addresses (a VM must not reach the host's
+/// services through a public address either).
+pub fn host_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills ifap with a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: cur is a valid node of the list until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr whose family tells its
+            // real type.
+            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+            if family == libc::AF_INET {
+                // SAFETY: family AF_INET means a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))));
+            } else if family == libc::AF_INET6 {
+                // SAFETY: family AF_INET6 means a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: ifap came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(ifap) };
+    out
+}
+
+/// A policy checked and ready to apply.
+#[derive(Clone)]
+struct Compiled {
+    upstream: Option<UpstreamCfg>,
+    allow: Vec<AllowRule>,
+    direct: bool,
+}
+
+#[derive(Clone)]
+struct UpstreamCfg {
+    /// `host:port`, what logs name.
+    addr: String,
+    /// `Basic …` header value; never logged.
+    auth: Option<String>,
+}
+
+/// Check a policy (at VM creation, so a bad one creates nothing).
+pub fn validate(p: &EgressPolicy) -> Result<(), EgressError> {
+    compile(p).map(|_| ())
+}
+
+fn compile(p: &EgressPolicy) -> Result<Compiled, EgressError> {
+    let allow = p
+        .allow
+        .iter()
+        .map(|s| AllowRule::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let upstream = match &p.upstream {
+        None => None,
+        Some(u) => {
+            if p.direct {
+                return Err(EgressError::UpstreamAndDirect);
+            }
+            let addr = parse_upstream_url(&u.url)?;
+            let auth = match (&u.username, &u.password) {
+                (Some(user), Some(pass)) => {
+                    if user.contains(':') || user.chars().any(char::is_control) {
+                        return Err(EgressError::BadUser);
+                    }
+                    let raw = format!("{user}:{}", pass.expose());
+                    Some(format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode(raw)
+                    ))
+                }
+                (None, None) => None,
+                _ => return Err(EgressError::HalfCredentials),
+            };
+            Some(UpstreamCfg { addr, auth })
+        }
+    };
+    Ok(Compiled {
+        upstream,
+        allow,
+        direct: p.direct,
+    })
+}
+
+/// `http://host:port[/]` → `host:port`.
+fn parse_upstream_url(url: &str) -> Result<String, EgressError> {
+    let bad = || EgressError::UpstreamUrl(url.to_string());
+    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '@', '?', '#', ' ']) {
+        return Err(bad());
+    }
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(bad)?;
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok(rest.to_string())
+}
+
+/// A token bucket: `rate` tokens (bytes) per second, at most `burst` saved.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket; `rate` 0 means unlimited.
+    pub fn new(rate: u64, now: Instant) -> Self {
+        let rate = rate as f64;
+        // One second of traffic may burst; a smaller burst would throttle
+        // ordinary 64 KiB reads at low rates.
+        let burst = rate.max(64.0 * 1024.0);
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Take `n` bytes; returns how long to wait before sending them. Debt is
+    /// allowed, so a large read is never starved, only delayed.
+    pub fn take(&mut self, n: usize, now: Instant) -> Duration {
+        if self.rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens -= n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+/// What the proxy shares between all connections of one VM.
+struct VmEgress {
+    vm: String,
+    policy: Compiled,
+    limits: EgressLimits,
+    own: Vec<IpAddr>,
+    slots: Arc<Semaphore>,
+    bucket: StdMutex<TokenBucket>,
+    log: PathBuf,
+}
+
+/// Serve `<vmdir>/vsock.sock_1026` for one VM. `policy` `None` refuses
+/// everything (with a reason the guest shows). The listener is bound before
+/// this returns, so the guest can connect as soon as it boots.
+pub fn start(
+    vm: &str,
+    socket: &Path,
+    policy: Option<&EgressPolicy>,
+    limits: EgressLimits,
+    log: PathBuf,
+) -> std::io::Result<JoinHandle<()>> {
+    let policy = match policy {
+        Some(p) => compile(p).map_err(std::io::Error::other)?,
+        None => Compiled {
+            upstream: None,
+            allow: Vec::new(),
+            direct: false,
+        },
+    };
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket)?;
+    let shared = Arc::new(VmEgress {
+        vm: vm.to_string(),
+        policy,
+        limits,
+        own: host_addresses(),
+        slots: Arc::new(Semaphore::new(limits.max_connections)),
+        bucket: StdMutex::new(TokenBucket::new(limits.bytes_per_sec, Instant::now())),
+        log,
+    });
+    Ok(tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let shared = shared.clone();
+            tokio::spawn(async move { shared.serve(conn).await });
+        }
+    }))
+}
+
+/// One connection's log line.
+#[derive(Serialize)]
+struct ConnLog<'a> {
+    ts_ms: u64,
+    vm: &'a str,
+    target: String,
+    upstream: Option<&'a str>,
+    outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    bytes_up: u64,
+    bytes_down: u64,
+    duration_ms: u64,
+}
+
+/// How a connection was refused before any byte flowed.
+struct Refusal {
+    denied: bool,
+    reason: String,
+}
+
+impl Refusal {
+    fn denied(reason: String) -> Self {
+        Refusal {
+            denied: true,
+            reason,
+        }
+    }
+    fn failed(reason: String) -> Self {
+        Refusal {
+            denied: false,
+            reason,
+        }
+    }
+}
+
+impl VmEgress {
+    async fn serve(self: Arc<Self>, mut guest: UnixStream) {
+        let started = Instant::now();
+        let mut target = String::from("?");
+        let upstream = self.policy.upstream.as_ref().map(|u| u.addr.as_str());
+        let setup = async {
+            let slot = self.slots.clone().try_acquire_owned().map_err(|_| {
+                Refusal::denied(format!(
+                    "this VM already has {} egress connections open (the host's --egress-max-connections)",
+                    self.limits.max_connections
+                ))
+            })?;
+            let req = read_request(&mut guest).await?;
+            target = join_host_port(&req.host, req.port);
+            let remote = self.connect(&req).await?;
+            Ok::<_, Refusal>((remote, slot))
+        }
+        .await;
+        let (outcome, reason, up, down) = match setup {
+            Ok((remote, _slot)) => {
+                let ok = EgressReply {
+                    ok: true,
+                    reason: None,
+                    denied: false,
+                };
+                match send_reply(&mut guest, &ok).await {
+                    Ok(()) => {
+                        let (up, down, why) = self.splice(guest, remote).await;
+                        ("closed", why, up, down)
+                    }
+                    Err(e) => ("failed", Some(format!("guest went away: {e}")), 0, 0),
+                }
+            }
+            Err(r) => {
+                let reply = EgressReply {
+                    ok: false,
+                    reason: Some(r.reason.clone()),
+                    denied: r.denied,
+                };
+                // The guest may already be gone; the log line says why anyway.
+                let _ = send_reply(&mut guest, &reply).await;
+                (
+                    if r.denied { "denied" } else { "failed" },
+                    Some(r.reason),
+                    0,
+                    0,
+                )
+            }
+        };
+        let line = ConnLog {
+            ts_ms: crate::now_ms(),
+            vm: &self.vm,
+            target: target.clone(),
+            upstream,
+            outcome,
+            reason: reason.clone(),
+            bytes_up: up,
+            bytes_down: down,
+            duration_ms: started.elapsed().as_millis() as u64,
+        };
+        info!(
+            vm = %self.vm,
+            target = %target,
+            upstream = upstream.unwrap_or("direct"),
+            outcome,
+            reason = reason.as_deref().unwrap_or(""),
+            bytes_up = up,
+            bytes_down = down,
+            duration_ms = line.duration_ms,
+            "egress connection"
+        );
+        if let Ok(mut text) = serde_json::to_string(&line) {
+            text.push('\n');
+            if let Ok(mut f) = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .await
+            {
+                let _ = f.write_all(text.as_bytes()).await;
+            }
+        }
+    }
+
+    /// Resolve, check and dial; for an upstream, run its CONNECT.
+    async fn connect(&self, req: &EgressRequest) -> Result<TcpStream, Refusal> {
+        let addrs = resolve(&req.host, req.port).await?;
+        for a in &addrs {
+            if self.policy.allow.iter().any(|r| r.matches(*a)) {
+                continue;
+            }
+            if let Some(why) = deny_reason(a.ip(), &self.own) {
+                return Err(Refusal::denied(format!(
+                    "{} resolves to {a}: {why}; an operator can open it with --egress-allow",
+                    req.host
+                )));
+            }
+        }
+        let timeout = self.limits.connect_timeout;
+        if let Some(up) = &self.policy.upstream {
+            let mut s = dial(&up.addr, timeout)
+                .await
+                .map_err(|e| Refusal::failed(format!("upstream proxy {}: {e}", up.addr)))?;
+            // The upstream gets the name, not our resolution: a residential
+            // provider resolves it where the request leaves.
+            let target = join_host_port(&req.host, req.port);
+            let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+            if let Some(auth) = &up.auth {
+                head.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+            }
+            head.push_str("\r\n");
+            let status = tokio::time::timeout(timeout, async {
+                s.write_all(head.as_bytes()).await?;
+                read_status(&mut s).await
+            })
+            .await
+            .map_err(|_| Refusal::failed(format!("upstream proxy {} did not answer", up.addr)))?
+            .map_err(|e| Refusal::failed(format!("upstream proxy {}: {e}", up.addr)))?;
+            if !(200..300).contains(&status.0) {
+                return Err(Refusal::failed(format!(
+                    "upstream proxy {} refused CONNECT {target}: {}",
+                    up.addr, status.1
+                )));
+            }
+            return Ok(s);
+        }
+        if !self.policy.direct {
+            return Err(Refusal::denied(
+                "this VM has no egress upstream and direct egress is off (vm run --egress-upstream or --egress-direct)"
+                    .into(),
+            ));
+        }
+        let mut last = None;
+        for a in addrs {
+            match tokio::time::timeout(timeout, TcpStream::connect(a)).await {
+                Ok(Ok(s)) => return Ok(s),
+                Ok(Err(e)) => last = Some(format!("{a}: {e}")),
+                Err(_) => last = Some(format!("{a}: timed out")),
+            }
+        }
+        Err(Refusal::failed(format!(
+            "cannot connect to {}: {}",
+            join_host_port(&req.host, req.port),
+            last.unwrap_or_else(|| "no address".into())
+        )))
+    }
+
+    /// Copy both ways under the VM's bucket and idle timeout; half-closes
+    /// pass through. Returns bytes up, bytes down and why it ended early.
+    async fn splice(&self, guest: UnixStream, remote: TcpStream) -> (u64, u64, Option<String>) {
+        let _ = remote.set_nodelay(true);
+        let (gr, gw) = guest.into_split();
+        let (rr, rw) = remote.into_split();
+        let last = StdMutex::new(Instant::now());
+        let (up, down) = tokio::join!(self.pump(gr, rw, &last), self.pump(rr, gw, &last));
+        let why = up.1.or(down.1);
+        (up.0, down.0, why)
+    }
+
+    async fn pump<R, W>(
+        &self,
+        mut from: R,
+        mut to: W,
+        last: &StdMutex<Instant>,
+    ) -> (u64, Option<String>)
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let idle = self.limits.idle_timeout;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = match tokio::time::timeout(idle, from.read(&mut buf)).await {
+                Ok(Ok(0)) => {
+                    let _ = to.shutdown().await;
+                    return (total, None);
+                }
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return (total, Some(e.to_string())),
+                Err(_) => {
+                    // Idle only if the other direction was quiet too.
+                    let quiet = last.lock().map(|l| l.elapsed() >= idle).unwrap_or(true);
+                    if quiet {
+                        let _ = to.shutdown().await;
+                        return (total, Some(format!("idle for {} s", idle.as_secs())));
+                    }
+                    continue;
+                }
+            };
+            if let Ok(mut l) = last.lock() {
+                *l = Instant::now();
+            }
+            let wait = self
+                .bucket
+                .lock()
+                .map(|mut b| b.take(n, Instant::now()))
+                .unwrap_or_default();
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            if let Err(e) = to.write_all(&buf[..n]).await {
+                return (total, Some(e.to_string()));
+            }
+            total += n as u64;
+        }
+    }
+}
+
+async fn send_reply(guest: &mut UnixStream, reply: &EgressReply) -> std::io::Result<()> {
+    let line = encode_line(reply).map_err(std::io::Error::other)?;
+    guest.write_all(&line).await
+}
+
+/// Read the request line byte by byte, so nothing after it is consumed.
+async fn read_request(guest: &mut UnixStream) -> Result<EgressRequest, Refusal> {
+    let mut line = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut b = [0u8; 1];
+        loop {
+            if guest.read(&mut b).await? == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "guest closed before its request",
+                ));
+            }
+            if b[0] == b'\n' {
+                return Ok(());
+            }
+            if line.len() >= MAX_EGRESS_LINE {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "request line too long",
+                ));
+            }
+            line.push(b[0]);
+        }
+    })
+    .await;
+    match read {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Refusal::failed(format!("bad egress request: {e}"))),
+        Err(_) => return Err(Refusal::failed("no egress request within 10 s".into())),
+    }
+    let req: EgressRequest = serde_json::from_slice(&line)
+        .map_err(|e| Refusal::failed(format!("bad egress request: {e}")))?;
+    if req.port == 0
+        || req.host.is_empty()
+        || req.host.len() > 253
+        || !req
+            .host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
+    {
+        return Err(Refusal::failed(format!(
+            "bad egress target {:?}:{}",
+            req.host, req.port
+        )));
+    }
+    Ok(req)
+}
+
+async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Refusal> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| Refusal::failed(format!("cannot resolve {host}: {e}")))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(Refusal::failed(format!("{host} has no addresses")));
+    }
+    Ok(addrs)
+}
+
+async fn dial(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        )),
+    }
+}
+
+/// Read an HTTP response head up to the blank line (byte by byte, so the
+/// tunnel's first bytes stay unread); returns the status code and line.
+async fn read_status(s: &mut TcpStream) -> std::io::Result<(u16, String)> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before answering CONNECT",
+            ));
+        }
+        head.push(b[0]);
+        if head.len() > 16 * 1024 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "response head too long",
+            ));
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let line = text.lines().next().unwrap_or_default().to_string();
+    let code = line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("bad status line {line:?}"),
+            )
+        })?;
+    Ok((code, line))
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use polydev_api::vm::{Secret, Upstream};
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn allow_rules_parse_and_match() {
+        let r = AllowRule::parse("127.0.0.1:8080").unwrap();
+        assert!(r.matches(sa("127.0.0.1:8080")));
+        assert!(!r.matches(sa("127.0.0.1:8081")));
+        assert!(!r.matches(sa("127.0.0.2:8080")));
+        let r = AllowRule::parse("127.0.0.0/8:*").unwrap();
+        assert!(r.matches(sa("127.9.9.9:1")));
+        assert!(r.matches(sa("[::ffff:127.0.0.1]:5")), "v4-mapped counts");
+        assert!(!r.matches(sa("128.0.0.1:1")));
+        let r = AllowRule::parse("[::1]:443").unwrap();
+        assert!(r.matches(sa("[::1]:443")));
+        let r = AllowRule::parse("[fd00::]/8:*").unwrap();
+        assert!(r.matches(sa("[fdff::1]:1")));
+        let r = AllowRule::parse("0.0.0.0/0:53").unwrap();
+        assert!(r.matches(sa("8.8.8.8:53")));
+        for bad in [
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1/33:*",
+            "host:80",
+            "[::1:80",
+            "::1:80",
+            "1.2.3.4:x",
+        ] {
+            assert!(AllowRule::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn deny_list_covers_private_loopback_link_local_metadata_and_own() {
+        let own = [IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7))];
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "169.254.1.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "::1",
+            "fe80::1",
+            "fc00::1",
+            "::ffff:10.0.0.1",
+            "203.0.113.7",
+        ] {
+            assert!(
+                deny_reason(ip.parse().unwrap(), &own).is_some(),
+                "{ip} must be denied"
+            );
+        }
+        for ip in ["1.1.1.1", "172.32.0.1", "2606:4700::1111", "203.0.113.8"] {
+            assert_eq!(deny_reason(ip.parse().unwrap(), &own), None, "{ip}");
+        }
+        let why = deny_reason("169.254.169.254".parse().unwrap(), &[]).unwrap();
+        assert!(why.contains("metadata"), "{why}");
+        let why = deny_reason("203.0.113.7".parse().unwrap(), &own).unwrap();
+        assert!(why.contains("address of this host"), "{why}");
+    }
+
+    #[test]
+    fn policies_validate() {
+        let up = |url: &str, user: Option<&str>, pass: Option<&str>| EgressPolicy {
+            upstream: Some(Upstream {
+                url: url.into(),
+                username: user.map(str::to_string),
+                password: pass.map(Secret::new),
+            }),
+            ..Default::default()
+        };
+        assert!(validate(&up("http://127.0.0.1:3128", Some("u"), Some("p"))).is_ok());
+        assert!(validate(&up("http://proxy.example:8080/", None, None)).is_ok());
+        assert_eq!(
+            validate(&up("https://p:1", None, None)),
+            Err(EgressError::UpstreamUrl("https://p:1".into()))
+        );
+        assert!(validate(&up("http://u:p@p:1", None, None)).is_err());
+        assert!(validate(&up("http://p", None, None)).is_err());
+        assert_eq!(
+            validate(&up("http://p:1", Some("u"), None)),
+            Err(EgressError::HalfCredentials)
+        );
+        assert_eq!(
+            validate(&up("http://p:1", Some("a:b"), Some("c"))),
+            Err(EgressError::BadUser)
+        );
+        let mut both = up("http://p:1", None, None);
+        both.direct = true;
+        assert_eq!(validate(&both), Err(EgressError::UpstreamAndDirect));
+        assert!(validate(&EgressPolicy {
+            allow: vec!["nope".into()],
+            ..Default::default()
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn compiled_auth_is_basic_and_errors_never_carry_the_password() {
+        let p = EgressPolicy {
+            upstream: Some(Upstream {
+                url: "http://127.0.0.1:9".into(),
+                username: Some("alice".into()),
+                password: Some(Secret::new("s3cret")),
+            }),
+            ..Default::default()
+        };
+        let c = compile(&p).ok().unwrap();
+        let up = c.upstream.unwrap();
+        assert_eq!(up.auth.as_deref(), Some("Basic YWxpY2U6czNjcmV0"));
+        assert_eq!(up.addr, "127.0.0.1:9");
+    }
+
+    #[test]
+    fn token_bucket_allows_a_burst_then_paces() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(100_000, t0);
+        assert_eq!(b.take(100_000, t0), Duration::ZERO, "a full second bursts");
+        let w = b.take(50_000, t0);
+        assert!((w.as_secs_f64() - 0.5).abs() < 1e-6, "{w:?}");
+        // Half a second later the debt is paid; another 50 kB waits 0.5 s.
+        let t1 = t0 + Duration::from_millis(500);
+        let w = b.take(50_000, t1);
+        assert!((w.as_secs_f64() - 0.5).abs() < 1e-6, "{w:?}");
+        // Refill never exceeds the burst.
+        let t2 = t1 + Duration::from_secs(100);
+        assert_eq!(b.take(100_000, t2), Duration::ZERO);
+        assert!(b.take(1, t2) > Duration::ZERO);
+        let mut unlimited = TokenBucket::new(0, t0);
+        assert_eq!(unlimited.take(usize::MAX, t0), Duration::ZERO);
+    }
+
+    #[test]
+    fn ipv6_targets_are_bracketed() {
+        assert_eq!(join_host_port("::1", 80), "[::1]:80");
+        assert_eq!(join_host_port("a.b", 80), "a.b:80");
+    }
+}
