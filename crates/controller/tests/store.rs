@@ -437,3 +437,29 @@ async fn concurrent_first_open_migrates_once(db: common::TestDb) {
         .unwrap();
     assert_eq!(n, latest_version());
 }
+
+#[tokio::test]
+async fn sqlite_in_awkward_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("my data ?#%");
+    std::fs::create_dir_all(&data).unwrap();
+    let s = polydev_controller::store::Store::open_in_dir(&data)
+        .await
+        .unwrap();
+    let u = s.create_user("zed", "admin").await.unwrap();
+    s.close().await;
+    assert!(data.join("controller.db").exists());
+    let s = polydev_controller::store::Store::open_in_dir(&data)
+        .await
+        .unwrap();
+    assert_eq!(s.user(&u.id).await.unwrap().name, "zed");
+    // A data dir that does not exist is a clear error, not a panic.
+    let e = polydev_controller::store::Store::open_in_dir(&dir.path().join("missing"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("cannot open database"), "{e}");
+    let e = polydev_controller::store::Store::open("mysql://x")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("sqlite://"), "{e}");
+}

@@ -159,7 +159,13 @@ async fn no_plaintext_in_database_file(db: common::TestDb) {
     let mut saw_user_name = false;
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
-        let bytes = std::fs::read(&p).unwrap();
+        let bytes = match std::fs::read(&p) {
+            Ok(b) => b,
+            // SQLite removes -wal/-shm as the last connection closes; their
+            // content is then in the main file, which is read too.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("{}: {e}", p.display()),
+        };
         assert!(
             !contains(&bytes, b"PLAINTEXT-MARKER"),
             "plaintext in {}",

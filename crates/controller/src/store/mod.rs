@@ -356,7 +356,47 @@ impl Store {
     /// Open the SQLite database `controller.db` in `data_dir` (created if missing).
     pub async fn open_in_dir(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("controller.db");
-        Self::open(&format!("sqlite://{}", path.display())).await
+        // Built from the path, not a formatted URL: a data dir may contain
+        // spaces, `?` or `#`.
+        let opts = SqliteConnectOptions::new().filename(&path);
+        Self::open_sqlite(opts, &path.display().to_string()).await
+    }
+
+    async fn open_sqlite(opts: SqliteConnectOptions, shown: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let open_err = |source| StoreError::Open {
+            url: shown.to_string(),
+            source,
+        };
+        // Create the file and switch it to WAL once; WAL is a property of
+        // the file, so every later connection (through `Any`) gets it.
+        let opts = opts
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
+        let mut c = opts.connect().await.map_err(open_err)?;
+        c.ping().await.map_err(open_err)?;
+        c.close().await.map_err(open_err)?;
+        let any = AnyConnectOptions::from_str(opts.to_url_lossy().as_str()).map_err(open_err)?;
+        Self::finish_open(any, Dialect::Sqlite, 4, shown).await
+    }
+
+    async fn finish_open(
+        opts: AnyConnectOptions,
+        dialect: Dialect,
+        max: u32,
+        shown: &str,
+    ) -> Result<Self, StoreError> {
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .connect_with(opts)
+            .await
+            .map_err(|source| StoreError::Open {
+                url: shown.to_string(),
+                source,
+            })?;
+        let store = Store { pool, dialect };
+        store.migrate().await?;
+        Ok(store)
     }
 
     /// Open a database by URL (`sqlite://<path>` or `postgres://…`), apply
@@ -367,32 +407,15 @@ impl Store {
             url: redact(url),
             source,
         };
-        let (dialect, any_url, max) = if url.starts_with("sqlite:") {
-            // Create the file and switch it to WAL once; WAL is a property of
-            // the file, so every later connection (through `Any`) gets it.
-            let opts = SqliteConnectOptions::from_str(url)
-                .map_err(open_err)?
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal);
-            let mut c = opts.connect().await.map_err(open_err)?;
-            c.ping().await.map_err(open_err)?;
-            let any_url = opts.to_url_lossy().to_string();
-            c.close().await.map_err(open_err)?;
-            (Dialect::Sqlite, any_url, 4)
+        if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url).map_err(open_err)?;
+            Self::open_sqlite(opts, &redact(url)).await
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            (Dialect::Postgres, url.to_string(), 16)
+            let opts = AnyConnectOptions::from_str(url).map_err(open_err)?;
+            Self::finish_open(opts, Dialect::Postgres, 16, &redact(url)).await
         } else {
-            return Err(StoreError::UnsupportedUrl(redact(url)));
-        };
-        let opts = AnyConnectOptions::from_str(&any_url).map_err(open_err)?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(max)
-            .connect_with(opts)
-            .await
-            .map_err(open_err)?;
-        let store = Store { pool, dialect };
-        store.migrate().await?;
-        Ok(store)
+            Err(StoreError::UnsupportedUrl(redact(url)))
+        }
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
