@@ -1,4 +1,5 @@
-//! Guest artifacts: the kernel and the initramfs carrying the guest agent.
+//! Guest artifacts: the kernel, the initramfs carrying the guest agent, and
+//! the golden root filesystem images built from `image/recipe.toml`.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,36 @@ pub enum ImageCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Build a golden image from the recipe (cached by the recipe's hash;
+    /// an interrupted build resumes). Needs root.
+    Build {
+        /// Image name from the recipe, e.g. `cli` or `browser`.
+        name: String,
+        /// Recipe file instead of the one built into this binary.
+        #[arg(long)]
+        recipe: Option<PathBuf>,
+        /// Rebuild even if an image for this recipe is cached.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List built images.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an image's manifest (package versions, sizes, key).
+    Inspect {
+        /// Image name or key.
+        name: String,
+    },
+    /// Remove an image by name or key.
+    Rm {
+        /// Image name or key.
+        name: String,
+    },
+    /// Remove superseded images and abandoned builds.
+    Gc,
 }
 
 /// Kernel and initramfs ready to boot.
@@ -46,7 +77,107 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        ImageCmd::Build {
+            name,
+            recipe,
+            force,
+        } => {
+            let recipe = match recipe {
+                Some(p) => polydev_image::Recipe::parse(
+                    &std::fs::read_to_string(&p)
+                        .with_context(|| format!("cannot read recipe {}", p.display()))?,
+                )?,
+                None => polydev_image::Recipe::builtin()?,
+            };
+            let plan = recipe.image(&name)?;
+            let art = tokio::task::spawn_blocking(move || {
+                let cache = image_cache()?;
+                let say = |line: &str| eprintln!("{line}");
+                let opts = polydev_image::BuildOptions { force };
+                polydev_image::build_image(
+                    &cache,
+                    &plan,
+                    &polydev_image::HostAccess::detect,
+                    &opts,
+                    &say,
+                )
+                .context("building the image")
+            })
+            .await
+            .context("image build task failed")??;
+            println!("{}", art.rootfs.display());
+            Ok(0)
+        }
+        ImageCmd::Ls { json } => {
+            let cache = image_cache()?;
+            let images = polydev_image::list_images(&cache);
+            if json {
+                let v: Vec<_> = images
+                    .iter()
+                    .map(|(a, names)| {
+                        serde_json::json!({
+                            "names": names,
+                            "key": a.manifest.key,
+                            "name": a.manifest.name,
+                            "image_bytes": a.manifest.image_bytes,
+                            "built_unix": a.manifest.built_unix,
+                            "rootfs": a.rootfs,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!(
+                    "{:<10} {:<12} {:>8}  {:<10} DESCRIPTION",
+                    "NAME", "KEY", "SIZE", "CURRENT"
+                );
+                for (a, names) in &images {
+                    let m = &a.manifest;
+                    println!(
+                        "{:<10} {:<12} {:>5} MiB  {:<10} {}",
+                        m.name,
+                        &m.key[..12],
+                        m.image_bytes >> 20,
+                        if names.is_empty() { "no (gc)" } else { "yes" },
+                        m.description
+                    );
+                }
+            }
+            Ok(0)
+        }
+        ImageCmd::Inspect { name } => {
+            let cache = image_cache()?;
+            let art = polydev_image::find_image(&cache, &name)
+                .or_else(|| polydev_image::find_image_by_key(&cache, &name))
+                .ok_or_else(|| polydev_image::ImageError::NotBuilt(name.clone()))?;
+            println!("{}", serde_json::to_string_pretty(&art.manifest)?);
+            Ok(0)
+        }
+        ImageCmd::Rm { name } => {
+            let cache = image_cache()?;
+            for key in polydev_image::remove_image(&cache, &name)? {
+                println!("removed {key}");
+            }
+            Ok(0)
+        }
+        ImageCmd::Gc => {
+            let cache = image_cache()?;
+            let r = polydev_image::gc_images(&cache)?;
+            println!(
+                "removed {} superseded image(s) ({} MiB) and {} abandoned build(s)",
+                r.images.len(),
+                r.bytes >> 20,
+                r.builds.len()
+            );
+            Ok(0)
+        }
     }
+}
+
+fn image_cache() -> anyhow::Result<polydev_image::Cache> {
+    Ok(polydev_image::Cache::new(
+        polydev_image::Cache::default_root()?,
+    ))
 }
 
 /// Make sure the kernel and an initramfs with the current guest agent exist.

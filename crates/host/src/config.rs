@@ -48,6 +48,9 @@ pub struct HostConfig {
     pub log_retention: usize,
     /// Per-VM limits of the egress proxy.
     pub egress: crate::egress::EgressLimits,
+    /// The artifact cache holding golden images (`polydev image build`);
+    /// `None`: only the minimal (initramfs-only) image is offered.
+    pub image_cache: Option<PathBuf>,
 }
 
 /// The vsock transport of QEMU VMs.
@@ -68,6 +71,12 @@ pub const MIN_MEMORY_MIB: u32 = 96;
 pub const MAX_NAME_LEN: usize = 63;
 /// Largest data disk.
 pub const MAX_DATA_DISK_MIB: u32 = 1024 * 1024;
+/// Data disk of a VM whose image keeps its writable layer on disk (the CLI
+/// image's persistent `/home`) when the request names no size. The file is
+/// sparse, so this costs only what the guest writes.
+pub const DEFAULT_PERSISTENT_DISK_MIB: u32 = 2048;
+/// The image that is only the initramfs (no root filesystem).
+pub const MINIMAL_IMAGE: &str = "minimal";
 
 impl HostConfig {
     /// Defaults for a data directory; paths to binaries are looked up in
@@ -101,6 +110,7 @@ impl HostConfig {
             boot_timeout: Duration::from_secs(60),
             log_retention: 200,
             egress: crate::egress::EgressLimits::default(),
+            image_cache: polydev_image::Cache::default_root().ok(),
         }
     }
 
@@ -144,11 +154,12 @@ impl HostConfig {
                 max: self.max_memory_mib,
             });
         }
-        if let Some(image) = &spec.image {
-            if image != "minimal" {
-                return Err(SpecError::UnknownImage(image.clone()));
-            }
-        }
+        let image_name = spec.image.as_deref().unwrap_or(MINIMAL_IMAGE);
+        let image = if image_name == MINIMAL_IMAGE {
+            None
+        } else {
+            Some(self.find_image(image_name)?)
+        };
         let kernel = match &spec.kernel {
             Some(k) => existing_file(k, "kernel")?,
             None => existing_default(&self.kernel, "kernel")?,
@@ -166,7 +177,18 @@ impl HostConfig {
                 return Err(SpecError::FirecrackerNeedsKvm);
             }
         }
-        let data_disk_mib = spec.data_disk_mib.unwrap_or(0);
+        if hypervisor == HypervisorKind::Firecracker && image.is_some() {
+            return Err(SpecError::ImageNeedsQemu(image_name.to_string()));
+        }
+        let persistent = image.as_ref().is_some_and(|i| i.root.persistent_overlay);
+        let data_disk_mib = match spec.data_disk_mib {
+            Some(0) if persistent => {
+                return Err(SpecError::NeedsDisk(image_name.to_string()));
+            }
+            Some(n) => n,
+            None if persistent => DEFAULT_PERSISTENT_DISK_MIB,
+            None => 0,
+        };
         if data_disk_mib > MAX_DATA_DISK_MIB {
             return Err(SpecError::Disk {
                 got: data_disk_mib,
@@ -184,19 +206,80 @@ impl HostConfig {
         if let Some(p) = &spec.egress {
             crate::egress::validate(p)?;
         }
+        // The image's environment (proxy settings) first; the request's
+        // own variables win.
+        let mut env = image.as_ref().map(|i| i.env.clone()).unwrap_or_default();
+        env.extend(spec.env.clone());
         Ok(ResolvedSpec {
             name: spec.name.clone(),
             vcpus,
             memory_mib,
-            image: "minimal".into(),
+            image: image_name.to_string(),
             kernel,
             initramfs,
             hypervisor,
-            env: spec.env.clone(),
+            env,
             services: spec.services.clone(),
             data_disk_mib,
             egress: spec.egress.clone(),
+            rootfs: image.map(|i| i.root),
         })
+    }
+
+    /// A built golden image by name, from the image cache.
+    fn find_image(&self, name: &str) -> Result<FoundImage, SpecError> {
+        let unknown = || SpecError::UnknownImage(name.to_string());
+        let cache = polydev_image::Cache::new(self.image_cache.clone().ok_or_else(unknown)?);
+        let art = polydev_image::find_image(&cache, name).ok_or_else(unknown)?;
+        let m = &art.manifest;
+        Ok(FoundImage {
+            env: m.env.clone(),
+            root: RootImage {
+                path: art.rootfs.clone(),
+                key: m.key.clone(),
+                fstype: m.fstype.clone(),
+                persistent_overlay: m.writable == polydev_image::Writable::Disk,
+            },
+        })
+    }
+}
+
+struct FoundImage {
+    env: std::collections::BTreeMap<String, String>,
+    root: RootImage,
+}
+
+/// A read-only root filesystem a VM boots into. The file is shared by
+/// every VM of the image and attached read-only: creating a VM never
+/// copies it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RootImage {
+    /// The image file (erofs).
+    pub path: PathBuf,
+    /// Its content key.
+    pub key: String,
+    /// Filesystem type, for `polydev.rootfstype=`.
+    pub fstype: String,
+    /// Whether the overlay's writable layer is the VM's data disk
+    /// (persistent, e.g. `/home` of a CLI VM) rather than a guest tmpfs.
+    pub persistent_overlay: bool,
+}
+
+impl ResolvedSpec {
+    /// Kernel command line words that make the guest agent switch into the
+    /// root image: it is the first virtio-blk device (`/dev/vda`, see the
+    /// QEMU driver), the data disk the second (`/dev/vdb`).
+    pub fn root_cmdline(&self) -> Option<String> {
+        let r = self.rootfs.as_ref()?;
+        let overlay = if r.persistent_overlay && self.data_disk_mib > 0 {
+            "/dev/vdb"
+        } else {
+            "tmpfs"
+        };
+        Some(format!(
+            "polydev.root=/dev/vda polydev.rootfstype={} polydev.overlay={overlay}",
+            r.fstype
+        ))
     }
 }
 
@@ -228,6 +311,9 @@ pub struct ResolvedSpec {
     /// store [`ResolvedSpec::without_secrets`] instead.
     #[serde(default)]
     pub egress: Option<polydev_api::vm::EgressPolicy>,
+    /// Root filesystem image (`None`: the minimal image, initramfs only).
+    #[serde(default)]
+    pub rootfs: Option<RootImage>,
 }
 
 impl ResolvedSpec {
@@ -275,8 +361,14 @@ pub enum SpecError {
         max: u32,
     },
     /// No such image.
-    #[error("unknown image {0:?}: this host offers only \"minimal\" (see `polydev image ls`)")]
+    #[error("unknown image {0:?}: it is not built on this host; build it with `polydev image build {0}` (see `polydev image ls`), or use \"minimal\"")]
     UnknownImage(String),
+    /// Golden images are attached as virtio-blk drives by the QEMU driver only.
+    #[error("image {0:?} runs on the qemu hypervisor only for now; use --hypervisor qemu or the minimal image")]
+    ImageNeedsQemu(String),
+    /// The image keeps its writable layer on the data disk.
+    #[error("image {0:?} keeps its writable layer (/home) on a data disk; omit data_disk_mib or give a size above 0")]
+    NeedsDisk(String),
     /// A kernel or initramfs path does not exist.
     #[error("{what} {path:?} does not exist or is not a file: build it with `polydev image kernel` or pass an existing path")]
     MissingFile {
@@ -405,6 +497,7 @@ mod tests {
         std::fs::write(&k, b"k").unwrap();
         std::fs::write(&i, b"i").unwrap();
         let mut c = HostConfig::with_defaults(dir.join("data"), k, i);
+        c.image_cache = Some(dir.join("cache"));
         c.max_vcpus = 8;
         c.max_memory_mib = 4096;
         c
@@ -435,6 +528,56 @@ mod tests {
             })
             .unwrap_err();
         assert!(matches!(e, SpecError::Vcpus { got: 0, .. }));
+    }
+
+    #[test]
+    fn images_resolve_from_the_cache_with_env_disk_and_root_cmdline() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        let spec = |image: &str, disk: Option<u32>| VmSpec {
+            image: Some(image.into()),
+            data_disk_mib: disk,
+            env: [("https_proxy".to_string(), "mine".to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.resolve(&spec("cli", None)),
+            Err(SpecError::UnknownImage("cli".into()))
+        );
+        // A published image as `polydev image build` leaves it.
+        let key = "b".repeat(64);
+        let dir = d.path().join("cache/images").join(&key);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(polydev_image::ROOTFS_FILE), b"erofs").unwrap();
+        let manifest = serde_json::json!({
+            "name": "cli", "key": key, "description": "", "format": 1,
+            "suite": "trixie", "writable": "disk",
+            "env": {"https_proxy": "http://127.0.0.1:3128", "http_proxy": "http://127.0.0.1:3128"},
+            "agent_protocol": 1, "packages": {}, "npm": {}, "fstype": "erofs",
+            "tree_bytes": 1, "image_bytes": 1, "image_sha256": "", "build_secs": 1, "built_unix": 1
+        });
+        std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+        std::fs::create_dir_all(d.path().join("cache/images/names")).unwrap();
+        std::fs::write(d.path().join("cache/images/names/cli"), &key).unwrap();
+
+        let r = c.resolve(&spec("cli", None)).unwrap();
+        assert_eq!(r.image, "cli");
+        assert_eq!(r.data_disk_mib, DEFAULT_PERSISTENT_DISK_MIB);
+        assert_eq!(r.env["https_proxy"], "mine", "the request wins");
+        assert_eq!(r.env["http_proxy"], "http://127.0.0.1:3128");
+        assert_eq!(
+            r.root_cmdline().as_deref(),
+            Some("polydev.root=/dev/vda polydev.rootfstype=erofs polydev.overlay=/dev/vdb")
+        );
+        assert_eq!(
+            c.resolve(&spec("cli", Some(0))),
+            Err(SpecError::NeedsDisk("cli".into()))
+        );
+        let minimal = c.resolve(&VmSpec::default()).unwrap();
+        assert_eq!(
+            (minimal.image.as_str(), minimal.root_cmdline()),
+            ("minimal", None)
+        );
     }
 
     #[test]

@@ -333,7 +333,7 @@ impl Manager {
             dir: dir.clone(),
             spec: spec.clone(),
             accel: self.cfg.accel,
-            cmdline: self.cmdline(&vm.id),
+            cmdline: self.cmdline(&vm.id, spec),
             restore_from: restore_from.clone(),
         };
         let launched = driver.launch(&plan).await?;
@@ -385,12 +385,16 @@ impl Manager {
         Ok(r.info.clone())
     }
 
-    fn cmdline(&self, id: &str) -> String {
+    fn cmdline(&self, id: &str, spec: &ResolvedSpec) -> String {
         let mut c = String::from("console=ttyS0 reboot=t panic=-1 quiet");
         if let Some(khz) = self.cfg.tsc_khz {
             c.push_str(&format!(" tsc_early_khz={khz}"));
         }
         c.push_str(&format!(" polydev.id={id}"));
+        if let Some(root) = spec.root_cmdline() {
+            c.push(' ');
+            c.push_str(&root);
+        }
         c
     }
 
@@ -1066,6 +1070,7 @@ mod tests {
                 services: vec![],
                 data_disk_mib: 0,
                 egress: None,
+                rootfs: None,
             },
             hypervisor_pid: None,
             backend_pid: None,

@@ -168,6 +168,7 @@ fn plan(
             services: Vec::new(),
             data_disk_mib,
             egress: None,
+            rootfs: None,
         },
         accel: Accel::Kvm,
         cmdline: "console=ttyS0 reboot=k panic=0 pci=off".into(),

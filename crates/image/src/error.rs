@@ -139,6 +139,36 @@ pub enum ImageError {
     #[error("no cache directory: set POLYDEV_CACHE or HOME")]
     NoCacheDir,
 
+    /// The image recipe is malformed.
+    #[error("image recipe: {0} (fix image/recipe.toml)")]
+    Recipe(String),
+
+    /// No image of that name in the recipe.
+    #[error("no image named {name:?} in the recipe; known images: {known}")]
+    UnknownImage {
+        /// The name asked for.
+        name: String,
+        /// The names the recipe defines.
+        known: String,
+    },
+
+    /// No built image of that name in the cache.
+    #[error("image {0:?} is not built on this host: run `polydev image build {0}`")]
+    NotBuilt(String),
+
+    /// A step of an image build failed.
+    #[error("image build step `{step}` failed: {detail} (the build resumes from this step when run again)")]
+    Build {
+        /// The step.
+        step: &'static str,
+        /// What went wrong, with the tool's own words.
+        detail: String,
+    },
+
+    /// An image build needs root (debootstrap, chroot, device nodes).
+    #[error("building an image needs root (debootstrap and chroot): run it as root or via sudo")]
+    NeedRoot,
+
     /// A cpio archive could not be parsed.
     #[error("malformed cpio archive: {0}")]
     Cpio(String),

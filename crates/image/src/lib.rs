@@ -10,6 +10,8 @@
 //! <cache>/kernel/<deb-sha256>/{vmlinux,config,modules/,modules.json,manifest.json}
 //! <cache>/busybox/<deb-sha256>/{busybox,manifest.json}
 //! <cache>/initramfs/<key>/{initramfs.cpio,manifest.json}
+//! <cache>/images/<key>/{rootfs.erofs,manifest.json}   (golden images, see `rootfs`)
+//! <cache>/images/names/<name>                         (key of an image name's newest build)
 //! ```
 //!
 //! Artifacts are built in `.staging-*` siblings and renamed into place, so a
@@ -38,6 +40,8 @@ mod error;
 mod initramfs;
 mod kernel;
 pub mod modules;
+pub mod recipe;
+mod rootfs;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -55,6 +59,11 @@ pub use kernel::{
     ensure_kernel, find_cached_kernel, KernelArtifact, KernelManifest, KERNEL_METAPACKAGE,
 };
 pub use modules::DEFAULT_MODULES;
+pub use recipe::{ImagePlan, Recipe, Writable, BUILTIN_RECIPE, ROOTFS_FORMAT};
+pub use rootfs::{
+    build_image, find_image, find_image_by_key, gc_images, list_images, mirrors_from_sources,
+    remove_image, BuildOptions, GcReport, HostAccess, ImageArtifact, ImageManifest, ROOTFS_FILE,
+};
 
 /// The root of the artifact cache.
 #[derive(Debug, Clone, PartialEq, Eq)]

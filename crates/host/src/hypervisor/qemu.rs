@@ -112,6 +112,20 @@ impl Qemu {
                 "virtserialport,chardev=mux,name=polydev.mux".into(),
             ]),
         }
+        // The golden image first, so the guest sees it as /dev/vda and the
+        // data disk as /dev/vdb (ResolvedSpec::root_cmdline). Read-only and
+        // shared by every VM of the image: nothing is copied, and the host
+        // page cache serves all of them.
+        if let Some(root) = &plan.spec.rootfs {
+            a.push("-drive".into());
+            a.push(format!(
+                "file={},format=raw,if=none,id=root,readonly=on,aio=threads",
+                // QEMU option syntax: a literal comma is written twice.
+                root.path.display().to_string().replace(',', ",,")
+            ));
+            a.push("-device".into());
+            a.push("virtio-blk-device,drive=root".into());
+        }
         if plan.spec.data_disk_mib > 0 {
             a.push("-drive".into());
             a.push(format!(

@@ -1,0 +1,340 @@
+//! Golden images end to end: the `cli` image built by setup
+//! (`polydev image build cli`) booted read-only by real QEMU VMs, and the
+//! sealed image inspected from outside.
+//!
+//! These tests never build an image from scratch (that is setup, and it
+//! fetches packages); they need the one setup built and fail with the
+//! command to run when it is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use polydev_e2e::{polydev_bin, Host};
+
+/// Node.js CLIs start slowly under TCG (gemini ≈ 45 s on an idle 2-core
+/// host), and tests run in parallel.
+const CLI_TIMEOUT: &str = "400";
+
+/// `polydev image inspect cli`, or a panic that says how to build it.
+fn cli_manifest() -> serde_json::Value {
+    let out = Command::new(polydev_bin())
+        .args(["image", "inspect", "cli"])
+        .output()
+        .expect("run polydev image inspect");
+    assert!(
+        out.status.success(),
+        "the cli image is not built: run `./target/release/polydev image build cli` \
+         (./polydev.sh setup does): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("inspect prints the manifest")
+}
+
+fn rootfs_path(manifest: &serde_json::Value) -> PathBuf {
+    let out = Command::new(polydev_bin())
+        .args(["image", "ls", "--json"])
+        .output()
+        .expect("run polydev image ls");
+    let ls: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ls --json");
+    let key = manifest["key"].as_str().expect("key");
+    let entry = ls
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|e| e["key"] == key)
+        .expect("the inspected image is listed");
+    PathBuf::from(entry["rootfs"].as_str().expect("rootfs path"))
+}
+
+#[test]
+fn the_three_clis_run_in_the_cli_image_behind_the_egress_proxy() {
+    let manifest = cli_manifest();
+    let host = Host::start();
+    let vm = host.run_vm(&["--image", "cli", "--memory", "1024"]);
+    assert_eq!(vm.image, "cli");
+    for (bin, pkg) in [
+        ("claude", "@anthropic-ai/claude-code"),
+        ("codex", "@openai/codex"),
+        ("gemini", "@google/gemini-cli"),
+    ] {
+        let version = manifest["npm"][pkg]
+            .as_str()
+            .expect("npm version in manifest");
+        let r = host.ok(&[
+            "vm",
+            "exec",
+            "--timeout",
+            CLI_TIMEOUT,
+            &vm.id,
+            "--",
+            bin,
+            "--version",
+        ]);
+        assert!(
+            r.stdout.contains(version),
+            "{bin} --version prints {version}: {}{}",
+            r.stdout,
+            r.stderr
+        );
+    }
+    // Every HTTP client is pointed at the guest's egress proxy: the agent's
+    // processes get it from the image manifest, login shells from
+    // /etc/profile.d, npm and apt from their global config.
+    let r = host.ok(&[
+        "vm",
+        "exec",
+        &vm.id,
+        "--",
+        "sh",
+        "-c",
+        "echo $https_proxy $HTTPS_PROXY; env -i HOME=/root bash -lc 'echo $http_proxy'; \
+         npm config get https-proxy; apt-config dump | grep -i 'Acquire::https::Proxy '",
+    ]);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "http://127.0.0.1:3128 http://127.0.0.1:3128",
+            "http://127.0.0.1:3128",
+            "http://127.0.0.1:3128",
+            "Acquire::https::Proxy \"http://127.0.0.1:3128\";",
+        ],
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn vms_share_the_read_only_base_and_never_see_each_others_writes() {
+    let manifest = cli_manifest();
+    let rootfs = rootfs_path(&manifest);
+    let host = Host::start();
+    let a = host.run_vm(&["--image", "cli"]);
+    let b = host.run_vm(&["--image", "cli"]);
+    let sh = |id: &str, script: &str| host.ok(&["vm", "exec", id, "--", "sh", "-c", script]);
+    sh(
+        &a.id,
+        "echo a > /home/user/mine && echo a > /etc/mine && rm /etc/hostname",
+    );
+    let r = sh(
+        &b.id,
+        "ls /home/user/mine /etc/mine 2>&1; cat /etc/hostname; cat /etc/polydev/image.json",
+    );
+    for p in ["/home/user/mine", "/etc/mine"] {
+        assert!(
+            r.stdout
+                .lines()
+                .any(|l| l.contains(&format!("'{p}'")) && l.contains("No such file")),
+            "{p} written by the other VM: {}",
+            r.stdout
+        );
+    }
+    assert!(r.stdout.contains("polydev\n"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(manifest["key"].as_str().expect("key")),
+        "{}",
+        r.stdout
+    );
+    // The base is a read-only block device inside the guest...
+    let r = sh(&a.id, "cat /sys/block/vda/ro");
+    assert!(r.stdout.starts_with("1\n"), "{}", r.stdout);
+    // ...and on the host the one cached file, opened read-only by both
+    // QEMUs, never copied into a VM directory.
+    for vm in [&a, &b] {
+        let pid = vm.pid.expect("running VM has a pid");
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("qemu cmdline");
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            cmdline.contains(&format!("file={},", rootfs.display()))
+                && cmdline.contains("readonly=on"),
+            "{cmdline}"
+        );
+        let image_size = std::fs::metadata(&rootfs).expect("rootfs").len();
+        let dir = host.data().join("vms").join(&vm.id);
+        for e in std::fs::read_dir(&dir).expect("vm dir").flatten() {
+            use std::os::unix::fs::MetadataExt;
+            let m = e.metadata().expect("metadata");
+            assert!(
+                m.blocks() * 512 < image_size / 4,
+                "{} holds {} bytes: the base must not be copied",
+                e.path().display(),
+                m.blocks() * 512
+            );
+        }
+    }
+}
+
+/// The PEM bodies of the certificates the build host added to its trust
+/// store (here: the intercepting proxy's CA), which must not reach an image.
+fn host_added_certs() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/usr/local/share/ca-certificates") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        // One full line of base64 from the middle of the certificate:
+        // present as a line in any PEM copy, alone or in a bundle.
+        if let Some(line) = text
+            .lines()
+            .filter(|l| l.len() >= 60 && !l.starts_with("-----"))
+            .nth(2)
+        {
+            out.push(line.as_bytes().to_vec());
+        }
+    }
+    out
+}
+
+fn walk(dir: &Path, f: &mut dyn FnMut(&Path, &std::fs::Metadata)) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Ok(m) = e.path().symlink_metadata() else {
+            continue;
+        };
+        if m.is_dir() {
+            walk(&e.path(), f);
+        } else {
+            f(&e.path(), &m);
+        }
+    }
+}
+
+#[test]
+fn the_sealed_image_holds_nothing_from_the_build_host() {
+    let manifest = cli_manifest();
+    let rootfs = rootfs_path(&manifest);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("root");
+    let out = Command::new("fsck.erofs")
+        .arg(format!("--extract={}", root.display()))
+        .arg(&rootfs)
+        .output()
+        .expect("run fsck.erofs (erofs-utils, installed by setup)");
+    assert!(
+        out.status.success(),
+        "fsck.erofs --extract: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Build-only configuration is gone.
+    for p in [
+        "etc/polydev-build",
+        "root/.npmrc",
+        "root/.npm",
+        "usr/sbin/policy-rc.d",
+        "var/cache/apt/pkgcache.bin",
+    ] {
+        assert!(!root.join(p).exists(), "{p} must not be in the image");
+    }
+    let aptconf: Vec<String> = std::fs::read_dir(root.join("etc/apt/apt.conf.d"))
+        .expect("apt.conf.d")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        aptconf.iter().all(|n| !n.contains("polydev-build")),
+        "{aptconf:?}"
+    );
+    let empty = |p: &str| {
+        std::fs::read_dir(root.join(p))
+            .map(|rd| rd.count() == 0)
+            .unwrap_or(true)
+    };
+    assert!(empty("var/lib/apt/lists"), "apt lists removed");
+    assert!(empty("tmp"), "no build leftovers in /tmp");
+    for p in ["etc/machine-id", "etc/resolv.conf"] {
+        let len = std::fs::metadata(root.join(p))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert_eq!(len, 0, "{p} is empty (no build-host identity or DNS)");
+    }
+    let ssh_keys: Vec<_> = std::fs::read_dir(root.join("etc/ssh"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("ssh_host_"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(ssh_keys.is_empty(), "no SSH host keys");
+
+    // No file anywhere carries a certificate the build host added, and
+    // every proxy setting in a config file is the guest's egress proxy.
+    let certs = host_added_certs();
+    let mut leaks = Vec::new();
+    let mut proxies = Vec::new();
+    walk(&root, &mut |path, m| {
+        if !m.is_file() || m.len() > 32 << 20 {
+            return;
+        }
+        let Ok(bytes) = std::fs::read(path) else {
+            return;
+        };
+        let leaked = bytes
+            .split(|b| *b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .any(|l| certs.iter().any(|c| c.as_slice() == l));
+        if leaked {
+            leaks.push(path.display().to_string());
+        }
+        let rel = path.strip_prefix(&root).unwrap_or(path);
+        let config = rel.starts_with("etc") || rel.starts_with("root") || rel.starts_with("home");
+        if config {
+            let text = String::from_utf8_lossy(&bytes);
+            for line in text.lines() {
+                let l = line.trim().to_ascii_lowercase();
+                let setting = (l.starts_with("acquire::") && l.contains("proxy"))
+                    || l.starts_with("proxy=")
+                    || l.starts_with("https-proxy=")
+                    || l.starts_with("http_proxy=")
+                    || l.starts_with("https_proxy=");
+                if setting && !l.contains("127.0.0.1:3128") {
+                    proxies.push(format!("{}: {line}", rel.display()));
+                }
+            }
+        }
+    });
+    assert!(
+        leaks.is_empty(),
+        "build-host CA certificates in the image: {leaks:?}"
+    );
+    assert!(proxies.is_empty(), "foreign proxy settings: {proxies:?}");
+    let environment =
+        std::fs::read_to_string(root.join("etc/environment")).expect("/etc/environment");
+    assert!(
+        environment.contains("https_proxy=\"http://127.0.0.1:3128\""),
+        "{environment}"
+    );
+}
+
+#[test]
+fn building_an_unchanged_recipe_again_is_a_cache_hit() {
+    let manifest = cli_manifest();
+    let t = Instant::now();
+    let out = Command::new(polydev_bin())
+        .args(["image", "build", "cli"])
+        .output()
+        .expect("run polydev image build");
+    let took = t.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("cached"), "{stderr}");
+    assert!(!stderr.contains("[1/7]"), "no step ran: {stderr}");
+    assert!(took < Duration::from_secs(10), "cache hit took {took:?}");
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(PathBuf::from(path), rootfs_path(&manifest));
+}
+
+#[test]
+fn unknown_images_are_refused_with_the_build_command() {
+    let host = Host::start();
+    let r = host.cli(&["vm", "run", "--image", "nosuch"]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("polydev image build nosuch"),
+        "{}",
+        r.stderr
+    );
+}
