@@ -95,7 +95,20 @@ struct Vm {
     exited: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// Abort the task in `slot`, if any.
+fn abort(slot: &StdMutex<Option<JoinHandle<()>>>) {
+    if let Some(t) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        t.abort();
+    }
+}
+
 impl Vm {
+    /// Stop receiving the guest's log and egress streams.
+    fn stop_listeners(&self) {
+        abort(&self.log_task);
+        abort(&self.egress_task);
+    }
+
     fn agent(&self) -> AgentClient {
         AgentClient::new(&self.dir.vsock())
     }
@@ -534,17 +547,7 @@ impl Manager {
         } else if let Some(pid) = be_pid {
             process::kill_matching(pid, &needle).await;
         }
-        if let Some(t) = vm.log_task.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            t.abort();
-        }
-        if let Some(t) = vm
-            .egress_task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            t.abort();
-        }
+        vm.stop_listeners();
         let mut record = vm.record.lock().await.clone();
         record.info.state = state;
         record.info.failure = failure;
@@ -938,20 +941,8 @@ impl Manager {
     pub fn detach(&self) {
         let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
         for vm in vms.values() {
-            if let Some(w) = vm.watcher.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                w.abort();
-            }
-            if let Some(t) = vm.log_task.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                t.abort();
-            }
-            if let Some(t) = vm
-                .egress_task
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-            {
-                t.abort();
-            }
+            abort(&vm.watcher);
+            vm.stop_listeners();
         }
     }
 }
