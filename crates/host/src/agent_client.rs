@@ -8,7 +8,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
 
-use crate::vsock::{self, VsockError};
+use crate::vsock::{self, Line, VsockError};
 
 /// Why a call to the guest agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -120,16 +120,14 @@ impl AgentClient {
         target: agent::ForwardTarget,
     ) -> Result<UnixStream, AgentCallError> {
         let mut s = self.open(&Request::Forward { target }).await?;
-        // The answer is one line; read it without buffering past it.
-        let mut line = Vec::new();
-        loop {
-            let mut b = [0u8; 1];
-            let n = tokio::io::AsyncReadExt::read(&mut s, &mut b).await?;
-            if n == 0 || b[0] == b'\n' {
-                break;
+        let line = match vsock::read_line_unbuffered(&mut s, agent::MAX_REQUEST_LINE).await? {
+            Line::Complete(l) | Line::Eof(l) => l,
+            Line::TooLong(_) => {
+                return Err(AgentCallError::Protocol(
+                    "the guest agent's forward answer has no end".into(),
+                ))
             }
-            line.push(b[0]);
-        }
+        };
         match serde_json::from_slice::<Response>(&line) {
             Ok(Response::ForwardReady) => Ok(s),
             Ok(Response::Error(e)) => Err(AgentCallError::Agent(e.message)),

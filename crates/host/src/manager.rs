@@ -103,6 +103,21 @@ fn abort(slot: &StdMutex<Option<JoinHandle<()>>>) {
 }
 
 impl Vm {
+    /// A VM known by its state directory and record, with nothing running yet.
+    fn new(id: String, dir: VmDir, record: VmRecord) -> Arc<Self> {
+        Arc::new(Vm {
+            id,
+            name: record.info.name.clone(),
+            dir,
+            record: Mutex::new(record),
+            backend: Mutex::new(None),
+            watcher: StdMutex::new(None),
+            log_task: StdMutex::new(None),
+            egress_task: StdMutex::new(None),
+            exited: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        })
+    }
+
     /// Stop receiving the guest's log and egress streams.
     fn stop_listeners(&self) {
         abort(&self.log_task);
@@ -279,20 +294,7 @@ impl Manager {
             }
             // create_dir (not _all): an existing directory is a collision.
             std::fs::create_dir(dir.root()).map_err(io_err(dir.root()))?;
-            vms.insert(
-                id.clone(),
-                Arc::new(Vm {
-                    id: id.clone(),
-                    name: spec.name.clone(),
-                    dir: dir.clone(),
-                    record: Mutex::new(record.clone()),
-                    backend: Mutex::new(None),
-                    watcher: StdMutex::new(None),
-                    log_task: StdMutex::new(None),
-                    egress_task: StdMutex::new(None),
-                    exited: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-                }),
-            );
+            vms.insert(id.clone(), Vm::new(id.clone(), dir.clone(), record.clone()));
         }
         let vm = self.live(&id)?;
         if let Err(e) = record.save(&dir.record()) {
@@ -469,37 +471,42 @@ impl Manager {
     }
 
     fn watch_child(self: &Arc<Self>, vm: &Arc<Vm>, mut child: tokio::process::Child) {
-        let mgr = Arc::downgrade(self);
-        let vm2 = vm.clone();
-        let task = tokio::spawn(async move {
-            let reason = match child.wait().await {
+        self.watch(vm, async move {
+            match child.wait().await {
                 Ok(status) => format!("hypervisor {}", process::describe_exit(&status)),
                 Err(e) => format!("hypervisor could not be waited for: {e}"),
-            };
-            vm2.exited.store(true, std::sync::atomic::Ordering::SeqCst);
-            if let Some(mgr) = mgr.upgrade() {
-                mgr.on_exit(&vm2, reason).await;
             }
         });
-        *vm.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
     }
 
     fn watch_adopted(self: &Arc<Self>, vm: &Arc<Vm>, pid: u32) -> std::io::Result<()> {
         let fd = process::pidfd_open(pid)?;
+        self.watch(vm, async move {
+            match process::wait_pidfd(fd).await {
+                Ok(()) => "hypervisor exited (adopted process; exit status unknown)".to_string(),
+                Err(e) => format!("hypervisor could not be watched: {e}"),
+            }
+        });
+        Ok(())
+    }
+
+    /// Run `exit` (which resolves with a reason when the hypervisor is gone)
+    /// as the VM's watcher, then fail the VM unless it was being stopped.
+    fn watch(
+        self: &Arc<Self>,
+        vm: &Arc<Vm>,
+        exit: impl std::future::Future<Output = String> + Send + 'static,
+    ) {
         let mgr = Arc::downgrade(self);
         let vm2 = vm.clone();
         let task = tokio::spawn(async move {
-            let reason = match process::wait_pidfd(fd).await {
-                Ok(()) => "hypervisor exited (adopted process; exit status unknown)".to_string(),
-                Err(e) => format!("hypervisor could not be watched: {e}"),
-            };
+            let reason = exit.await;
             vm2.exited.store(true, std::sync::atomic::Ordering::SeqCst);
             if let Some(mgr) = mgr.upgrade() {
                 mgr.on_exit(&vm2, reason).await;
             }
         });
         *vm.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
-        Ok(())
     }
 
     async fn on_exit(self: &Arc<Self>, vm: &Arc<Vm>, reason: String) {
@@ -639,17 +646,7 @@ impl Manager {
                     continue;
                 }
             };
-            let vm = Arc::new(Vm {
-                id: id.clone(),
-                name: record.info.name.clone(),
-                dir: dir.clone(),
-                record: Mutex::new(record.clone()),
-                backend: Mutex::new(None),
-                watcher: StdMutex::new(None),
-                log_task: StdMutex::new(None),
-                egress_task: StdMutex::new(None),
-                exited: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            });
+            let vm = Vm::new(id.clone(), dir.clone(), record.clone());
             self.vms
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

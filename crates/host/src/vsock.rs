@@ -49,29 +49,48 @@ async fn connect_inner(path: &Path, port: u32) -> Result<UnixStream, VsockError>
     s.write_all(format!("CONNECT {port}\n").as_bytes())
         .await
         .map_err(|_| VsockError::Refused(port))?;
-    // Read byte by byte: anything after the newline already belongs to the
-    // guest's stream and must stay in the socket.
-    let mut line = Vec::with_capacity(16);
-    loop {
-        let mut b = [0u8; 1];
-        match s.read(&mut b).await {
-            Ok(0) | Err(_) => return Err(VsockError::Refused(port)),
-            Ok(_) => {}
-        }
-        if b[0] == b'\n' {
-            break;
-        }
-        line.push(b[0]);
-        if line.len() > 64 {
+    let line = match read_line_unbuffered(&mut s, 64).await {
+        Ok(Line::Complete(line)) => line,
+        Ok(Line::TooLong(line)) => {
             return Err(VsockError::Handshake(
                 String::from_utf8_lossy(&line).into_owned(),
-            ));
+            ))
         }
-    }
+        Ok(Line::Eof(_)) | Err(_) => return Err(VsockError::Refused(port)),
+    };
     let text = String::from_utf8_lossy(&line);
     if text.starts_with("OK ") {
         Ok(s)
     } else {
         Err(VsockError::Handshake(text.into_owned()))
+    }
+}
+
+/// What [`read_line_unbuffered`] read.
+pub(crate) enum Line {
+    /// A whole line, without its newline.
+    Complete(Vec<u8>),
+    /// The stream ended before a newline; what came before it.
+    Eof(Vec<u8>),
+    /// More than the allowed bytes without a newline; what was read.
+    TooLong(Vec<u8>),
+}
+
+/// Read one `\n`-terminated line byte by byte: anything after the newline
+/// already belongs to the stream's payload and must stay in the socket.
+pub(crate) async fn read_line_unbuffered(s: &mut UnixStream, max: usize) -> std::io::Result<Line> {
+    let mut line = Vec::with_capacity(16);
+    loop {
+        let mut b = [0u8; 1];
+        if s.read(&mut b).await? == 0 {
+            return Ok(Line::Eof(line));
+        }
+        if b[0] == b'\n' {
+            return Ok(Line::Complete(line));
+        }
+        line.push(b[0]);
+        if line.len() > max {
+            return Ok(Line::TooLong(line));
+        }
     }
 }

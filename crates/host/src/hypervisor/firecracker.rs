@@ -48,7 +48,7 @@
 //! restored VM runs.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -59,8 +59,8 @@ use polydev_api::vm::{Accel, HypervisorKind};
 use serde_json::{json, Value};
 use tokio::net::UnixStream;
 
-use super::{Hypervisor, HypervisorError, LaunchPlan, Launched};
-use crate::process::{describe_exit, spawn_logged};
+use super::{wait_for_socket, Hypervisor, HypervisorError, LaunchPlan, Launched};
+use crate::process::spawn_logged;
 use crate::vmdir::VmDir;
 
 /// Guest CID given to every Firecracker VM. Each VM has its own vsock
@@ -75,9 +75,6 @@ pub const MEMORY_FILE: &str = "memory";
 
 /// Drive id of the writable data disk.
 pub const DATA_DRIVE_ID: &str = "data";
-
-/// How long the API socket may take to appear after the process starts.
-const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Limit for ordinary API calls (configuration, pause, resume, start).
 const API_TIMEOUT: Duration = Duration::from_secs(30);
@@ -237,7 +234,15 @@ impl Hypervisor for Firecracker {
                 source,
             })?;
         let ready = async {
-            wait_for_socket(&d.control(), &mut child, d).await?;
+            // Firecracker's logger may never start (argument errors go to
+            // stdout), so fall back to the console log.
+            wait_for_socket(
+                &d.control(),
+                &mut child,
+                "firecracker",
+                &[d.hypervisor_log(), d.console_log()],
+            )
+            .await?;
             let api = Api::new(d.control());
             match &plan.restore_from {
                 Some(snap) => self.restore(snap, &api).await,
@@ -409,48 +414,6 @@ fn http_error(op: &'static str, e: impl std::fmt::Display) -> HypervisorError {
         op,
         message: format!("API request failed: {e}"),
     }
-}
-
-/// Wait until the API socket accepts connections, failing fast if the
-/// process exits and killing it if the deadline passes.
-async fn wait_for_socket(
-    path: &Path,
-    child: &mut tokio::process::Child,
-    dir: &VmDir,
-) -> Result<(), HypervisorError> {
-    let deadline = Instant::now() + SOCKET_TIMEOUT;
-    loop {
-        if UnixStream::connect(path).await.is_ok() {
-            return Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(HypervisorError::EarlyExit {
-                what: "firecracker",
-                status: describe_exit(&status),
-                log: tail(dir),
-            });
-        }
-        if Instant::now() > deadline {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            return Err(HypervisorError::NotReady("the firecracker API socket"));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// The last lines of Firecracker's log, or of the console log when its
-/// logger never started (argument errors are printed to stdout/stderr).
-fn tail(dir: &VmDir) -> String {
-    for log in [dir.hypervisor_log(), dir.console_log()] {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        if !lines.is_empty() {
-            let start = lines.len().saturating_sub(5);
-            return format!("{}: {}", log.display(), lines[start..].join(" | "));
-        }
-    }
-    format!("{} (no output)", dir.hypervisor_log().display())
 }
 
 /// The last component of a path inside the VM directory, used as a path

@@ -105,3 +105,52 @@ pub trait Hypervisor: Send + Sync {
     /// (an empty directory). The VM is left in the state it was in.
     async fn snapshot(&self, dir: &VmDir, dest: &Path) -> Result<(), HypervisorError>;
 }
+
+/// How long a freshly spawned process may take to serve its socket.
+const SOCKET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Wait until `path` accepts connections, failing fast if `child` exits (the
+/// error quotes the tail of `logs`) and killing it if the deadline passes.
+pub(crate) async fn wait_for_socket(
+    path: &Path,
+    child: &mut tokio::process::Child,
+    what: &'static str,
+    logs: &[PathBuf],
+) -> Result<(), HypervisorError> {
+    let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
+    loop {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(HypervisorError::EarlyExit {
+                what,
+                status: crate::process::describe_exit(&status),
+                log: tail(logs),
+            });
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(HypervisorError::NotReady(what));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// The last non-empty lines of the first of `logs` that has any, to put a
+/// process's own words into an error.
+pub(crate) fn tail(logs: &[PathBuf]) -> String {
+    for log in logs {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        if !lines.is_empty() {
+            let start = lines.len().saturating_sub(5);
+            return format!("{}: {}", log.display(), lines[start..].join(" | "));
+        }
+    }
+    match logs.first() {
+        Some(log) => format!("{} (no output)", log.display()),
+        None => "(no output)".to_string(),
+    }
+}

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use super::{Hypervisor, HypervisorError, LaunchPlan, Launched};
+use super::{wait_for_socket, Hypervisor, HypervisorError, LaunchPlan, Launched};
 use crate::config::QemuVsock;
 use crate::process::spawn_logged;
 use crate::vmdir::VmDir;
@@ -165,7 +165,7 @@ impl Qemu {
             &d.vhost(),
             &mut child,
             "vhost-device-vsock",
-            &d.backend_log(),
+            &[d.backend_log()],
         )
         .await?;
         Ok(child)
@@ -194,7 +194,7 @@ impl Qemu {
                 path: self.bridge_bin.display().to_string(),
                 source,
             })?;
-        wait_for_socket(&d.vsock(), &mut child, "vsock-bridge", &d.backend_log()).await?;
+        wait_for_socket(&d.vsock(), &mut child, "vsock-bridge", &[d.backend_log()]).await?;
         Ok(child)
     }
 }
@@ -231,7 +231,7 @@ impl Hypervisor for Qemu {
             }
         };
         let ready = async {
-            wait_for_socket(&d.control(), &mut qemu, "qemu", &d.hypervisor_log()).await?;
+            wait_for_socket(&d.control(), &mut qemu, "qemu", &[d.hypervisor_log()]).await?;
             if self.vsock == QemuVsock::SerialMux {
                 backend = Some(self.start_bridge(plan, qemu.id()).await?);
             }
@@ -297,45 +297,6 @@ impl Hypervisor for Qemu {
         }
         result
     }
-}
-
-/// Wait until `path` exists as a socket, failing fast if `child` exits.
-async fn wait_for_socket(
-    path: &Path,
-    child: &mut tokio::process::Child,
-    what: &'static str,
-    log: &Path,
-) -> Result<(), HypervisorError> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if UnixStream::connect(path).await.is_ok() {
-            return Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(HypervisorError::EarlyExit {
-                what,
-                status: crate::process::describe_exit(&status),
-                log: tail(log),
-            });
-        }
-        if Instant::now() > deadline {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            return Err(HypervisorError::NotReady(what));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// The last lines of a log, to put a process's own words into an error.
-pub fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(5).collect();
-    let mut lines: Vec<&str> = lines.into_iter().rev().collect();
-    if lines.is_empty() {
-        lines.push("(no output)");
-    }
-    format!("{}: {}", log.display(), lines.join(" | "))
 }
 
 /// A minimal QMP client: one command at a time, events skipped.
