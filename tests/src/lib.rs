@@ -150,6 +150,18 @@ impl Host {
         r
     }
 
+    /// `vm exec <id> -- sh -c <script>`, which must succeed.
+    pub fn sh(&self, id: &str, script: &str) -> Run {
+        self.ok(&["vm", "exec", id, "--", "sh", "-c", script])
+    }
+
+    /// How many VM state directories exist (live VMs).
+    pub fn vm_dirs(&self) -> usize {
+        std::fs::read_dir(self.data().join("vms"))
+            .map(|rd| rd.count())
+            .unwrap_or(0)
+    }
+
     /// `vm run --json` with extra args; returns the VM.
     pub fn run_vm(&self, extra: &[&str]) -> VmInfo {
         let mut args = vec!["vm", "run", "--json"];

@@ -2,12 +2,6 @@
 
 use polydev_e2e::Host;
 
-fn vm_dirs(host: &Host) -> usize {
-    std::fs::read_dir(host.data().join("vms"))
-        .map(|rd| rd.count())
-        .unwrap_or(0)
-}
-
 #[test]
 fn unknown_ids_absurd_sizes_and_missing_files_are_refused_cleanly() {
     let host = Host::start();
@@ -44,7 +38,7 @@ fn unknown_ids_absurd_sizes_and_missing_files_are_refused_cleanly() {
     let r = host.cli(&["vm", "logs", "vm-0123456789ab"]);
     assert_eq!(r.code, 1);
 
-    assert_eq!(vm_dirs(&host), 0, "nothing was created");
+    assert_eq!(host.vm_dirs(), 0, "nothing was created");
     assert!(host.processes().is_empty());
     assert_eq!(host.ok(&["vm", "ls", "--json"]).stdout.trim(), "[]");
 }
@@ -60,7 +54,7 @@ fn a_missing_kernel_is_a_clear_error_and_creates_nothing() {
         "{}",
         r.stderr
     );
-    assert_eq!(vm_dirs(&host), 0);
+    assert_eq!(host.vm_dirs(), 0);
     assert!(host.processes().is_empty());
 }
 
@@ -136,7 +130,7 @@ fn malformed_requests_get_problem_documents_and_create_nothing() {
     assert_eq!(status, 413, "oversized bodies are refused");
     let (status, text) = raw_http(&host, "GET", "/v1/nope", "");
     assert_eq!(status, 404, "{text}");
-    assert_eq!(vm_dirs(&host), 0);
+    assert_eq!(host.vm_dirs(), 0);
     assert!(host.processes().is_empty());
 }
 

@@ -81,16 +81,11 @@ fn the_three_clis_run_in_the_cli_image_behind_the_egress_proxy() {
     // Every HTTP client is pointed at the guest's egress proxy: the agent's
     // processes get it from the image manifest, login shells from
     // /etc/profile.d, npm and apt from their global config.
-    let r = host.ok(&[
-        "vm",
-        "exec",
+    let r = host.sh(
         &vm.id,
-        "--",
-        "sh",
-        "-c",
         "echo $https_proxy $HTTPS_PROXY; env -i HOME=/root bash -lc 'echo $http_proxy'; \
          npm config get https-proxy; apt-config dump | grep -i 'Acquire::https::Proxy '",
-    ]);
+    );
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(
         lines,
@@ -112,12 +107,11 @@ fn vms_share_the_read_only_base_and_never_see_each_others_writes() {
     let host = Host::start();
     let a = host.run_vm(&["--image", "cli"]);
     let b = host.run_vm(&["--image", "cli"]);
-    let sh = |id: &str, script: &str| host.ok(&["vm", "exec", id, "--", "sh", "-c", script]);
-    sh(
+    host.sh(
         &a.id,
         "echo a > /home/user/mine && echo a > /etc/mine && rm /etc/hostname",
     );
-    let r = sh(
+    let r = host.sh(
         &b.id,
         "ls /home/user/mine /etc/mine 2>&1; cat /etc/hostname; cat /etc/polydev/image.json",
     );
@@ -137,7 +131,7 @@ fn vms_share_the_read_only_base_and_never_see_each_others_writes() {
         r.stdout
     );
     // The base is a read-only block device inside the guest...
-    let r = sh(&a.id, "cat /sys/block/vda/ro");
+    let r = host.sh(&a.id, "cat /sys/block/vda/ro");
     assert!(r.stdout.starts_with("1\n"), "{}", r.stdout);
     // ...and on the host the one cached file, opened read-only by both
     // QEMUs, never copied into a VM directory.

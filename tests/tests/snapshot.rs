@@ -7,15 +7,7 @@ use polydev_e2e::Host;
 fn a_restored_vm_has_the_state_written_before_the_snapshot() {
     let host = Host::start();
     let vm = host.run_vm(&[]);
-    host.ok(&[
-        "vm",
-        "exec",
-        &vm.id,
-        "--",
-        "sh",
-        "-c",
-        "echo before-snapshot > /tmp/marker",
-    ]);
+    host.sh(&vm.id, "echo before-snapshot > /tmp/marker");
 
     let snap: SnapshotInfo =
         serde_json::from_str(host.ok(&["vm", "snapshot", &vm.id, "--json"]).stdout.trim())
@@ -24,15 +16,7 @@ fn a_restored_vm_has_the_state_written_before_the_snapshot() {
     assert!(snap.size_bytes > 0);
 
     // The source keeps running and diverges after the snapshot.
-    host.ok(&[
-        "vm",
-        "exec",
-        &vm.id,
-        "--",
-        "sh",
-        "-c",
-        "echo after > /tmp/marker",
-    ]);
+    host.sh(&vm.id, "echo after > /tmp/marker");
 
     let restored = host.ok(&["vm", "restore", &snap.id, "--json"]).stdout;
     let restored: polydev_api::vm::VmInfo = serde_json::from_str(restored.trim()).expect("vm json");
@@ -88,10 +72,5 @@ fn restoring_an_unknown_snapshot_is_a_clear_error() {
     let r = host.cli(&["vm", "restore", "snap-0123456789ab"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("no snapshot with id"), "{}", r.stderr);
-    assert_eq!(
-        std::fs::read_dir(host.data().join("vms"))
-            .map(|d| d.count())
-            .unwrap_or(0),
-        0
-    );
+    assert_eq!(host.vm_dirs(), 0);
 }
