@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use polydev_api::vm::VmState;
 use polydev_e2e::{polydev_bin, Host};
 
 /// Node.js CLIs start slowly under TCG (gemini ≈ 45 s on an idle 2-core
@@ -420,4 +421,59 @@ fn the_browser_desktop_maps_a_terminal_and_chromium_with_vnc_on_loopback() {
         "{}",
         ps.stdout
     );
+}
+
+/// A CLI VM keeps its writable layer on its own disk: `/home` (and the
+/// rest of what the user changed) survives a stop and a start, and a host
+/// agent restart while it is off; tmpfs mounts like /tmp do not.
+#[test]
+fn a_cli_vms_home_survives_a_stop_and_start() {
+    cli_manifest();
+    let mut host = Host::start();
+    let vm = host.run_vm(&["--image", "cli"]);
+    host.sh(
+        &vm.id,
+        "echo kept > /home/user/notes && chown user:user /home/user/notes && echo gone > /tmp/scratch",
+    );
+
+    let r = host.ok(&["vm", "stop", &vm.id]);
+    assert!(r.stdout.contains(" off"), "{}", r.stdout);
+    let off = host.inspect(&vm.id);
+    assert_eq!(off.state, VmState::Off);
+    assert_eq!(off.pid, None);
+    assert!(
+        host.processes().is_empty(),
+        "nothing of a powered-off VM runs: {:?}",
+        host.processes()
+    );
+    let dir = host.data().join("vms").join(&vm.id);
+    assert!(dir.join("data.img").exists(), "the disk is kept");
+    let r = host.cli(&["vm", "exec", &vm.id, "--", "true"]);
+    assert!(
+        r.code != 0 && r.stderr.contains("polydev vm start"),
+        "{}",
+        r.stderr
+    );
+
+    let r = host.ok(&["vm", "start", &vm.id]);
+    assert!(r.stdout.contains(" running"), "{}", r.stdout);
+    let r = host.sh(
+        &vm.id,
+        "cat /home/user/notes; stat -c %U /home/user/notes; ls /tmp/scratch 2>&1 || true",
+    );
+    assert!(r.stdout.starts_with("kept\nuser\n"), "{}", r.stdout);
+    assert!(r.stdout.contains("No such file"), "{}", r.stdout);
+
+    // Off survives a host agent restart, and it boots again afterwards.
+    host.ok(&["vm", "stop", &vm.id]);
+    host.kill(libc::SIGKILL);
+    host.spawn();
+    assert_eq!(host.inspect(&vm.id).state, VmState::Off);
+    host.ok(&["vm", "start", &vm.id]);
+    let r = host.sh(&vm.id, "cat /home/user/notes");
+    assert_eq!(r.stdout, "kept\n");
+
+    host.ok(&["vm", "rm", &vm.id]);
+    assert_eq!(host.vm_dirs(), 0);
+    assert!(host.processes().is_empty(), "{:?}", host.processes());
 }

@@ -151,8 +151,11 @@ pub enum VmState {
     Running,
     /// vCPUs are stopped; memory is kept.
     Paused,
-    /// Being torn down.
+    /// Being torn down or powered off.
     Stopping,
+    /// Powered off by a stop request; its state directory and disks are
+    /// kept and a start boots it again.
+    Off,
     /// Torn down after a request; only logs remain.
     Stopped,
     /// Died or could not start; see the failure reason. Only logs remain.
@@ -173,6 +176,7 @@ impl std::fmt::Display for VmState {
             VmState::Running => "running",
             VmState::Paused => "paused",
             VmState::Stopping => "stopping",
+            VmState::Off => "off",
             VmState::Stopped => "stopped",
             VmState::Failed => "failed",
         })

@@ -95,6 +95,31 @@ pub enum VmCmd {
         #[arg(long)]
         console: bool,
     },
+    /// Power a VM off and keep it (disks included) until `vm start`.
+    Stop {
+        /// VM id or name.
+        id: String,
+    },
+    /// Boot a VM that is off, with the same id, spec and disks.
+    Start {
+        /// VM id or name.
+        id: String,
+    },
+    /// Forward a local TCP port to a port or socket inside a VM (e.g. its
+    /// VNC server). Prints `listening on ADDR`, then serves until killed.
+    Forward {
+        /// VM id or name.
+        id: String,
+        /// TCP port on the VM's loopback.
+        #[arg(long, conflicts_with = "unix", required_unless_present = "unix")]
+        port: Option<u16>,
+        /// Unix socket path inside the VM.
+        #[arg(long)]
+        unix: Option<String>,
+        /// Local address to listen on (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
     /// Pause a VM's vCPUs.
     Pause {
         /// VM id or name.
@@ -328,6 +353,21 @@ pub async fn run(data_dir: PathBuf, cmd: VmCmd) -> anyhow::Result<i32> {
             print!("{text}");
             Ok(0)
         }
+        VmCmd::Stop { id } => simple(&c, &id, "stop").await,
+        VmCmd::Start { id } => simple(&c, &id, "start").await,
+        VmCmd::Forward {
+            id,
+            port,
+            unix,
+            listen,
+        } => {
+            let target = match (port, unix) {
+                (Some(port), _) => polydev_api::agent::ForwardTarget::Tcp { port },
+                (None, Some(path)) => polydev_api::agent::ForwardTarget::Unix { path },
+                (None, None) => bail!("give --port or --unix"),
+            };
+            forward(&c, &id, target, listen).await
+        }
         VmCmd::Pause { id } => simple(&c, &id, "pause").await,
         VmCmd::Resume { id } => simple(&c, &id, "resume").await,
         VmCmd::Snapshot { id, json } => {
@@ -399,6 +439,42 @@ pub async fn run(data_dir: PathBuf, cmd: VmCmd) -> anyhow::Result<i32> {
             }
             Ok(code)
         }
+    }
+}
+
+/// Accept local connections and carry each through its own forwarded
+/// stream. The first stream is opened before announcing the address, so a
+/// wrong VM or target fails here rather than on the first client.
+async fn forward(
+    c: &HostClient,
+    id: &str,
+    target: polydev_api::agent::ForwardTarget,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<i32> {
+    let id = path_seg(id)?.to_string();
+    drop(
+        c.forward(&id, &target)
+            .await
+            .with_context(|| format!("forward into {id}"))?,
+    );
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listen on {listen}"))?;
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    loop {
+        let (mut conn, peer) = listener.accept().await?;
+        let c = c.clone();
+        let id = id.clone();
+        let target = target.clone();
+        tokio::spawn(async move {
+            match c.forward(&id, &target).await {
+                Ok(mut inner) => {
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut inner).await;
+                }
+                Err(e) => eprintln!("polydev: forward for {peer} failed: {e}"),
+            }
+        });
     }
 }
 

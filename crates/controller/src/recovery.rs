@@ -62,6 +62,7 @@ impl HostLookup for LocalHost {
                 H::Running => HostVm::Running,
                 H::Paused => HostVm::Paused,
                 H::Stopping => HostVm::Stopping,
+                H::Off => HostVm::Gone(Some("powered off".into())),
                 H::Stopped => HostVm::Gone(Some("stopped".into())),
                 H::Failed => HostVm::Gone(info.failure.or(Some("failed".into()))),
             },

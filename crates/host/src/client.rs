@@ -111,17 +111,7 @@ impl HostClient {
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
         if resp.status().is_client_error() || resp.status().is_server_error() {
-            let status = resp.status().as_u16();
-            let bytes = body_bytes(resp).await?;
-            let problem = serde_json::from_slice::<Problem>(&bytes).unwrap_or_else(|_| {
-                Problem::new(
-                    status,
-                    "unknown",
-                    "Error",
-                    String::from_utf8_lossy(&bytes).into_owned(),
-                )
-            });
-            return Err(ClientError::Problem(problem));
+            return Err(problem_of(resp).await);
         }
         Ok(resp)
     }
@@ -152,6 +142,60 @@ impl HostClient {
         self.send(method, path, None).await.map(|_| ())
     }
 
+    /// Open a raw byte stream to a TCP port (`port`) or Unix socket
+    /// (`unix`) inside a running VM.
+    pub async fn forward(
+        &self,
+        id: &str,
+        target: &polydev_api::agent::ForwardTarget,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ClientError> {
+        use polydev_api::agent::ForwardTarget;
+        let query = match target {
+            ForwardTarget::Tcp { port } => format!("port={port}"),
+            ForwardTarget::Unix { path } => {
+                let mut q = String::from("unix=");
+                for b in path.bytes() {
+                    if b.is_ascii_alphanumeric() || b"/-_.~".contains(&b) {
+                        q.push(b as char);
+                    } else {
+                        q.push_str(&format!("%{b:02X}"));
+                    }
+                }
+                q
+            }
+        };
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|cause| ClientError::Connect {
+                    path: self.socket.display().to_string(),
+                    cause,
+                })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        tokio::spawn(conn.with_upgrades());
+        let req = HttpRequest::builder()
+            .method(Method::POST)
+            .uri(format!("/v1/vms/{id}/forward?{query}"))
+            .header("host", "polydev-host")
+            .header("connection", "upgrade")
+            .header("upgrade", crate::server::FORWARD_PROTOCOL)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(problem_of(resp).await);
+        }
+        let up = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        Ok(TokioIo::new(up))
+    }
+
     /// Run a command in a VM, streaming its frames.
     pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecStream, ClientError> {
         let body = serde_json::to_vec(req).map_err(|e| ClientError::Decode(e.to_string()))?;
@@ -163,6 +207,25 @@ impl HostClient {
             buf: Vec::new(),
         })
     }
+}
+
+/// The problem an error answer carries (or one made of its text).
+async fn problem_of(resp: hyper::Response<Incoming>) -> ClientError {
+    let status = resp.status().as_u16();
+    let bytes = match body_bytes(resp).await {
+        Ok(b) => b,
+        Err(e) => return e,
+    };
+    ClientError::Problem(
+        serde_json::from_slice::<Problem>(&bytes).unwrap_or_else(|_| {
+            Problem::new(
+                status,
+                "unknown",
+                "Error",
+                String::from_utf8_lossy(&bytes).into_owned(),
+            )
+        }),
+    )
 }
 
 async fn body_bytes(resp: hyper::Response<Incoming>) -> Result<Bytes, ClientError> {

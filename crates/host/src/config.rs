@@ -44,6 +44,8 @@ pub struct HostConfig {
     pub max_memory_mib: u32,
     /// How long a VM may take from launch to agent-ready.
     pub boot_timeout: Duration,
+    /// How long `stop` waits for the guest to power off before killing it.
+    pub stop_timeout: Duration,
     /// How many dead VMs' logs to keep.
     pub log_retention: usize,
     /// Per-VM limits of the egress proxy.
@@ -108,6 +110,7 @@ impl HostConfig {
             max_vcpus: cpus.max(1) * 4,
             max_memory_mib: (mem_mib * 3 / 4).max(MIN_MEMORY_MIB),
             boot_timeout: Duration::from_secs(60),
+            stop_timeout: Duration::from_secs(30),
             log_retention: 200,
             egress: crate::egress::EgressLimits::default(),
             image_cache: polydev_image::Cache::default_root().ok(),

@@ -102,6 +102,28 @@ fn abort(slot: &StdMutex<Option<JoinHandle<()>>>) {
     }
 }
 
+/// Kill and reap a VM's hypervisor and vsock backend and stop its listeners.
+/// Processes already gone are fine.
+async fn kill_processes(vm: &Vm, hv_pid: Option<u32>, be_pid: Option<u32>) {
+    let needle = vm.dir.root().display().to_string();
+    if let Some(pid) = hv_pid {
+        process::kill_matching(pid, &needle).await;
+    }
+    let watcher = vm.watcher.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(w) = watcher {
+        // The watcher reaps our own child; for an adopted one it returns
+        // once the pidfd fires.
+        let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
+    }
+    if let Some(mut b) = vm.backend.lock().await.take() {
+        let _ = b.start_kill();
+        let _ = b.wait().await;
+    } else if let Some(pid) = be_pid {
+        process::kill_matching(pid, &needle).await;
+    }
+    vm.stop_listeners();
+}
+
 impl Vm {
     /// A VM known by its state directory and record, with nothing running yet.
     fn new(id: String, dir: VmDir, record: VmRecord) -> Arc<Self> {
@@ -332,7 +354,7 @@ impl Manager {
         started: Instant,
     ) -> Result<VmInfo, ManagerError> {
         let dir = &vm.dir;
-        if spec.data_disk_mib > 0 && restore_from.is_none() {
+        if spec.data_disk_mib > 0 && restore_from.is_none() && !dir.data_disk().exists() {
             create_data_disk(&dir.data_disk(), spec.data_disk_mib).await?;
         }
         if let Some(snap) = &restore_from {
@@ -510,17 +532,144 @@ impl Manager {
     }
 
     async fn on_exit(self: &Arc<Self>, vm: &Arc<Vm>, reason: String) {
-        let state = vm.record.lock().await.info.state;
-        if matches!(state, VmState::Stopping) || state.is_final() {
+        let (state, keeps_disk) = {
+            let r = vm.record.lock().await;
+            (r.info.state, r.spec.data_disk_mib > 0)
+        };
+        // Starting: the boot path sees `exited` and settles the VM itself.
+        if matches!(state, VmState::Starting | VmState::Stopping | VmState::Off) || state.is_final()
+        {
             return;
         }
         warn!(vm = %vm.id, %reason, "vm died");
         let me = self.clone();
         let vm = vm.clone();
-        // Finish from a separate task: finish() awaits this watcher task.
+        // From a separate task: both paths await this watcher task.
         tokio::spawn(async move {
-            me.finish(&vm, VmState::Failed, Some(reason)).await;
+            if keeps_disk {
+                // A VM with a persistent disk holds the user's files: a crash
+                // powers it off with the reason instead of deleting them.
+                me.settle_off(
+                    &vm,
+                    Some(format!("{reason}; its disk is kept, start it again")),
+                )
+                .await;
+            } else {
+                me.finish(&vm, VmState::Failed, Some(reason)).await;
+            }
         });
+    }
+
+    /// Leave a VM powered off with its state directory and disks: kill
+    /// whatever of it still runs, drop its sockets, record `off`.
+    async fn settle_off(&self, vm: &Arc<Vm>, failure: Option<String>) {
+        let (hv_pid, be_pid) = {
+            let r = vm.record.lock().await;
+            (r.hypervisor_pid, r.backend_pid)
+        };
+        kill_processes(vm, hv_pid, be_pid).await;
+        if let Ok(rd) = std::fs::read_dir(vm.dir.root()) {
+            for e in rd.flatten() {
+                let is_socket = e.file_type().map(|t| {
+                    use std::os::unix::fs::FileTypeExt;
+                    t.is_socket()
+                });
+                if is_socket.unwrap_or(false) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let mut r = vm.record.lock().await;
+        r.info.state = VmState::Off;
+        r.info.failure = failure;
+        r.info.pid = None;
+        r.hypervisor_pid = None;
+        r.backend_pid = None;
+        if let Err(e) = r.save(&vm.dir.record()) {
+            warn!(vm = %vm.id, error = %e, "cannot record the VM as off");
+        }
+        vm.exited.store(false, std::sync::atomic::Ordering::SeqCst);
+        info!(vm = %vm.id, "vm off");
+    }
+
+    /// Power a VM off and keep it: the guest agent stops its services,
+    /// syncs its disks and powers off; the state directory (disks
+    /// included) stays, and [`Manager::power_on`] boots it again.
+    pub async fn power_off(&self, id: &str) -> Result<VmInfo, ManagerError> {
+        let vm = self.running(id).await?;
+        {
+            let mut r = vm.record.lock().await;
+            if r.info.state != VmState::Running {
+                return Err(ManagerError::Conflict(format!(
+                    "VM {} is {}, not running",
+                    vm.id, r.info.state
+                )));
+            }
+            r.info.state = VmState::Stopping;
+            r.save(&vm.dir.record()).map_err(io_err(&vm.dir.record()))?;
+        }
+        // The agent answers, then powers off; a dropped answer means the same.
+        if let Err(e) = vm
+            .agent()
+            .call(
+                &Request::Shutdown { reboot: false },
+                Duration::from_secs(10),
+            )
+            .await
+        {
+            info!(vm = %vm.id, error = %e, "no answer to the shutdown request");
+        }
+        let watcher = vm.watcher.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut w) = watcher {
+            if tokio::time::timeout(self.cfg.stop_timeout, &mut w)
+                .await
+                .is_err()
+            {
+                warn!(vm = %vm.id, "the guest did not power off in time; killing it");
+                // Hand the watcher back so the teardown reaps the process.
+                *vm.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+            }
+        }
+        self.settle_off(&vm, None).await;
+        let info = vm.record.lock().await.info.clone();
+        Ok(info)
+    }
+
+    /// Boot a VM that is off, with the same spec, id and disks.
+    pub async fn power_on(self: &Arc<Self>, id: &str) -> Result<VmInfo, ManagerError> {
+        let vm = self.live(id)?;
+        let spec = {
+            let mut r = vm.record.lock().await;
+            if r.info.state != VmState::Off {
+                return Err(ManagerError::Conflict(format!(
+                    "VM {} is {}; only a VM that is off (`polydev vm stop`) can be started",
+                    vm.id, r.info.state
+                )));
+            }
+            r.info.state = VmState::Starting;
+            r.info.failure = None;
+            r.info.boot_ms = None;
+            r.save(&vm.dir.record()).map_err(io_err(&vm.dir.record()))?;
+            r.spec.clone()
+        };
+        let driver = self
+            .drivers
+            .get(&spec.hypervisor)
+            .cloned()
+            .ok_or(ManagerError::Invalid(SpecError::NoFirecracker))?;
+        vm.exited.store(false, std::sync::atomic::Ordering::SeqCst);
+        match self.boot(&vm, driver, &spec, None, Instant::now()).await {
+            Ok(info) => Ok(info),
+            Err(e) => {
+                let reason = e.to_string();
+                self.settle_off(&vm, Some(format!("start failed: {reason}")))
+                    .await;
+                Err(ManagerError::StartFailed {
+                    id: vm.id.clone(),
+                    reason,
+                })
+            }
+        }
     }
 
     /// Tear a VM down and preserve its logs: kill and reap its processes,
@@ -538,23 +687,7 @@ impl Manager {
             }
             (r.hypervisor_pid, r.backend_pid)
         };
-        let needle = vm.dir.root().display().to_string();
-        if let Some(pid) = hv_pid {
-            process::kill_matching(pid, &needle).await;
-        }
-        let watcher = vm.watcher.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(w) = watcher {
-            // The watcher reaps our own child; for an adopted one it returns
-            // once the pidfd fires.
-            let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
-        }
-        if let Some(mut b) = vm.backend.lock().await.take() {
-            let _ = b.start_kill();
-            let _ = b.wait().await;
-        } else if let Some(pid) = be_pid {
-            process::kill_matching(pid, &needle).await;
-        }
-        vm.stop_listeners();
+        kill_processes(vm, hv_pid, be_pid).await;
         let mut record = vm.record.lock().await.clone();
         record.info.state = state;
         record.info.failure = failure;
@@ -655,6 +788,18 @@ impl Manager {
             let alive = record
                 .hypervisor_pid
                 .is_some_and(|pid| process::alive_with(pid, &needle));
+            if record.info.state == VmState::Off && !alive {
+                info!(%id, "keeping powered-off vm");
+                continue;
+            }
+            if !alive && record.spec.data_disk_mib > 0 {
+                self.settle_off(
+                    &vm,
+                    Some("hypervisor exited while the host agent was not running; its disk is kept, start it again".into()),
+                )
+                .await;
+                continue;
+            }
             if !alive {
                 self.finish(
                     &vm,
@@ -669,7 +814,12 @@ impl Manager {
                     "host agent restarted while the VM was {}",
                     record.info.state
                 );
-                self.finish(&vm, VmState::Failed, Some(why)).await;
+                if record.spec.data_disk_mib > 0 {
+                    self.settle_off(&vm, Some(format!("{why}; its disk is kept")))
+                        .await;
+                } else {
+                    self.finish(&vm, VmState::Failed, Some(why)).await;
+                }
                 continue;
             }
             let adopted = async {
@@ -712,10 +862,10 @@ impl Manager {
             return Err(ManagerError::Conflict(format!(
                 "VM {} is {state}, not running{}",
                 vm.id,
-                if state == VmState::Paused {
-                    " (resume it first)"
-                } else {
-                    ""
+                match state {
+                    VmState::Paused => " (resume it first)",
+                    VmState::Off => " (start it with `polydev vm start`)",
+                    _ => "",
                 }
             )));
         }
@@ -732,6 +882,17 @@ impl Manager {
         }
         let vm = self.running(id).await?;
         Ok(vm.agent().stream(&Request::Exec(req)).await?)
+    }
+
+    /// A raw byte stream to a TCP port or Unix socket inside a running VM
+    /// (VNC, a terminal), through the guest agent.
+    pub async fn forward(
+        &self,
+        id: &str,
+        target: agent::ForwardTarget,
+    ) -> Result<tokio::net::UnixStream, ManagerError> {
+        let vm = self.running(id).await?;
+        Ok(vm.agent().forward(target).await?)
     }
 
     /// Ask the guest agent something that has one final answer.

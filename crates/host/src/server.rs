@@ -89,6 +89,9 @@ pub fn router(mgr: Arc<Manager>) -> Router {
         .route("/v1/vms/{id}/logs", get(logs))
         .route("/v1/vms/{id}/agent-logs", get(agent_ring))
         .route("/v1/vms/{id}/services", get(services))
+        .route("/v1/vms/{id}/stop", post(stop))
+        .route("/v1/vms/{id}/start", post(start))
+        .route("/v1/vms/{id}/forward", post(forward))
         .route("/v1/vms/{id}/pause", post(pause))
         .route("/v1/vms/{id}/resume", post(resume))
         .route("/v1/vms/{id}/snapshot", post(snapshot))
@@ -160,6 +163,88 @@ async fn create_vm(
 ) -> ApiResult<impl IntoResponse> {
     let Json(spec) = body?;
     Ok((StatusCode::CREATED, Json(m.create(&spec).await?)))
+}
+
+async fn stop(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(m.power_off(&id).await?))
+}
+
+async fn start(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(m.power_on(&id).await?))
+}
+
+/// The `Upgrade` protocol of a forwarded stream.
+pub const FORWARD_PROTOCOL: &str = "polydev-forward";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForwardQuery {
+    port: Option<u16>,
+    unix: Option<String>,
+}
+
+/// A raw stream into the VM: an HTTP/1.1 upgrade to
+/// [`FORWARD_PROTOCOL`], after which the connection carries the bytes of
+/// the guest-local TCP port or Unix socket both ways.
+async fn forward(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+    q: Result<Query<ForwardQuery>, axum::extract::rejection::QueryRejection>,
+    mut req: axum::extract::Request,
+) -> ApiResult<Response> {
+    let bad = |detail: String| ApiError(Problem::new(422, "bad-forward", "Bad forward", detail));
+    let Query(q) = q.map_err(|e| bad(format!("{}: use port=N or unix=/path", e.body_text())))?;
+    let target = match (q.port, q.unix) {
+        (Some(0), None) => return Err(bad("port must be 1-65535".into())),
+        (Some(port), None) => polydev_api::agent::ForwardTarget::Tcp { port },
+        (None, Some(path)) => {
+            if !path.starts_with('/') || path.len() > 107 || path.contains('\0') {
+                return Err(bad(format!(
+                    "unix={path:?}: give the absolute path of a socket inside the VM (at most 107 bytes)"
+                )));
+            }
+            polydev_api::agent::ForwardTarget::Unix { path }
+        }
+        _ => return Err(bad("give exactly one of port=N or unix=/path".into())),
+    };
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(FORWARD_PROTOCOL));
+    let on_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+    let (true, Some(on_upgrade)) = (wants, on_upgrade) else {
+        return Err(ApiError(Problem::new(
+            426,
+            "upgrade-required",
+            "Upgrade required",
+            format!("send `Connection: upgrade` and `Upgrade: {FORWARD_PROTOCOL}` (`polydev vm forward` does)"),
+        )));
+    };
+    // Connect inside the VM first, so a refused target is a problem
+    // response rather than a stream that closes at once.
+    let mut inner = m.forward(&id, target).await?;
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(up) => {
+                let mut outer = hyper_util::rt::TokioIo::new(up);
+                let _ = tokio::io::copy_bidirectional(&mut outer, &mut inner).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "forward upgrade failed"),
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, FORWARD_PROTOCOL)
+        .body(Body::empty())
+        .unwrap_or_default())
 }
 
 async fn get_vm(
