@@ -65,11 +65,12 @@ pub struct EgressPolicy {
     pub direct: bool,
 }
 
-/// An upstream HTTP proxy and its credentials.
+/// An upstream proxy (HTTP CONNECT or SOCKS5) and its credentials.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
-    /// `http://host:port`.
+    /// `http://host:port`, or `socks5://host:port` for SOCKS5 (names are
+    /// sent to the proxy unresolved either way).
     pub url: String,
     /// Proxy user name.
     #[serde(default)]

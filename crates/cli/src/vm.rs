@@ -40,7 +40,8 @@ pub enum VmCmd {
         /// Kernel to boot instead of the host's default (a host path).
         #[arg(long)]
         kernel: Option<String>,
-        /// Send the VM's traffic through this HTTP proxy (http://HOST:PORT).
+        /// Send the VM's traffic through this proxy (http://HOST:PORT, or
+        /// socks5://HOST:PORT for SOCKS5).
         /// Its password comes from $POLYDEV_EGRESS_PASSWORD, never from the
         /// command line.
         #[arg(long)]

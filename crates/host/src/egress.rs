@@ -24,13 +24,15 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use polydev_api::agent::{encode_line, EgressReply, EgressRequest, MAX_EGRESS_LINE};
-use polydev_api::vm::EgressPolicy;
+use polydev_api::vm::{EgressPolicy, Secret};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::info;
+
+use crate::metrics::{Direction, Outcome, Reason, EGRESS};
 
 #[cfg(doc)]
 use polydev_api::agent::EGRESS_PORT;
@@ -64,9 +66,12 @@ impl Default for EgressLimits {
 /// A VM's egress policy could not be used.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EgressError {
-    /// The upstream URL is not `http://host:port`.
-    #[error("egress upstream {0:?} must be http://HOST:PORT (other schemes are not supported)")]
+    /// The upstream URL is not `http://host:port` or `socks5://host:port`.
+    #[error("egress upstream {0:?} must be http://HOST:PORT or socks5://HOST:PORT (other schemes are not supported)")]
     UpstreamUrl(String),
+    /// A SOCKS5 user name or password is empty or longer than 255 bytes.
+    #[error("a SOCKS5 upstream's user name and password must each be 1 to 255 bytes (RFC 1929)")]
+    SocksCredentialLength,
     /// The upstream has a password but no user name, or the reverse.
     #[error("egress upstream credentials need both a user name and a password (the password via POLYDEV_EGRESS_PASSWORD)")]
     HalfCredentials,
@@ -307,8 +312,18 @@ struct Compiled {
 struct UpstreamCfg {
     /// `host:port`, what logs name.
     addr: String,
-    /// `Basic …` header value; never logged.
-    auth: Option<String>,
+    /// How to ask it for a tunnel, with the credentials it needs.
+    proto: UpstreamProto,
+}
+
+/// The upstream's protocol and credentials (never logged).
+#[derive(Clone)]
+enum UpstreamProto {
+    /// HTTP `CONNECT`, with this `Proxy-Authorization` value (`Basic …`).
+    Http { auth: Option<String> },
+    /// SOCKS5 (RFC 1928) `CONNECT`, with RFC 1929 username/password when
+    /// given.
+    Socks5 { auth: Option<(String, Secret)> },
 }
 
 /// Check a policy (at VM creation, so a bad one creates nothing).
@@ -328,22 +343,41 @@ fn compile(p: &EgressPolicy) -> Result<Compiled, EgressError> {
             if p.direct {
                 return Err(EgressError::UpstreamAndDirect);
             }
-            let addr = parse_upstream_url(&u.url)?;
-            let auth = match (&u.username, &u.password) {
+            let (socks, addr) = parse_upstream_url(&u.url)?;
+            let creds = match (&u.username, &u.password) {
                 (Some(user), Some(pass)) => {
                     if user.contains(':') || user.chars().any(char::is_control) {
                         return Err(EgressError::BadUser);
                     }
-                    let raw = format!("{user}:{}", pass.expose());
-                    Some(format!(
-                        "Basic {}",
-                        base64::engine::general_purpose::STANDARD.encode(raw)
-                    ))
+                    Some((user.clone(), pass.clone()))
                 }
                 (None, None) => None,
                 _ => return Err(EgressError::HalfCredentials),
             };
-            Some(UpstreamCfg { addr, auth })
+            let proto = if socks {
+                // RFC 1929 carries each in one length byte.
+                if let Some((user, pass)) = &creds {
+                    if user.is_empty()
+                        || user.len() > 255
+                        || pass.expose().is_empty()
+                        || pass.expose().len() > 255
+                    {
+                        return Err(EgressError::SocksCredentialLength);
+                    }
+                }
+                UpstreamProto::Socks5 { auth: creds }
+            } else {
+                UpstreamProto::Http {
+                    auth: creds.map(|(user, pass)| {
+                        let raw = format!("{user}:{}", pass.expose());
+                        format!(
+                            "Basic {}",
+                            base64::engine::general_purpose::STANDARD.encode(raw)
+                        )
+                    }),
+                }
+            };
+            Some(UpstreamCfg { addr, proto })
         }
     };
     Ok(Compiled {
@@ -353,10 +387,20 @@ fn compile(p: &EgressPolicy) -> Result<Compiled, EgressError> {
     })
 }
 
-/// `http://host:port[/]` → `host:port`.
-fn parse_upstream_url(url: &str) -> Result<String, EgressError> {
+/// `http://host:port[/]`, `socks5://host:port` or `socks5h://host:port` →
+/// (whether SOCKS5, `host:port`).
+fn parse_upstream_url(url: &str) -> Result<(bool, String), EgressError> {
     let bad = || EgressError::UpstreamUrl(url.to_string());
-    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+    let (socks, rest) = if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else if let Some(r) = url
+        .strip_prefix("socks5://")
+        .or_else(|| url.strip_prefix("socks5h://"))
+    {
+        (true, r)
+    } else {
+        return Err(bad());
+    };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.contains(['/', '@', '?', '#', ' ']) {
         return Err(bad());
@@ -369,7 +413,7 @@ fn parse_upstream_url(url: &str) -> Result<String, EgressError> {
     if host.is_empty() {
         return Err(bad());
     }
-    Ok(rest.to_string())
+    Ok((socks, rest.to_string()))
 }
 
 /// A token bucket: `rate` tokens (bytes) per second, at most `burst` saved.
@@ -480,19 +524,22 @@ struct ConnLog<'a> {
 /// How a connection was refused before any byte flowed.
 struct Refusal {
     denied: bool,
+    kind: Reason,
     reason: String,
 }
 
 impl Refusal {
-    fn denied(reason: String) -> Self {
+    fn denied(kind: Reason, reason: String) -> Self {
         Refusal {
             denied: true,
+            kind,
             reason,
         }
     }
-    fn failed(reason: String) -> Self {
+    fn failed(kind: Reason, reason: String) -> Self {
         Refusal {
             denied: false,
+            kind,
             reason,
         }
     }
@@ -500,12 +547,13 @@ impl Refusal {
 
 impl VmEgress {
     async fn serve(self: Arc<Self>, mut guest: UnixStream) {
+        let _active = EGRESS.open();
         let started = Instant::now();
         let mut target = String::from("?");
         let upstream = self.policy.upstream.as_ref().map(|u| u.addr.as_str());
         let setup = async {
             let slot = self.slots.clone().try_acquire_owned().map_err(|_| {
-                Refusal::denied(format!(
+                Refusal::denied(Reason::ConnectionLimit, format!(
                     "this VM already has {} egress connections open (the host's --egress-max-connections)",
                     self.limits.max_connections
                 ))
@@ -516,7 +564,7 @@ impl VmEgress {
             Ok::<_, Refusal>((remote, slot))
         }
         .await;
-        let (outcome, reason, up, down) = match setup {
+        let (outcome, kind, reason, up, down) = match setup {
             Ok((remote, _slot)) => {
                 let ok = EgressReply {
                     ok: true,
@@ -525,10 +573,20 @@ impl VmEgress {
                 };
                 match send_reply(&mut guest, &ok).await {
                     Ok(()) => {
-                        let (up, down, why) = self.splice(guest, remote).await;
-                        ("closed", why, up, down)
+                        let (up, down, end) = self.splice(guest, remote).await;
+                        let (kind, why) = match end {
+                            None => (Reason::Eof, None),
+                            Some(e) => (e.kind, Some(e.reason)),
+                        };
+                        (Outcome::Closed, kind, why, up, down)
                     }
-                    Err(e) => ("failed", Some(format!("guest went away: {e}")), 0, 0),
+                    Err(e) => (
+                        Outcome::Failed,
+                        Reason::GuestGone,
+                        Some(format!("guest went away: {e}")),
+                        0,
+                        0,
+                    ),
                 }
             }
             Err(r) => {
@@ -540,13 +598,20 @@ impl VmEgress {
                 // The guest may already be gone; the log line says why anyway.
                 let _ = send_reply(&mut guest, &reply).await;
                 (
-                    if r.denied { "denied" } else { "failed" },
+                    if r.denied {
+                        Outcome::Denied
+                    } else {
+                        Outcome::Failed
+                    },
+                    r.kind,
                     Some(r.reason),
                     0,
                     0,
                 )
             }
         };
+        EGRESS.finished(outcome, kind);
+        let outcome = outcome.as_str();
         let line = ConnLog {
             ts_ms: crate::now_ms(),
             vm: &self.vm,
@@ -582,7 +647,7 @@ impl VmEgress {
         }
     }
 
-    /// Resolve, check and dial; for an upstream, run its CONNECT.
+    /// Resolve, check and dial; for an upstream, ask it for a tunnel.
     async fn connect(&self, req: &EgressRequest) -> Result<TcpStream, Refusal> {
         let addrs = resolve(&req.host, req.port).await?;
         for a in &addrs {
@@ -590,42 +655,54 @@ impl VmEgress {
                 continue;
             }
             if let Some(why) = deny_reason(a.ip(), &self.own) {
-                return Err(Refusal::denied(format!(
-                    "{} resolves to {a}: {why}; an operator can open it with --egress-allow",
-                    req.host
-                )));
+                return Err(Refusal::denied(
+                    Reason::DenyList,
+                    format!(
+                        "{} resolves to {a}: {why}; an operator can open it with --egress-allow",
+                        req.host
+                    ),
+                ));
             }
         }
         let timeout = self.limits.connect_timeout;
         if let Some(up) = &self.policy.upstream {
-            let mut s = dial(&up.addr, timeout)
-                .await
-                .map_err(|e| Refusal::failed(format!("upstream proxy {}: {e}", up.addr)))?;
+            let mut s = dial(&up.addr, timeout).await.map_err(|e| {
+                Refusal::failed(
+                    Reason::UpstreamConnect,
+                    format!("upstream proxy {}: {e}", up.addr),
+                )
+            })?;
             // The upstream gets the name, not our resolution: a residential
             // provider resolves it where the request leaves.
-            let target = join_host_port(&req.host, req.port);
-            let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
-            if let Some(auth) = &up.auth {
-                head.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
-            }
-            head.push_str("\r\n");
-            let status = tokio::time::timeout(timeout, async {
-                s.write_all(head.as_bytes()).await?;
-                read_status(&mut s).await
-            })
-            .await
-            .map_err(|_| Refusal::failed(format!("upstream proxy {} did not answer", up.addr)))?
-            .map_err(|e| Refusal::failed(format!("upstream proxy {}: {e}", up.addr)))?;
-            if !(200..300).contains(&status.0) {
-                return Err(Refusal::failed(format!(
-                    "upstream proxy {} refused CONNECT {target}: {}",
-                    up.addr, status.1
-                )));
-            }
+            let handshake = async {
+                match &up.proto {
+                    UpstreamProto::Http { auth } => {
+                        http_connect(&mut s, &req.host, req.port, auth.as_deref()).await
+                    }
+                    UpstreamProto::Socks5 { auth } => {
+                        socks5_connect(&mut s, &req.host, req.port, auth.as_ref()).await
+                    }
+                }
+            };
+            tokio::time::timeout(timeout, handshake)
+                .await
+                .map_err(|_| {
+                    Refusal::failed(
+                        Reason::UpstreamRefused,
+                        format!("upstream proxy {} did not answer", up.addr),
+                    )
+                })?
+                .map_err(|e| {
+                    Refusal::failed(
+                        Reason::UpstreamRefused,
+                        format!("upstream proxy {}: {e}", up.addr),
+                    )
+                })?;
             return Ok(s);
         }
         if !self.policy.direct {
             return Err(Refusal::denied(
+                Reason::NoPolicy,
                 "this VM has no egress upstream and direct egress is off (vm run --egress-upstream or --egress-direct)"
                     .into(),
             ));
@@ -638,21 +715,27 @@ impl VmEgress {
                 Err(_) => last = Some(format!("{a}: timed out")),
             }
         }
-        Err(Refusal::failed(format!(
-            "cannot connect to {}: {}",
-            join_host_port(&req.host, req.port),
-            last.unwrap_or_else(|| "no address".into())
-        )))
+        Err(Refusal::failed(
+            Reason::Connect,
+            format!(
+                "cannot connect to {}: {}",
+                join_host_port(&req.host, req.port),
+                last.unwrap_or_else(|| "no address".into())
+            ),
+        ))
     }
 
     /// Copy both ways under the VM's bucket and idle timeout; half-closes
     /// pass through. Returns bytes up, bytes down and why it ended early.
-    async fn splice(&self, guest: UnixStream, remote: TcpStream) -> (u64, u64, Option<String>) {
+    async fn splice(&self, guest: UnixStream, remote: TcpStream) -> (u64, u64, Option<Ended>) {
         let _ = remote.set_nodelay(true);
         let (gr, gw) = guest.into_split();
         let (rr, rw) = remote.into_split();
         let last = StdMutex::new(Instant::now());
-        let (up, down) = tokio::join!(self.pump(gr, rw, &last), self.pump(rr, gw, &last));
+        let (up, down) = tokio::join!(
+            self.pump(gr, rw, &last, Direction::Up),
+            self.pump(rr, gw, &last, Direction::Down)
+        );
         let why = up.1.or(down.1);
         (up.0, down.0, why)
     }
@@ -662,7 +745,8 @@ impl VmEgress {
         mut from: R,
         mut to: W,
         last: &StdMutex<Instant>,
-    ) -> (u64, Option<String>)
+        dir: Direction,
+    ) -> (u64, Option<Ended>)
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -677,13 +761,19 @@ impl VmEgress {
                     return (total, None);
                 }
                 Ok(Ok(n)) => n,
-                Ok(Err(e)) => return (total, Some(e.to_string())),
+                Ok(Err(e)) => return (total, Some(Ended::io(e))),
                 Err(_) => {
                     // Idle only if the other direction was quiet too.
                     let quiet = last.lock().map(|l| l.elapsed() >= idle).unwrap_or(true);
                     if quiet {
                         let _ = to.shutdown().await;
-                        return (total, Some(format!("idle for {} s", idle.as_secs())));
+                        return (
+                            total,
+                            Some(Ended {
+                                kind: Reason::IdleTimeout,
+                                reason: format!("idle for {} s", idle.as_secs()),
+                            }),
+                        );
                     }
                     continue;
                 }
@@ -700,10 +790,161 @@ impl VmEgress {
                 tokio::time::sleep(wait).await;
             }
             if let Err(e) = to.write_all(&buf[..n]).await {
-                return (total, Some(e.to_string()));
+                return (total, Some(Ended::io(e)));
             }
             total += n as u64;
+            EGRESS.bytes(dir, n as u64);
         }
+    }
+}
+
+/// Why a spliced connection ended before both sides closed.
+struct Ended {
+    kind: Reason,
+    reason: String,
+}
+
+impl Ended {
+    fn io(e: std::io::Error) -> Self {
+        Ended {
+            kind: Reason::IoError,
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// Ask an HTTP proxy for a tunnel: `CONNECT host:port` with
+/// `Proxy-Authorization` when configured; any 2xx opens it.
+async fn http_connect(
+    s: &mut TcpStream,
+    host: &str,
+    port: u16,
+    auth: Option<&str>,
+) -> std::io::Result<()> {
+    let target = join_host_port(host, port);
+    let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some(auth) = auth {
+        head.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await?;
+    let (code, line) = read_status(s).await?;
+    if !(200..300).contains(&code) {
+        return Err(std::io::Error::other(format!(
+            "refused CONNECT {target}: {line}"
+        )));
+    }
+    Ok(())
+}
+
+/// SOCKS5 `CONNECT` (RFC 1928) with username/password authentication (RFC
+/// 1929) when configured — and then only that method is offered, so a
+/// proxy cannot silently skip authentication. Names go as names (ATYP 3),
+/// resolved by the proxy like the HTTP upstream's.
+async fn socks5_connect(
+    s: &mut TcpStream,
+    host: &str,
+    port: u16,
+    auth: Option<&(String, Secret)>,
+) -> std::io::Result<()> {
+    let proto = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    let method = if auth.is_some() { 0x02 } else { 0x00 };
+    s.write_all(&[0x05, 0x01, method]).await?;
+    let mut choice = [0u8; 2];
+    s.read_exact(&mut choice).await?;
+    if choice[0] != 0x05 {
+        return Err(proto(format!(
+            "not a SOCKS5 proxy (version byte {})",
+            choice[0]
+        )));
+    }
+    if choice[1] != method {
+        return Err(std::io::Error::other(if auth.is_some() {
+            "SOCKS5 proxy does not accept username/password authentication"
+        } else {
+            "SOCKS5 proxy requires authentication, and this VM's upstream has no credentials"
+        }));
+    }
+    if let Some((user, pass)) = auth {
+        // Lengths were checked to fit one byte when the policy was compiled.
+        let (u, p) = (user.as_bytes(), pass.expose().as_bytes());
+        let mut msg = Vec::with_capacity(3 + u.len() + p.len());
+        msg.push(0x01);
+        msg.push(u.len() as u8);
+        msg.extend_from_slice(u);
+        msg.push(p.len() as u8);
+        msg.extend_from_slice(p);
+        s.write_all(&msg).await?;
+        let mut status = [0u8; 2];
+        s.read_exact(&mut status).await?;
+        if status[1] != 0x00 {
+            return Err(std::io::Error::other(
+                "SOCKS5 proxy rejected the upstream credentials",
+            ));
+        }
+    }
+    let mut req = vec![0x05, 0x01, 0x00];
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => {
+            req.push(0x01);
+            req.extend_from_slice(&v4.octets());
+        }
+        Ok(IpAddr::V6(v6)) => {
+            req.push(0x04);
+            req.extend_from_slice(&v6.octets());
+        }
+        Err(_) => {
+            // read_request caps names at 253 bytes.
+            let name = host.as_bytes();
+            let len = u8::try_from(name.len())
+                .map_err(|_| proto(format!("name {host} is too long for SOCKS5")))?;
+            req.push(0x03);
+            req.push(len);
+            req.extend_from_slice(name);
+        }
+    }
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).await?;
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).await?;
+    if head[0] != 0x05 {
+        return Err(proto(format!("bad SOCKS5 reply version {}", head[0])));
+    }
+    if head[1] != 0x00 {
+        return Err(std::io::Error::other(format!(
+            "SOCKS5 CONNECT {} refused: {}",
+            join_host_port(host, port),
+            socks5_reply_text(head[1])
+        )));
+    }
+    // Skip the bound address; the tunnel's bytes follow it.
+    let skip = match head[3] {
+        0x01 => 4,
+        0x04 => 16,
+        0x03 => {
+            let mut len = [0u8; 1];
+            s.read_exact(&mut len).await?;
+            usize::from(len[0])
+        }
+        t => return Err(proto(format!("bad SOCKS5 address type {t}"))),
+    };
+    let mut rest = vec![0u8; skip + 2];
+    s.read_exact(&mut rest).await?;
+    Ok(())
+}
+
+/// RFC 1928 §6 reply codes.
+fn socks5_reply_text(code: u8) -> String {
+    match code {
+        0x01 => "general SOCKS server failure".into(),
+        0x02 => "connection not allowed by ruleset".into(),
+        0x03 => "network unreachable".into(),
+        0x04 => "host unreachable".into(),
+        0x05 => "connection refused".into(),
+        0x06 => "TTL expired".into(),
+        0x07 => "command not supported".into(),
+        0x08 => "address type not supported".into(),
+        c => format!("reply code {c}"),
     }
 }
 
@@ -739,11 +980,21 @@ async fn read_request(guest: &mut UnixStream) -> Result<EgressRequest, Refusal> 
     .await;
     match read {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(Refusal::failed(format!("bad egress request: {e}"))),
-        Err(_) => return Err(Refusal::failed("no egress request within 10 s".into())),
+        Ok(Err(e)) => {
+            return Err(Refusal::failed(
+                Reason::BadRequest,
+                format!("bad egress request: {e}"),
+            ))
+        }
+        Err(_) => {
+            return Err(Refusal::failed(
+                Reason::BadRequest,
+                "no egress request within 10 s".into(),
+            ))
+        }
     }
     let req: EgressRequest = serde_json::from_slice(&line)
-        .map_err(|e| Refusal::failed(format!("bad egress request: {e}")))?;
+        .map_err(|e| Refusal::failed(Reason::BadRequest, format!("bad egress request: {e}")))?;
     if req.port == 0
         || req.host.is_empty()
         || req.host.len() > 253
@@ -752,10 +1003,10 @@ async fn read_request(guest: &mut UnixStream) -> Result<EgressRequest, Refusal> 
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
     {
-        return Err(Refusal::failed(format!(
-            "bad egress target {:?}:{}",
-            req.host, req.port
-        )));
+        return Err(Refusal::failed(
+            Reason::BadRequest,
+            format!("bad egress target {:?}:{}", req.host, req.port),
+        ));
     }
     Ok(req)
 }
@@ -766,10 +1017,13 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Refusal> {
     }
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|e| Refusal::failed(format!("cannot resolve {host}: {e}")))?
+        .map_err(|e| Refusal::failed(Reason::Resolve, format!("cannot resolve {host}: {e}")))?
         .collect();
     if addrs.is_empty() {
-        return Err(Refusal::failed(format!("{host} has no addresses")));
+        return Err(Refusal::failed(
+            Reason::Resolve,
+            format!("{host} has no addresses"),
+        ));
     }
     Ok(addrs)
 }
@@ -946,8 +1200,41 @@ mod tests {
         };
         let c = compile(&p).ok().unwrap();
         let up = c.upstream.unwrap();
-        assert_eq!(up.auth.as_deref(), Some("Basic YWxpY2U6czNjcmV0"));
+        match up.proto {
+            UpstreamProto::Http { auth } => {
+                assert_eq!(auth.as_deref(), Some("Basic YWxpY2U6czNjcmV0"))
+            }
+            UpstreamProto::Socks5 { .. } => panic!("http:// is an HTTP upstream"),
+        }
         assert_eq!(up.addr, "127.0.0.1:9");
+    }
+
+    #[test]
+    fn socks5_upstreams_parse_and_check_rfc1929_lengths() {
+        let up = |url: &str, user: &str, pass: &str| EgressPolicy {
+            upstream: Some(Upstream {
+                url: url.into(),
+                username: Some(user.into()),
+                password: Some(Secret::new(pass)),
+            }),
+            ..Default::default()
+        };
+        for url in ["socks5://127.0.0.1:1080", "socks5h://proxy.example:1080/"] {
+            let c = compile(&up(url, "u", "p")).ok().unwrap().upstream.unwrap();
+            assert!(
+                matches!(c.proto, UpstreamProto::Socks5 { auth: Some(_) }),
+                "{url}"
+            );
+        }
+        assert_eq!(
+            validate(&up("socks5://p:1", &"u".repeat(256), "p")),
+            Err(EgressError::SocksCredentialLength)
+        );
+        assert_eq!(
+            validate(&up("socks5://p:1", "u", "")),
+            Err(EgressError::SocksCredentialLength)
+        );
+        assert!(validate(&up("socks4://p:1", "u", "p")).is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod config;
 pub mod egress;
 pub mod hypervisor;
 pub mod manager;
+pub mod metrics;
 pub mod process;
 pub mod server;
 pub mod vmdir;

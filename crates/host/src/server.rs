@@ -83,6 +83,7 @@ pub fn router(mgr: Arc<Manager>) -> Router {
             "/v1/health",
             get(|| async { Json(serde_json::json!({"ok": true})) }),
         )
+        .route("/v1/metrics", get(crate::metrics::handler))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
         .route("/v1/vms/{id}/exec", post(exec))
