@@ -1,5 +1,6 @@
 //! The Polydev controller: the system of record.
 //!
+//! * [`auth`]: accounts, login sessions, API tokens, JWTs, stream tickets.
 //! * [`store`]: SQLite (embedded default, WAL) or PostgreSQL through one
 //!   migration set; every lifecycle change is one transaction with its event.
 //! * [`state`]: the VM and connect-session state machines (transition tables,
@@ -8,6 +9,7 @@
 //! * [`providers`]: the provider definitions (`providers/*.toml`).
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod providers;
 pub mod recovery;
 pub mod state;

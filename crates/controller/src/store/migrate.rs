@@ -22,11 +22,18 @@ struct Migration {
 
 /// Every migration, in order. Append only; never edit a shipped file (the
 /// checksum check refuses databases migrated by a different file).
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../../migrations/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../../migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "auth",
+        sql: include_str!("../../migrations/0002_auth.sql"),
+    },
+];
 
 /// The schema version this binary brings a database to.
 pub fn latest_version() -> i64 {

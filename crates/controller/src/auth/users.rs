@@ -1,0 +1,163 @@
+//! User accounts: creation, passwords, password login.
+
+use serde_json::json;
+
+use super::passwords::{validate_name, validate_password, MAX_PASSWORD_BYTES};
+use super::{event, Auth, AuthError, AuthMethod, LoginSession, Principal, Role, User};
+use crate::store::StoreError;
+use crate::util::{new_id, now_ms};
+
+impl Auth {
+    /// Create an account. `password` may be `None` (the account can then only
+    /// log in through a login link or an external identity).
+    pub async fn create_user(
+        &self,
+        name: &str,
+        role: Role,
+        password: Option<&str>,
+    ) -> Result<User, AuthError> {
+        validate_name(name)?;
+        let hash = match password {
+            Some(p) => {
+                validate_password(p)?;
+                Some(self.hasher.hash(p).await?)
+            }
+            None => None,
+        };
+        self.insert_user(name, role, hash, json!({})).await
+    }
+
+    /// Insert a user row and its `created` event in one transaction.
+    pub(crate) async fn insert_user(
+        &self,
+        name: &str,
+        role: Role,
+        password_hash: Option<String>,
+        mut detail: serde_json::Value,
+    ) -> Result<User, AuthError> {
+        let user = User {
+            id: new_id("usr")?,
+            name: name.to_string(),
+            role: role.as_str().to_string(),
+            created_at: now_ms(),
+        };
+        let mut tx = self.store.pool().begin().await?;
+        sqlx::query(
+            "INSERT INTO users (id, name, role, password_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&user.id)
+        .bind(&user.name)
+        .bind(&user.role)
+        .bind(password_hash)
+        .bind(user.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => {
+                AuthError::Conflict(format!("user name {name:?} is taken: choose another"))
+            }
+            _ => e.into(),
+        })?;
+        detail["name"] = json!(user.name);
+        detail["role"] = json!(user.role);
+        event(
+            &mut tx,
+            user.created_at,
+            "user",
+            &user.id,
+            Some(&user.id),
+            "created",
+            detail,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(user)
+    }
+
+    /// Set (or replace) a user's password. Ends all of that user's login
+    /// sessions: whoever knew the old password is logged out.
+    pub async fn set_password(&self, user_id: &str, password: &str) -> Result<(), AuthError> {
+        validate_password(password)?;
+        let hash = self.hasher.hash(password).await?;
+        let now = now_ms();
+        let mut tx = self.store.pool().begin().await?;
+        let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+            .bind(hash)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() != 1 {
+            return Err(AuthError::NotFound);
+        }
+        let ended = sqlx::query("DELETE FROM login_sessions WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        event(
+            &mut tx,
+            now,
+            "user",
+            user_id,
+            Some(user_id),
+            "password_set",
+            json!({ "sessions_ended": ended }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every account, oldest first.
+    pub async fn list_users(&self) -> Result<Vec<User>, AuthError> {
+        let rows: Vec<(String, String, String, i64)> =
+            sqlx::query_as("SELECT id, name, role, created_at FROM users ORDER BY created_at, id")
+                .fetch_all(self.store.pool())
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, name, role, created_at)| User {
+                id,
+                name,
+                role,
+                created_at,
+            })
+            .collect())
+    }
+
+    /// One account by id ([`AuthError::NotFound`] if none).
+    pub async fn user(&self, user_id: &str) -> Result<User, AuthError> {
+        self.store.user(user_id).await.map_err(|e| match e {
+            StoreError::NotFound { .. } => AuthError::NotFound,
+            e => e.into(),
+        })
+    }
+
+    /// Password login for the dashboard: a new login session on success,
+    /// [`AuthError::Unauthenticated`] otherwise (same answer and about the
+    /// same time for an unknown name, a wrong password, or an account
+    /// without a password).
+    pub async fn login(
+        &self,
+        name: &str,
+        password: &str,
+    ) -> Result<(Principal, LoginSession), AuthError> {
+        if password.len() > MAX_PASSWORD_BYTES {
+            return Err(AuthError::Unauthenticated);
+        }
+        let row: Option<(String, String, String, Option<String>)> =
+            sqlx::query_as("SELECT id, name, role, password_hash FROM users WHERE name = $1")
+                .bind(name)
+                .fetch_optional(self.store.pool())
+                .await?;
+        let phc = row.as_ref().and_then(|r| r.3.clone());
+        let ok = self.hasher.verify(password, phc).await?;
+        let Some((id, name, role, _)) = row.filter(|_| ok) else {
+            tracing::debug!("password login rejected");
+            return Err(AuthError::Unauthenticated);
+        };
+        let p = Principal::from_row(id, name, &role, None, AuthMethod::Cookie)?;
+        let s = self.create_login_session(&p.user_id).await?;
+        Ok((p, s))
+    }
+}
