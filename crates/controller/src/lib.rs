@@ -7,12 +7,16 @@
 //!   timeouts, retry budgets, failure reasons).
 //! * [`vault`]: envelope encryption of captured credentials.
 //! * [`providers`]: the provider definitions (`providers/*.toml`).
+//! * [`driver`]: the loop that advances VM and session records through the host agent.
+//! * [`upstream`]: the operator's upstream proxy providers (per-user ports: `store`).
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod driver;
 pub mod providers;
 pub mod recovery;
 pub mod state;
 pub mod store;
+pub mod upstream;
 pub mod util;
 pub mod vault;

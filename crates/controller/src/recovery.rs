@@ -34,9 +34,9 @@ pub enum HostVm {
     Unknown,
 }
 
-/// The one question recovery asks hosts. Implemented for the in-process
-/// host agent ([`LocalHost`]); a fleet's remote hosts implement it over
-/// their protocol.
+/// The one question recovery asks hosts. Implemented for every
+/// [`crate::driver::HostApi`] (the in-process [`LocalHost`] and the HTTP
+/// [`crate::driver::RemoteHost`]).
 pub trait HostLookup: Send + Sync {
     /// Status of `host_vm_id` on `host_id`.
     fn vm_status(&self, host_id: &str, host_vm_id: &str) -> impl Future<Output = HostVm> + Send;
@@ -50,30 +50,14 @@ pub struct LocalHost {
     pub manager: Arc<polydev_host::Manager>,
 }
 
-impl HostLookup for LocalHost {
+/// Every host the driver can talk to answers recovery's question the same
+/// way (one mapping: [`crate::driver::host::host_vm`]).
+impl<T: crate::driver::HostApi + ?Sized> HostLookup for T {
     async fn vm_status(&self, host_id: &str, host_vm_id: &str) -> HostVm {
-        use polydev_api::vm::VmState as H;
-        if host_id != self.host_id {
+        if host_id != self.host_id() {
             return HostVm::Unknown;
         }
-        match self.manager.get(host_vm_id).await {
-            Ok(info) => match info.state {
-                H::Starting => HostVm::Starting,
-                H::Running => HostVm::Running,
-                H::Paused => HostVm::Paused,
-                H::Stopping => HostVm::Stopping,
-                H::Off => HostVm::Gone(Some("powered off".into())),
-                H::Stopped => HostVm::Gone(Some("stopped".into())),
-                H::Failed => HostVm::Gone(info.failure.or(Some("failed".into()))),
-            },
-            // The manager answers NotFound for ids it never had or whose
-            // logs were pruned: either way the VM is not running there.
-            Err(polydev_host::manager::ManagerError::NotFound { .. }) => HostVm::Gone(None),
-            Err(e) => {
-                tracing::warn!(host_vm_id, error = %e, "host lookup failed during recovery");
-                HostVm::Unknown
-            }
-        }
+        crate::driver::host::host_vm(&self.inspect(host_vm_id).await)
     }
 }
 
@@ -236,7 +220,10 @@ pub struct Report {
 }
 
 /// Settle every non-final VM and session after a (re)start.
-pub async fn recover<H: HostLookup>(store: &Store, hosts: &H) -> Result<Report, StoreError> {
+pub async fn recover<H: HostLookup + ?Sized>(
+    store: &Store,
+    hosts: &H,
+) -> Result<Report, StoreError> {
     let mut report = Report::default();
     for vm in store.non_final_vms().await? {
         let host = match (&vm.host_id, &vm.host_vm_id) {

@@ -334,52 +334,9 @@ async fn records_survive_reopen(db: common::TestDb) {
 }
 
 both_backends!(
-    upstream_ports_never_shared,
     overdue_records_fail_with_timeout,
     concurrent_first_open_migrates_once
 );
-
-async fn upstream_ports_never_shared(db: common::TestDb) {
-    let s = db.store.clone();
-    let mut users = Vec::new();
-    for i in 0..6 {
-        users.push(s.create_user(&format!("p{i}"), "user").await.unwrap());
-    }
-    // Five users race for a range of five ports.
-    let mut tasks = Vec::new();
-    for u in users.iter().take(5) {
-        let (s, id) = (s.clone(), u.id.clone());
-        tasks.push(tokio::spawn(async move {
-            s.upstream_port(&id, 10000..=10004).await
-        }));
-    }
-    let mut ports = Vec::new();
-    for t in tasks {
-        ports.push(t.await.unwrap().unwrap());
-    }
-    ports.sort();
-    assert_eq!(ports, vec![10000, 10001, 10002, 10003, 10004]);
-    // Stable per user.
-    let again = s.upstream_port(&users[2].id, 10000..=10004).await.unwrap();
-    assert!(ports.contains(&again));
-    assert_eq!(
-        s.upstream_port(&users[2].id, 10000..=10004).await.unwrap(),
-        again
-    );
-    let e = s
-        .upstream_port(&users[5].id, 10000..=10004)
-        .await
-        .unwrap_err();
-    assert!(matches!(e, StoreError::PortsExhausted { .. }), "{e}");
-    // The database itself refuses a shared port.
-    let dup = sqlx::query(
-        "INSERT INTO upstream_port_assignments (port, user_id, assigned_at) VALUES (10000, $1, 0)",
-    )
-    .bind(&users[5].id)
-    .execute(s.pool())
-    .await;
-    assert!(dup.is_err());
-}
 
 async fn overdue_records_fail_with_timeout(db: common::TestDb) {
     use polydev_controller::recovery::fail_overdue;

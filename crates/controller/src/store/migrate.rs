@@ -33,6 +33,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "auth",
         sql: include_str!("../../migrations/0002_auth.sql"),
     },
+    Migration {
+        version: 3,
+        name: "upstreams",
+        sql: include_str!("../../migrations/0003_upstreams.sql"),
+    },
 ];
 
 /// The schema version this binary brings a database to.

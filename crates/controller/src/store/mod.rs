@@ -7,6 +7,7 @@
 //! `version` plus an `events` row, in one transaction.
 
 mod migrate;
+mod upstream;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -21,6 +22,7 @@ use crate::util::{new_id, now_ms, RandomError};
 use crate::vault::SealedRecord;
 
 pub use migrate::latest_version;
+pub use upstream::{Assignment, Quarantined, UpstreamError, UpstreamStats};
 
 /// Errors of the store. Messages name what to do where there is something to do.
 #[derive(Debug, thiserror::Error)]
@@ -125,14 +127,6 @@ pub enum StoreError {
     Duplicate {
         /// What was duplicated.
         what: String,
-    },
-    /// Every upstream proxy port in the configured range is assigned.
-    #[error("all upstream proxy ports {first}-{last} are assigned: widen the port range or add upstream capacity")]
-    PortsExhausted {
-        /// First port of the range.
-        first: u16,
-        /// Last port of the range.
-        last: u16,
     },
     /// Random id generation failed.
     #[error(transparent)]
@@ -306,6 +300,9 @@ pub struct Also {
     pub placement: Option<(String, String)>,
     /// Session: its browser VM.
     pub browser_vm_id: Option<String>,
+    /// Extra fields merged into the event's detail (never a secret), e.g.
+    /// the auth URL a login printed.
+    pub detail: Option<serde_json::Value>,
 }
 
 /// Handle to the database; cheap to clone.
@@ -904,6 +901,11 @@ impl Store {
         if let Some(d) = deadline {
             detail["deadline_at"] = json!(d);
         }
+        if let Some(serde_json::Value::Object(extra)) = &also.detail {
+            for (k, v) in extra {
+                detail[k.as_str()] = v.clone();
+            }
+        }
         Self::append_event(
             &mut tx,
             now,
@@ -917,79 +919,6 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(())
-    }
-
-    // ---- upstream proxy ports ---------------------------------------------
-
-    /// The user's upstream proxy port, assigning the lowest free one in
-    /// `range` on first use. A port is a stable outbound IP, so the table's
-    /// unique constraints (one port per user, one user per port) are what
-    /// guarantee no two users ever share one; a concurrent assignment that
-    /// loses the race simply tries the next free port.
-    pub async fn upstream_port(
-        &self,
-        user_id: &str,
-        range: std::ops::RangeInclusive<u16>,
-    ) -> Result<u16, StoreError> {
-        let (first, last) = (*range.start(), *range.end());
-        for _ in 0..16 {
-            let mine: Option<(i64,)> =
-                sqlx::query_as("SELECT port FROM upstream_port_assignments WHERE user_id = $1")
-                    .bind(user_id)
-                    .fetch_optional(&self.pool)
-                    .await?;
-            if let Some((p,)) = mine {
-                return u16::try_from(p).map_err(|_| StoreError::Corrupt {
-                    table: "upstream_port_assignments",
-                    detail: format!("port {p} out of range"),
-                });
-            }
-            let taken: Vec<(i64,)> = sqlx::query_as(
-                "SELECT port FROM upstream_port_assignments WHERE port >= $1 AND port <= $2 ORDER BY port",
-            )
-            .bind(i64::from(first))
-            .bind(i64::from(last))
-            .fetch_all(&self.pool)
-            .await?;
-            let taken: std::collections::BTreeSet<i64> = taken.into_iter().map(|r| r.0).collect();
-            let Some(port) = (first..=last).find(|p| !taken.contains(&i64::from(*p))) else {
-                return Err(StoreError::PortsExhausted { first, last });
-            };
-            let now = now_ms();
-            let mut tx = self.pool.begin().await?;
-            let ins = sqlx::query(
-                "INSERT INTO upstream_port_assignments (port, user_id, assigned_at) VALUES ($1, $2, $3)",
-            )
-            .bind(i64::from(port))
-            .bind(user_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await;
-            match ins {
-                Ok(_) => {}
-                // Lost a race (for the port, or this user got one meanwhile): look again.
-                Err(sqlx::Error::Database(d)) if d.is_unique_violation() => continue,
-                Err(e) => return Err(e.into()),
-            }
-            Self::append_event(
-                &mut tx,
-                now,
-                "user",
-                user_id,
-                Some(user_id),
-                "upstream_port_assigned",
-                None,
-                json!({ "port": port }),
-            )
-            .await?;
-            tx.commit().await?;
-            return Ok(port);
-        }
-        Err(StoreError::Conflict {
-            kind: "upstream_port_assignment",
-            id: user_id.to_string(),
-            expected: 0,
-        })
     }
 
     // ---- credentials (sealed records; see crate::vault) ------------------

@@ -1,0 +1,212 @@
+//! The provider's login inside the browser VM, run so that it outlives the
+//! controller: a detached process (its own session, so the agent does not
+//! kill it when our exec stream ends) whose output and exit status go to
+//! files under [`LOGIN_DIR`]`/<session id>`. Every step is idempotent: the
+//! directory is created with `mkdir` (atomic), so a driver that crashed and
+//! resumed never starts a second login.
+
+use std::collections::BTreeMap;
+
+use polydev_api::agent::ExecRequest;
+
+use super::host::{HostApi, HostError};
+use crate::providers::Provider;
+
+/// Where login state lives inside the VM (tmpfs in browser VMs).
+pub const LOGIN_DIR: &str = "/run/polydev-login";
+
+/// Start the login unless a previous driver already did.
+const START: &str = r#"inner="$1"; d="$2"; shift 2
+mkdir -p "${d%/*}" || exit 1
+mkdir "$d" 2>/dev/null || exit 0
+setsid sh -c "$inner" sh "$d" "$@" >/dev/null 2>&1 </dev/null &
+exit 0"#;
+
+/// The detached part: run the command, record its exit status atomically.
+const INNER: &str = r#"d="$1"; shift
+cd "$HOME" 2>/dev/null || cd /
+"$@" >"$d/output" 2>&1 </dev/null
+echo $? >"$d/exit.tmp" && mv "$d/exit.tmp" "$d/exit""#;
+
+const STATUS: &str = r#"d="$1"
+[ -d "$d" ] || { echo absent; exit 0; }
+[ -f "$d/exit" ] && { echo "exit $(cat "$d/exit")"; exit 0; }
+echo running"#;
+
+/// Write stdin to a file atomically, creating its directory (mode 0700/0600).
+const WRITE: &str =
+    r#"umask 077; mkdir -p "${1%/*}" && cat >"$1.polydev-tmp" && mv "$1.polydev-tmp" "$1""#;
+
+/// Where the login stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoginStatus {
+    /// Not started in this VM.
+    Absent,
+    /// Still running.
+    Running,
+    /// Ended with this exit code (`None`: unreadable).
+    Exited(Option<i32>),
+}
+
+/// How the login is run in the VM (from the driver's config).
+#[derive(Clone, Debug)]
+pub struct LoginPlace {
+    /// Home directory of the user the login runs as.
+    pub home: String,
+    /// Run as this user (`runuser -u`), or as the agent's user (root).
+    pub user: Option<String>,
+}
+
+fn sh(script: &str, args: &[&str]) -> Vec<String> {
+    let mut v = vec!["sh".to_string(), "-c".into(), script.into(), "sh".into()];
+    v.extend(args.iter().map(|a| a.to_string()));
+    v
+}
+
+/// The login directory of a session.
+pub fn dir(session_id: &str) -> String {
+    format!("{LOGIN_DIR}/{session_id}")
+}
+
+/// Where the login stands in `vm`.
+pub async fn status(
+    host: &dyn HostApi,
+    vm: &str,
+    session_id: &str,
+) -> Result<LoginStatus, HostError> {
+    let out = host
+        .exec(
+            vm,
+            ExecRequest {
+                argv: sh(STATUS, &[&dir(session_id)]),
+                timeout_ms: Some(30_000),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let text = text.trim();
+    Ok(match text {
+        "absent" => LoginStatus::Absent,
+        "running" => LoginStatus::Running,
+        t => LoginStatus::Exited(t.strip_prefix("exit ").and_then(|c| c.trim().parse().ok())),
+    })
+}
+
+/// Write `data` to the absolute `path` in `vm` (atomic rename).
+pub async fn write_file(
+    host: &dyn HostApi,
+    vm: &str,
+    path: &str,
+    data: Vec<u8>,
+) -> Result<(), HostError> {
+    let out = host
+        .exec(
+            vm,
+            ExecRequest {
+                argv: sh(WRITE, &[path]),
+                stdin: Some(data),
+                timeout_ms: Some(30_000),
+                ..Default::default()
+            },
+        )
+        .await?;
+    if out.success() {
+        Ok(())
+    } else {
+        Err(HostError::Failed(format!(
+            "writing {path} in the VM failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Write the provider's pre-login files and start its login command,
+/// detached. A second call finds the directory and does nothing.
+pub async fn start(
+    host: &dyn HostApi,
+    vm: &str,
+    session_id: &str,
+    p: &Provider,
+    place: &LoginPlace,
+) -> Result<(), HostError> {
+    for w in &p.login_write {
+        let path = format!("{}/{}", place.home, w.path);
+        write_file(host, vm, &path, w.content.clone().into_bytes()).await?;
+    }
+    let d = dir(session_id);
+    let mut args: Vec<&str> = vec![INNER, &d];
+    if let Some(u) = &place.user {
+        args.extend(["runuser", "-u", u.as_str(), "--"]);
+    }
+    args.extend(p.login_command.iter().map(String::as_str));
+    let mut env: BTreeMap<String, String> = p.login_env.clone();
+    env.insert("HOME".into(), place.home.clone());
+    let out = host
+        .exec(
+            vm,
+            ExecRequest {
+                argv: sh(START, &args),
+                env,
+                timeout_ms: Some(30_000),
+                ..Default::default()
+            },
+        )
+        .await?;
+    if out.success() {
+        Ok(())
+    } else {
+        Err(HostError::Failed(format!(
+            "starting the login failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// The login's output so far (empty before it wrote any).
+pub async fn output(host: &dyn HostApi, vm: &str, session_id: &str) -> Result<String, HostError> {
+    let path = format!("{}/output", dir(session_id));
+    Ok(host
+        .read_file(vm, &path)
+        .await?
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default())
+}
+
+/// The provider's capture files that exist in `vm` (path relative to home → content).
+pub async fn captured(
+    host: &dyn HostApi,
+    vm: &str,
+    p: &Provider,
+    home: &str,
+) -> Result<BTreeMap<String, Vec<u8>>, HostError> {
+    let mut files = BTreeMap::new();
+    for f in &p.capture {
+        if let Some(data) = host.read_file(vm, &format!("{home}/{}", f.path)).await? {
+            files.insert(f.path.clone(), data);
+        }
+    }
+    Ok(files)
+}
+
+/// Whether a readiness probe (argv run in the VM) succeeds; no probe: ready.
+pub async fn ready(
+    host: &dyn HostApi,
+    vm: &str,
+    probe: &Option<Vec<String>>,
+) -> Result<bool, HostError> {
+    let Some(argv) = probe else {
+        return Ok(true);
+    };
+    let out = host
+        .exec(
+            vm,
+            ExecRequest {
+                argv: argv.clone(),
+                timeout_ms: Some(30_000),
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(out.success())
+}

@@ -1,0 +1,415 @@
+//! The driver: the loop that advances VM and session records through the
+//! host agent.
+//!
+//! Each pass loads every non-final record and takes one idempotent step per
+//! record (in its own task; a record is never stepped twice at once in one
+//! process). A step looks at the world (the host, the VM), decides, and
+//! moves the record through [`Store::transition_vm`] /
+//! [`Store::transition_session`] — a compare-and-swap plus its event in one
+//! transaction — so a controller killed at any instant resumes correctly:
+//! on start [`crate::recovery::recover`] settles what happened while it was
+//! down, and the loop continues from whatever state each record is in.
+//! Work that must outlive the controller runs outside it: VMs belong to the
+//! host agent (named after their controller id, so an interrupted create is
+//! found again), and the provider's login runs detached inside the VM with
+//! its output and exit status in files (see [`login`]).
+//!
+//! The loop wakes on [`Driver::notify`] (the API calls it after a write)
+//! or every [`DriverConfig::poll_ms`], and runs
+//! [`crate::recovery::fail_overdue`] on every pass.
+
+pub mod host;
+pub mod login;
+mod session;
+mod vm;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::{watch, Notify};
+
+pub use host::{ExecOutput, HostApi, HostError, RemoteHost};
+pub use session::decode_credential;
+
+use crate::providers::{ProviderError, Providers};
+use crate::store::{Store, StoreError};
+use crate::upstream::{UpstreamConfig, UpstreamConfigError};
+use crate::vault::{Keyring, Vault, VaultError};
+
+/// Errors that stop the driver (a failing record never does: it is failed
+/// with a reason and the loop goes on).
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The store failed at start.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The driver config file is unusable.
+    #[error("driver config {path}: {message}")]
+    Config {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Provider definitions did not load.
+    #[error(transparent)]
+    Providers(#[from] ProviderError),
+    /// The upstream config did not load.
+    #[error(transparent)]
+    Upstreams(#[from] UpstreamConfigError),
+    /// The vault keyring did not load.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+}
+
+/// How the driver builds VMs and runs logins. Loaded from
+/// `<data>/driver.toml` when present ([`DriverConfig::load_optional`]);
+/// the defaults are the production setup (browser and CLI images, the
+/// image's unprivileged `user`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DriverConfig {
+    /// Image of browser VMs (`None`: the minimal initramfs image).
+    pub browser_image: Option<String>,
+    /// Memory of a browser VM in MiB (`None`: the host's default).
+    pub browser_memory_mib: Option<u32>,
+    /// vCPUs of a browser VM (`None`: the host's default).
+    pub browser_vcpus: Option<u32>,
+    /// Command run in a running browser VM that exits 0 once the desktop
+    /// is ready for the login (`None`: ready when the agent answers).
+    pub browser_ready: Option<Vec<String>>,
+    /// User the login runs as (`None`: the guest agent's user, root).
+    pub login_user: Option<String>,
+    /// That user's home directory (capture paths are relative to it).
+    pub login_home: String,
+    /// Deliver captured credentials into the user's CLI VM (created when the
+    /// user has none). Off: the credential stays in the vault only.
+    pub deliver_to_cli_vm: bool,
+    /// Image of CLI VMs.
+    pub cli_image: Option<String>,
+    /// Memory of a CLI VM in MiB.
+    pub cli_memory_mib: Option<u32>,
+    /// Home directory in CLI VMs.
+    pub cli_home: String,
+    /// Owner (`user[:group]`) of delivered files in CLI VMs (`None`: root).
+    pub cli_owner: Option<String>,
+    /// Command run in a running CLI VM that exits 0 once it can take a
+    /// delivery (`None`: when the agent answers).
+    pub cli_ready: Option<Vec<String>>,
+    /// Sessions past `requested` at once; more wait in `requested`.
+    pub max_active_sessions: usize,
+    /// Pass interval when nothing notifies, in milliseconds.
+    pub poll_ms: u64,
+    /// A browser VM record no session points at is stopped after this long
+    /// (it was created by a controller that died before recording it).
+    pub orphan_grace_ms: i64,
+    /// Provider definitions (`None`: the built-in ones).
+    pub providers_dir: Option<PathBuf>,
+    /// Upstream providers (`None`: `<data>/upstreams.toml` if it exists).
+    pub upstreams_file: Option<PathBuf>,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            browser_image: Some("browser".into()),
+            browser_memory_mib: Some(1024),
+            browser_vcpus: None,
+            // The desktop's VNC server listens once X and the session are up.
+            browser_ready: Some(vec![
+                "sh".into(),
+                "-c".into(),
+                "grep -q ':170C ' /proc/net/tcp".into(),
+            ]),
+            login_user: Some("user".into()),
+            login_home: "/home/user".into(),
+            deliver_to_cli_vm: true,
+            cli_image: Some("cli".into()),
+            cli_memory_mib: Some(1024),
+            cli_home: "/home/user".into(),
+            cli_owner: Some("user:user".into()),
+            cli_ready: None,
+            max_active_sessions: 10,
+            poll_ms: 500,
+            orphan_grace_ms: 60_000,
+            providers_dir: None,
+            upstreams_file: None,
+        }
+    }
+}
+
+impl DriverConfig {
+    /// Parse a config file's text.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, DriverError> {
+        let c: DriverConfig = toml::from_str(text).map_err(|e| DriverError::Config {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        if c.max_active_sessions == 0 || c.poll_ms == 0 {
+            return Err(DriverError::Config {
+                path: origin.to_string(),
+                message: "`max_active_sessions` and `poll_ms` must be at least 1".into(),
+            });
+        }
+        for (field, home) in [("login_home", &c.login_home), ("cli_home", &c.cli_home)] {
+            if !home.starts_with('/') {
+                return Err(DriverError::Config {
+                    path: origin.to_string(),
+                    message: format!("`{field}` must be an absolute path"),
+                });
+            }
+        }
+        Ok(c)
+    }
+
+    /// `path` if it exists, else the defaults.
+    pub fn load_optional(path: &Path) -> Result<Self, DriverError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(DriverError::Config {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// Where the vault's master keys come from. Read again for every seal and
+/// open, so `polydev vault rotate` on a running system takes effect at once
+/// (a record re-wrapped under a new key opens; new records use it).
+#[derive(Clone, Debug)]
+pub struct KeySource {
+    file: Option<PathBuf>,
+    fixed: Option<Arc<Vault>>,
+}
+
+impl KeySource {
+    /// [`crate::vault::KEYS_ENV`] when set, else the key file at `path`
+    /// (created on first use).
+    pub fn file(path: &Path) -> Self {
+        KeySource {
+            file: Some(path.to_path_buf()),
+            fixed: None,
+        }
+    }
+
+    /// A fixed keyring (tests, embedded use).
+    pub fn fixed(ring: Keyring) -> Self {
+        KeySource {
+            file: None,
+            fixed: Some(Arc::new(Vault::new(ring))),
+        }
+    }
+
+    /// The vault as of now.
+    pub fn vault(&self) -> Result<Arc<Vault>, VaultError> {
+        match (&self.fixed, &self.file) {
+            (Some(v), _) => Ok(v.clone()),
+            (None, Some(p)) => Ok(Arc::new(Vault::new(Keyring::from_env_or_file(p)?))),
+            (None, None) => Ok(Arc::new(Vault::new(Keyring::generate()?))),
+        }
+    }
+}
+
+/// Well-known files under a data directory.
+pub mod paths {
+    use std::path::{Path, PathBuf};
+
+    /// The driver's config.
+    pub fn driver_config(data: &Path) -> PathBuf {
+        data.join("driver.toml")
+    }
+    /// The upstream providers.
+    pub fn upstreams(data: &Path) -> PathBuf {
+        data.join("upstreams.toml")
+    }
+    /// The vault's key file.
+    pub fn vault_keys(data: &Path) -> PathBuf {
+        data.join("vault-keys.toml")
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    pub(crate) host: Arc<dyn HostApi>,
+    pub(crate) providers: Providers,
+    pub(crate) keys: KeySource,
+    pub(crate) upstreams: UpstreamConfig,
+    pub(crate) cfg: DriverConfig,
+    wake: Notify,
+    busy: Mutex<HashSet<String>>,
+}
+
+/// The driver; cheap to clone (the API keeps one to [`Driver::notify`]).
+#[derive(Clone)]
+pub struct Driver {
+    inner: Arc<Inner>,
+}
+
+/// Marks a record as being stepped; removed on drop.
+struct Busy {
+    inner: Arc<Inner>,
+    id: String,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.inner
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl Inner {
+    fn claim(self: &Arc<Self>, id: &str) -> Option<Busy> {
+        let mut b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        b.insert(id.to_string()).then(|| Busy {
+            inner: self.clone(),
+            id: id.to_string(),
+        })
+    }
+}
+
+impl Driver {
+    /// A driver over `store` and `host` with the default [`DriverConfig`].
+    pub fn new(
+        store: Store,
+        host: Arc<dyn HostApi>,
+        providers: Providers,
+        keys: KeySource,
+        upstreams: UpstreamConfig,
+    ) -> Self {
+        Self::with_config(
+            store,
+            host,
+            providers,
+            keys,
+            upstreams,
+            DriverConfig::default(),
+        )
+    }
+
+    /// A driver with an explicit configuration.
+    pub fn with_config(
+        store: Store,
+        host: Arc<dyn HostApi>,
+        providers: Providers,
+        keys: KeySource,
+        upstreams: UpstreamConfig,
+        cfg: DriverConfig,
+    ) -> Self {
+        Driver {
+            inner: Arc::new(Inner {
+                store,
+                host,
+                providers,
+                keys,
+                upstreams,
+                cfg,
+                wake: Notify::new(),
+                busy: Mutex::new(HashSet::new()),
+            }),
+        }
+    }
+
+    /// Everything from a data directory: `driver.toml` (optional), its
+    /// providers directory (else the built-in providers), `upstreams.toml`
+    /// (optional) and the vault key file (or [`crate::vault::KEYS_ENV`]).
+    pub fn from_data_dir(
+        store: Store,
+        host: Arc<dyn HostApi>,
+        data: &Path,
+    ) -> Result<Self, DriverError> {
+        let cfg = DriverConfig::load_optional(&paths::driver_config(data))?;
+        let providers = match &cfg.providers_dir {
+            Some(d) => Providers::load_dir(d)?,
+            None => Providers::builtin()?,
+        };
+        let up_path = cfg
+            .upstreams_file
+            .clone()
+            .unwrap_or_else(|| paths::upstreams(data));
+        let upstreams = UpstreamConfig::load_optional(&up_path)?;
+        let keys = KeySource::file(&paths::vault_keys(data));
+        // Fail at start, not at the first capture, if the keys are unusable.
+        keys.vault()?;
+        Ok(Self::with_config(
+            store, host, providers, keys, upstreams, cfg,
+        ))
+    }
+
+    /// A record changed: look now rather than at the next poll.
+    pub fn notify(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Recover what a previous controller left, then drive records until
+    /// `shutdown` becomes true. In-flight steps are simply dropped at
+    /// shutdown: each is idempotent and the next start resumes it.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), DriverError> {
+        let inner = self.inner;
+        vm::register_host(&inner).await?;
+        let report = crate::recovery::recover(&inner.store, &*inner.host).await?;
+        tracing::info!(?report, "driver: recovery done, driving records");
+        let poll = Duration::from_millis(inner.cfg.poll_ms);
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            if let Err(e) = pass(&inner).await {
+                // A store hiccup (e.g. a restarting PostgreSQL) is retried
+                // next pass; records keep their deadlines meanwhile.
+                tracing::warn!(error = %e, "driver pass failed; retrying");
+            }
+            tokio::select! {
+                _ = inner.wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+}
+
+/// One pass: fail overdue records, then start a step for every record that
+/// is not being stepped already.
+async fn pass(inner: &Arc<Inner>) -> Result<(), StoreError> {
+    crate::recovery::fail_overdue(&inner.store, crate::util::now_ms()).await?;
+    for v in inner.store.non_final_vms().await? {
+        if let Some(busy) = inner.claim(&v.id) {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                let _busy = busy;
+                match vm::step(&inner, v).await {
+                    // What changed may let another record move: look again now.
+                    Ok(true) => inner.wake.notify_one(),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "driver: VM step failed; retrying next pass")
+                    }
+                }
+            });
+        }
+    }
+    for s in inner.store.non_final_sessions().await? {
+        if let Some(busy) = inner.claim(&s.id) {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                let _busy = busy;
+                match session::step(&inner, s).await {
+                    Ok(true) => inner.wake.notify_one(),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "driver: session step failed; retrying next pass")
+                    }
+                }
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,453 @@
+//! Session steps: requested → starting_vm (browser VM record, wait until it
+//! runs and is ready) → starting_login (the provider's login, detached in
+//! the VM) → awaiting_user (auth URL recognised in its output; recorded in
+//! the event) → capturing (the provider's files present; sealed into the
+//! vault once valid) → delivering (into the user's CLI VM) → completed.
+//! The browser VM is stopped by the VM steps once the session is final.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use super::host::HostApi;
+use super::login::{self, LoginPlace, LoginStatus};
+use super::vm::{changed, host_ref};
+use super::Inner;
+use crate::providers::Provider;
+use crate::state::{Failure, FailureReason, Lifecycle, SessionState, VmState};
+use crate::store::{Also, Session, StoreError, Vm, VmKind};
+
+const ACTIVE: &str = "'starting_vm', 'starting_login', 'awaiting_user', 'capturing', 'delivering'";
+
+async fn go(
+    inner: &Inner,
+    s: &Session,
+    to: SessionState,
+    detail: Option<serde_json::Value>,
+) -> Result<bool, StoreError> {
+    changed(
+        inner
+            .store
+            .transition_session(
+                s,
+                to,
+                None,
+                Also {
+                    detail,
+                    ..Also::default()
+                },
+            )
+            .await,
+    )
+}
+
+async fn fail(
+    inner: &Inner,
+    s: &Session,
+    reason: FailureReason,
+    detail: impl Into<String>,
+) -> Result<bool, StoreError> {
+    let detail = detail.into();
+    tracing::warn!(session = %s.id, %reason, %detail, "session failed");
+    changed(
+        inner
+            .store
+            .transition_session(
+                s,
+                SessionState::Failed,
+                Some(Failure::new(reason, detail)),
+                Also::default(),
+            )
+            .await,
+    )
+}
+
+/// One step for one session; `Ok(true)` when something changed.
+pub(super) async fn step(inner: &Arc<Inner>, s: Session) -> Result<bool, StoreError> {
+    use SessionState::*;
+    let Some(p) = inner.providers.get(&s.provider) else {
+        return fail(
+            inner,
+            &s,
+            FailureReason::Internal,
+            format!(
+                "provider {:?} is not configured on this controller",
+                s.provider
+            ),
+        )
+        .await;
+    };
+    match s.life.state {
+        Requested => requested(inner, &s).await,
+        StartingVm => starting_vm(inner, &s).await,
+        StartingLogin | AwaitingUser | Capturing => in_vm(inner, &s, p).await,
+        Delivering => delivering(inner, &s, p).await,
+        Completed | Cancelled | Failed => Ok(false),
+    }
+}
+
+/// Admit the session when fewer than `max_active_sessions` are past
+/// `requested`: record its browser VM and move on.
+async fn requested(inner: &Inner, s: &Session) -> Result<bool, StoreError> {
+    // One admission at a time, so concurrent steps cannot overshoot the limit.
+    static ADMIT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _g = ADMIT.lock().await;
+    let (active,): (i64,) = sqlx::query_as(&format!(
+        "SELECT COUNT(*) FROM sessions WHERE state IN ({ACTIVE})"
+    ))
+    .fetch_one(inner.store.pool())
+    .await?;
+    if usize::try_from(active).unwrap_or(usize::MAX) >= inner.cfg.max_active_sessions {
+        return Ok(false);
+    }
+    // A crash between these two writes leaves a VM record nobody claims;
+    // the VM steps stop it after the orphan grace period.
+    let vm = inner.store.create_vm(&s.user_id, VmKind::Browser).await?;
+    changed(
+        inner
+            .store
+            .transition_session(
+                s,
+                SessionState::StartingVm,
+                None,
+                Also {
+                    browser_vm_id: Some(vm.id),
+                    ..Also::default()
+                },
+            )
+            .await,
+    )
+}
+
+fn vm_gone_detail(vm: &Vm) -> String {
+    match &vm.life.failure {
+        Some(f) => format!(
+            "the browser VM {} {}: {} ({})",
+            vm.id, vm.life.state, f.reason, f.detail
+        ),
+        None => format!("the browser VM {} is {}", vm.id, vm.life.state),
+    }
+}
+
+async fn browser_vm(inner: &Inner, s: &Session) -> Result<Option<Vm>, StoreError> {
+    match &s.browser_vm_id {
+        Some(id) => Ok(Some(inner.store.vm(id).await?)),
+        None => Ok(None),
+    }
+}
+
+async fn starting_vm(inner: &Inner, s: &Session) -> Result<bool, StoreError> {
+    let Some(vm) = browser_vm(inner, s).await? else {
+        return go(inner, s, SessionState::Requested, None).await;
+    };
+    match vm.life.state {
+        VmState::Running => {
+            match login::ready(&*inner.host, host_ref(&vm), &inner.cfg.browser_ready).await {
+                Ok(true) => go(inner, s, SessionState::StartingLogin, None).await,
+                Ok(false) => Ok(false),
+                Err(e) => {
+                    tracing::debug!(session = %s.id, error = %e, "readiness probe failed");
+                    Ok(false)
+                }
+            }
+        }
+        // Retry with a new VM (bounded by starting_vm's entry limit).
+        st if st.is_final() => {
+            let detail = json!({ "vm_failure": vm_gone_detail(&vm) });
+            go(inner, s, SessionState::Requested, Some(detail)).await
+        }
+        _ => Ok(false),
+    }
+}
+
+fn place(inner: &Inner) -> LoginPlace {
+    LoginPlace {
+        home: inner.cfg.login_home.clone(),
+        user: inner.cfg.login_user.clone(),
+    }
+}
+
+fn exit_failure(code: Option<i32>) -> (FailureReason, String) {
+    match code {
+        Some(0) => (
+            FailureReason::CredentialInvalid,
+            "the login finished but did not leave a valid credential".to_string(),
+        ),
+        Some(c) => (
+            FailureReason::LoginFailed,
+            format!(
+                "the login command exited with status {c}; its output is in the browser VM's logs"
+            ),
+        ),
+        None => (
+            FailureReason::LoginFailed,
+            "the login command ended without an exit status".to_string(),
+        ),
+    }
+}
+
+/// The states that live in the browser VM: they need it running.
+async fn in_vm(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreError> {
+    let Some(vm) = browser_vm(inner, s).await? else {
+        return fail(inner, s, FailureReason::Internal, "no browser VM recorded").await;
+    };
+    if vm.life.state.is_final() {
+        return fail(
+            inner,
+            s,
+            FailureReason::VmDied,
+            format!("{}; start the connection again", vm_gone_detail(&vm)),
+        )
+        .await;
+    }
+    if vm.life.state != VmState::Running {
+        return Ok(false);
+    }
+    let host: &dyn HostApi = &*inner.host;
+    let r = host_ref(&vm);
+    let home = inner.cfg.login_home.as_str();
+    let attempt = async {
+        let status = login::status(host, r, &s.id).await?;
+        Ok::<_, super::HostError>(match s.life.state {
+            SessionState::StartingLogin => {
+                if status == LoginStatus::Absent {
+                    login::start(host, r, &s.id, p, &place(inner)).await?;
+                    return Ok(Next::Wait);
+                }
+                let out = login::output(host, r, &s.id).await?;
+                match (p.find_auth_url(&out), status) {
+                    (Some(url), _) => Next::Go(
+                        SessionState::AwaitingUser,
+                        Some(json!({ "auth_url": url })),
+                    ),
+                    (None, LoginStatus::Exited(Some(0))) => Next::Fail(
+                        FailureReason::AuthUrlNotFound,
+                        "the login exited without printing an auth URL the provider definition recognises".into(),
+                    ),
+                    (None, LoginStatus::Exited(c)) => {
+                        let (reason, detail) = exit_failure(c);
+                        Next::Fail(reason, detail)
+                    }
+                    (None, _) => Next::Wait,
+                }
+            }
+            SessionState::AwaitingUser => {
+                let files = login::captured(host, r, p, home).await?;
+                let complete = p
+                    .capture
+                    .iter()
+                    .filter(|f| f.required)
+                    .all(|f| files.contains_key(&f.path));
+                match status {
+                    _ if complete => Next::Go(SessionState::Capturing, None),
+                    LoginStatus::Exited(c) => {
+                        let (reason, detail) = exit_failure(c);
+                        Next::Fail(reason, detail)
+                    }
+                    _ => Next::Wait,
+                }
+            }
+            _ => {
+                let files = login::captured(host, r, p, home).await?;
+                match (p.validate_capture(&files), status) {
+                    (Ok(()), _) => Next::Seal(files),
+                    // The CLI may still be writing: wait while it runs
+                    // (bounded by capturing's deadline).
+                    (Err(_), LoginStatus::Running) => Next::Wait,
+                    (Err(e), LoginStatus::Exited(Some(0)) | LoginStatus::Absent) => {
+                        Next::Fail(FailureReason::CredentialInvalid, e.to_string())
+                    }
+                    (Err(_), LoginStatus::Exited(c)) => {
+                        let (reason, detail) = exit_failure(c);
+                        Next::Fail(reason, detail)
+                    }
+                }
+            }
+        })
+    };
+    match attempt.await {
+        Ok(Next::Wait) => Ok(false),
+        Ok(Next::Go(to, detail)) => go(inner, s, to, detail).await,
+        Ok(Next::Fail(reason, detail)) => fail(inner, s, reason, detail).await,
+        Ok(Next::Seal(files)) => match seal(inner, s, &files).await {
+            Ok(version) => {
+                go(
+                    inner,
+                    s,
+                    SessionState::Delivering,
+                    Some(json!({ "credential_version": version })),
+                )
+                .await
+            }
+            Err(e) => fail(inner, s, FailureReason::VaultError, e.to_string()).await,
+        },
+        Err(e) => {
+            tracing::debug!(session = %s.id, error = %e, "VM not answering; retrying");
+            Ok(false)
+        }
+    }
+}
+
+enum Next {
+    Wait,
+    Go(SessionState, Option<serde_json::Value>),
+    Fail(FailureReason, String),
+    Seal(BTreeMap<String, Vec<u8>>),
+}
+
+/// The vault plaintext of a credential: the captured files, by path.
+fn encode(files: &BTreeMap<String, Vec<u8>>) -> Zeroizing<Vec<u8>> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let map: serde_json::Map<String, serde_json::Value> = files
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(b64.encode(v))))
+        .collect();
+    Zeroizing::new(serde_json::to_vec(&json!({ "files": map })).unwrap_or_default())
+}
+
+/// Inverse of [`encode`].
+pub fn decode_credential(pt: &[u8]) -> Option<BTreeMap<String, Zeroizing<Vec<u8>>>> {
+    let v: serde_json::Value = serde_json::from_slice(pt).ok()?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    v.get("files")?
+        .as_object()?
+        .iter()
+        .map(|(k, v)| Some((k.clone(), Zeroizing::new(b64.decode(v.as_str()?).ok()?))))
+        .collect()
+}
+
+/// Seal the files into the vault, unless the stored record already holds
+/// exactly them (a resumed capture must not add a version). Returns the
+/// record's version.
+async fn seal(
+    inner: &Inner,
+    s: &Session,
+    files: &BTreeMap<String, Vec<u8>>,
+) -> Result<i64, crate::vault::VaultError> {
+    let vault = inner.keys.vault()?;
+    let pt = encode(files);
+    if let Some(rec) = inner.store.credential(&s.user_id, &s.provider).await? {
+        if vault
+            .open(&rec)
+            .map(|old| old[..] == pt[..])
+            .unwrap_or(false)
+        {
+            return Ok(rec.version);
+        }
+    }
+    vault
+        .store(&inner.store, &s.user_id, &s.provider, &pt)
+        .await
+}
+
+async fn delivering(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreError> {
+    let vault = match inner.keys.vault() {
+        Ok(v) => v,
+        Err(e) => return fail(inner, s, FailureReason::VaultError, e.to_string()).await,
+    };
+    let pt = match vault.load(&inner.store, &s.user_id, &s.provider).await {
+        Ok(Some(pt)) => pt,
+        Ok(None) => {
+            return fail(
+                inner,
+                s,
+                FailureReason::VaultError,
+                "the credential is not in the vault",
+            )
+            .await
+        }
+        Err(e) => return fail(inner, s, FailureReason::VaultError, e.to_string()).await,
+    };
+    if !inner.cfg.deliver_to_cli_vm {
+        return go(
+            inner,
+            s,
+            SessionState::Completed,
+            Some(json!({ "delivered_to": null })),
+        )
+        .await;
+    }
+    let cli = inner
+        .store
+        .non_final_vms()
+        .await?
+        .into_iter()
+        .rfind(|v| v.user_id == s.user_id && v.kind == VmKind::Cli);
+    let Some(cli) = cli else {
+        let vm = inner.store.create_vm(&s.user_id, VmKind::Cli).await?;
+        tracing::info!(session = %s.id, vm = %vm.id, "creating the user's CLI VM for delivery");
+        return Ok(true);
+    };
+    match cli.life.state {
+        VmState::Running => {}
+        VmState::Hibernated | VmState::Hibernating | VmState::Stopping => {
+            // Delivery on resume is not built: the vault keeps the credential.
+            return go(
+                inner,
+                s,
+                SessionState::Completed,
+                Some(json!({ "delivered_to": null, "cli_vm": cli.id, "cli_vm_state": cli.life.state.as_str() })),
+            )
+            .await;
+        }
+        _ => return Ok(false),
+    }
+    let host: &dyn HostApi = &*inner.host;
+    let r = host_ref(&cli);
+    match login::ready(host, r, &inner.cfg.cli_ready).await {
+        Ok(true) => {}
+        _ => return Ok(false),
+    }
+    let Some(files) = decode_credential(&pt) else {
+        return fail(
+            inner,
+            s,
+            FailureReason::VaultError,
+            "the stored credential is not in the expected format",
+        )
+        .await;
+    };
+    let home = &inner.cfg.cli_home;
+    for (path, data) in &files {
+        if !p.capture.iter().any(|f| &f.path == path) {
+            continue;
+        }
+        let full = format!("{home}/{path}");
+        if let Err(e) = login::write_file(host, r, &full, data.to_vec()).await {
+            tracing::warn!(session = %s.id, error = %e, "delivery write failed; retrying");
+            return Ok(false);
+        }
+        if let Some(owner) = &inner.cfg.cli_owner {
+            let out = host
+                .exec(
+                    r,
+                    polydev_api::agent::ExecRequest {
+                        argv: vec![
+                            "sh".into(),
+                            "-c".into(),
+                            r#"chown "$1" "$2" "${2%/*}""#.into(),
+                            "sh".into(),
+                            owner.clone(),
+                            full.clone(),
+                        ],
+                        timeout_ms: Some(30_000),
+                        ..Default::default()
+                    },
+                )
+                .await;
+            if !out.map(|o| o.success()).unwrap_or(false) {
+                return Ok(false);
+            }
+        }
+    }
+    go(
+        inner,
+        s,
+        SessionState::Completed,
+        Some(json!({ "delivered_to": cli.id })),
+    )
+    .await
+}
