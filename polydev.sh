@@ -69,6 +69,31 @@ setup_cargo_tools() {
   fi
 }
 
+setup_oidc() {
+  step "test OpenID Connect provider (tests/oidc)"
+  # The controller's JWT tests run panva/oidc-provider under Node.js.
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "installing nodejs and npm"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends nodejs npm
+  fi
+  local major
+  major="$(node -p 'process.versions.node.split(".")[0]')"
+  if [ "$major" -lt 20 ]; then
+    echo "warning: node $(node --version) is older than the 20.19 oidc-provider needs; install a newer Node.js" >&2
+  fi
+  # Reinstall only when node_modules is missing or the lock file changed.
+  local want have=""
+  want="$(sha256sum tests/oidc/package-lock.json | cut -d' ' -f1)"
+  [ -f tests/oidc/node_modules/.polydev-lock ] && have="$(cat tests/oidc/node_modules/.polydev-lock)"
+  if [ "$want" != "$have" ]; then
+    npm ci --prefix tests/oidc --no-audit --no-fund --cache "$HOME/.cache/polydev/npm"
+    echo "$want" > tests/oidc/node_modules/.polydev-lock
+  else
+    echo "tests/oidc/node_modules up to date"
+  fi
+}
+
 build() {
   step "build"
   cargo build --release -p polydev
@@ -88,6 +113,7 @@ build() {
 setup() {
   setup_apt
   setup_cargo_tools
+  setup_oidc
   build
   step "doctor"
   ./target/release/polydev doctor || true

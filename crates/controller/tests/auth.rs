@@ -26,6 +26,12 @@ both_backends!(
     ticket_binding_and_expiry,
     bootstrap_once_and_login_link_single_use,
     concurrent_bootstrap_creates_one_admin,
+    jwt_valid_token_provisions_once,
+    jwt_wrong_audience_issuer_or_signature,
+    jwt_expired,
+    jwt_key_rotation_picked_up_by_refetch,
+    jwt_refetch_is_rate_limited,
+    jwt_unreachable_jwks,
 );
 
 fn auth(db: &common::TestDb) -> Auth {
@@ -595,4 +601,449 @@ async fn concurrent_bootstrap_creates_one_admin(db: common::TestDb) {
         .filter(|u| u.role == "admin")
         .collect();
     assert_eq!(admins.len(), 1);
+}
+
+// ---- JWTs from a real OpenID Connect provider --------------------------------
+
+mod oidc {
+    //! panva/oidc-provider (tests/oidc/server.js) under `node`, on loopback.
+
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::Duration;
+
+    pub struct Oidc {
+        child: Child,
+        pub port: u16,
+        dir: PathBuf,
+        secret: String,
+    }
+
+    fn server_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/oidc")
+    }
+
+    impl Oidc {
+        /// Start the provider; `port` 0 picks a free one. Keys live in `dir`.
+        pub fn start(dir: &Path, port: u16, rotate: bool) -> Oidc {
+            let node_ok = Command::new("node")
+                .arg("--version")
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            assert!(
+                node_ok,
+                "`node` not found: the JWT tests run a real OpenID Connect provider on Node.js >= 20.19; run ./polydev.sh setup (installs nodejs and npm, then `npm ci --prefix tests/oidc`)"
+            );
+            let srv = server_dir();
+            assert!(
+                srv.join("node_modules/oidc-provider/package.json").exists(),
+                "tests/oidc/node_modules is missing: run ./polydev.sh setup (or `npm ci --prefix tests/oidc`)"
+            );
+            let mut secret = [0u8; 24];
+            getrandom::fill(&mut secret).unwrap();
+            let secret = hex::encode(secret);
+            let mut cmd = Command::new("node");
+            cmd.arg(srv.join("server.js"))
+                .args(["--port", &port.to_string(), "--keys"])
+                .arg(dir.join("keys.json"))
+                .env("OIDC_CLIENT_SECRET", &secret)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(std::fs::File::create(dir.join("oidc.log")).unwrap());
+            if rotate {
+                cmd.arg("--rotate");
+            }
+            // SAFETY: prctl is async-signal-safe; the provider dies with the test.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let mut child = cmd.spawn().expect("spawn node");
+            // Ready when it says so (it prints after binding).
+            let stdout = child.stdout.take().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut lines = BufReader::new(stdout).lines();
+                let first = lines.next().and_then(|l| l.ok());
+                let _ = tx.send(first);
+                for _ in lines {}
+            });
+            let line = rx
+                .recv_timeout(Duration::from_secs(60))
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| {
+                    panic!(
+                        "the OIDC provider did not start: {}",
+                        std::fs::read_to_string(dir.join("oidc.log")).unwrap_or_default()
+                    )
+                });
+            let port: u16 = line
+                .strip_prefix("listening http://127.0.0.1:")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected first line from the provider: {line}"));
+            Oidc {
+                child,
+                port,
+                dir: dir.to_path_buf(),
+                secret,
+            }
+        }
+
+        /// Stop and start again on the same port with a new key pair in front.
+        pub fn rotate(mut self) -> Oidc {
+            let (dir, port) = (self.dir.clone(), self.port);
+            self.stop();
+            Oidc::start(&dir, port, true)
+        }
+
+        fn stop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+
+        pub fn issuer(&self) -> String {
+            format!("http://127.0.0.1:{}", self.port)
+        }
+
+        pub fn jwks_url(&self) -> String {
+            format!("{}/jwks", self.issuer())
+        }
+
+        /// A JWT access token for `resource` through client_credentials.
+        pub async fn token(&self, resource: &str, scope: Option<&str>) -> String {
+            let client = reqwest::Client::builder().no_proxy().build().unwrap();
+            let mut form = vec![("grant_type", "client_credentials"), ("resource", resource)];
+            if let Some(s) = scope {
+                form.push(("scope", s));
+            }
+            let resp = client
+                .post(format!("{}/token", self.issuer()))
+                .basic_auth("polydev-test", Some(&self.secret))
+                .form(&form)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status();
+            let body = resp.bytes().await.unwrap();
+            assert!(
+                status.is_success(),
+                "token request failed: {status} {}",
+                String::from_utf8_lossy(&body)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            v["access_token"].as_str().unwrap().to_string()
+        }
+    }
+
+    impl Drop for Oidc {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+}
+
+use oidc::Oidc;
+use polydev_controller::auth::jwt::JwtError;
+use polydev_controller::auth::JwtConfig;
+
+fn jwt_auth(db: &common::TestDb, o: &Oidc, tune: impl FnOnce(&mut AuthConfig)) -> Auth {
+    let mut cfg = AuthConfig {
+        jwt: Some(JwtConfig {
+            jwks_url: o.jwks_url(),
+            issuer: o.issuer(),
+            audience: "polydev-api".into(),
+        }),
+        ..AuthConfig::default()
+    };
+    tune(&mut cfg);
+    Auth::new(db.store.clone(), cfg).unwrap()
+}
+
+/// The decoded JSON of a JWT part (0 header, 1 payload).
+fn jwt_part(t: &str, i: usize) -> serde_json::Value {
+    use base64::Engine as _;
+    let part = t.split('.').nth(i).unwrap();
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .unwrap();
+    serde_json::from_slice(&raw).unwrap()
+}
+
+fn b64(v: &serde_json::Value) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+async fn rejected(a: &Auth, t: &str) -> JwtError {
+    unauthenticated(a.authenticate(&bearer(t)).await);
+    a.jwt_verifier().unwrap().check(t).await.unwrap_err()
+}
+
+async fn count(db: &common::TestDb, table: &str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(&format!("SELECT COUNT(*) FROM {table}"))
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+    n
+}
+
+async fn jwt_valid_token_provisions_once(db: common::TestDb) {
+    // A system proxy must not be used for the JWKS (nor can it be reached).
+    std::env::set_var("HTTP_PROXY", "http://127.0.0.1:9");
+    std::env::set_var("http_proxy", "http://127.0.0.1:9");
+    std::env::set_var("ALL_PROXY", "http://127.0.0.1:9");
+    let dir = tempfile::tempdir().unwrap();
+    let o = Oidc::start(dir.path(), 0, false);
+    let a = jwt_auth(&db, &o, |_| {});
+
+    let t = o
+        .token("urn:polydev:api", Some("sessions:read vms:read"))
+        .await;
+    assert_eq!(jwt_part(&t, 0)["alg"], "RS256");
+    let p = a.authenticate(&bearer(&t)).await.unwrap();
+    assert_eq!(
+        p.via,
+        AuthMethod::Jwt {
+            issuer: o.issuer(),
+            subject: "polydev-test".into()
+        }
+    );
+    assert_eq!(p.role, Role::User);
+    assert_eq!(p.scopes, vec![Scope::SessionsRead, Scope::VmsRead]);
+    assert!(p.name.starts_with("ext-"), "{}", p.name);
+
+    // Again, without a scope claim, and ES256-signed: the same account.
+    let t2 = o.token("urn:polydev:api", None).await;
+    let p2 = a.authenticate(&bearer(&t2)).await.unwrap();
+    assert_eq!(p2.user_id, p.user_id);
+    assert_eq!(p2.scopes, Role::User.scopes());
+    let t3 = o.token("urn:polydev:api:es256", None).await;
+    assert_eq!(jwt_part(&t3, 0)["alg"], "ES256");
+    let p3 = a.authenticate(&bearer(&t3)).await.unwrap();
+    assert_eq!(p3.user_id, p.user_id);
+
+    assert_eq!(count(&db, "users").await, 1, "provisioned once");
+    assert_eq!(count(&db, "external_identities").await, 1);
+    assert_eq!(a.jwt_verifier().unwrap().fetches(), 1, "the JWKS is cached");
+    let ev = db.store.events_for("user", &p.user_id).await.unwrap();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].detail["issuer"], o.issuer());
+
+    // Concurrent first tokens of a new subject provision one account.
+    sqlx::query("DELETE FROM users")
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (a, t) = (a.clone(), t.clone());
+        tasks.push(tokio::spawn(
+            async move { a.authenticate(&bearer(&t)).await },
+        ));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for t in tasks {
+        ids.insert(t.await.unwrap().unwrap().user_id);
+    }
+    assert_eq!(ids.len(), 1);
+}
+
+async fn jwt_wrong_audience_issuer_or_signature(db: common::TestDb) {
+    use jsonwebtoken::errors::ErrorKind;
+    let dir = tempfile::tempdir().unwrap();
+    let o = Oidc::start(dir.path(), 0, false);
+    let a = jwt_auth(&db, &o, |_| {});
+
+    let other = o.token("urn:other:api", None).await;
+    assert_eq!(jwt_part(&other, 1)["aud"], "other-api");
+    assert!(matches!(
+        rejected(&a, &other).await,
+        JwtError::Rejected(ErrorKind::InvalidAudience)
+    ));
+
+    let good = o.token("urn:polydev:api", None).await;
+    let wrong_iss = jwt_auth(&db, &o, |c| {
+        c.jwt.as_mut().unwrap().issuer = "https://issuer.example".into()
+    });
+    assert!(matches!(
+        rejected(&wrong_iss, &good).await,
+        JwtError::Rejected(ErrorKind::InvalidIssuer)
+    ));
+
+    // Tampered signature (a byte in the middle) and tampered claims.
+    let parts: Vec<&str> = good.split('.').collect();
+    let mut sig = parts[2].as_bytes().to_vec();
+    let mid = sig.len() / 2;
+    sig[mid] = if sig[mid] == b'A' { b'B' } else { b'A' };
+    let bad_sig = format!(
+        "{}.{}.{}",
+        parts[0],
+        parts[1],
+        String::from_utf8(sig).unwrap()
+    );
+    assert!(matches!(
+        rejected(&a, &bad_sig).await,
+        JwtError::Rejected(ErrorKind::InvalidSignature)
+    ));
+    let mut claims = jwt_part(&good, 1);
+    claims["sub"] = "someone-else".into();
+    let bad_claims = format!("{}.{}.{}", parts[0], b64(&claims), parts[2]);
+    assert!(matches!(
+        rejected(&a, &bad_claims).await,
+        JwtError::Rejected(ErrorKind::InvalidSignature)
+    ));
+
+    // Algorithm confusion: HS256 or none with a real kid never gets near a key.
+    let mut header = jwt_part(&good, 0);
+    for alg in ["HS256", "none", "PS256"] {
+        header["alg"] = alg.into();
+        let forged = format!("{}.{}.{}", b64(&header), parts[1], parts[2]);
+        assert!(
+            matches!(
+                (alg, rejected(&a, &forged).await),
+                (_, JwtError::AlgorithmNotAllowed(_))
+                // `none` is not even an algorithm to the JWT library.
+                | ("none", JwtError::Malformed)
+            ),
+            "{alg}"
+        );
+    }
+    // An RS256 header on the EC key's kid.
+    let es = o.token("urn:polydev:api:es256", None).await;
+    let mut h = jwt_part(&es, 0);
+    h["alg"] = "RS256".into();
+    let es_parts: Vec<&str> = es.split('.').collect();
+    let confused = format!("{}.{}.{}", b64(&h), es_parts[1], es_parts[2]);
+    assert!(matches!(
+        rejected(&a, &confused).await,
+        JwtError::KeyAlgorithmMismatch { .. }
+    ));
+    assert_eq!(count(&db, "users").await, 0, "nothing provisioned");
+}
+
+async fn jwt_expired(db: common::TestDb) {
+    use jsonwebtoken::errors::ErrorKind;
+    let dir = tempfile::tempdir().unwrap();
+    let o = Oidc::start(dir.path(), 0, false);
+    let a = jwt_auth(&db, &o, |c| c.jwt_leeway = std::time::Duration::ZERO);
+    let t = o.token("urn:polydev:api:short", None).await;
+    let exp = jwt_part(&t, 1)["exp"].as_i64().unwrap();
+    // Let the token's one second of life pass: a token is expired once the
+    // clock (whole seconds) is past `exp`.
+    loop {
+        let now = now_ms() / 1000;
+        if now > exp {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(
+            u64::try_from((exp + 1) * 1000 - now_ms()).unwrap_or(0) + 10,
+        ))
+        .await;
+    }
+    assert!(matches!(
+        rejected(&a, &t).await,
+        JwtError::Rejected(ErrorKind::ExpiredSignature)
+    ));
+    // With the default leeway (30 s) the same token is still accepted: the
+    // leeway is small but real.
+    let lenient = jwt_auth(&db, &o, |_| {});
+    lenient.authenticate(&bearer(&t)).await.unwrap();
+}
+
+async fn jwt_key_rotation_picked_up_by_refetch(db: common::TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Oidc::start(dir.path(), 0, false);
+    let a = jwt_auth(&db, &o, |c| c.jwks_min_refetch = std::time::Duration::ZERO);
+    let old = o.token("urn:polydev:api", None).await;
+    let old_kid = jwt_part(&old, 0)["kid"].as_str().unwrap().to_string();
+    let p = a.authenticate(&bearer(&old)).await.unwrap();
+    let v = a.jwt_verifier().unwrap();
+    assert_eq!(v.fetches(), 1);
+
+    let o = o.rotate();
+    let new = o.token("urn:polydev:api", None).await;
+    let new_kid = jwt_part(&new, 0)["kid"].as_str().unwrap().to_string();
+    assert_ne!(new_kid, old_kid, "the provider signs with the new key");
+    let p2 = a.authenticate(&bearer(&new)).await.unwrap();
+    assert_eq!(p2.user_id, p.user_id);
+    assert_eq!(v.fetches(), 2, "the unknown kid triggered one refetch");
+    // The old key is still published: old tokens keep working, no refetch.
+    a.authenticate(&bearer(&old)).await.unwrap();
+    let es = o.token("urn:polydev:api:es256", None).await;
+    a.authenticate(&bearer(&es)).await.unwrap();
+    assert_eq!(v.fetches(), 2);
+}
+
+async fn jwt_refetch_is_rate_limited(db: common::TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Oidc::start(dir.path(), 0, false);
+    let a = jwt_auth(&db, &o, |c| {
+        c.jwks_min_refetch = std::time::Duration::from_secs(3600)
+    });
+    let good = o.token("urn:polydev:api", None).await;
+    a.authenticate(&bearer(&good)).await.unwrap();
+    let v = a.jwt_verifier().unwrap();
+    assert_eq!(v.fetches(), 1);
+    // Junk kids cannot make us hammer the provider.
+    let parts: Vec<&str> = good.split('.').collect();
+    let mut header = jwt_part(&good, 0);
+    for i in 0..5 {
+        header["kid"] = format!("junk-{i}").into();
+        let forged = format!("{}.{}.{}", b64(&header), parts[1], parts[2]);
+        assert!(matches!(
+            rejected(&a, &forged).await,
+            JwtError::UnknownKey { .. }
+        ));
+    }
+    assert_eq!(v.fetches(), 1, "no refetch within jwks_min_refetch");
+    // Even a genuinely new key waits for the interval.
+    let o = o.rotate();
+    let new = o.token("urn:polydev:api", None).await;
+    assert!(matches!(
+        rejected(&a, &new).await,
+        JwtError::UnknownKey { .. }
+    ));
+    assert_eq!(v.fetches(), 1);
+}
+
+async fn jwt_unreachable_jwks(db: common::TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Oidc::start(dir.path(), 0, false);
+    let t = o.token("urn:polydev:api", None).await;
+    // A port with nothing listening.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = l.local_addr().unwrap().port();
+    drop(l);
+    let a = jwt_auth(&db, &o, |c| {
+        c.jwt.as_mut().unwrap().jwks_url = format!("http://127.0.0.1:{dead}/jwks")
+    });
+    match a.authenticate(&bearer(&t)).await {
+        Err(AuthError::Jwks(m)) => assert!(m.contains("/jwks"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // Bad settings are refused up front.
+    for (url, iss) in [
+        ("ftp://x/jwks", "i"),
+        ("not a url", "i"),
+        ("http://h/jwks", ""),
+    ] {
+        let cfg = AuthConfig {
+            jwt: Some(JwtConfig {
+                jwks_url: url.into(),
+                issuer: iss.into(),
+                audience: "a".into(),
+            }),
+            ..AuthConfig::default()
+        };
+        assert!(matches!(
+            Auth::new(db.store.clone(), cfg),
+            Err(AuthError::Invalid(_))
+        ));
+    }
 }
