@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use polydev_api::vm::VmInfo;
 
+pub mod rfb;
+
 /// The `polydev` binary under test: `$POLYDEV_BIN`, or the release build.
 pub fn polydev_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("POLYDEV_BIN") {
@@ -198,12 +200,54 @@ impl Host {
         }
     }
 
+    /// `polydev vm forward <id> --port <port>` running in the background;
+    /// returns once it listens.
+    pub fn forward(&self, id: &str, port: u16) -> Forward {
+        let mut child = Command::new(polydev_bin())
+            .arg("--data-dir")
+            .arg(self.data())
+            .args(["vm", "forward", id, "--port", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn polydev vm forward");
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            use std::io::BufRead;
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+        }
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                panic!("vm forward did not start: {line:?}")
+            });
+        Forward { child, addr }
+    }
+
     /// Processes whose command line mentions this host's data directory.
     pub fn processes(&self) -> Vec<(u32, String)> {
         processes_mentioning(&self.data().display().to_string())
             .into_iter()
             .filter(|(pid, _)| Some(*pid) != self.child.as_ref().map(|c| c.id()))
             .collect()
+    }
+}
+
+/// A running `polydev vm forward`; killed on drop.
+pub struct Forward {
+    child: Child,
+    /// `127.0.0.1:<port>` it listens on.
+    pub addr: String,
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

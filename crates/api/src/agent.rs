@@ -177,6 +177,28 @@ pub struct ServiceSpec {
     /// When to restart the service after it exits.
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// How the agent tells that a run of the service is ready for use
+    /// (none: never reported ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<ReadyProbe>,
+}
+
+/// A readiness check the guest agent repeats after each start of a service
+/// until it passes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ReadyProbe {
+    /// Something accepts TCP connections on `127.0.0.1:<port>`.
+    Tcp {
+        /// TCP port.
+        port: u16,
+    },
+    /// A command, run as the service's user with its environment and
+    /// working directory, exits with status 0.
+    Exec {
+        /// Program and arguments.
+        argv: Vec<String>,
+    },
 }
 
 /// Restart policy of a service.
@@ -322,6 +344,15 @@ pub struct ServiceStatus {
     pub last_exit: Option<ExitStatus>,
     /// Milliseconds until the next restart, when waiting on backoff.
     pub backoff_ms: Option<u64>,
+    /// The current run passed its readiness probe.
+    #[serde(default)]
+    pub ready: bool,
+    /// Whether the service has a readiness probe at all.
+    #[serde(default)]
+    pub has_probe: bool,
+    /// Milliseconds from the current run's start to its probe passing.
+    #[serde(default)]
+    pub ready_after_ms: Option<u64>,
 }
 
 /// A failure reported by the guest agent.

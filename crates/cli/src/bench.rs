@@ -63,6 +63,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
         default_memory_mib: 256,
         log_retention: 50,
         boot_timeout_s: 120,
+        tcg_tb_size_mib: 256,
         qemu_vsock: polydev_host::config::QemuVsock::SerialMux,
         kernel: None,
         initramfs: None,

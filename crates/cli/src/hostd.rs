@@ -44,6 +44,10 @@ pub struct HostArgs {
     /// Seconds a VM may take to boot to agent-ready.
     #[arg(long, default_value_t = 60)]
     pub boot_timeout_s: u64,
+    /// TCG only: translation cache per VM in MiB (QEMU's default, 1024,
+    /// becomes most of a browser VM's host memory).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(32..=4096))]
+    pub tcg_tb_size_mib: u32,
     /// vsock transport of QEMU VMs: serial-mux (snapshots work) or
     /// vhost-user (vhost-device-vsock; QEMU cannot snapshot it).
     #[arg(long, default_value = "serial-mux", value_parser = parse_qemu_vsock)]
@@ -107,6 +111,7 @@ pub async fn config(data_dir: PathBuf, a: &HostArgs) -> anyhow::Result<HostConfi
     cfg.egress.idle_timeout = std::time::Duration::from_secs(a.egress_idle_timeout_s);
     cfg.egress.bytes_per_sec = a.egress_bytes_per_sec;
     cfg.boot_timeout = std::time::Duration::from_secs(a.boot_timeout_s);
+    cfg.tcg_tb_mib = a.tcg_tb_size_mib;
     cfg.accel = match a.accel {
         AccelArg::Kvm => Accel::Kvm,
         AccelArg::Tcg => Accel::Tcg,

@@ -96,6 +96,24 @@ pub enum VmCmd {
         #[arg(long)]
         console: bool,
     },
+    /// Show the VM's supervised services (pid, restarts, readiness).
+    Services {
+        /// VM id or name.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until every service with a readiness probe is ready (for the
+    /// browser image: the desktop, i.e. VNC answering and the terminal and
+    /// Chromium windows mapped). Prints the time since the VM was created.
+    Wait {
+        /// VM id or name.
+        id: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     /// Power a VM off and keep it (disks included) until `vm start`.
     Stop {
         /// VM id or name.
@@ -253,6 +271,7 @@ pub async fn run(data_dir: PathBuf, cmd: VmCmd) -> anyhow::Result<i32> {
                         cwd: None,
                         user: None,
                         restart: RestartPolicy::Always,
+                        ready: None,
                     })
                     .collect(),
                 data_disk_mib: data_disk,
@@ -353,6 +372,49 @@ pub async fn run(data_dir: PathBuf, cmd: VmCmd) -> anyhow::Result<i32> {
                 .await?;
             print!("{text}");
             Ok(0)
+        }
+        VmCmd::Services { id, json } => {
+            let svcs = services(&c, &id).await?;
+            if json {
+                println!("{}", serde_json::to_string(&svcs)?);
+            } else {
+                for s in svcs {
+                    let ready = match (s.has_probe, s.ready_after_ms) {
+                        (false, _) => "-".to_string(),
+                        (true, Some(ms)) => format!("ready after {ms} ms"),
+                        (true, None) => "not ready".to_string(),
+                    };
+                    let pid = s.pid.map_or("-".to_string(), |p| p.to_string());
+                    println!("{:<16} pid {pid:<8} starts {:<4} {ready}", s.name, s.starts);
+                }
+            }
+            Ok(0)
+        }
+        VmCmd::Wait { id, timeout } => {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+            loop {
+                let svcs = services(&c, &id).await?;
+                let waiting: Vec<&str> = svcs
+                    .iter()
+                    .filter(|s| s.has_probe && !s.ready)
+                    .map(|s| s.name.as_str())
+                    .collect();
+                if waiting.is_empty() {
+                    let vm: VmInfo = c
+                        .call::<(), _>(Method::GET, &format!("/v1/vms/{}", path_seg(&id)?), None)
+                        .await?;
+                    let since = polydev_host::now_ms().saturating_sub(vm.created_ms);
+                    println!("{} ready {since} ms after it was created", vm.id);
+                    return Ok(0);
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        "{id} is not ready after {timeout} s; waiting for: {} (see `polydev vm services {id}` and `polydev vm logs {id}`)",
+                        waiting.join(", ")
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
         }
         VmCmd::Stop { id } => simple(&c, &id, "stop").await,
         VmCmd::Start { id } => simple(&c, &id, "start").await,
@@ -476,6 +538,24 @@ async fn forward(
                 Err(e) => eprintln!("polydev: forward for {peer} failed: {e}"),
             }
         });
+    }
+}
+
+async fn services(
+    c: &HostClient,
+    id: &str,
+) -> anyhow::Result<Vec<polydev_api::agent::ServiceStatus>> {
+    let r: Frame = c
+        .call::<(), _>(
+            Method::GET,
+            &format!("/v1/vms/{}/services", path_seg(id)?),
+            None,
+        )
+        .await
+        .with_context(|| format!("services of {id}"))?;
+    match r {
+        Frame::Services { services } => Ok(services),
+        other => bail!("unexpected answer from the guest agent: {other:?}"),
     }
 }
 

@@ -11,7 +11,7 @@ use std::process::{ChildStderr, ChildStdout, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use polydev_api::agent::{ExitStatus, RestartPolicy, ServiceSpec, ServiceStatus};
+use polydev_api::agent::{ExitStatus, ReadyProbe, RestartPolicy, ServiceSpec, ServiceStatus};
 
 use crate::logger::{self, logger};
 use crate::process::{self, Credentials};
@@ -26,6 +26,11 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// Time between SIGTERM and SIGKILL when stopping.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Time between readiness probes of a run that is not ready yet.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest an exec probe may run before it counts as failed (and is killed).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Exit code recorded when a service could not be started at all (as a
 /// shell reports a command it cannot run).
@@ -110,6 +115,8 @@ struct SvcState {
     starts: u32,
     last_exit: Option<ExitStatus>,
     backoff_until: Option<Instant>,
+    /// Run number whose readiness probe passed, and how long it took.
+    ready: Option<(u64, Duration)>,
 }
 
 struct Service {
@@ -192,6 +199,7 @@ impl Supervisor {
                         starts: 0,
                         last_exit: None,
                         backoff_until: None,
+                        ready: None,
                     }),
                     cv: Condvar::new(),
                 });
@@ -218,6 +226,10 @@ impl Supervisor {
         map.values()
             .map(|svc| {
                 let st = lock(&svc.state);
+                let ready = st
+                    .ready
+                    .filter(|(run, _)| *run == st.run && st.pid.is_some())
+                    .map(|(_, after)| after);
                 ServiceStatus {
                     name: svc.name.clone(),
                     pid: st.pid,
@@ -226,6 +238,9 @@ impl Supervisor {
                     backoff_ms: st
                         .backoff_until
                         .map(|t| t.saturating_duration_since(now).as_millis() as u64),
+                    ready: ready.is_some(),
+                    has_probe: st.spec.ready.is_some(),
+                    ready_after_ms: ready.map(|d| d.as_millis() as u64),
                 }
             })
             .collect()
@@ -272,6 +287,9 @@ fn run_service(svc: Arc<Service>, env: SharedEnv) {
         let started = Instant::now();
         let (status, what) = match start(&svc, &spec, &env, run) {
             Ok(pid) => {
+                if let Some(probe) = spec.ready.clone() {
+                    spawn_prober(&svc, &spec, &env, probe, run, started);
+                }
                 let status = wait_exit(&svc, pid, generation, run);
                 (status, describe(&status))
             }
@@ -331,8 +349,13 @@ fn describe(s: &ExitStatus) -> String {
     }
 }
 
-/// Spawn one run; returns its pid or why it could not start.
-fn start(svc: &Arc<Service>, spec: &ServiceSpec, env: &SharedEnv, run: u64) -> Result<u32, String> {
+/// A command for `argv` run the way `spec`'s service runs: its user,
+/// environment and working directory.
+fn command_as(
+    spec: &ServiceSpec,
+    env: &SharedEnv,
+    argv: &[String],
+) -> Result<std::process::Command, String> {
     let creds: Option<Credentials> = match &spec.user {
         Some(u) => Some(process::lookup_user(u).map_err(|e| e.to_string())?),
         None => None,
@@ -350,13 +373,99 @@ fn start(svc: &Arc<Service>, spec: &ServiceSpec, env: &SharedEnv, run: u64) -> R
             "working directory {cwd} does not exist; create it or fix `cwd`"
         ));
     }
-    let mut cmd = process::command(process::Spec {
-        argv: &spec.argv,
+    if argv.first().is_none_or(|a| a.is_empty()) {
+        return Err("argv must name a program".into());
+    }
+    Ok(process::command(process::Spec {
+        argv,
         env: &full_env,
         cwd,
         creds: creds.as_ref(),
         stdin: Stdio::null(),
-    });
+    }))
+}
+
+/// Probe run `run` of `svc` every [`PROBE_INTERVAL`] until it passes (then
+/// record it as ready) or the run ends.
+fn spawn_prober(
+    svc: &Arc<Service>,
+    spec: &ServiceSpec,
+    env: &SharedEnv,
+    probe: ReadyProbe,
+    run: u64,
+    started: Instant,
+) {
+    let svc = svc.clone();
+    let name = spec.name.clone();
+    let spec = spec.clone();
+    let env = env.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("probe-{}", svc.name))
+        .spawn(move || loop {
+            {
+                let st = lock(&svc.state);
+                let current = st.run == run && !st.stopping;
+                let ended = matches!(st.exited, Some((r, _)) if r == run);
+                if !current || ended {
+                    return;
+                }
+            }
+            if probe_once(&spec, &env, &probe) {
+                let after = started.elapsed();
+                let mut st = lock(&svc.state);
+                if st.run == run {
+                    st.ready = Some((run, after));
+                    logger::info(format!(
+                        "service {}: ready after {} ms",
+                        svc.name,
+                        after.as_millis()
+                    ));
+                }
+                return;
+            }
+            std::thread::sleep(PROBE_INTERVAL);
+        });
+    if let Err(e) = spawned {
+        logger::warn(format!("service {name}: cannot start its probe: {e}"));
+    }
+}
+
+/// One readiness check.
+fn probe_once(spec: &ServiceSpec, env: &SharedEnv, probe: &ReadyProbe) -> bool {
+    match probe {
+        ReadyProbe::Tcp { port } => std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], *port)),
+            Duration::from_secs(1),
+        )
+        .is_ok(),
+        ReadyProbe::Exec { argv } => {
+            let Ok(mut cmd) = command_as(spec, env, argv) else {
+                return false;
+            };
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            let (tx, rx) = std::sync::mpsc::channel();
+            let on_exit: reaper::OnExit = Box::new(move |status| {
+                let _ = tx.send(status);
+            });
+            let Ok(child) = reaper::spawn(&mut cmd, on_exit) else {
+                return false;
+            };
+            let pid = child.id();
+            drop(child);
+            match rx.recv_timeout(PROBE_TIMEOUT) {
+                Ok(status) => status.code == Some(0),
+                Err(_) => {
+                    reaper::kill_group(pid, libc::SIGKILL);
+                    false
+                }
+            }
+        }
+    }
+}
+
+/// Spawn one run; returns its pid or why it could not start.
+fn start(svc: &Arc<Service>, spec: &ServiceSpec, env: &SharedEnv, run: u64) -> Result<u32, String> {
+    let mut cmd = command_as(spec, env, &spec.argv)?;
     let notify = svc.clone();
     let on_exit: reaper::OnExit = Box::new(move |status| {
         let mut st = lock(&notify.state);
@@ -521,6 +630,7 @@ mod tests {
             cwd: None,
             user: None,
             restart: RestartPolicy::Always,
+            ready: None,
         };
         assert!(validate(&[spec("a", vec!["x"])]).is_ok());
         assert!(validate(&[spec("a", vec![])]).is_err());

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use polydev_api::agent::{
     encode_line, AgentErrorKind, ExecRequest, FileSpec, ForwardTarget, GuestConfig, LogRecord,
-    Request, Response, RestartPolicy, ServiceSpec, ServiceStatus,
+    ReadyProbe, Request, Response, RestartPolicy, ServiceSpec, ServiceStatus,
 };
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -382,6 +382,7 @@ fn crashing_service_restarts_with_backoff_and_logs_reach_ring_and_socket() {
             cwd: None,
             user: None,
             restart: RestartPolicy::Always,
+            ready: None,
         }],
         ..Default::default()
     }));
@@ -451,6 +452,7 @@ fn service_declaration_is_validated() {
             cwd: None,
             user: None,
             restart: RestartPolicy::Never,
+            ready: None,
         }],
         ..Default::default()
     }));
@@ -550,6 +552,7 @@ fn log_stream_reconnects_after_the_host_drops_it() {
             cwd: None,
             user: None,
             restart: RestartPolicy::Never,
+            ready: None,
         }],
         ..Default::default()
     }));
@@ -569,3 +572,73 @@ fn log_stream_reconnects_after_the_host_drops_it() {
         "service output did not arrive on the new log connection"
     );
 }
+
+/// A service is reported ready only once its probe passes: an exec probe
+/// that waits for a file, and a TCP probe on a port that opens later.
+#[test]
+fn services_are_ready_only_when_their_probe_passes() {
+    let dir = temp_dir();
+    let flag = dir.join("flag");
+    let a = Agent::start(dir.clone(), &[]);
+    let closed = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let svc = |name: &str, ready: ReadyProbe| ServiceSpec {
+        name: name.into(),
+        argv: vec!["sleep".into(), "1000".into()],
+        env: BTreeMap::new(),
+        cwd: None,
+        user: None,
+        restart: RestartPolicy::Always,
+        ready: Some(ready),
+    };
+    let r = a.call(&Request::Configure(GuestConfig {
+        services: vec![
+            svc(
+                "file",
+                ReadyProbe::Exec {
+                    argv: vec!["test".into(), "-e".into(), flag.display().to_string()],
+                },
+            ),
+            svc("port", ReadyProbe::Tcp { port }),
+        ],
+        ..Default::default()
+    }));
+    assert_eq!(r, Response::Done);
+    let ready = |name: &str| {
+        a.services()
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(|s| {
+                assert!(s.has_probe);
+                (s.ready, s.ready_after_ms, s.pid.is_some())
+            })
+            .expect("service listed")
+    };
+    // Both run, several probe rounds pass, neither is ready.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(ready("file").2 && ready("port").2) {
+        assert!(Instant::now() < deadline, "services did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(PROBE_ROUNDS);
+    assert!(!ready("file").0);
+    assert!(!ready("port").0);
+
+    std::fs::write(&flag, b"").expect("flag");
+    let _open = TcpListener::bind(("127.0.0.1", port)).expect("rebind the port");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (f, p) = (ready("file"), ready("port"));
+        if f.0 && p.0 {
+            assert!(f.1.is_some_and(|ms| ms >= PROBE_ROUNDS.as_millis() as u64));
+            break;
+        }
+        assert!(Instant::now() < deadline, "not ready: {f:?} {p:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Long enough for a few probe rounds (250 ms apart): the negative half of
+/// the readiness test, not a stand-in for readiness.
+const PROBE_ROUNDS: Duration = Duration::from_millis(800);

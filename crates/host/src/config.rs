@@ -46,6 +46,8 @@ pub struct HostConfig {
     pub boot_timeout: Duration,
     /// How long `stop` waits for the guest to power off before killing it.
     pub stop_timeout: Duration,
+    /// TCG translation cache per QEMU VM, MiB (TCG only).
+    pub tcg_tb_mib: u32,
     /// How many dead VMs' logs to keep.
     pub log_retention: usize,
     /// Per-VM limits of the egress proxy.
@@ -111,6 +113,7 @@ impl HostConfig {
             max_memory_mib: (mem_mib * 3 / 4).max(MIN_MEMORY_MIB),
             boot_timeout: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(30),
+            tcg_tb_mib: 256,
             log_retention: 200,
             egress: crate::egress::EgressLimits::default(),
             image_cache: polydev_image::Cache::default_root().ok(),
@@ -616,6 +619,7 @@ mod tests {
                 cwd: None,
                 user: None,
                 restart: Default::default(),
+                ready: None,
             }],
             ..Default::default()
         };

@@ -174,6 +174,7 @@ impl Manager {
                 vhost_vsock_bin: cfg.vhost_vsock_bin.clone(),
                 vsock: cfg.qemu_vsock,
                 bridge_bin: cfg.bridge_bin.clone(),
+                tcg_tb_mib: cfg.tcg_tb_mib,
             }),
         );
         if let Some(bin) = &cfg.firecracker_bin {

@@ -14,7 +14,7 @@ use crate::{elf, ImageError};
 /// Modules the guest needs before it can reach its root filesystem and the
 /// host: virtio-mmio discovery, the block device, vsock (Firecracker) and
 /// virtio-serial (`virtio_console`: QEMU's snapshot-safe host link, see
-/// `polydev-mux`), entropy, and the filesystems a read-only base plus a
+/// `polydev-mux`), entropy, free page reporting, and the filesystems a read-only base plus a
 /// writable overlay are made of. ext4 is built in.
 pub const DEFAULT_MODULES: &[&str] = &[
     "virtio_mmio",
@@ -25,6 +25,8 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "erofs",
     "squashfs",
     "virtio_rng",
+    // Free page reporting to the host (QEMU's virtio-balloon-device).
+    "virtio_balloon",
 ];
 
 /// The canonical module name: the kernel treats `-` and `_` alike, and the

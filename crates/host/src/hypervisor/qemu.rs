@@ -40,6 +40,9 @@ pub struct Qemu {
     pub vsock: QemuVsock,
     /// Binary providing `vsock-bridge` (the `polydev` binary).
     pub bridge_bin: PathBuf,
+    /// TCG translation cache per VM in MiB (QEMU's default is 1 GiB, which
+    /// a browser fills: it would be most of an idle VM's host memory).
+    pub tcg_tb_mib: u32,
 }
 
 impl Qemu {
@@ -49,8 +52,8 @@ impl Qemu {
         let mem = plan.spec.memory_mib;
         let (accel, cpu) = match plan.accel {
             // kvm_pvm and some nested setups reject the arch-capabilities MSR.
-            Accel::Kvm => ("kvm", "host,-arch-capabilities"),
-            Accel::Tcg => ("tcg", "max"),
+            Accel::Kvm => ("kvm".to_string(), "host,-arch-capabilities"),
+            Accel::Tcg => (format!("tcg,tb-size={}", self.tcg_tb_mib), "max"),
         };
         let mut a: Vec<String> = vec![
             "-name".into(),
@@ -59,7 +62,7 @@ impl Qemu {
             "-M".into(),
             "microvm,acpi=on,pit=off,pic=off,rtc=on".into(),
             "-accel".into(),
-            accel.into(),
+            accel,
             "-cpu".into(),
             cpu.into(),
             "-smp".into(),
@@ -135,6 +138,12 @@ impl Qemu {
             a.push("-device".into());
             a.push("virtio-blk-device,drive=data".into());
         }
+        // Free page reporting: the guest hands back pages it has freed, so an
+        // idle VM's host memory follows what it uses now, not its peak (a
+        // browser VM's boot touches far more than it keeps). After the
+        // disks, so they keep their virtio-mmio slots (vda, vdb).
+        a.push("-device".into());
+        a.push("virtio-balloon-device,free-page-reporting=on".into());
         if plan.restore_from.is_some() {
             a.push("-incoming".into());
             a.push("defer".into());
