@@ -22,6 +22,9 @@ pub enum BenchCmd {
         #[arg(long, value_enum, default_value = "auto")]
         accel: AccelArg,
     },
+    /// Egress path: download throughput, added latency and connection
+    /// setup rate through a VM's shim, against direct from the host.
+    Egress(crate::bench_egress::EgressBenchArgs),
 }
 
 fn stats(name: &str, unit: &str, mut v: Vec<f64>) {
@@ -51,7 +54,10 @@ fn status_kib(pid: u32, file: &str, key: &str) -> Option<f64> {
 }
 
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
-    let BenchCmd::Vm { runs, accel } = cmd;
+    let (runs, accel) = match cmd {
+        BenchCmd::Vm { runs, accel } => (runs, accel),
+        BenchCmd::Egress(a) => return crate::bench_egress::run(a).await,
+    };
     let runs = runs.max(1);
     let tmp = tempfile::Builder::new()
         .prefix("pdbench")

@@ -2,6 +2,7 @@
 
 mod artifacts;
 mod bench;
+mod bench_egress;
 mod doctor;
 mod hostd;
 mod vm;
