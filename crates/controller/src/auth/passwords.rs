@@ -8,6 +8,7 @@
 //! password) verifies against a dummy hash, so the time taken does not tell
 //! which names exist.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -74,11 +75,26 @@ pub fn validate_password(password: &str) -> Result<(), AuthError> {
     Ok(())
 }
 
+/// Whether a stored hash was made with other than the current algorithm or
+/// parameters (then a successful login re-hashes the password).
+pub(crate) fn needs_rehash(phc: &str) -> bool {
+    let Ok(h) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let current = h.algorithm == argon2::ARGON2ID_IDENT
+        && h.version == Some(Version::V0x13.into())
+        && Params::try_from(&h)
+            .is_ok_and(|p| p.m_cost() == M_COST && p.t_cost() == T_COST && p.p_cost() == P_COST);
+    !current
+}
+
 /// Runs argon2id off the async threads, a bounded number at a time.
 #[derive(Clone)]
 pub(crate) struct Hasher {
     permits: Arc<Semaphore>,
     dummy: Arc<OnceCell<String>>,
+    /// argon2 verifications done (tests check logins do constant work).
+    verifications: Arc<AtomicU64>,
 }
 
 impl Hasher {
@@ -86,10 +102,28 @@ impl Hasher {
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
-        Hasher {
+        let hasher = Hasher {
             permits: Arc::new(Semaphore::new(cpus.max(2))),
             dummy: Arc::new(OnceCell::new()),
+            verifications: Arc::new(AtomicU64::new(0)),
+        };
+        // Make the dummy hash now, so that not even the first login for an
+        // unknown name takes longer than one for a known name.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let h = hasher.clone();
+            rt.spawn(async move {
+                if let Err(e) = h.dummy().await {
+                    tracing::warn!("preparing the dummy password hash: {e}");
+                }
+            });
         }
+        hasher
+    }
+
+    /// How many argon2 verifications ran.
+    #[cfg(test)]
+    pub(crate) fn verifications(&self) -> u64 {
+        self.verifications.load(Ordering::Relaxed)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -135,6 +169,7 @@ impl Hasher {
             None => self.dummy().await?,
         };
         let password = Zeroizing::new(password.to_string());
+        self.verifications.fetch_add(1, Ordering::Relaxed);
         let ok = self
             .blocking(move || {
                 let parsed = match PasswordHash::new(&phc) {
@@ -216,5 +251,15 @@ mod tests {
         // Two hashes of one password differ (random salt).
         assert_ne!(phc, h.hash("correct horse battery").await.unwrap());
         assert!(!h.verify("x", Some("garbage".into())).await.unwrap());
+        assert!(!needs_rehash(&phc));
+        let weak = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(8192, 1, 1, None).unwrap(),
+        )
+        .hash_password(b"pw", &SaltString::encode_b64(&[7u8; 16]).unwrap())
+        .unwrap()
+        .to_string();
+        assert!(needs_rehash(&weak));
     }
 }

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use super::passwords::{validate_name, validate_password, MAX_PASSWORD_BYTES};
+use super::passwords::{needs_rehash, validate_name, validate_password, MAX_PASSWORD_BYTES};
 use super::{event, Auth, AuthError, AuthMethod, LoginSession, Principal, Role, User};
 use crate::store::StoreError;
 use crate::util::{new_id, now_ms};
@@ -152,12 +152,87 @@ impl Auth {
                 .await?;
         let phc = row.as_ref().and_then(|r| r.3.clone());
         let ok = self.hasher.verify(password, phc).await?;
-        let Some((id, name, role, _)) = row.filter(|_| ok) else {
+        let Some((id, name, role, phc)) = row.filter(|_| ok) else {
             tracing::debug!("password login rejected");
             return Err(AuthError::Unauthenticated);
         };
+        if let Some(old) = phc.filter(|p| needs_rehash(p)) {
+            // Parameters were raised since this hash was made: upgrade it now
+            // that we know the password (only if nobody changed it meanwhile).
+            let new = self.hasher.hash(password).await?;
+            sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2 AND password_hash = $3")
+                .bind(new)
+                .bind(&id)
+                .bind(old)
+                .execute(self.store.pool())
+                .await?;
+            tracing::info!(user_id = %id, "re-hashed a password with the current argon2id parameters");
+        }
         let p = Principal::from_row(id, name, &role, None, AuthMethod::Cookie)?;
         let s = self.create_login_session(&p.user_id).await?;
         Ok((p, s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::AuthConfig;
+    use super::*;
+    use crate::store::Store;
+
+    const PW: &str = "correct horse battery staple";
+
+    async fn auth() -> (Auth, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_in_dir(dir.path()).await.unwrap();
+        (Auth::new(store, AuthConfig::default()).unwrap(), dir)
+    }
+
+    /// Every password login costs exactly one argon2 verification, whether
+    /// the name exists, has a password, or the password is right.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn logins_do_constant_work() {
+        let (a, _dir) = auth().await;
+        a.create_user("alice", Role::User, Some(PW)).await.unwrap();
+        a.create_user("nopass", Role::User, None).await.unwrap();
+        for (name, pw, ok) in [
+            ("nobody", PW, false),
+            ("nopass", PW, false),
+            ("alice", "wrong password, long enough", false),
+            ("alice", PW, true),
+        ] {
+            let before = a.hasher.verifications();
+            assert_eq!(a.login(name, pw).await.is_ok(), ok, "{name}");
+            assert_eq!(a.hasher.verifications() - before, 1, "{name}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn old_parameters_are_upgraded_on_login() {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let (a, _dir) = auth().await;
+        let u = a.create_user("alice", Role::User, None).await.unwrap();
+        let weak = argon2::Argon2::new(
+            argon2::Algorithm::Argon2id,
+            argon2::Version::V0x13,
+            argon2::Params::new(8192, 1, 1, None).unwrap(),
+        )
+        .hash_password(PW.as_bytes(), &SaltString::encode_b64(&[9u8; 16]).unwrap())
+        .unwrap()
+        .to_string();
+        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+            .bind(&weak)
+            .bind(&u.id)
+            .execute(a.store.pool())
+            .await
+            .unwrap();
+        a.login("alice", PW).await.unwrap();
+        let (now,): (String,) = sqlx::query_as("SELECT password_hash FROM users WHERE id = $1")
+            .bind(&u.id)
+            .fetch_one(a.store.pool())
+            .await
+            .unwrap();
+        assert!(now.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{now}");
+        a.login("alice", PW).await.unwrap();
     }
 }
