@@ -112,12 +112,12 @@ fn the_three_clis_run_in_the_cli_image_behind_the_egress_proxy() {
 }
 
 #[test]
-fn vms_share_the_read_only_base_and_never_see_each_others_writes() {
-    let manifest = cli_manifest();
+fn browser_vms_share_the_read_only_base_and_never_see_each_others_writes() {
+    let manifest = manifest("browser");
     let rootfs = rootfs_path(&manifest);
     let host = Host::start();
-    let a = host.run_vm(&["--image", "cli"]);
-    let b = host.run_vm(&["--image", "cli"]);
+    let a = host.run_vm(&["--image", "browser", "--memory", "1024"]);
+    let b = host.run_vm(&["--image", "browser", "--memory", "1024"]);
     host.sh(
         &a.id,
         "echo a > /home/user/mine && echo a > /etc/mine && rm /etc/hostname",
