@@ -2,9 +2,12 @@
 
 mod artifacts;
 mod bench;
+mod controller_run;
 mod bench_egress;
 mod doctor;
 mod hostd;
+mod upstream;
+mod vault;
 mod vm;
 
 use std::path::PathBuf;
@@ -36,9 +39,17 @@ enum Cmd {
     Image(artifacts::ImageCmd),
     /// Check what works on this machine and how to fix what does not.
     Doctor(doctor::DoctorArgs),
+    /// Users' upstream proxy ports: ls, show, pin, release, rotate.
+    Upstream(upstream::UpstreamArgs),
+    /// The credential vault's master keys (rotate).
+    Vault(vault::VaultArgs),
     /// Measure the system (prints numbers; never pass/fail).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// The controller's driver alone, against the host agent's socket (for
+    /// tests; `polydev server` runs it with the HTTP API).
+    #[command(hide = true)]
+    ControllerRun(controller_run::ControllerRunArgs),
     /// Per-VM vsock bridge over a virtio-serial port (started by the host
     /// agent for QEMU VMs; not for direct use).
     #[command(hide = true)]
@@ -105,6 +116,9 @@ fn main() {
             Cmd::Image(c) => artifacts::run(c).await,
             Cmd::Doctor(a) => doctor::run(data_dir, a).await,
             Cmd::Bench(c) => bench::run(c).await,
+            Cmd::Upstream(a) => upstream::run(data_dir, a).await,
+            Cmd::Vault(a) => vault::run(data_dir, a).await,
+            Cmd::ControllerRun(a) => controller_run::run(data_dir, a).await,
             Cmd::VsockBridge { .. } => Ok(0),
         }
     });

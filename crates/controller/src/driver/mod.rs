@@ -143,11 +143,37 @@ impl Default for DriverConfig {
 
 impl DriverConfig {
     /// Parse a config file's text.
+    ///
+    /// TOML has no null, so the "none" of each optional setting is spelled
+    /// out: image `"minimal"` (the initramfs image), `login_user = "root"`
+    /// (the agent's user), `cli_owner = ""`, an empty probe `[]`, memory 0
+    /// (the host's default).
     pub fn parse(text: &str, origin: &str) -> Result<Self, DriverError> {
-        let c: DriverConfig = toml::from_str(text).map_err(|e| DriverError::Config {
+        let mut c: DriverConfig = toml::from_str(text).map_err(|e| DriverError::Config {
             path: origin.to_string(),
             message: e.to_string(),
         })?;
+        for image in [&mut c.browser_image, &mut c.cli_image] {
+            if image.as_deref() == Some("minimal") {
+                *image = None;
+            }
+        }
+        if c.login_user.as_deref() == Some("root") {
+            c.login_user = None;
+        }
+        if c.cli_owner.as_deref() == Some("") {
+            c.cli_owner = None;
+        }
+        for probe in [&mut c.browser_ready, &mut c.cli_ready] {
+            if probe.as_ref().is_some_and(Vec::is_empty) {
+                *probe = None;
+            }
+        }
+        for mem in [&mut c.browser_memory_mib, &mut c.cli_memory_mib] {
+            if *mem == Some(0) {
+                *mem = None;
+            }
+        }
         if c.max_active_sessions == 0 || c.poll_ms == 0 {
             return Err(DriverError::Config {
                 path: origin.to_string(),
@@ -214,6 +240,9 @@ impl KeySource {
         }
     }
 }
+
+/// The id under which a single-host controller records its host agent.
+pub const LOCAL_HOST_ID: &str = "local";
 
 /// Well-known files under a data directory.
 pub mod paths {
