@@ -25,9 +25,12 @@ pub enum BenchCmd {
     /// Egress path: download throughput, added latency and connection
     /// setup rate through a VM's shim, against direct from the host.
     Egress(crate::bench_egress::EgressBenchArgs),
+    /// Browser VMs: create to "desktop ready" and idle host memory.
+    Desktop(crate::bench_desktop::DesktopBenchArgs),
 }
 
-fn stats(name: &str, unit: &str, mut v: Vec<f64>) {
+/// Print min/median/max of `v`.
+pub(crate) fn stats(name: &str, unit: &str, mut v: Vec<f64>) {
     if v.is_empty() {
         println!("{name:<34} no samples");
         return;
@@ -47,7 +50,8 @@ fn stats(name: &str, unit: &str, mut v: Vec<f64>) {
     );
 }
 
-fn status_kib(pid: u32, file: &str, key: &str) -> Option<f64> {
+/// A `kB` figure from `/proc/<pid>/<file>`'s line starting with `key`.
+pub(crate) fn status_kib(pid: u32, file: &str, key: &str) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
     let line = s.lines().find(|l| l.starts_with(key))?;
     line.split_whitespace().nth(1)?.parse().ok()
@@ -57,6 +61,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
     let (runs, accel) = match cmd {
         BenchCmd::Vm { runs, accel } => (runs, accel),
         BenchCmd::Egress(a) => return crate::bench_egress::run(a).await,
+        BenchCmd::Desktop(a) => return crate::bench_desktop::run(a).await,
     };
     let runs = runs.max(1);
     let tmp = tempfile::Builder::new()

@@ -3,6 +3,7 @@
 mod artifacts;
 mod bench;
 mod controller_run;
+mod bench_desktop;
 mod bench_egress;
 mod doctor;
 mod hostd;
