@@ -1256,6 +1256,67 @@ mod tests {
         assert_eq!(unlimited.take(usize::MAX, t0), Duration::ZERO);
     }
 
+    /// A scripted SOCKS5 server: checks the client's bytes exactly and
+    /// answers with `rep`.
+    async fn socks5_server(rep: u8) -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut greet = [0u8; 3];
+            c.read_exact(&mut greet).await.unwrap();
+            seen.extend_from_slice(&greet);
+            c.write_all(&[5, 2]).await.unwrap();
+            let mut auth = [0u8; 1 + 1 + 5 + 1 + 6];
+            c.read_exact(&mut auth).await.unwrap();
+            seen.extend_from_slice(&auth);
+            c.write_all(&[1, 0]).await.unwrap();
+            let mut req = [0u8; 4 + 1 + 11 + 2];
+            c.read_exact(&mut req).await.unwrap();
+            seen.extend_from_slice(&req);
+            // A domain-name bound address, to exercise that branch.
+            c.write_all(&[5, rep, 0, 3, 2, b'o', b'k', 0, 80])
+                .await
+                .unwrap();
+            if rep == 0 {
+                c.write_all(b"tunnel").await.unwrap();
+            }
+            seen
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn socks5_handshake_is_rfc1928_with_rfc1929_auth() {
+        let creds = ("alice".to_string(), Secret::new("s3cret"));
+        let (addr, server) = socks5_server(0).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        socks5_connect(&mut s, "example.com", 443, Some(&creds))
+            .await
+            .unwrap();
+        let mut rest = [0u8; 6];
+        s.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"tunnel", "the reply is consumed exactly");
+        let mut want = vec![5, 1, 2, 1, 5];
+        want.extend_from_slice(b"alice");
+        want.push(6);
+        want.extend_from_slice(b"s3cret");
+        want.extend_from_slice(&[5, 1, 0, 3, 11]);
+        want.extend_from_slice(b"example.com");
+        want.extend_from_slice(&443u16.to_be_bytes());
+        assert_eq!(server.await.unwrap(), want);
+
+        let (addr, _server) = socks5_server(5).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let e = socks5_connect(&mut s, "example.com", 443, Some(&creds))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("connection refused"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
     #[test]
     fn ipv6_targets_are_bracketed() {
         assert_eq!(join_host_port("::1", 80), "[::1]:80");
