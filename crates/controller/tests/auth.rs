@@ -26,6 +26,7 @@ both_backends!(
     ticket_binding_and_expiry,
     bootstrap_once_and_login_link_single_use,
     concurrent_bootstrap_creates_one_admin,
+    roles_change_but_the_last_admin_stays,
     jwt_valid_token_provisions_once,
     jwt_wrong_audience_issuer_or_signature,
     jwt_expired,
@@ -601,6 +602,35 @@ async fn concurrent_bootstrap_creates_one_admin(db: common::TestDb) {
         .filter(|u| u.role == "admin")
         .collect();
     assert_eq!(admins.len(), 1);
+}
+
+async fn roles_change_but_the_last_admin_stays(db: common::TestDb) {
+    let a = auth(&db);
+    let root = a.create_user("root", Role::Admin, Some(PW)).await.unwrap();
+    let bob = a.create_user("bob", Role::User, Some(PW)).await.unwrap();
+    match a.set_role(&root.id, Role::User).await {
+        Err(AuthError::Conflict(m)) => assert!(m.contains("last admin"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    a.set_role(&bob.id, Role::Admin).await.unwrap();
+    let (p, _) = a.login("bob", PW).await.unwrap();
+    assert!(p.is_admin());
+    a.set_role(&root.id, Role::User).await.unwrap();
+    let (p, _) = a.login("root", PW).await.unwrap();
+    assert!(!p.is_admin() && !p.scopes.contains(&Scope::Admin));
+    assert!(matches!(
+        a.set_role("usr-nobody", Role::User).await,
+        Err(AuthError::NotFound)
+    ));
+    let kinds: Vec<String> = db
+        .store
+        .events_for("user", &bob.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["created", "role_set"]);
 }
 
 // ---- JWTs from a real OpenID Connect provider --------------------------------

@@ -358,6 +358,28 @@ pub struct LoginSession {
     pub expires_at: i64,
 }
 
+impl LoginSession {
+    /// The `Set-Cookie` value that installs this session: HttpOnly (no
+    /// script access), SameSite=Lax (not sent on cross-site POSTs), Path=/,
+    /// Max-Age until the absolute expiry; `Secure` when served over HTTPS.
+    pub fn set_cookie(&self, secure: bool) -> String {
+        let max_age = (self.expires_at - crate::util::now_ms()).max(0) / 1000;
+        format!(
+            "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{}",
+            self.cookie_value,
+            if secure { "; Secure" } else { "" }
+        )
+    }
+}
+
+/// The `Set-Cookie` value that removes the session cookie (after logout).
+pub fn clear_session_cookie(secure: bool) -> String {
+    format!(
+        "{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{}",
+        if secure { "; Secure" } else { "" }
+    )
+}
+
 impl fmt::Debug for LoginSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LoginSession")
@@ -615,8 +637,9 @@ impl Auth {
     }
 }
 
-/// The value of our session cookie among all `Cookie` headers.
-fn session_cookie(headers: &http::HeaderMap) -> Option<&str> {
+/// The value of the [`SESSION_COOKIE`] cookie among all `Cookie` headers
+/// (what a logout handler passes to [`Auth::logout`]).
+pub fn session_cookie(headers: &http::HeaderMap) -> Option<&str> {
     headers
         .get_all(http::header::COOKIE)
         .iter()
@@ -710,6 +733,22 @@ mod tests {
             "polydev_session=\"q\"".parse().unwrap(),
         );
         assert_eq!(session_cookie(&h), Some("q"));
+    }
+
+    #[test]
+    fn set_cookie_attributes() {
+        let s = LoginSession {
+            cookie_value: "v".into(),
+            expires_at: crate::util::now_ms() + 3_600_500,
+        };
+        let c = s.set_cookie(true);
+        assert!(
+            c.starts_with("polydev_session=v; Path=/; HttpOnly; SameSite=Lax; Max-Age=3600"),
+            "{c}"
+        );
+        assert!(c.ends_with("; Secure"));
+        assert!(!s.set_cookie(false).contains("Secure"));
+        assert!(clear_session_cookie(false).contains("Max-Age=0"));
     }
 
     #[test]

@@ -108,6 +108,50 @@ impl Auth {
         Ok(())
     }
 
+    /// Change a user's role. Demoting the last admin is refused (nobody
+    /// could administer the installation any more).
+    pub async fn set_role(&self, user_id: &str, role: Role) -> Result<(), AuthError> {
+        let now = now_ms();
+        let mut tx = self.store.pool().begin().await?;
+        // Role changes are serialized so two concurrent demotions cannot
+        // both see another admin left: SQLite's single writer does it (the
+        // UPDATE comes first, so the write lock is taken at once); on
+        // PostgreSQL a transaction-scoped advisory lock.
+        if self.store.dialect() == crate::store::Dialect::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock(7305832)")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let done = sqlx::query("UPDATE users SET role = $1 WHERE id = $2")
+            .bind(role.as_str())
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() != 1 {
+            return Err(AuthError::NotFound);
+        }
+        let (admins,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM users WHERE role = 'admin'")
+            .fetch_one(&mut *tx)
+            .await?;
+        if admins == 0 {
+            return Err(AuthError::Conflict(
+                "this is the last admin account: make another user admin first".into(),
+            ));
+        }
+        event(
+            &mut tx,
+            now,
+            "user",
+            user_id,
+            Some(user_id),
+            "role_set",
+            json!({ "role": role.as_str() }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Every account, oldest first.
     pub async fn list_users(&self) -> Result<Vec<User>, AuthError> {
         let rows: Vec<(String, String, String, i64)> =
