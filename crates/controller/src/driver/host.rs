@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use polydev_api::agent::{ExecRequest, ExitStatus, Response};
+use polydev_api::agent::{ExecRequest, ExitStatus, Request, Response, ServiceStatus};
 use polydev_api::vm::{VmInfo, VmSpec, VmState as HostState};
 use polydev_host::client::{ClientError, HostClient};
 use polydev_host::manager::ManagerError;
@@ -75,6 +75,8 @@ pub trait HostApi: Send + Sync {
     fn exec<'a>(&'a self, vm: &'a str, req: ExecRequest) -> HostFuture<'a, ExecOutput>;
     /// Destroy a VM; one that is already gone is not an error.
     fn destroy<'a>(&'a self, vm: &'a str) -> HostFuture<'a, ()>;
+    /// The guest agent's supervised services (with their readiness).
+    fn services<'a>(&'a self, vm: &'a str) -> HostFuture<'a, Vec<ServiceStatus>>;
     /// A file's content from inside the VM; `None` when it does not exist.
     /// (One implementation for every host: `cat` through exec, so nothing
     /// beyond exec is needed from the host protocol.)
@@ -173,6 +175,16 @@ macro_rules! collect {
     }};
 }
 
+fn services_of(r: Response) -> Result<Vec<ServiceStatus>, HostError> {
+    match r {
+        Response::Services { services } => Ok(services),
+        Response::Error(e) => Err(HostError::Failed(format!("guest agent: {}", e.message))),
+        other => Err(HostError::Failed(format!(
+            "unexpected answer to a services request: {other:?}"
+        ))),
+    }
+}
+
 fn from_manager(e: ManagerError) -> HostError {
     match e {
         ManagerError::NotFound { .. } => HostError::NotFound(e.to_string()),
@@ -201,6 +213,17 @@ impl HostApi for LocalHost {
         Box::pin(async move {
             let mut frames = self.manager.exec(vm, req).await.map_err(from_manager)?;
             collect!(frames)
+        })
+    }
+
+    fn services<'a>(&'a self, vm: &'a str) -> HostFuture<'a, Vec<ServiceStatus>> {
+        Box::pin(async move {
+            services_of(
+                self.manager
+                    .agent_call(vm, Request::Services)
+                    .await
+                    .map_err(from_manager)?,
+            )
         })
     }
 
@@ -269,6 +292,17 @@ impl HostApi for RemoteHost {
         Box::pin(async move {
             let mut frames = self.client.exec(vm, &req).await.map_err(from_client)?;
             collect!(frames)
+        })
+    }
+
+    fn services<'a>(&'a self, vm: &'a str) -> HostFuture<'a, Vec<ServiceStatus>> {
+        Box::pin(async move {
+            services_of(
+                self.client
+                    .call::<(), _>(hyper::Method::GET, &format!("/v1/vms/{vm}/services"), None)
+                    .await
+                    .map_err(from_client)?,
+            )
         })
     }
 

@@ -189,12 +189,23 @@ pub async fn captured(
     Ok(files)
 }
 
-/// Whether a readiness probe (argv run in the VM) succeeds; no probe: ready.
+/// Whether the VM is ready for use: every supervised service that has a
+/// readiness probe passed it (the image's own definition of ready, e.g. the
+/// browser image's desktop), and the configured probe (an argv run in the
+/// VM), if any, exits 0.
 pub async fn ready(
     host: &dyn HostApi,
     vm: &str,
     probe: &Option<Vec<String>>,
 ) -> Result<bool, HostError> {
+    if host
+        .services(vm)
+        .await?
+        .iter()
+        .any(|s| s.has_probe && !s.ready)
+    {
+        return Ok(false);
+    }
     let Some(argv) = probe else {
         return Ok(true);
     };

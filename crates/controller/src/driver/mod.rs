@@ -78,8 +78,9 @@ pub struct DriverConfig {
     pub browser_memory_mib: Option<u32>,
     /// vCPUs of a browser VM (`None`: the host's default).
     pub browser_vcpus: Option<u32>,
-    /// Command run in a running browser VM that exits 0 once the desktop
-    /// is ready for the login (`None`: ready when the agent answers).
+    /// Command run in a running browser VM that must exit 0 before the login
+    /// starts, on top of every service readiness probe of the image passing
+    /// (`None`: those alone).
     pub browser_ready: Option<Vec<String>>,
     /// User the login runs as (`None`: the guest agent's user, root).
     pub login_user: Option<String>,
@@ -118,12 +119,9 @@ impl Default for DriverConfig {
             browser_image: Some("browser".into()),
             browser_memory_mib: Some(1024),
             browser_vcpus: None,
-            // The desktop's VNC server listens once X and the session are up.
-            browser_ready: Some(vec![
-                "sh".into(),
-                "-c".into(),
-                "grep -q ':170C ' /proc/net/tcp".into(),
-            ]),
+            // The browser image's services carry readiness probes (VNC
+            // answers, terminal and Chromium on screen): nothing to add.
+            browser_ready: None,
             login_user: Some("user".into()),
             login_home: "/home/user".into(),
             deliver_to_cli_vm: true,

@@ -1,0 +1,220 @@
+//! The driver's failure and cancel paths, in process (`Driver` over
+//! `RemoteHost`, i.e. the host agent's HTTP API on its socket) against a
+//! real `polydev host` and real VMs, with provider definitions from a temp
+//! dir whose login commands are test scripts:
+//!
+//! * a login that exits non-zero fails the session `login_failed`;
+//! * a login that exits 0 without an auth URL fails `auth_url_not_found`;
+//! * a cancelled session's browser VM is destroyed;
+//! * a user's VM leaves through that user's upstream port (the egress policy
+//!   the host got names it; the password comes from a 0600 file), and when
+//!   the range is exhausted the next user's VMs fail `no_capacity` — never a
+//!   shared port — until the session's retry budget is spent.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use polydev_controller::driver::{Driver, DriverConfig, KeySource, RemoteHost, LOCAL_HOST_ID};
+use polydev_controller::providers::Providers;
+use polydev_controller::state::{FailureReason, Lifecycle, SessionState, VmState};
+use polydev_controller::store::{Also, Store};
+use polydev_controller::upstream::UpstreamConfig;
+use polydev_controller::vault::Keyring;
+use polydev_e2e::Host;
+
+fn provider(id: &str, script: &str) -> String {
+    format!(
+        r#"
+id = "{id}"
+name = "{id}"
+npm_package = "none"
+
+[login]
+command = ["sh", "-c", '''{script}''']
+timeout_secs = 60
+
+[login.auth_url]
+sources = ["output"]
+pattern = '''https://auth\.test\.invalid/authorize\?[^\s"']+'''
+examples = ["https://auth.test.invalid/authorize?state=1"]
+
+[login.callback]
+host = "127.0.0.1"
+port = "random"
+path = "/callback"
+
+[[capture]]
+path = ".t/creds.json"
+required = true
+json_keys = ["token"]
+
+[refresh]
+rotates_refresh_token = false
+
+[prompt]
+command = ["echo", "{{prompt}}"]
+output = "text"
+"#
+    )
+}
+
+fn write_providers(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (id, script) in [
+        ("fails", "echo 'no network'; exit 3"),
+        ("nourl", "echo 'all done'; exit 0"),
+        (
+            "holds",
+            "echo 'https://auth.test.invalid/authorize?state=h'; while :; do sleep 1; done",
+        ),
+    ] {
+        std::fs::write(dir.join(format!("{id}.toml")), provider(id, script)).unwrap();
+    }
+}
+
+#[test]
+fn failures_cancel_and_upstream_exhaustion() {
+    let host = Host::start();
+    let data = host.data().to_path_buf();
+    write_providers(&data.join("providers"));
+    let pw = data.join("up.pass");
+    std::fs::write(&pw, "up-pass-7\n").unwrap();
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // One port only: the second user exhausts it.
+    let upstreams = UpstreamConfig::parse(
+        &format!(
+            "[[provider]]\nname = \"resi\"\nhost = \"127.0.0.1\"\nports = \"18080\"\nusername = \"acct\"\npassword_file = \"{}\"\n",
+            pw.display()
+        ),
+        "upstreams.toml",
+    )
+    .unwrap();
+    let cfg = DriverConfig::parse(
+        "browser_image = \"minimal\"\ncli_image = \"minimal\"\nbrowser_memory_mib = 0\nlogin_user = \"root\"\nlogin_home = \"/root\"\ndeliver_to_cli_vm = false\npoll_ms = 200\n",
+        "driver.toml",
+    )
+    .unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = rt.block_on(Store::open_in_dir(&data)).unwrap();
+    let driver = Driver::with_config(
+        store.clone(),
+        Arc::new(RemoteHost::new(LOCAL_HOST_ID, &data.join("host.sock"))),
+        Providers::load_dir(&data.join("providers")).unwrap(),
+        KeySource::fixed(Keyring::generate().unwrap()),
+        upstreams.clone(),
+        cfg,
+    );
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let running = rt.spawn(driver.clone().run(stop_rx));
+
+    let (ann, bob) = rt.block_on(async {
+        (
+            store.create_user("ann", "user").await.unwrap().id,
+            store.create_user("bob", "user").await.unwrap().id,
+        )
+    });
+    // Ann holds the only port before anything runs (deterministic: Bob is
+    // the one who finds the range exhausted).
+    rt.block_on(store.assign_upstream_port(&ann, &upstreams))
+        .unwrap();
+    let ses = |user: &str, p: &str| rt.block_on(store.create_session(user, p)).unwrap().id;
+    let fails = ses(&ann, "fails");
+    let nourl = ses(&ann, "nourl");
+    let holds = ses(&ann, "holds");
+    let starved = ses(&bob, "holds");
+    driver.notify();
+
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(240);
+        while !f() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\nhost agent:\n{}",
+                host.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let session = |id: &str| rt.block_on(store.session(id)).unwrap();
+    wait(
+        "the failing logins to end and the holding one to wait",
+        &|| {
+            session(&fails).life.state.is_final()
+                && session(&nourl).life.state.is_final()
+                && session(&holds).life.state == SessionState::AwaitingUser
+                && session(&starved).life.state.is_final()
+        },
+    );
+    let reason = |id: &str| session(id).life.failure.map(|f| (f.reason, f.detail));
+    let (r, d) = reason(&fails).unwrap();
+    assert_eq!(r, FailureReason::LoginFailed, "{d}");
+    assert!(d.contains("status 3"), "{d}");
+    assert_eq!(reason(&nourl).unwrap().0, FailureReason::AuthUrlNotFound);
+
+    // Bob never shares Ann's port: his browser VMs fail for capacity, and
+    // the session gives up after its retry budget.
+    let (r, d) = reason(&starved).unwrap();
+    assert_eq!(r, FailureReason::RetriesExhausted, "{d}");
+    let ev = rt.block_on(store.events_for("session", &starved)).unwrap();
+    let why: Vec<String> = ev
+        .iter()
+        .filter_map(|e| {
+            e.detail
+                .get("vm_failure")
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        })
+        .collect();
+    assert!(
+        !why.is_empty() && why.iter().all(|w| w.contains("no_capacity")),
+        "{why:?}"
+    );
+    assert!(rt
+        .block_on(store.upstream_assignment(&bob))
+        .unwrap()
+        .is_none());
+    let stats = rt.block_on(store.upstream_stats(&upstreams)).unwrap();
+    assert!(stats[0].exhausted_total >= 1, "{stats:?}");
+
+    // Ann's VM got her port as its egress upstream (the host keeps the
+    // policy in the live VM's 0600 record).
+    let a = rt
+        .block_on(store.upstream_assignment(&ann))
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.port, 18080);
+    let vm = rt
+        .block_on(store.vm(session(&holds).browser_vm_id.as_deref().unwrap()))
+        .unwrap();
+    let host_vm = vm.host_vm_id.clone().unwrap();
+    let record = std::fs::read_to_string(data.join("vms").join(&host_vm).join("vm.json")).unwrap();
+    assert!(record.contains("http://127.0.0.1:18080"), "{record}");
+    assert!(record.contains("acct"));
+    // …and nothing of it is inside the VM.
+    let env = host.sh(
+        &host_vm,
+        "cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'; true",
+    );
+    assert!(!env.stdout.contains("up-pass-7"));
+
+    // The failed sessions' VMs are gone; cancelling the waiting one (what
+    // the API does) destroys its VM too.
+    let s = session(&holds);
+    rt.block_on(store.transition_session(&s, SessionState::Cancelled, None, Also::default()))
+        .unwrap();
+    driver.notify();
+    wait("every browser VM destroyed", &|| {
+        [&fails, &nourl, &holds].iter().all(|id| {
+            let b = session(id).browser_vm_id.unwrap();
+            let st = rt.block_on(store.vm(&b)).unwrap().life.state;
+            st == VmState::Destroyed
+        })
+    });
+    assert_eq!(host.vm_dirs(), 0, "no VM left at the host");
+
+    stop.send(true).unwrap();
+    rt.block_on(running).unwrap().unwrap();
+}
