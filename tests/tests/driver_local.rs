@@ -1,0 +1,191 @@
+//! The whole connect flow in one process, the way `polydev up` runs it:
+//! the driver over `LocalHost` (an in-process `polydev_host::Manager`
+//! booting real VMs), a provider whose login prints its auth URL and writes
+//! a credential, sealed into the vault and delivered into the user's CLI VM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use polydev_api::agent::{ExecRequest, Response};
+use polydev_controller::driver::{
+    decode_credential, Driver, DriverConfig, KeySource, LOCAL_HOST_ID,
+};
+use polydev_controller::providers::Providers;
+use polydev_controller::recovery::LocalHost;
+use polydev_controller::state::{Lifecycle, SessionState, VmState};
+use polydev_controller::store::Store;
+use polydev_controller::upstream::UpstreamConfig;
+use polydev_controller::vault::{Keyring, Vault};
+use polydev_e2e::polydev_bin;
+
+const PROVIDER: &str = r#"
+id = "quick"
+name = "Quick"
+npm_package = "none"
+
+[login]
+command = ["sh", "-c", '''
+echo "Open https://auth.test.invalid/authorize?state=q1 in your browser"
+mkdir -p "$HOME/.quick"
+printf '{"token": "tok-local-42"}' > "$HOME/.quick/auth.json"
+''']
+timeout_secs = 60
+
+[login.auth_url]
+sources = ["output"]
+pattern = '''https://auth\.test\.invalid/authorize\?[^\s"']+'''
+examples = ["https://auth.test.invalid/authorize?state=1"]
+
+[login.callback]
+host = "127.0.0.1"
+port = "random"
+path = "/callback"
+
+[[capture]]
+path = ".quick/auth.json"
+required = true
+json_keys = ["token"]
+
+[refresh]
+rotates_refresh_token = false
+
+[prompt]
+command = ["echo", "{prompt}"]
+output = "text"
+"#;
+
+/// Kernel and initramfs as the binary resolves them (`polydev image kernel`).
+fn boot_files() -> (PathBuf, PathBuf) {
+    let out = std::process::Command::new(polydev_bin())
+        .args(["image", "kernel", "--json"])
+        .output()
+        .expect("polydev image kernel");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("paths as JSON");
+    let p = |k: &str| PathBuf::from(v[k].as_str().expect(k));
+    (p("kernel"), p("initramfs"))
+}
+
+#[test]
+fn connect_flow_completes_on_an_in_process_host() {
+    let dir = tempfile::Builder::new()
+        .prefix("pdl")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let data = dir.path().to_path_buf();
+    std::fs::create_dir_all(data.join("providers")).unwrap();
+    std::fs::write(data.join("providers/quick.toml"), PROVIDER).unwrap();
+    let (kernel, initramfs) = boot_files();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut cfg = polydev_host::HostConfig::with_defaults(data.join("host"), kernel, initramfs);
+    cfg.bridge_bin = polydev_bin();
+    let manager = rt.block_on(polydev_host::Manager::start(cfg)).unwrap();
+    let store = rt.block_on(Store::open_in_dir(&data)).unwrap();
+    let driver_cfg = DriverConfig::parse(
+        "browser_image = \"minimal\"\ncli_image = \"minimal\"\nbrowser_memory_mib = 0\ncli_memory_mib = 0\nlogin_user = \"root\"\nlogin_home = \"/root\"\ncli_home = \"/root\"\ncli_owner = \"\"\npoll_ms = 200\n",
+        "driver.toml",
+    )
+    .unwrap();
+    let host = Arc::new(LocalHost {
+        host_id: LOCAL_HOST_ID.into(),
+        manager: Arc::clone(&manager),
+    });
+    let key_file = data.join("keys.toml");
+    let keys = KeySource::file(&key_file);
+    let driver = Driver::with_config(
+        store.clone(),
+        host,
+        Providers::load_dir(&data.join("providers")).unwrap(),
+        keys,
+        UpstreamConfig::none(),
+        driver_cfg,
+    );
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let running = rt.spawn(driver.clone().run(rx));
+
+    let user = rt.block_on(store.create_user("lee", "user")).unwrap();
+    let s = rt
+        .block_on(store.create_session(&user.id, "quick"))
+        .unwrap();
+    driver.notify();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let fin = loop {
+        let now = rt.block_on(store.session(&s.id)).unwrap();
+        if now.life.state.is_final() {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "session stuck in {}",
+            now.life.state
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        fin.life.state,
+        SessionState::Completed,
+        "{:?}",
+        fin.life.failure
+    );
+    let ev = rt.block_on(store.events_for("session", &s.id)).unwrap();
+    let url = ev
+        .iter()
+        .find_map(|e| e.detail.get("auth_url").and_then(|u| u.as_str()))
+        .expect("auth URL recorded");
+    assert_eq!(url, "https://auth.test.invalid/authorize?state=q1");
+    let delivered_to = ev
+        .last()
+        .and_then(|e| e.detail.get("delivered_to"))
+        .and_then(|v| v.as_str())
+        .expect("delivered_to")
+        .to_string();
+
+    // Sealed under the key file the driver created (0600) and delivered.
+    let vault = Vault::new(Keyring::load(&key_file).unwrap());
+    let pt = rt
+        .block_on(vault.load(&store, &user.id, "quick"))
+        .unwrap()
+        .expect("credential");
+    let files = decode_credential(&pt).unwrap();
+    assert_eq!(
+        &files[".quick/auth.json"][..],
+        br#"{"token": "tok-local-42"}"#
+    );
+    let cli = rt.block_on(store.vm(&delivered_to)).unwrap();
+    assert_eq!(cli.life.state, VmState::Running);
+    let got = rt.block_on(async {
+        let mut f = manager
+            .exec(
+                cli.host_vm_id.as_deref().unwrap(),
+                ExecRequest {
+                    argv: vec!["cat".into(), "/root/.quick/auth.json".into()],
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        while let Ok(Some(fr)) = f.next().await {
+            if let Response::Stdout { data } = fr {
+                out.extend(data);
+            }
+        }
+        out
+    });
+    assert_eq!(got, br#"{"token": "tok-local-42"}"#);
+
+    // The browser VM is destroyed once the session completed.
+    let b = fin.browser_vm_id.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rt.block_on(store.vm(&b)).unwrap().life.state != VmState::Destroyed {
+        assert!(Instant::now() < deadline, "browser VM not destroyed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.send(true).unwrap();
+    rt.block_on(running).unwrap().unwrap();
+    rt.block_on(async {
+        for vm in manager.list(false).await {
+            let _ = manager.destroy(&vm.id).await;
+        }
+    });
+}
