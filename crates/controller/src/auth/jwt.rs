@@ -218,6 +218,9 @@ impl JwtVerifier {
             // environment, no redirects.
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
+            // Fetches are rare (rate-limited); a fresh connection each time
+            // never trips over one the provider closed since.
+            .pool_max_idle_per_host(0)
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(5))
             .build()
