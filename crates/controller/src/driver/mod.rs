@@ -371,6 +371,16 @@ impl Driver {
         ))
     }
 
+    /// The upstream providers in force (for `upstream_stats` in `/metrics`).
+    pub fn upstreams(&self) -> &UpstreamConfig {
+        &self.inner.upstreams
+    }
+
+    /// The provider definitions in force.
+    pub fn providers(&self) -> &Providers {
+        &self.inner.providers
+    }
+
     /// A record changed: look now rather than at the next poll.
     pub fn notify(&self) {
         self.inner.wake.notify_one();

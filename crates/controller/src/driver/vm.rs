@@ -16,6 +16,10 @@ use crate::state::{Failure, FailureReason, Lifecycle, SessionState, VmState};
 use crate::store::{Also, StoreError, UpstreamError, Vm, VmKind};
 use crate::util::now_ms;
 
+/// A VM still starting at its host after this long was abandoned there
+/// (the host agent's own boot timeout is far shorter).
+const STALE_START_MS: i64 = 150_000;
+
 /// Record the driver's host in `hosts` (placements reference it).
 pub(super) async fn register_host(inner: &Inner) -> Result<(), StoreError> {
     let id = inner.host.host_id();
@@ -159,8 +163,23 @@ async fn create(inner: &Arc<Inner>, v: Vm) -> Result<bool, StoreError> {
         Ok(info) if info.state == HostState::Running => {
             return running(inner, &v, info.id.clone()).await;
         }
-        // Being created (by a previous controller's request), paused or
-        // torn down: look again next pass.
+        // Starting, but not by this process (a step owns its record, and
+        // this one is not mid-create): a previous controller's request the
+        // host is still booting, or one the host abandoned when that
+        // controller died mid-request. Past any boot the host would allow,
+        // it is the latter: destroy it and create afresh.
+        Ok(info)
+            if info.state == HostState::Starting
+                && now_ms().saturating_sub(i64::try_from(info.created_ms).unwrap_or(i64::MAX))
+                    > STALE_START_MS =>
+        {
+            tracing::warn!(vm = %v.id, host_vm = %info.id, "destroying a VM stuck starting at the host");
+            if let Err(e) = inner.host.destroy(&info.id).await {
+                tracing::warn!(vm = %v.id, error = %e, "cannot destroy a stuck VM; retrying");
+            }
+            return Ok(false);
+        }
+        // Being created, paused or torn down: look again next pass.
         Ok(info) if !info.state.is_final() => return Ok(false),
         Ok(_) | Err(HostError::NotFound(_)) => {}
         Err(e) => {
