@@ -1057,6 +1057,13 @@ async fn jwt_unreachable_jwks(db: common::TestDb) {
         Err(AuthError::Jwks(m)) => assert!(m.contains("/jwks"), "{m}"),
         other => panic!("{other:?}"),
     }
+    // Within the refetch interval it stays "keys unavailable" (503), not
+    // "bad token" (401), and does not fetch again.
+    match a.authenticate(&bearer(&t)).await {
+        Err(AuthError::Jwks(m)) => assert!(m.contains("retrying"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(a.jwt_verifier().unwrap().fetches(), 1);
     // Bad settings are refused up front.
     for (url, iss) in [
         ("ftp://x/jwks", "i"),

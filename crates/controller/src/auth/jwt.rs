@@ -167,8 +167,8 @@ fn usable(jwk: &Jwk) -> Option<(String, Key)> {
                 p.n.trim_end_matches('='),
             )
             .ok()?;
-            let bits = n.iter().skip_while(|b| **b == 0).count();
-            if bits < MIN_RSA_MODULUS_BYTES {
+            let len = n.iter().skip_while(|b| **b == 0).count();
+            if len < MIN_RSA_MODULUS_BYTES {
                 return None;
             }
             Algorithm::RS256
@@ -323,6 +323,14 @@ impl JwtVerifier {
                     tracing::warn!(url = %self.cfg.jwks_url, "JWKS refresh failed, keeping cached keys: {e}")
                 }
             }
+        }
+        if cache.keys.is_empty() {
+            // The last fetch failed and the next is not due yet: the keys
+            // are unavailable (503), not the token invalid (401).
+            return Err(JwtError::Jwks(format!(
+                "JWKS {}: no keys fetched yet; the last attempt failed, retrying within {:?}",
+                self.cfg.jwks_url, self.min_refetch
+            )));
         }
         cache
             .keys
