@@ -218,3 +218,83 @@ fn failures_cancel_and_upstream_exhaustion() {
     stop.send(true).unwrap();
     rt.block_on(running).unwrap().unwrap();
 }
+
+/// A controller that died after asking the host for a VM but before
+/// recording the answer: the next one finds the VM by its name (the
+/// record's id) and adopts it instead of creating a second.
+#[test]
+fn an_interrupted_create_is_adopted_not_duplicated() {
+    let host = Host::start();
+    let data = host.data().to_path_buf();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = rt.block_on(Store::open_in_dir(&data)).unwrap();
+    let user = rt.block_on(store.create_user("cy", "user")).unwrap();
+    let vm = rt
+        .block_on(store.create_vm(&user.id, polydev_controller::store::VmKind::Cli))
+        .unwrap();
+    // What the previous controller did: record the placement (by name)…
+    rt.block_on(register_host_row(&store));
+    let vm = rt
+        .block_on(store.transition_vm(
+            &vm,
+            VmState::Creating,
+            None,
+            Also {
+                placement: Some((LOCAL_HOST_ID.into(), vm.id.clone())),
+                ..Also::default()
+            },
+        ))
+        .unwrap();
+    // …and the host created it under that name.
+    let at_host = host.run_vm(&["--name", &vm.id]);
+
+    let cfg = DriverConfig::parse(
+        "browser_image = \"minimal\"\ncli_image = \"minimal\"\npoll_ms = 200\n",
+        "driver.toml",
+    )
+    .unwrap();
+    let driver = Driver::with_config(
+        store.clone(),
+        Arc::new(RemoteHost::new(LOCAL_HOST_ID, &data.join("host.sock"))),
+        Providers::builtin().unwrap(),
+        KeySource::fixed(Keyring::generate().unwrap()),
+        UpstreamConfig::none(),
+        cfg,
+    );
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let running = rt.spawn(driver.run(rx));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let now = loop {
+        let now = rt.block_on(store.vm(&vm.id)).unwrap();
+        if now.life.state != VmState::Creating {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "still creating");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(now.life.state, VmState::Running);
+    assert_eq!(now.host_vm_id.as_deref(), Some(at_host.id.as_str()));
+    assert_eq!(host.vm_dirs(), 1, "no second VM");
+    stop.send(true).unwrap();
+    rt.block_on(running).unwrap().unwrap();
+}
+
+/// The `hosts` row placements reference (what `Driver::run` writes first).
+async fn register_host_row(store: &Store) {
+    // A throwaway driver run would register it too, but would also start
+    // driving; the row is all this test needs.
+    let (stop, rx) = tokio::sync::watch::channel(true);
+    let d = Driver::with_config(
+        store.clone(),
+        Arc::new(RemoteHost::new(
+            LOCAL_HOST_ID,
+            Path::new("/nonexistent.sock"),
+        )),
+        Providers::builtin().unwrap(),
+        KeySource::fixed(Keyring::generate().unwrap()),
+        UpstreamConfig::none(),
+        DriverConfig::default(),
+    );
+    d.run(rx).await.unwrap();
+    drop(stop);
+}

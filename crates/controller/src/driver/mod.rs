@@ -392,6 +392,7 @@ impl Driver {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), DriverError> {
         let inner = self.inner;
         vm::register_host(&inner).await?;
+        vm::adopt_created(&inner).await?;
         let report = crate::recovery::recover(&inner.store, &*inner.host).await?;
         tracing::info!(?report, "driver: recovery done, driving records");
         let poll = Duration::from_millis(inner.cfg.poll_ms);

@@ -34,6 +34,25 @@ pub(super) async fn register_host(inner: &Inner) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Before recovery: a VM recorded as creating that its host runs is
+/// re-attached with the host's own VM id (recovery alone would keep the
+/// name as its address, and a name no longer finds the VM's logs once it
+/// ended).
+pub(super) async fn adopt_created(inner: &Arc<Inner>) -> Result<(), StoreError> {
+    for v in inner.store.non_final_vms().await? {
+        if v.life.state != VmState::Creating {
+            continue;
+        }
+        if let Ok(info) = inner.host.inspect(host_ref(&v)).await {
+            if info.state == HostState::Running {
+                tracing::info!(vm = %v.id, host_vm = %info.id, "re-attached a VM created before the restart");
+                running(inner, &v, info.id).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How a VM is addressed at its host: its host id once known, else its
 /// name (= the controller id).
 pub(super) fn host_ref(v: &Vm) -> &str {
