@@ -2,9 +2,9 @@
 
 mod artifacts;
 mod bench;
-mod controller_run;
 mod bench_desktop;
 mod bench_egress;
+mod controller_run;
 mod doctor;
 mod hostd;
 mod upstream;
