@@ -32,6 +32,7 @@ both_backends!(
     jwt_expired,
     jwt_key_rotation_picked_up_by_refetch,
     jwt_refetch_is_rate_limited,
+    jwt_old_cache_refreshes_and_survives_an_outage,
     jwt_unreachable_jwks,
 );
 
@@ -1040,6 +1041,24 @@ async fn jwt_refetch_is_rate_limited(db: common::TestDb) {
         JwtError::UnknownKey { .. }
     ));
     assert_eq!(v.fetches(), 1);
+}
+
+async fn jwt_old_cache_refreshes_and_survives_an_outage(db: common::TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Oidc::start(dir.path(), 0, false);
+    let a = jwt_auth(&db, &o, |c| {
+        c.jwks_max_age = std::time::Duration::ZERO;
+        c.jwks_min_refetch = std::time::Duration::ZERO;
+    });
+    let t = o.token("urn:polydev:api", None).await;
+    a.authenticate(&bearer(&t)).await.unwrap();
+    a.authenticate(&bearer(&t)).await.unwrap();
+    let v = a.jwt_verifier().unwrap();
+    assert_eq!(v.fetches(), 2, "an old cache is refreshed before use");
+    // The provider goes away: the refresh fails, the cached keys still work.
+    drop(o);
+    a.authenticate(&bearer(&t)).await.unwrap();
+    assert_eq!(v.fetches(), 3);
 }
 
 async fn jwt_unreachable_jwks(db: common::TestDb) {
