@@ -200,3 +200,59 @@ fn four_vms_run_at_once_and_survive_a_host_agent_restart() {
     }
     assert!(host.processes().is_empty(), "{:?}", host.processes());
 }
+
+/// The per-VM vsock bridge is not a single point of failure: when it dies
+/// the host agent starts a new one (the guest's mux resynchronises) and the
+/// VM answers again — also for a bridge adopted after a host agent restart.
+#[test]
+fn a_killed_vsock_bridge_is_replaced_and_the_vm_answers_again() {
+    let mut host = Host::start();
+    let vm = host.run_vm(&[]);
+    let bridge = |host: &Host| -> Option<u32> {
+        host.processes()
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains("vsock-bridge"))
+            .map(|(pid, _)| pid)
+    };
+    let sigkill = |pid: u32| {
+        // SAFETY: kill(2) on the bridge this test's host agent started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    };
+    let answers_again = |host: &Host| {
+        host.wait_for(
+            "an exec through the new bridge",
+            Duration::from_secs(60),
+            || {
+                let r = host.cli(&["vm", "exec", &vm.id, "--", "echo", "back"]);
+                (r.code == 0 && r.stdout == "back\n").then_some(())
+            },
+        )
+    };
+
+    let first = bridge(&host).expect("the VM has a vsock bridge");
+    sigkill(first);
+    let second = host.wait_for("a new vsock bridge", Duration::from_secs(60), || {
+        bridge(&host).filter(|p| *p != first)
+    });
+    answers_again(&host);
+    assert_eq!(host.inspect(&vm.id).state, VmState::Running);
+    assert!(
+        host.agent_log().contains("vsock backend restarted"),
+        "{}",
+        host.agent_log()
+    );
+
+    host.kill(libc::SIGKILL);
+    host.spawn();
+    answers_again(&host);
+    sigkill(second);
+    host.wait_for(
+        "a bridge for the adopted VM",
+        Duration::from_secs(60),
+        || bridge(&host).filter(|p| *p != second),
+    );
+    answers_again(&host);
+
+    host.ok(&["vm", "rm", &vm.id]);
+    assert!(host.processes().is_empty(), "{:?}", host.processes());
+}

@@ -87,7 +87,9 @@ struct Vm {
     name: Option<String>,
     dir: VmDir,
     record: Mutex<VmRecord>,
-    backend: Mutex<Option<tokio::process::Child>>,
+    /// Watches the vsock backend and restarts it if it dies under a live
+    /// hypervisor.
+    backend_task: StdMutex<Option<JoinHandle<()>>>,
     watcher: StdMutex<Option<JoinHandle<()>>>,
     log_task: StdMutex<Option<JoinHandle<()>>>,
     /// The VM's egress proxy (`vsock.sock_1026`).
@@ -115,13 +117,33 @@ async fn kill_processes(vm: &Vm, hv_pid: Option<u32>, be_pid: Option<u32>) {
         // once the pidfd fires.
         let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
     }
-    if let Some(mut b) = vm.backend.lock().await.take() {
-        let _ = b.start_kill();
-        let _ = b.wait().await;
-    } else if let Some(pid) = be_pid {
+    if let Some(pid) = be_pid {
         process::kill_matching(pid, &needle).await;
     }
+    // The backend watcher reaps the process and, the VM no longer live,
+    // does not restart it.
+    let task = vm
+        .backend_task
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(mut t) = task {
+        if tokio::time::timeout(Duration::from_secs(10), &mut t)
+            .await
+            .is_err()
+        {
+            t.abort();
+        }
+    }
     vm.stop_listeners();
+}
+
+/// A VM's vsock backend process as the manager knows it.
+enum BackendProc {
+    /// Started by this host agent.
+    Child(tokio::process::Child),
+    /// Found running when the host agent started.
+    Adopted(u32),
 }
 
 impl Vm {
@@ -132,7 +154,7 @@ impl Vm {
             name: record.info.name.clone(),
             dir,
             record: Mutex::new(record),
-            backend: Mutex::new(None),
+            backend_task: StdMutex::new(None),
             watcher: StdMutex::new(None),
             log_task: StdMutex::new(None),
             egress_task: StdMutex::new(None),
@@ -377,7 +399,9 @@ impl Manager {
         let launched = driver.launch(&plan).await?;
         let pid = launched.hypervisor.id();
         let backend_pid = launched.backend.as_ref().and_then(|b| b.id());
-        *vm.backend.lock().await = launched.backend;
+        if let Some(b) = launched.backend {
+            self.watch_backend(vm, BackendProc::Child(b));
+        }
         {
             let mut r = vm.record.lock().await;
             r.hypervisor_pid = pid;
@@ -511,6 +535,78 @@ impl Manager {
             }
         });
         Ok(())
+    }
+
+    /// Watch the VM's vsock backend; when it dies while the hypervisor
+    /// lives, start a new one (with backoff) so the VM stays reachable.
+    fn watch_backend(self: &Arc<Self>, vm: &Arc<Vm>, first: BackendProc) {
+        let mgr = Arc::downgrade(self);
+        let vm2 = vm.clone();
+        let needle = vm.dir.root().display().to_string();
+        let task = tokio::spawn(async move {
+            let mut proc = first;
+            loop {
+                let how = match proc {
+                    BackendProc::Child(mut c) => match c.wait().await {
+                        Ok(st) => process::describe_exit(&st),
+                        Err(e) => format!("could not be waited for: {e}"),
+                    },
+                    BackendProc::Adopted(pid) => {
+                        if process::alive_with(pid, &needle) {
+                            if let Ok(fd) = process::pidfd_open(pid) {
+                                let _ = process::wait_pidfd(fd).await;
+                            }
+                        }
+                        "exited (adopted process)".to_string()
+                    }
+                };
+                let mut backoff = Duration::from_millis(100);
+                proc = loop {
+                    let Some(mgr) = mgr.upgrade() else { return };
+                    let (state, hv_pid) = {
+                        let r = vm2.record.lock().await;
+                        (r.info.state, r.hypervisor_pid)
+                    };
+                    let live = matches!(
+                        state,
+                        VmState::Starting | VmState::Running | VmState::Paused
+                    );
+                    let (true, false, Some(hv_pid)) = (
+                        live,
+                        vm2.exited.load(std::sync::atomic::Ordering::SeqCst),
+                        hv_pid,
+                    ) else {
+                        return;
+                    };
+                    warn!(vm = %vm2.id, %how, "vsock backend died; starting a new one");
+                    let driver = match mgr.driver(&vm2).await {
+                        Ok(d) => d,
+                        Err(_) => return,
+                    };
+                    match driver.restart_backend(&vm2.dir, hv_pid).await {
+                        Ok(Some(child)) => {
+                            let mut r = vm2.record.lock().await;
+                            r.backend_pid = child.id();
+                            if let Err(e) = r.save(&vm2.dir.record()) {
+                                warn!(vm = %vm2.id, error = %e, "cannot record the new backend pid");
+                            }
+                            info!(vm = %vm2.id, pid = child.id(), "vsock backend restarted");
+                            break BackendProc::Child(child);
+                        }
+                        Ok(None) => {
+                            warn!(vm = %vm2.id, "this vsock backend cannot be restarted; the VM is unreachable until it is removed");
+                            return;
+                        }
+                        Err(e) => {
+                            warn!(vm = %vm2.id, error = %e, "restarting the vsock backend failed; retrying in {backoff:?}");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                        }
+                    }
+                };
+            }
+        });
+        *vm.backend_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
     }
 
     /// Run `exit` (which resolves with a reason when the hypervisor is gone)
@@ -828,6 +924,9 @@ impl Manager {
                 self.start_egress(&vm, &record.spec)?;
                 if let Some(pid) = record.hypervisor_pid {
                     self.watch_adopted(&vm, pid).map_err(io_err(dir.root()))?;
+                }
+                if let Some(pid) = record.backend_pid {
+                    self.watch_backend(&vm, BackendProc::Adopted(pid));
                 }
                 if record.info.state == VmState::Running {
                     vm.agent()

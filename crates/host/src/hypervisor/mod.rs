@@ -104,6 +104,17 @@ pub trait Hypervisor: Send + Sync {
     /// Save the paused or running VM's device and memory state into `dest`
     /// (an empty directory). The VM is left in the state it was in.
     async fn snapshot(&self, dir: &VmDir, dest: &Path) -> Result<(), HypervisorError>;
+
+    /// Start the VM's vsock backend again after it died, for a hypervisor
+    /// still running as `hypervisor_pid`. `None`: this driver's backend
+    /// cannot be restarted under a live hypervisor (or it has none).
+    async fn restart_backend(
+        &self,
+        _dir: &VmDir,
+        _hypervisor_pid: u32,
+    ) -> Result<Option<tokio::process::Child>, HypervisorError> {
+        Ok(None)
+    }
 }
 
 /// How long a freshly spawned process may take to serve its socket.

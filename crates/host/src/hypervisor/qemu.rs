@@ -184,10 +184,9 @@ impl Qemu {
 impl Qemu {
     async fn start_bridge(
         &self,
-        plan: &LaunchPlan,
+        d: &VmDir,
         qemu_pid: Option<u32>,
     ) -> Result<tokio::process::Child, HypervisorError> {
-        let d = &plan.dir;
         let mut cmd = tokio::process::Command::new(&self.bridge_bin);
         cmd.arg("vsock-bridge")
             .arg("--chardev")
@@ -242,7 +241,7 @@ impl Hypervisor for Qemu {
         let ready = async {
             wait_for_socket(&d.control(), &mut qemu, "qemu", &[d.hypervisor_log()]).await?;
             if self.vsock == QemuVsock::SerialMux {
-                backend = Some(self.start_bridge(plan, qemu.id()).await?);
+                backend = Some(self.start_bridge(&plan.dir, qemu.id()).await?);
             }
             if let Some(snap) = &plan.restore_from {
                 let mut q = Qmp::connect(&d.control()).await?;
@@ -267,6 +266,26 @@ impl Hypervisor for Qemu {
             hypervisor: qemu,
             backend,
         })
+    }
+
+    /// The bridge holds no state the guest depends on: a new one connects
+    /// to QEMU's chardev and the mux resynchronises (HELLO/nonce), resetting
+    /// the streams that were open. vhost-device-vsock cannot be replaced
+    /// under a running QEMU.
+    async fn restart_backend(
+        &self,
+        dir: &VmDir,
+        hypervisor_pid: u32,
+    ) -> Result<Option<tokio::process::Child>, HypervisorError> {
+        match self.vsock {
+            QemuVsock::SerialMux => {
+                // The dead bridge's socket would make the new one's
+                // readiness check pass at once.
+                let _ = std::fs::remove_file(dir.vsock());
+                Ok(Some(self.start_bridge(dir, Some(hypervisor_pid)).await?))
+            }
+            QemuVsock::VhostUser => Ok(None),
+        }
     }
 
     async fn pause(&self, dir: &VmDir) -> Result<(), HypervisorError> {
