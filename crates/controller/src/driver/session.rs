@@ -338,9 +338,21 @@ async fn seal(
             return Ok(rec.version);
         }
     }
-    vault
+    let version = vault
         .store(&inner.store, &s.user_id, &s.provider, &pt)
-        .await
+        .await?;
+    // `polydev vault rotate` may have retired the key this seal used between
+    // our reading the key file and the write landing; then the record is
+    // sealed again under the keys in force now (a new version).
+    let current = inner.keys.vault()?;
+    if let Some(rec) = inner.store.credential(&s.user_id, &s.provider).await? {
+        if !current.keyring().ids().contains(&rec.key_id) {
+            return current
+                .store(&inner.store, &s.user_id, &s.provider, &pt)
+                .await;
+        }
+    }
+    Ok(version)
 }
 
 async fn delivering(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreError> {
