@@ -91,6 +91,12 @@ providers_dir = "{}"
     )
 }
 
+/// `$POLYDEV_E2E_DATABASE` (e.g. a PostgreSQL URL) instead of the SQLite
+/// file in the data directory.
+fn database() -> Option<String> {
+    std::env::var("POLYDEV_E2E_DATABASE").ok()
+}
+
 /// The controller process (`polydev controller-run`), output appended to
 /// `<data>/controller.log`.
 fn start_controller(data: &Path) -> Child {
@@ -103,6 +109,11 @@ fn start_controller(data: &Path) -> Child {
         .arg("--data-dir")
         .arg(data)
         .arg("controller-run")
+        .args(
+            database()
+                .map(|u| vec!["--database".to_string(), u])
+                .unwrap_or_default(),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
@@ -182,7 +193,11 @@ fn sigkill_in_every_session_state_then_each_session_finishes() {
     std::fs::write(data.join("driver.toml"), driver_toml(&data)).unwrap();
     let mut controller = start_controller(&data);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let store = rt.block_on(Store::open_in_dir(&data)).expect("open store");
+    let store = match database() {
+        Some(url) => rt.block_on(Store::open(&url)),
+        None => rt.block_on(Store::open_in_dir(&data)),
+    }
+    .expect("open store");
     let ctx = Ctx { host, rt, store };
 
     let user = ctx
