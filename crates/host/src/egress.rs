@@ -649,6 +649,15 @@ impl VmEgress {
 
     /// Resolve, check and dial; for an upstream, ask it for a tunnel.
     async fn connect(&self, req: &EgressRequest) -> Result<TcpStream, Refusal> {
+        // Before resolving: a name the guest chose must not even reach the
+        // host's resolver (a DNS query is a way out) when nothing may leave.
+        if self.policy.upstream.is_none() && !self.policy.direct {
+            return Err(Refusal::denied(
+                Reason::NoPolicy,
+                "this VM has no egress upstream and direct egress is off (vm run --egress-upstream or --egress-direct)"
+                    .into(),
+            ));
+        }
         let addrs = resolve(&req.host, req.port).await?;
         for a in &addrs {
             if self.policy.allow.iter().any(|r| r.matches(*a)) {
@@ -699,13 +708,6 @@ impl VmEgress {
                     )
                 })?;
             return Ok(s);
-        }
-        if !self.policy.direct {
-            return Err(Refusal::denied(
-                Reason::NoPolicy,
-                "this VM has no egress upstream and direct egress is off (vm run --egress-upstream or --egress-direct)"
-                    .into(),
-            ));
         }
         let mut last = None;
         for a in addrs {
@@ -1315,6 +1317,52 @@ mod tests {
             .to_string();
         assert!(e.contains("connection refused"), "{e}");
         assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    /// Without a policy nothing is resolved: the refusal names the missing
+    /// policy even for a name no resolver knows.
+    #[tokio::test]
+    async fn without_a_policy_names_are_refused_before_any_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("egress.sock");
+        let task = start(
+            "vm-test",
+            &sock,
+            None,
+            EgressLimits::default(),
+            dir.path().join("egress.log"),
+        )
+        .unwrap();
+        let mut guest = UnixStream::connect(&sock).await.unwrap();
+        let req = EgressRequest {
+            host: "no-such-name.invalid".into(),
+            port: 443,
+        };
+        guest
+            .write_all(&polydev_api::agent::encode_line(&req).unwrap())
+            .await
+            .unwrap();
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while guest.read(&mut b).await.unwrap() == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        let reply: EgressReply = serde_json::from_slice(&line).unwrap();
+        assert!(!reply.ok && reply.denied, "{reply:?}");
+        let reason = reply.reason.unwrap_or_default();
+        assert!(reason.contains("no egress upstream"), "{reason}");
+        // The log line is written after the reply.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let log = loop {
+            let log = std::fs::read_to_string(dir.path().join("egress.log")).unwrap_or_default();
+            if log.ends_with('\n') || Instant::now() > deadline {
+                break log;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(log.contains("no egress upstream"), "{log}");
+        assert!(!log.contains("resolve"), "{log}");
+        task.abort();
     }
 
     #[test]
