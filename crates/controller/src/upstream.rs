@@ -12,6 +12,7 @@
 //! ```toml
 //! [[provider]]
 //! name = "resi"
+//! protocol = "http"                                  # or "socks5"
 //! host = "proxy.example.net"
 //! ports = "10000-20000"
 //! username = "customer-123"
@@ -78,6 +79,8 @@ pub enum UpstreamConfigError {
 pub struct UpstreamProvider {
     /// Stable name (`[a-z0-9-]`), stored with every assignment.
     pub name: String,
+    /// `http` (HTTP CONNECT) or `socks5`.
+    pub protocol: String,
     /// Proxy host name or address.
     pub host: String,
     /// First port of the range.
@@ -109,7 +112,7 @@ impl UpstreamProvider {
     pub fn policy(&self, port: u16) -> EgressPolicy {
         EgressPolicy {
             upstream: Some(Upstream {
-                url: format!("http://{}:{port}", self.host),
+                url: format!("{}://{}:{port}", self.protocol, self.host),
                 username: self.username.clone(),
                 password: self.password.clone(),
             }),
@@ -137,6 +140,8 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawProvider {
     name: String,
+    #[serde(default)]
+    protocol: Option<String>,
     host: String,
     ports: String,
     #[serde(default)]
@@ -232,6 +237,13 @@ impl UpstreamConfig {
                     format!("{:?} must be a bare host name or address", p.host),
                 ));
             }
+            let protocol = p.protocol.clone().unwrap_or_else(|| "http".into());
+            if !matches!(protocol.as_str(), "http" | "socks5") {
+                return Err(bad(
+                    "protocol",
+                    format!("{protocol:?} must be \"http\" (CONNECT) or \"socks5\""),
+                ));
+            }
             let Some((first_port, last_port)) = parse_range(&p.ports) else {
                 return Err(bad(
                     "ports",
@@ -269,6 +281,7 @@ impl UpstreamConfig {
             let quarantine_secs = p.quarantine_secs.unwrap_or(DEFAULT_QUARANTINE_SECS);
             providers.push(UpstreamProvider {
                 name: p.name,
+                protocol,
                 host: p.host,
                 first_port,
                 last_port,
@@ -332,6 +345,13 @@ password_env = "POLYDEV_TEST_UPSTREAM_PW_UNSET_X"
         assert_eq!(p.quarantine_ms, 86_400_000);
         let pol = p.policy(10003);
         assert_eq!(pol.upstream.unwrap().url, "http://127.0.0.1:10003");
+        let socks = UpstreamConfig::parse(
+            &text.replace("ports", "protocol = \"socks5\"\nports"),
+            "u.toml",
+        )
+        .unwrap();
+        let url = socks.providers[0].policy(10000).upstream.unwrap().url;
+        assert_eq!(url, "socks5://127.0.0.1:10000");
     }
 
     #[test]
