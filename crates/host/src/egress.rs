@@ -6,8 +6,10 @@
 //! proxy knows which VM (and so which user) a connection is from without
 //! trusting anything the guest says.
 //!
-//! Per connection: read one [`EgressRequest`] line, resolve the name here
-//! (the guest has no DNS), refuse addresses on the deny list (private,
+//! Per connection: read one [`EgressRequest`] line; for direct egress
+//! resolve the name here (the guest has no DNS; with an upstream the name
+//! goes to the upstream unresolved and only address literals are checked),
+//! refuse addresses on the deny list (private,
 //! loopback, link-local including 169.254.169.254, multicast, the host's own
 //! addresses) unless the VM's allow list names them, then either chain to
 //! the VM's upstream proxy (`CONNECT` with `Proxy-Authorization`) or dial
@@ -658,7 +660,18 @@ impl VmEgress {
                     .into(),
             ));
         }
-        let addrs = resolve(&req.host, req.port).await?;
+        let addrs = if self.policy.upstream.is_some() {
+            // The upstream resolves names where the request leaves.
+            // Resolving them here too would hand every guest-chosen name to
+            // the host's resolver: a way out around the user's upstream (DNS
+            // carries data). Address literals are checked.
+            match req.host.parse::<IpAddr>() {
+                Ok(ip) => vec![SocketAddr::new(ip, req.port)],
+                Err(_) => Vec::new(),
+            }
+        } else {
+            resolve(&req.host, req.port).await?
+        };
         for a in &addrs {
             if self.policy.allow.iter().any(|r| r.matches(*a)) {
                 continue;
@@ -1319,39 +1332,33 @@ mod tests {
         assert!(!e.contains("s3cret"), "{e}");
     }
 
-    /// Without a policy nothing is resolved: the refusal names the missing
-    /// policy even for a name no resolver knows.
-    #[tokio::test]
-    async fn without_a_policy_names_are_refused_before_any_lookup() {
+    /// Ask the egress proxy of a VM with `policy` for `host:443`; its reply
+    /// and the finished log line.
+    async fn ask(policy: Option<&EgressPolicy>, host: &str) -> (EgressReply, String) {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("egress.sock");
         let task = start(
             "vm-test",
             &sock,
-            None,
+            policy,
             EgressLimits::default(),
             dir.path().join("egress.log"),
         )
         .unwrap();
         let mut guest = UnixStream::connect(&sock).await.unwrap();
         let req = EgressRequest {
-            host: "no-such-name.invalid".into(),
+            host: host.into(),
             port: 443,
         };
-        guest
-            .write_all(&polydev_api::agent::encode_line(&req).unwrap())
-            .await
-            .unwrap();
+        guest.write_all(&encode_line(&req).unwrap()).await.unwrap();
         let mut line = Vec::new();
         let mut b = [0u8; 1];
         while guest.read(&mut b).await.unwrap() == 1 && b[0] != b'\n' {
             line.push(b[0]);
         }
         let reply: EgressReply = serde_json::from_slice(&line).unwrap();
-        assert!(!reply.ok && reply.denied, "{reply:?}");
-        let reason = reply.reason.unwrap_or_default();
-        assert!(reason.contains("no egress upstream"), "{reason}");
-        // The log line is written after the reply.
+        drop(guest);
+        // The log line is written when the connection ends.
         let deadline = Instant::now() + Duration::from_secs(10);
         let log = loop {
             let log = std::fs::read_to_string(dir.path().join("egress.log")).unwrap_or_default();
@@ -1360,9 +1367,58 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
+        task.abort();
+        (reply, log)
+    }
+
+    /// Without a policy nothing is resolved: the refusal names the missing
+    /// policy even for a name no resolver knows.
+    #[tokio::test]
+    async fn without_a_policy_names_are_refused_before_any_lookup() {
+        let (reply, log) = ask(None, "no-such-name.invalid").await;
+        assert!(!reply.ok && reply.denied, "{reply:?}");
+        let reason = reply.reason.unwrap_or_default();
+        assert!(reason.contains("no egress upstream"), "{reason}");
         assert!(log.contains("no egress upstream"), "{log}");
         assert!(!log.contains("resolve"), "{log}");
-        task.abort();
+    }
+
+    /// With an upstream, names go to it unresolved (the host's resolver never
+    /// sees them) while address literals are still checked here.
+    #[tokio::test]
+    async fn with_an_upstream_names_pass_unresolved_and_literals_are_checked() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let upstream = tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).await.unwrap() == 1 {
+                head.push(b[0]);
+            }
+            c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&head).into_owned()
+        });
+        let policy = EgressPolicy {
+            upstream: Some(Upstream {
+                url: format!("http://127.0.0.1:{port}"),
+                username: None,
+                password: None,
+            }),
+            ..Default::default()
+        };
+        let (reply, _) = ask(Some(&policy), "no-such-name.invalid").await;
+        assert!(reply.ok, "{reply:?}");
+        let head = upstream.await.unwrap();
+        assert!(
+            head.starts_with("CONNECT no-such-name.invalid:443 HTTP/1.1\r\n"),
+            "{head}"
+        );
+        let (reply, log) = ask(Some(&policy), "169.254.169.254").await;
+        assert!(!reply.ok && reply.denied, "{reply:?}");
+        assert!(log.contains("169.254.169.254"), "{log}");
     }
 
     #[test]
