@@ -79,12 +79,10 @@ impl HostClient {
         }
     }
 
-    async fn send(
+    /// One HTTP/1.1 connection to the host agent (upgrades allowed).
+    async fn connect(
         &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<hyper::Response<Incoming>, ClientError> {
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
@@ -92,10 +90,20 @@ impl HostClient {
                     path: self.socket.display().to_string(),
                     cause,
                 })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        tokio::spawn(conn);
+        tokio::spawn(conn.with_upgrades());
+        Ok(sender)
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let mut sender = self.connect().await?;
         let mut req = HttpRequest::builder()
             .method(method)
             .uri(path)
@@ -164,17 +172,7 @@ impl HostClient {
                 q
             }
         };
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|cause| ClientError::Connect {
-                    path: self.socket.display().to_string(),
-                    cause,
-                })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        tokio::spawn(conn.with_upgrades());
+        let mut sender = self.connect().await?;
         let req = HttpRequest::builder()
             .method(Method::POST)
             .uri(format!("/v1/vms/{id}/forward?{query}"))
