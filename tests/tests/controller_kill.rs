@@ -85,6 +85,7 @@ cli_ready = ["sh", "-c", "[ -e /tmp/gate-deliver ]"]
 deliver_to_cli_vm = true
 max_active_sessions = 5
 poll_ms = 200
+idle_poll_ms = 300
 providers_dir = "{}"
 "#,
         data.join("providers").display()

@@ -82,7 +82,7 @@ fn connect_flow_completes_on_an_in_process_host() {
     let manager = rt.block_on(polydev_host::Manager::start(cfg)).unwrap();
     let store = rt.block_on(Store::open_in_dir(&data)).unwrap();
     let driver_cfg = DriverConfig::parse(
-        "browser_image = \"minimal\"\ncli_image = \"minimal\"\nbrowser_memory_mib = 0\ncli_memory_mib = 0\nlogin_user = \"root\"\nlogin_home = \"/root\"\ncli_home = \"/root\"\ncli_owner = \"\"\npoll_ms = 200\n",
+        "browser_image = \"minimal\"\ncli_image = \"minimal\"\nbrowser_memory_mib = 0\ncli_memory_mib = 0\nlogin_user = \"root\"\nlogin_home = \"/root\"\ncli_home = \"/root\"\ncli_owner = \"\"\npoll_ms = 200\nidle_poll_ms = 300\n",
         "driver.toml",
     )
     .unwrap();

@@ -92,7 +92,7 @@ fn failures_cancel_and_upstream_exhaustion() {
     )
     .unwrap();
     let cfg = DriverConfig::parse(
-        "browser_image = \"minimal\"\ncli_image = \"minimal\"\nbrowser_memory_mib = 0\nlogin_user = \"root\"\nlogin_home = \"/root\"\ndeliver_to_cli_vm = false\npoll_ms = 200\n",
+        "browser_image = \"minimal\"\ncli_image = \"minimal\"\nbrowser_memory_mib = 0\nlogin_user = \"root\"\nlogin_home = \"/root\"\ndeliver_to_cli_vm = false\npoll_ms = 200\nidle_poll_ms = 300\n",
         "driver.toml",
     )
     .unwrap();
@@ -249,7 +249,7 @@ fn an_interrupted_create_is_adopted_not_duplicated() {
     let at_host = host.run_vm(&["--name", &vm.id]);
 
     let cfg = DriverConfig::parse(
-        "browser_image = \"minimal\"\ncli_image = \"minimal\"\npoll_ms = 200\n",
+        "browser_image = \"minimal\"\ncli_image = \"minimal\"\npoll_ms = 200\nidle_poll_ms = 300\n",
         "driver.toml",
     )
     .unwrap();

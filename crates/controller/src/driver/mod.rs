@@ -104,6 +104,9 @@ pub struct DriverConfig {
     pub max_active_sessions: usize,
     /// Pass interval when nothing notifies, in milliseconds.
     pub poll_ms: u64,
+    /// How long a record whose step changed nothing (a login still
+    /// waiting, a VM still booting) rests before it is looked at again.
+    pub idle_poll_ms: u64,
     /// A browser VM record no session points at is stopped after this long
     /// (it was created by a controller that died before recording it).
     pub orphan_grace_ms: i64,
@@ -132,6 +135,7 @@ impl Default for DriverConfig {
             cli_ready: None,
             max_active_sessions: 10,
             poll_ms: 500,
+            idle_poll_ms: 1000,
             orphan_grace_ms: 60_000,
             providers_dir: None,
             upstreams_file: None,
@@ -269,6 +273,8 @@ pub(crate) struct Inner {
     pub(crate) cfg: DriverConfig,
     wake: Notify,
     busy: Mutex<HashSet<String>>,
+    /// Records resting after a step that changed nothing: id → (version, until).
+    quiet: Mutex<std::collections::HashMap<String, (i64, std::time::Instant)>>,
 }
 
 /// The driver; cheap to clone (the API keeps one to [`Driver::notify`]).
@@ -341,6 +347,7 @@ impl Driver {
                 cfg,
                 wake: Notify::new(),
                 busy: Mutex::new(HashSet::new()),
+                quiet: Mutex::new(std::collections::HashMap::new()),
             }),
         }
     }
@@ -415,39 +422,76 @@ impl Driver {
 }
 
 /// One pass: fail overdue records, then start a step for every record that
-/// is not being stepped already.
+/// is not being stepped already and is not resting after a quiet step.
 async fn pass(inner: &Arc<Inner>) -> Result<(), StoreError> {
     crate::recovery::fail_overdue(&inner.store, crate::util::now_ms()).await?;
-    for v in inner.store.non_final_vms().await? {
-        if let Some(busy) = inner.claim(&v.id) {
-            let inner = inner.clone();
-            tokio::spawn(async move {
-                let _busy = busy;
-                match vm::step(&inner, v).await {
-                    // What changed may let another record move: look again now.
-                    Ok(true) => inner.wake.notify_one(),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "driver: VM step failed; retrying next pass")
-                    }
-                }
-            });
-        }
+    let vms = inner.store.non_final_vms().await?;
+    let sessions = inner.store.non_final_sessions().await?;
+    {
+        // Forget records that ended.
+        let live: HashSet<&str> = vms
+            .iter()
+            .map(|v| v.id.as_str())
+            .chain(sessions.iter().map(|s| s.id.as_str()))
+            .collect();
+        lock(&inner.quiet).retain(|id, _| live.contains(id.as_str()));
     }
-    for s in inner.store.non_final_sessions().await? {
-        if let Some(busy) = inner.claim(&s.id) {
-            let inner = inner.clone();
-            tokio::spawn(async move {
-                let _busy = busy;
-                match session::step(&inner, s).await {
-                    Ok(true) => inner.wake.notify_one(),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "driver: session step failed; retrying next pass")
-                    }
-                }
-            });
-        }
+    for v in vms {
+        let (id, version) = (v.id.clone(), v.life.version);
+        spawn_step(
+            inner,
+            id,
+            version,
+            move |i| async move { vm::step(&i, v).await },
+        );
+    }
+    for s in sessions {
+        let (id, version) = (s.id.clone(), s.life.version);
+        spawn_step(inner, id, version, move |i| async move {
+            session::step(&i, s).await
+        });
     }
     Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Run one step of record `id` (at `version`) in its own task, unless it is
+/// being stepped or resting. A step that changed nothing rests the record
+/// for `idle_poll_ms` (unless the record changes meanwhile), so waiting
+/// states do not keep a VM busy answering execs; one that changed something
+/// wakes the loop, since that may let other records move.
+fn spawn_step<F, Fut>(inner: &Arc<Inner>, id: String, version: i64, step: F)
+where
+    F: FnOnce(Arc<Inner>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<bool, StoreError>> + Send,
+{
+    if let Some((v, until)) = lock(&inner.quiet).get(&id) {
+        if *v == version && std::time::Instant::now() < *until {
+            return;
+        }
+    }
+    let Some(busy) = inner.claim(&id) else {
+        return;
+    };
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let _busy = busy;
+        match step(inner.clone()).await {
+            Ok(true) => {
+                lock(&inner.quiet).remove(&id);
+                inner.wake.notify_one();
+            }
+            Ok(false) => {
+                let until =
+                    std::time::Instant::now() + Duration::from_millis(inner.cfg.idle_poll_ms);
+                lock(&inner.quiet).insert(id, (version, until));
+            }
+            Err(e) => {
+                tracing::warn!(record = %id, error = %e, "driver step failed; retrying next pass")
+            }
+        }
+    });
 }
