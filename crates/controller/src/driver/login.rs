@@ -63,6 +63,15 @@ fn sh(script: &str, args: &[&str]) -> Vec<String> {
     v
 }
 
+/// `argv` as one POSIX shell command line, every word single-quoted (for
+/// `script -c`, which takes a command line, not an argv).
+pub fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The login directory of a session.
 pub fn dir(session_id: &str) -> String {
     format!("{LOGIN_DIR}/{session_id}")
@@ -135,11 +144,27 @@ pub async fn start(
         write_file(host, vm, &path, w.content.clone().into_bytes()).await?;
     }
     let d = dir(session_id);
-    let mut args: Vec<&str> = vec![INNER, &d];
+    let mut argv: Vec<String> = Vec::new();
     if let Some(u) = &place.user {
-        args.extend(["runuser", "-u", u.as_str(), "--"]);
+        argv.extend(["runuser", "-u", u.as_str(), "--"].map(String::from));
     }
-    args.extend(p.login_command.iter().map(String::as_str));
+    argv.extend(p.login_command.iter().cloned());
+    if p.login_tty {
+        // The CLI draws an interactive prompt: give it a terminal
+        // (util-linux `script`, output still to our file; `-e` keeps the
+        // command's exit status).
+        argv = vec![
+            "script".into(),
+            "-q".into(),
+            "-f".into(),
+            "-e".into(),
+            "-c".into(),
+            shell_words(&argv),
+            "/dev/null".into(),
+        ];
+    }
+    let mut args: Vec<&str> = vec![INNER, &d];
+    args.extend(argv.iter().map(String::as_str));
     let mut env: BTreeMap<String, String> = p.login_env.clone();
     env.insert("HOME".into(), place.home.clone());
     let out = host
@@ -220,4 +245,27 @@ pub async fn ready(
         )
         .await?;
     Ok(out.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words_survive_quotes_and_metacharacters() {
+        let argv: Vec<String> = ["echo", "it's", "$(rm -rf /)", "a b"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let line = shell_words(&argv);
+        assert_eq!(line, r#"'echo' 'it'\''s' '$(rm -rf /)' 'a b'"#);
+        let out = std::process::Command::new("sh")
+            .args(["-c", &format!("printf '%s|' {line}")])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "echo|it's|$(rm -rf /)|a b|"
+        );
+    }
 }
