@@ -25,6 +25,10 @@ use polydev_controller::vault::Keyring;
 use polydev_e2e::Host;
 
 fn provider(id: &str, script: &str) -> String {
+    provider_from(id, script, "output")
+}
+
+fn provider_from(id: &str, script: &str, source: &str) -> String {
     format!(
         r#"
 id = "{id}"
@@ -36,7 +40,7 @@ command = ["sh", "-c", '''{script}''']
 timeout_secs = 60
 
 [login.auth_url]
-sources = ["output"]
+sources = ["{source}"]
 pattern = '''https://auth\.test\.invalid/authorize\?[^\s"']+'''
 examples = ["https://auth.test.invalid/authorize?state=1"]
 
@@ -72,6 +76,16 @@ fn write_providers(dir: &Path) {
     ] {
         std::fs::write(dir.join(format!("{id}.toml")), provider(id, script)).unwrap();
     }
+    // A CLI that only hands its URL to xdg-open ($BROWSER), printing nothing.
+    std::fs::write(
+        dir.join("opens.toml"),
+        provider_from(
+            "opens",
+            "\"$BROWSER\" 'https://auth.test.invalid/authorize?state=xdg'; while :; do sleep 1; done",
+            "xdg-open",
+        ),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -125,6 +139,7 @@ fn failures_cancel_and_upstream_exhaustion() {
     let nourl = ses(&ann, "nourl");
     let holds = ses(&ann, "holds");
     let starved = ses(&bob, "holds");
+    let opens = ses(&ann, "opens");
     driver.notify();
 
     let wait = |what: &str, f: &dyn Fn() -> bool| {
@@ -145,6 +160,7 @@ fn failures_cancel_and_upstream_exhaustion() {
             session(&fails).life.state.is_final()
                 && session(&nourl).life.state.is_final()
                 && session(&holds).life.state == SessionState::AwaitingUser
+                && session(&opens).life.state == SessionState::AwaitingUser
                 && session(&starved).life.state.is_final()
         },
     );
@@ -153,6 +169,19 @@ fn failures_cancel_and_upstream_exhaustion() {
     assert_eq!(r, FailureReason::LoginFailed, "{d}");
     assert!(d.contains("status 3"), "{d}");
     assert_eq!(reason(&nourl).unwrap().0, FailureReason::AuthUrlNotFound);
+
+    // The URL given to $BROWSER (xdg-open's fallback) is recognised.
+    let ev = rt.block_on(store.events_for("session", &opens)).unwrap();
+    let url = ev.iter().find_map(|e| {
+        e.detail
+            .get("auth_url")
+            .and_then(|u| u.as_str())
+            .map(str::to_string)
+    });
+    assert_eq!(
+        url.as_deref(),
+        Some("https://auth.test.invalid/authorize?state=xdg")
+    );
 
     // Bob never shares Ann's port: his browser VMs fail for capacity, and
     // the session gives up after its retry budget.
@@ -202,12 +231,14 @@ fn failures_cancel_and_upstream_exhaustion() {
 
     // The failed sessions' VMs are gone; cancelling the waiting one (what
     // the API does) destroys its VM too.
-    let s = session(&holds);
-    rt.block_on(store.transition_session(&s, SessionState::Cancelled, None, Also::default()))
-        .unwrap();
+    for id in [&holds, &opens] {
+        let s = session(id);
+        rt.block_on(store.transition_session(&s, SessionState::Cancelled, None, Also::default()))
+            .unwrap();
+    }
     driver.notify();
     wait("every browser VM destroyed", &|| {
-        [&fails, &nourl, &holds].iter().all(|id| {
+        [&fails, &nourl, &holds, &opens].iter().all(|id| {
             let b = session(id).browser_vm_id.unwrap();
             let st = rt.block_on(store.vm(&b)).unwrap().life.state;
             st == VmState::Destroyed

@@ -10,15 +10,24 @@ use std::collections::BTreeMap;
 use polydev_api::agent::ExecRequest;
 
 use super::host::{HostApi, HostError};
-use crate::providers::Provider;
+use crate::providers::{Provider, UrlSource};
 
 /// Where login state lives inside the VM (tmpfs in browser VMs).
 pub const LOGIN_DIR: &str = "/run/polydev-login";
 
 /// Start the login unless a previous driver already did.
+///
+/// `$d/browser` is what the login gets as `$BROWSER` (xdg-open uses it
+/// outside a full desktop): it appends the URL it is asked to open to
+/// `$d/opened` (writable by the login's user) and then runs the real
+/// browser, so an auth URL handed to xdg-open is seen as well as one printed.
 const START: &str = r#"inner="$1"; d="$2"; shift 2
 mkdir -p "${d%/*}" || exit 1
 mkdir "$d" 2>/dev/null || exit 0
+: >"$d/opened" && chmod 0666 "$d/opened"
+printf '%s\n' '#!/bin/sh' 'printf "%s\n" "$*" >>"$POLYDEV_OPENED"' \
+  '[ -n "$POLYDEV_REAL_BROWSER" ] && exec $POLYDEV_REAL_BROWSER "$@"' 'exit 0' >"$d/browser"
+chmod 0755 "$d" "$d/browser"
 setsid sh -c "$inner" sh "$d" "$@" >/dev/null 2>&1 </dev/null &
 exit 0"#;
 
@@ -55,6 +64,10 @@ pub struct LoginPlace {
     pub home: String,
     /// Run as this user (`runuser -u`), or as the agent's user (root).
     pub user: Option<String>,
+    /// Extra environment for the login (e.g. `DISPLAY`).
+    pub env: BTreeMap<String, String>,
+    /// The browser the `$BROWSER` wrapper hands URLs on to (`None`: none).
+    pub browser: Option<String>,
 }
 
 fn sh(script: &str, args: &[&str]) -> Vec<String> {
@@ -165,8 +178,14 @@ pub async fn start(
     }
     let mut args: Vec<&str> = vec![INNER, &d];
     args.extend(argv.iter().map(String::as_str));
-    let mut env: BTreeMap<String, String> = p.login_env.clone();
+    let mut env: BTreeMap<String, String> = place.env.clone();
+    env.extend(p.login_env.clone());
     env.insert("HOME".into(), place.home.clone());
+    env.insert("BROWSER".into(), format!("{d}/browser"));
+    env.insert("POLYDEV_OPENED".into(), format!("{d}/opened"));
+    if let Some(b) = &place.browser {
+        env.insert("POLYDEV_REAL_BROWSER".into(), b.clone());
+    }
     let out = host
         .exec(
             vm,
@@ -188,14 +207,28 @@ pub async fn start(
     }
 }
 
-/// The login's output so far (empty before it wrote any).
-pub async fn output(host: &dyn HostApi, vm: &str, session_id: &str) -> Result<String, HostError> {
-    let path = format!("{}/output", dir(session_id));
-    Ok(host
-        .read_file(vm, &path)
-        .await?
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default())
+/// The login's output so far (empty before it wrote any), and the URLs it
+/// handed to `$BROWSER`, for the sources the provider names.
+pub async fn output(
+    host: &dyn HostApi,
+    vm: &str,
+    session_id: &str,
+    p: &Provider,
+) -> Result<String, HostError> {
+    let mut text = String::new();
+    for (source, file) in [
+        (UrlSource::XdgOpen, "opened"),
+        (UrlSource::Output, "output"),
+    ] {
+        if p.auth_url_sources.contains(&source) {
+            let path = format!("{}/{file}", dir(session_id));
+            if let Some(b) = host.read_file(vm, &path).await? {
+                text.push_str(&String::from_utf8_lossy(&b));
+                text.push('\n');
+            }
+        }
+    }
+    Ok(text)
 }
 
 /// The provider's capture files that exist in `vm` (path relative to home → content).

@@ -86,6 +86,10 @@ pub struct DriverConfig {
     pub login_user: Option<String>,
     /// That user's home directory (capture paths are relative to it).
     pub login_home: String,
+    /// Extra environment for every login (the provider's own comes on top).
+    pub login_env: std::collections::BTreeMap<String, String>,
+    /// The browser URLs handed to `$BROWSER` are passed on to (`""`: none).
+    pub login_browser: Option<String>,
     /// Deliver captured credentials into the user's CLI VM (created when the
     /// user has none). Off: the credential stays in the vault only.
     pub deliver_to_cli_vm: bool,
@@ -127,6 +131,9 @@ impl Default for DriverConfig {
             browser_ready: None,
             login_user: Some("user".into()),
             login_home: "/home/user".into(),
+            // The desktop's display, so the CLI's browser opens on it.
+            login_env: [("DISPLAY".to_string(), ":0".to_string())].into(),
+            login_browser: Some("chromium".into()),
             deliver_to_cli_vm: true,
             cli_image: Some("cli".into()),
             cli_memory_mib: Some(1024),
@@ -148,8 +155,8 @@ impl DriverConfig {
     ///
     /// TOML has no null, so the "none" of each optional setting is spelled
     /// out: image `"minimal"` (the initramfs image), `login_user = "root"`
-    /// (the agent's user), `cli_owner = ""`, an empty probe `[]`, memory 0
-    /// (the host's default).
+    /// (the agent's user), `cli_owner = ""`, `login_browser = ""`, an empty
+    /// probe `[]`, memory 0 (the host's default).
     pub fn parse(text: &str, origin: &str) -> Result<Self, DriverError> {
         let mut c: DriverConfig = toml::from_str(text).map_err(|e| DriverError::Config {
             path: origin.to_string(),
@@ -165,6 +172,9 @@ impl DriverConfig {
         }
         if c.cli_owner.as_deref() == Some("") {
             c.cli_owner = None;
+        }
+        if c.login_browser.as_deref() == Some("") {
+            c.login_browser = None;
         }
         for probe in [&mut c.browser_ready, &mut c.cli_ready] {
             if probe.as_ref().is_some_and(Vec::is_empty) {

@@ -167,6 +167,8 @@ fn place(inner: &Inner) -> LoginPlace {
     LoginPlace {
         home: inner.cfg.login_home.clone(),
         user: inner.cfg.login_user.clone(),
+        env: inner.cfg.login_env.clone(),
+        browser: inner.cfg.login_browser.clone(),
     }
 }
 
@@ -217,7 +219,7 @@ async fn in_vm(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreEr
                     login::start(host, r, &s.id, p, &place(inner)).await?;
                     return Ok(Next::Wait);
                 }
-                let out = login::output(host, r, &s.id).await?;
+                let out = login::output(host, r, &s.id, p).await?;
                 match (p.find_auth_url(&out), status) {
                     (Some(url), _) => Next::Go(
                         SessionState::AwaitingUser,
