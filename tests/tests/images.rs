@@ -209,8 +209,14 @@ fn walk(dir: &Path, f: &mut dyn FnMut(&Path, &std::fs::Metadata)) {
 }
 
 #[test]
-fn the_sealed_image_holds_nothing_from_the_build_host() {
-    let manifest = cli_manifest();
+fn the_sealed_images_hold_nothing_from_the_build_host() {
+    for name in ["cli", "browser"] {
+        assert_sealed(name);
+    }
+}
+
+fn assert_sealed(name: &str) {
+    let manifest = manifest(name);
     let rootfs = rootfs_path(&manifest);
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().join("root");
@@ -232,7 +238,10 @@ fn the_sealed_image_holds_nothing_from_the_build_host() {
         "usr/sbin/policy-rc.d",
         "var/cache/apt/pkgcache.bin",
     ] {
-        assert!(!root.join(p).exists(), "{p} must not be in the image");
+        assert!(
+            !root.join(p).exists(),
+            "{p} must not be in the {name} image"
+        );
     }
     let aptconf: Vec<String> = std::fs::read_dir(root.join("etc/apt/apt.conf.d"))
         .expect("apt.conf.d")
@@ -303,9 +312,12 @@ fn the_sealed_image_holds_nothing_from_the_build_host() {
     });
     assert!(
         leaks.is_empty(),
-        "build-host CA certificates in the image: {leaks:?}"
+        "build-host CA certificates in the {name} image: {leaks:?}"
     );
-    assert!(proxies.is_empty(), "foreign proxy settings: {proxies:?}");
+    assert!(
+        proxies.is_empty(),
+        "foreign proxy settings in the {name} image: {proxies:?}"
+    );
     let environment =
         std::fs::read_to_string(root.join("etc/environment")).expect("/etc/environment");
     assert!(
