@@ -286,6 +286,20 @@ fn sigkill_in_every_session_state_then_each_session_finishes() {
         "{url}"
     );
 
+    // And a VM in the middle of being created (the create request is in
+    // flight at the host agent for the whole boot).
+    let lou = ctx
+        .rt
+        .block_on(ctx.store.create_user("lou", "user"))
+        .unwrap();
+    let late = ctx
+        .rt
+        .block_on(ctx.store.create_vm(&lou.id, VmKind::Cli))
+        .unwrap();
+    ctx.wait("the late VM creating", t, |c| {
+        c.vm(&late.id).life.state == VmState::Creating
+    });
+
     // SIGKILL: no chance to flush or clean up anything.
     // SAFETY: kill(2) on our own child.
     unsafe {
@@ -374,6 +388,35 @@ fn sigkill_in_every_session_state_then_each_session_finishes() {
     let files = decode_credential(&pt).expect("credential format");
     assert!(String::from_utf8_lossy(&files[".testp/creds.json"]).contains("tok-e2e-4711"));
     assert_eq!(rec.version, 1, "a resumed capture adds no version");
+    // The VM whose create was cut off runs, once, and nothing is left
+    // half-started at the host.
+    ctx.wait("the late VM running", Duration::from_secs(240), |c| {
+        c.vm(&late.id).life.state == VmState::Running
+    });
+    let ls = ctx.host.ok(&["vm", "ls", "--json"]).stdout;
+    let live: Vec<polydev_api::vm::VmInfo> = serde_json::from_str(ls.trim()).unwrap();
+    let named: Vec<_> = live
+        .iter()
+        .filter(|v| v.name.as_deref() == Some(late.id.as_str()))
+        .collect();
+    assert_eq!(named.len(), 1, "{live:?}");
+    assert_eq!(named[0].state, polydev_api::vm::VmState::Running);
+    assert!(
+        live.iter()
+            .all(|v| v.state != polydev_api::vm::VmState::Starting),
+        "{live:?}"
+    );
+    let late_events = ctx
+        .rt
+        .block_on(ctx.store.events_for("vm", &late.id))
+        .unwrap();
+    let path: Vec<String> = late_events
+        .iter()
+        .filter_map(|e| e.to_state.clone())
+        .collect();
+    assert_eq!(path.last().map(String::as_str), Some("running"), "{path:?}");
+    eprintln!("VM created across the kill: {path:?}");
+
     let cli_vm = ctx.vm(&cli.id);
     let got = ctx.host.sh(
         cli_vm.host_vm_id.as_deref().unwrap(),

@@ -37,17 +37,29 @@ pub(super) async fn register_host(inner: &Inner) -> Result<(), StoreError> {
 /// Before recovery: a VM recorded as creating that its host runs is
 /// re-attached with the host's own VM id (recovery alone would keep the
 /// name as its address, and a name no longer finds the VM's logs once it
-/// ended).
+/// ended); one the host still reports starting was abandoned with the
+/// previous controller's request and is destroyed (then created again).
 pub(super) async fn adopt_created(inner: &Arc<Inner>) -> Result<(), StoreError> {
     for v in inner.store.non_final_vms().await? {
         if v.life.state != VmState::Creating {
             continue;
         }
-        if let Ok(info) = inner.host.inspect(host_ref(&v)).await {
-            if info.state == HostState::Running {
+        match inner.host.inspect(host_ref(&v)).await {
+            Ok(info) if info.state == HostState::Running => {
                 tracing::info!(vm = %v.id, host_vm = %info.id, "re-attached a VM created before the restart");
                 running(inner, &v, info.id).await?;
             }
+            // Still starting: the previous controller died during its
+            // create request, and the host agent abandons a boot whose
+            // requester went away (it would stay `starting` for ever).
+            // Destroy it; the creating step creates it afresh.
+            Ok(info) if info.state == HostState::Starting => {
+                tracing::warn!(vm = %v.id, host_vm = %info.id, "destroying a VM whose create was interrupted by the restart");
+                if let Err(e) = inner.host.destroy(&info.id).await {
+                    tracing::warn!(vm = %v.id, error = %e, "cannot destroy an interrupted VM");
+                }
+            }
+            _ => {}
         }
     }
     Ok(())
