@@ -5,229 +5,16 @@
 //! that leave from distinct loopback source addresses (127.0.0.2, 127.0.0.3),
 //! so the server can tell which upstream a request came through.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::FromRawFd;
-use std::sync::{Arc, Mutex};
+mod egress_support;
 
+use std::net::{Ipv4Addr, TcpListener};
+use std::time::Duration;
+
+use egress_support::{basic, exec, seen_now, start_http_upstream, start_server, unique, Seen};
 use polydev_e2e::Host;
 
-/// Size of the large response the server offers at `/big`.
+/// Size of the large response fetched from the server's `/big/<n>`.
 const BIG: usize = 2 * 1024 * 1024;
-
-/// One request as the test server saw it.
-#[derive(Debug, Clone)]
-struct Seen {
-    peer: SocketAddr,
-    method: String,
-    path: String,
-}
-
-/// Read an HTTP head (up to the blank line) and its header map.
-fn read_head(r: &mut BufReader<TcpStream>) -> Option<(String, Vec<(String, String)>)> {
-    let mut first = String::new();
-    if r.read_line(&mut first).ok()? == 0 {
-        return None;
-    }
-    let mut headers = Vec::new();
-    loop {
-        let mut l = String::new();
-        if r.read_line(&mut l).ok()? == 0 {
-            return None;
-        }
-        let l = l.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        let (k, v) = l.split_once(':')?;
-        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-    }
-    Some((first.trim_end().to_string(), headers))
-}
-
-/// A tiny origin server: answers `hello <METHOD> <path> body=<n>` (or
-/// [`BIG`] bytes at `/big`) and closes; records every request's peer.
-fn start_server() -> (u16, Arc<Mutex<Vec<Seen>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind server");
-    let port = l.local_addr().expect("addr").port();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let peer = c.peer_addr().expect("peer");
-                let mut w = c.try_clone().expect("clone");
-                let mut r = BufReader::new(c);
-                let Some((line, headers)) = read_head(&mut r) else {
-                    return;
-                };
-                let mut parts = line.split(' ');
-                let method = parts.next().unwrap_or_default().to_string();
-                let path = parts.next().unwrap_or_default().to_string();
-                let len: usize = headers
-                    .iter()
-                    .find(|(k, _)| k == "content-length")
-                    .and_then(|(_, v)| v.parse().ok())
-                    .unwrap_or(0);
-                let mut body = vec![0u8; len];
-                if r.read_exact(&mut body).is_err() {
-                    return;
-                }
-                log.lock().unwrap().push(Seen {
-                    peer,
-                    method: method.clone(),
-                    path: path.clone(),
-                });
-                let payload = if path == "/big" {
-                    vec![b'x'; BIG]
-                } else {
-                    format!("hello {method} {path} body={len}\n").into_bytes()
-                };
-                let _ = write!(
-                    w,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    payload.len()
-                );
-                let _ = w.write_all(&payload);
-            });
-        }
-    });
-    (port, seen)
-}
-
-/// A TCP connection to `to` from the loopback source address `from`.
-fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let sa = |a: SocketAddrV4| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let SocketAddr::V4(to) = to else {
-        return Err(std::io::Error::other("IPv4 only"));
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket calls on a descriptor we own; on success it is
-    // handed to TcpStream, on failure closed here.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let src = sa(SocketAddrV4::new(from, 0));
-        let dst = sa(to);
-        if libc::bind(fd, (&src as *const libc::sockaddr_in).cast(), len) < 0
-            || libc::connect(fd, (&dst as *const libc::sockaddr_in).cast(), len) < 0
-        {
-            let e = std::io::Error::last_os_error();
-            libc::close(fd);
-            return Err(e);
-        }
-        Ok(TcpStream::from_raw_fd(fd))
-    }
-}
-
-/// A user's upstream: an HTTP CONNECT proxy that demands `expected` as
-/// `Proxy-Authorization` (407 otherwise), records what it received, and
-/// leaves from `source`.
-fn start_upstream(source: Ipv4Addr, expected: String) -> (u16, Arc<Mutex<Vec<String>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
-    let port = l.local_addr().expect("addr").port();
-    let auths = Arc::new(Mutex::new(Vec::new()));
-    let log = auths.clone();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            let log = log.clone();
-            let expected = expected.clone();
-            std::thread::spawn(move || {
-                let mut w = c.try_clone().expect("clone");
-                let mut r = BufReader::new(c);
-                let Some((line, headers)) = read_head(&mut r) else {
-                    return;
-                };
-                let auth = headers
-                    .iter()
-                    .find(|(k, _)| k == "proxy-authorization")
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default();
-                log.lock().unwrap().push(auth.clone());
-                if auth != expected {
-                    let _ = w.write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n");
-                    return;
-                }
-                let target: Option<SocketAddr> = line
-                    .strip_prefix("CONNECT ")
-                    .and_then(|t| t.split(' ').next())
-                    .and_then(|t| t.parse().ok());
-                let Some(out) = target.and_then(|t| connect_from(source, t).ok()) else {
-                    let _ = w.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n");
-                    return;
-                };
-                let _ = w.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
-                // The BufReader may hold tunnel bytes already: drain it first.
-                let pending = r.buffer().to_vec();
-                let c = r.into_inner();
-                let mut out_w = out.try_clone().expect("clone");
-                let mut out_r = out;
-                let up = std::thread::spawn(move || {
-                    let mut c = c;
-                    let _ = out_w.write_all(&pending);
-                    let _ = std::io::copy(&mut c, &mut out_w);
-                    let _ = out_w.shutdown(Shutdown::Write);
-                });
-                let _ = std::io::copy(&mut out_r, &mut w);
-                let _ = w.shutdown(Shutdown::Write);
-                let _ = up.join();
-            });
-        }
-    });
-    (port, auths)
-}
-
-fn basic(user: &str, pass: &str) -> String {
-    // A tiny base64 encoder: the test should not trust the code under test
-    // to compute what it checks.
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let raw = format!("{user}:{pass}").into_bytes();
-    let mut out = String::new();
-    for ch in raw.chunks(3) {
-        let b = [ch[0], *ch.get(1).unwrap_or(&0), *ch.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= ch.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    format!("Basic {out}")
-}
-
-fn unique(tag: &str) -> String {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("pw-{tag}-{}-{n}", std::process::id())
-}
-
-fn exec(host: &Host, vm: &str, script: &str) -> polydev_e2e::Run {
-    host.cli(&[
-        "vm",
-        "exec",
-        vm,
-        "--timeout",
-        "60",
-        "--",
-        "sh",
-        "-c",
-        script,
-    ])
-}
 
 #[test]
 fn each_users_vm_leaves_through_its_own_upstream_and_never_sees_its_password() {
@@ -240,7 +27,7 @@ fn each_users_vm_leaves_through_its_own_upstream_and_never_sees_its_password() {
     let mut vms = Vec::new();
     for (user, source) in users {
         let password = unique(user);
-        let (uport, auths) = start_upstream(source, basic(user, &password));
+        let (uport, auths) = start_http_upstream(source, Some(basic(user, &password)));
         let upstream = format!("http://127.0.0.1:{uport}");
         let allow = format!("127.0.0.1:{sport}");
         let r = host.cli_env(
@@ -289,7 +76,15 @@ fn each_users_vm_leaves_through_its_own_upstream_and_never_sees_its_password() {
     }
 
     // Every request reached the server from its user's upstream address.
-    let all = seen_now(&seen);
+    // The server records a request once the client closed: wait for all 4.
+    let all = host.wait_for(
+        "the server to see 4 requests",
+        Duration::from_secs(60),
+        || {
+            let s = seen_now(&seen);
+            (s.len() >= 4).then_some(s)
+        },
+    );
     for (user, source, _, _, _) in &vms {
         let mine: Vec<&Seen> = all.iter().filter(|s| s.path.contains(user)).collect();
         assert_eq!(mine.len(), 2, "{user}: {all:?}");
@@ -299,7 +94,12 @@ fn each_users_vm_leaves_through_its_own_upstream_and_never_sees_its_password() {
     }
     // Each upstream saw exactly its user's credentials, and only those.
     for (user, _, password, auths, _) in &vms {
-        let auths = auths.lock().unwrap().clone();
+        let auths: Vec<String> = auths
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|s| s.auth.clone())
+            .collect();
         assert_eq!(auths.len(), 2, "{user}: {auths:?}");
         assert!(auths.iter().all(|a| *a == basic(user, password)), "{user}");
     }
@@ -309,7 +109,7 @@ fn each_users_vm_leaves_through_its_own_upstream_and_never_sees_its_password() {
     let r = exec(
         &host,
         alice,
-        &format!("wget -q -O - http://127.0.0.1:{sport}/big | wc -c"),
+        &format!("wget -q -O - http://127.0.0.1:{sport}/big/{BIG} | wc -c"),
     );
     assert_eq!(r.stdout.trim(), BIG.to_string(), "{}", r.stderr);
     let script = format!(
@@ -331,7 +131,11 @@ fn each_users_vm_leaves_through_its_own_upstream_and_never_sees_its_password() {
     let r = exec(&host, alice, &script);
     assert!(r.stdout.contains("hello GET /one"), "{:?}", r.stdout);
     assert!(!r.stdout.contains("/two"), "{:?}", r.stdout);
-    let paths: Vec<String> = seen_now(&seen).into_iter().map(|s| s.path).collect();
+    let paths: Vec<String> =
+        host.wait_for("the server to record /one", Duration::from_secs(60), || {
+            let paths: Vec<String> = seen_now(&seen).into_iter().map(|s| s.path).collect();
+            paths.contains(&"/one".to_string()).then_some(paths)
+        });
     assert!(paths.contains(&"/one".to_string()), "{paths:?}");
     assert!(!paths.contains(&"/two".to_string()), "{paths:?}");
 
@@ -413,10 +217,6 @@ fn each_users_vm_leaves_through_its_own_upstream_and_never_sees_its_password() {
         .any(|(_, _, p, _, _)| host.agent_log().contains(p.as_str())));
 }
 
-fn seen_now(seen: &Arc<Mutex<Vec<Seen>>>) -> Vec<Seen> {
-    seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
-}
-
 #[test]
 fn the_host_its_neighbours_and_metadata_are_refused_and_there_is_no_other_way_out() {
     let host = Host::start();
@@ -493,7 +293,10 @@ fn the_host_its_neighbours_and_metadata_are_refused_and_there_is_no_other_way_ou
         "guest loopback is not the host's: {}",
         r.stdout
     );
-    let seen = seen_now(&seen);
+    let seen = host.wait_for("the server to record /ok", Duration::from_secs(60), || {
+        let s = seen_now(&seen);
+        (!s.is_empty()).then_some(s)
+    });
     assert_eq!(seen.len(), 1, "only the allowed request arrived: {seen:?}");
     assert_eq!(seen[0].method, "GET");
     // No upstream → the server sees the host's own loopback address.
