@@ -650,8 +650,8 @@ pub fn session_cookie(headers: &http::HeaderMap) -> Option<&str> {
         .map(|(_, v)| v.trim_matches('"'))
 }
 
-/// Append an audit event inside the caller's transaction. (The store's own
-/// helper is private to it; the row format is the same.)
+/// Append an audit event (no state change) inside the caller's
+/// transaction: [`Store::append_event`], so both write the same row format.
 pub(crate) async fn event(
     conn: &mut sqlx::AnyConnection,
     at: i64,
@@ -660,20 +660,18 @@ pub(crate) async fn event(
     user_id: Option<&str>,
     kind: &str,
     detail: serde_json::Value,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO events (at, subject_kind, subject_id, user_id, kind, from_state, to_state, detail)
-         VALUES ($1, $2, $3, $4, $5, NULL, NULL, $6)",
+) -> Result<(), StoreError> {
+    Store::append_event(
+        conn,
+        at,
+        subject_kind,
+        subject_id,
+        user_id,
+        kind,
+        None,
+        detail,
     )
-    .bind(at)
-    .bind(subject_kind)
-    .bind(subject_id)
-    .bind(user_id)
-    .bind(kind)
-    .bind(detail.to_string())
-    .execute(conn)
-    .await?;
-    Ok(())
+    .await
 }
 
 #[cfg(test)]

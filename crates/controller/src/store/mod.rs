@@ -445,8 +445,10 @@ impl Store {
 
     // ---- events -------------------------------------------------------
 
+    /// Append an audit event inside the caller's transaction (also used by
+    /// `auth`, whose events are rows of the same table).
     #[allow(clippy::too_many_arguments)]
-    async fn append_event(
+    pub(crate) async fn append_event(
         conn: &mut sqlx::AnyConnection,
         at: i64,
         subject_kind: &str,
