@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{contains, files_in};
+
 use std::sync::Arc;
 
 use http::{header, HeaderMap, HeaderValue};
@@ -437,13 +439,7 @@ async fn secrets_are_hashed_at_rest(db: common::TestDb) {
     db.store.close().await;
     let dir = path.parent().unwrap();
     let mut seen_hash = false;
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        let bytes = match std::fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => panic!("{}: {e}", p.display()),
-        };
+    for (p, bytes) in files_in(dir) {
         for sec in &secrets {
             assert!(
                 !contains(&bytes, sec.as_bytes()),
@@ -457,10 +453,6 @@ async fn secrets_are_hashed_at_rest(db: common::TestDb) {
         seen_hash,
         "the grep saw the stored hashes (it reads the data)"
     );
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 async fn ticket_single_use(db: common::TestDb) {

@@ -2,6 +2,8 @@
 
 mod common;
 
+use common::{contains, files_in};
+
 use polydev_controller::vault::{Keyring, Vault, VaultError};
 
 both_backends!(
@@ -157,15 +159,7 @@ async fn no_plaintext_in_database_file(db: common::TestDb) {
     let dir = path.parent().unwrap();
     let mut checked = 0;
     let mut saw_user_name = false;
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        let bytes = match std::fs::read(&p) {
-            Ok(b) => b,
-            // SQLite removes -wal/-shm as the last connection closes; their
-            // content is then in the main file, which is read too.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => panic!("{}: {e}", p.display()),
-        };
+    for (p, bytes) in files_in(dir) {
         assert!(
             !contains(&bytes, b"PLAINTEXT-MARKER"),
             "plaintext in {}",
@@ -182,8 +176,4 @@ async fn no_plaintext_in_database_file(db: common::TestDb) {
     assert!(checked >= 1);
     // Sanity: the grep does see stored text (the user name is not secret).
     assert!(saw_user_name, "the grep saw none of the stored rows");
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }

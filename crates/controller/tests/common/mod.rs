@@ -283,3 +283,25 @@ impl Drop for Postgres {
         let _ = self.child.wait();
     }
 }
+
+/// Every file in `dir` (a SQLite database's folder) with its bytes, for
+/// tests that check what is stored at rest. A file SQLite removed while we
+/// listed (`-wal`/`-shm` as the last connection closes: their content is
+/// then in the main file, which is read too) is skipped.
+pub fn files_in(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        match std::fs::read(&p) {
+            Ok(b) => out.push((p, b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("{}: {e}", p.display()),
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
