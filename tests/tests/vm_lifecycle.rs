@@ -256,3 +256,36 @@ fn a_killed_vsock_bridge_is_replaced_and_the_vm_answers_again() {
     host.ok(&["vm", "rm", &vm.id]);
     assert!(host.processes().is_empty(), "{:?}", host.processes());
 }
+
+/// A create whose client goes away halfway still finishes: the VM ends up
+/// running (not stuck starting) and can be used and removed.
+#[test]
+fn a_create_finishes_when_its_client_disconnects() {
+    let host = Host::start();
+    let mut client = std::process::Command::new(polydev_e2e::polydev_bin())
+        .arg("--data-dir")
+        .arg(host.data())
+        .args(["vm", "run", "--name", "orphan"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn vm run");
+    // The create is under way once the VM's state directory exists.
+    host.wait_for("the create to start", Duration::from_secs(60), || {
+        (host.vm_dirs() == 1).then_some(())
+    });
+    let _ = client.kill();
+    let _ = client.wait();
+    let vm = host.wait_for(
+        "the VM to finish starting",
+        Duration::from_secs(120),
+        || {
+            let vm = host.inspect("orphan");
+            (vm.state != VmState::Starting).then_some(vm)
+        },
+    );
+    assert_eq!(vm.state, VmState::Running, "{:?}", vm.failure);
+    host.sh(&vm.id, "true");
+    host.ok(&["vm", "rm", &vm.id]);
+    assert_eq!(host.vm_dirs(), 0);
+}

@@ -163,21 +163,43 @@ async fn create_vm(
     body: Result<Json<VmSpec>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(spec) = body?;
-    Ok((StatusCode::CREATED, Json(m.create(&spec).await?)))
+    let info = to_completion(async move { m.create(&spec).await }).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// Run a state change to its end even if the client goes away: axum drops
+/// a handler whose connection closed, and a create or stop dropped halfway
+/// would leave a VM stuck between states.
+async fn to_completion<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, ManagerError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(f).await {
+        Ok(r) => Ok(r?),
+        Err(e) => Err(ApiError(Problem::new(
+            500,
+            "internal",
+            "Internal error",
+            format!("the operation did not finish: {e}; see the host agent's log"),
+        ))),
+    }
 }
 
 async fn stop(
     State(m): State<Arc<Manager>>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(m.power_off(&id).await?))
+    Ok(Json(
+        to_completion(async move { m.power_off(&id).await }).await?,
+    ))
 }
 
 async fn start(
     State(m): State<Arc<Manager>>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(m.power_on(&id).await?))
+    Ok(Json(
+        to_completion(async move { m.power_on(&id).await }).await?,
+    ))
 }
 
 /// The `Upgrade` protocol of a forwarded stream.
@@ -259,7 +281,9 @@ async fn delete_vm(
     State(m): State<Arc<Manager>>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(m.destroy(&id).await?))
+    Ok(Json(
+        to_completion(async move { m.destroy(&id).await }).await?,
+    ))
 }
 
 async fn exec(
@@ -360,21 +384,26 @@ async fn pause(
     State(m): State<Arc<Manager>>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(m.pause(&id).await?))
+    Ok(Json(
+        to_completion(async move { m.pause(&id).await }).await?,
+    ))
 }
 
 async fn resume(
     State(m): State<Arc<Manager>>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(m.resume(&id).await?))
+    Ok(Json(
+        to_completion(async move { m.resume(&id).await }).await?,
+    ))
 }
 
 async fn snapshot(
     State(m): State<Arc<Manager>>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok((StatusCode::CREATED, Json(m.snapshot(&id).await?)))
+    let snap = to_completion(async move { m.snapshot(&id).await }).await?;
+    Ok((StatusCode::CREATED, Json(snap)))
 }
 
 async fn list_snapshots(State(m): State<Arc<Manager>>) -> impl IntoResponse {
@@ -385,7 +414,7 @@ async fn delete_snapshot(
     State(m): State<Arc<Manager>>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    m.delete_snapshot(&id).await?;
+    to_completion(async move { m.delete_snapshot(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -406,5 +435,6 @@ async fn restore(
         Err(JsonRejection::MissingJsonContentType(_)) => RestoreBody::default(),
         Err(e) => return Err(e.into()),
     };
-    Ok((StatusCode::CREATED, Json(m.restore(&id, body.name).await?)))
+    let info = to_completion(async move { m.restore(&id, body.name).await }).await?;
+    Ok((StatusCode::CREATED, Json(info)))
 }
