@@ -291,29 +291,12 @@ fn median(v: &[f64]) -> f64 {
 
 /// `Basic base64(user:pass)`.
 fn basic(user: &str, pass: &str) -> String {
-    use base64_lite::encode;
-    format!("Basic {}", encode(format!("{user}:{pass}").as_bytes()))
-}
-
-/// Standard base64 without a dependency (the CLI needs it only here).
-mod base64_lite {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    pub fn encode(raw: &[u8]) -> String {
-        let mut out = String::new();
-        for ch in raw.chunks(3) {
-            let b = [ch[0], *ch.get(1).unwrap_or(&0), *ch.get(2).unwrap_or(&0)];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= ch.len() {
-                    out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
+    use base64::Engine as _;
+    let raw = format!("{user}:{pass}");
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
 }
 
 pub async fn run(a: EgressBenchArgs) -> anyhow::Result<i32> {
@@ -588,4 +571,21 @@ async fn measure(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::basic;
+
+    #[test]
+    fn basic_is_standard_base64_with_padding() {
+        // RFC 7617's example, and the padded lengths (1 and 2 spare bytes).
+        assert_eq!(
+            basic("Aladdin", "open sesame"),
+            "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+        );
+        assert_eq!(basic("alice", "s3cret"), "Basic YWxpY2U6czNjcmV0");
+        assert_eq!(basic("a", "b"), "Basic YTpi");
+        assert_eq!(basic("ab", "c"), "Basic YWI6Yw==");
+    }
 }
