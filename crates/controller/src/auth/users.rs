@@ -5,7 +5,7 @@ use serde_json::json;
 use super::passwords::{needs_rehash, validate_name, validate_password, MAX_PASSWORD_BYTES};
 use super::{event, Auth, AuthError, AuthMethod, LoginSession, Principal, Role, User};
 use crate::store::StoreError;
-use crate::util::{new_id, now_ms};
+use crate::util::now_ms;
 
 impl Auth {
     /// Create an account. `password` may be `None` (the account can then only
@@ -27,51 +27,24 @@ impl Auth {
         self.insert_user(name, role, hash, json!({})).await
     }
 
-    /// Insert a user row and its `created` event in one transaction.
+    /// Insert a user row and its `created` event in one transaction
+    /// ([`crate::store::Store`]'s insert, with a taken name made actionable).
     pub(crate) async fn insert_user(
         &self,
         name: &str,
         role: Role,
         password_hash: Option<String>,
-        mut detail: serde_json::Value,
+        detail: serde_json::Value,
     ) -> Result<User, AuthError> {
-        let user = User {
-            id: new_id("usr")?,
-            name: name.to_string(),
-            role: role.as_str().to_string(),
-            created_at: now_ms(),
-        };
-        let mut tx = self.store.pool().begin().await?;
-        sqlx::query(
-            "INSERT INTO users (id, name, role, password_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(&user.id)
-        .bind(&user.name)
-        .bind(&user.role)
-        .bind(password_hash)
-        .bind(user.created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(d) if d.is_unique_violation() => {
-                AuthError::Conflict(format!("user name {name:?} is taken: choose another"))
-            }
-            _ => e.into(),
-        })?;
-        detail["name"] = json!(user.name);
-        detail["role"] = json!(user.role);
-        event(
-            &mut tx,
-            user.created_at,
-            "user",
-            &user.id,
-            Some(&user.id),
-            "created",
-            detail,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(user)
+        self.store
+            .insert_user(name, role.as_str(), password_hash, detail)
+            .await
+            .map_err(|e| match e {
+                StoreError::Duplicate { .. } => {
+                    AuthError::Conflict(format!("user name {name:?} is taken: choose another"))
+                }
+                e => e.into(),
+            })
     }
 
     /// Set (or replace) a user's password. Ends all of that user's login

@@ -524,6 +524,19 @@ impl Store {
 
     /// Create a user (`role` is `user` or `admin`).
     pub async fn create_user(&self, name: &str, role: &str) -> Result<User, StoreError> {
+        self.insert_user(name, role, None, json!({})).await
+    }
+
+    /// Insert a user row (with an optional password hash, set by `auth`)
+    /// and its `created` event, whose detail is `detail` plus the name and
+    /// role, in one transaction.
+    pub(crate) async fn insert_user(
+        &self,
+        name: &str,
+        role: &str,
+        password_hash: Option<String>,
+        mut detail: serde_json::Value,
+    ) -> Result<User, StoreError> {
         let user = User {
             id: new_id("usr")?,
             name: name.to_string(),
@@ -531,14 +544,19 @@ impl Store {
             created_at: now_ms(),
         };
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO users (id, name, role, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(&user.id)
-            .bind(&user.name)
-            .bind(&user.role)
-            .bind(user.created_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| unique_to_duplicate(e, || format!("user {name:?}")))?;
+        sqlx::query(
+            "INSERT INTO users (id, name, role, password_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&user.id)
+        .bind(&user.name)
+        .bind(&user.role)
+        .bind(password_hash)
+        .bind(user.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| unique_to_duplicate(e, || format!("user {name:?}")))?;
+        detail["name"] = json!(user.name);
+        detail["role"] = json!(user.role);
         Self::append_event(
             &mut tx,
             user.created_at,
@@ -547,7 +565,7 @@ impl Store {
             Some(&user.id),
             "created",
             None,
-            json!({ "name": user.name, "role": user.role }),
+            detail,
         )
         .await?;
         tx.commit().await?;
