@@ -122,22 +122,34 @@ pub async fn write_file(
     path: &str,
     data: Vec<u8>,
 ) -> Result<(), HostError> {
-    let out = host
-        .exec(
-            vm,
-            ExecRequest {
-                argv: sh(WRITE, &[path]),
-                stdin: Some(data),
-                timeout_ms: Some(30_000),
-                ..Default::default()
-            },
-        )
-        .await?;
+    run_ok(
+        host,
+        vm,
+        ExecRequest {
+            argv: sh(WRITE, &[path]),
+            stdin: Some(data),
+            timeout_ms: Some(30_000),
+            ..Default::default()
+        },
+        &format!("writing {path} in the VM"),
+    )
+    .await
+}
+
+/// Run `req` in the VM; a non-zero exit is an error naming `what` with the
+/// command's stderr.
+async fn run_ok(
+    host: &dyn HostApi,
+    vm: &str,
+    req: ExecRequest,
+    what: &str,
+) -> Result<(), HostError> {
+    let out = host.exec(vm, req).await?;
     if out.success() {
         Ok(())
     } else {
         Err(HostError::Failed(format!(
-            "writing {path} in the VM failed: {}",
+            "{what} failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )))
     }
@@ -186,25 +198,18 @@ pub async fn start(
     if let Some(b) = &place.browser {
         env.insert("POLYDEV_REAL_BROWSER".into(), b.clone());
     }
-    let out = host
-        .exec(
-            vm,
-            ExecRequest {
-                argv: sh(START, &args),
-                env,
-                timeout_ms: Some(30_000),
-                ..Default::default()
-            },
-        )
-        .await?;
-    if out.success() {
-        Ok(())
-    } else {
-        Err(HostError::Failed(format!(
-            "starting the login failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
+    run_ok(
+        host,
+        vm,
+        ExecRequest {
+            argv: sh(START, &args),
+            env,
+            timeout_ms: Some(30_000),
+            ..Default::default()
+        },
+        "starting the login",
+    )
+    .await
 }
 
 /// The login's output so far (empty before it wrote any), and the URLs it
