@@ -28,13 +28,10 @@ use polydev_controller::store::{Session, Store, Vm, VmKind};
 use polydev_controller::vault::{Keyring, Vault};
 use polydev_e2e::{polydev_bin, Host};
 
-const PROVIDER: &str = r#"
-id = "testp"
-name = "Test provider"
-npm_package = "none"
+mod driver_support;
 
-[login]
-command = ["sh", "-c", '''
+/// The login: each step waits for its gate file.
+const LOGIN: &str = r#"
 w() { while [ ! -e "/tmp/gate-$1" ]; do sleep 0.2; done; }
 w login
 echo "Sign in at https://auth.test.invalid/authorize?client=polydev&state=$$"
@@ -43,30 +40,6 @@ mkdir -p "$HOME/.testp"
 echo '{"partial": true}' > "$HOME/.testp/creds.json"
 w capture
 echo '{"token": "tok-e2e-4711", "refresh": "r"}' > "$HOME/.testp/creds.json"
-''']
-timeout_secs = 60
-
-[login.auth_url]
-sources = ["output"]
-pattern = '''https://auth\.test\.invalid/authorize\?[^\s"']+'''
-examples = ["https://auth.test.invalid/authorize?client=polydev&state=1"]
-
-[login.callback]
-host = "127.0.0.1"
-port = "random"
-path = "/callback"
-
-[[capture]]
-path = ".testp/creds.json"
-required = true
-json_keys = ["token"]
-
-[refresh]
-rotates_refresh_token = false
-
-[prompt]
-command = ["echo", "{prompt}"]
-output = "text"
 "#;
 
 fn driver_toml(data: &Path) -> String {
@@ -190,7 +163,11 @@ fn sigkill_in_every_session_state_then_each_session_finishes() {
     let host = Host::start();
     let data = host.data().to_path_buf();
     std::fs::create_dir_all(data.join("providers")).unwrap();
-    std::fs::write(data.join("providers/testp.toml"), PROVIDER).unwrap();
+    std::fs::write(
+        data.join("providers/testp.toml"),
+        driver_support::test_provider("testp", LOGIN, "output", ".testp/creds.json"),
+    )
+    .unwrap();
     std::fs::write(data.join("driver.toml"), driver_toml(&data)).unwrap();
     let mut controller = start_controller(&data);
     let rt = tokio::runtime::Runtime::new().unwrap();

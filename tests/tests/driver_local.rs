@@ -19,40 +19,12 @@ use polydev_controller::upstream::UpstreamConfig;
 use polydev_controller::vault::{Keyring, Vault};
 use polydev_e2e::polydev_bin;
 
-const PROVIDER: &str = r#"
-id = "quick"
-name = "Quick"
-npm_package = "none"
+mod driver_support;
 
-[login]
-command = ["sh", "-c", '''
+const LOGIN: &str = r#"
 echo "Open https://auth.test.invalid/authorize?state=q1 in your browser"
 mkdir -p "$HOME/.quick"
 printf '{"token": "tok-local-42"}' > "$HOME/.quick/auth.json"
-''']
-timeout_secs = 60
-
-[login.auth_url]
-sources = ["output"]
-pattern = '''https://auth\.test\.invalid/authorize\?[^\s"']+'''
-examples = ["https://auth.test.invalid/authorize?state=1"]
-
-[login.callback]
-host = "127.0.0.1"
-port = "random"
-path = "/callback"
-
-[[capture]]
-path = ".quick/auth.json"
-required = true
-json_keys = ["token"]
-
-[refresh]
-rotates_refresh_token = false
-
-[prompt]
-command = ["echo", "{prompt}"]
-output = "text"
 "#;
 
 /// Kernel and initramfs as the binary resolves them (`polydev image kernel`).
@@ -74,7 +46,11 @@ fn connect_flow_completes_on_an_in_process_host() {
         .unwrap();
     let data = dir.path().to_path_buf();
     std::fs::create_dir_all(data.join("providers")).unwrap();
-    std::fs::write(data.join("providers/quick.toml"), PROVIDER).unwrap();
+    std::fs::write(
+        data.join("providers/quick.toml"),
+        driver_support::test_provider("quick", LOGIN, "output", ".quick/auth.json"),
+    )
+    .unwrap();
     let (kernel, initramfs) = boot_files();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut cfg = polydev_host::HostConfig::with_defaults(data.join("host"), kernel, initramfs);

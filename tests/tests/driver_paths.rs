@@ -24,44 +24,14 @@ use polydev_controller::upstream::UpstreamConfig;
 use polydev_controller::vault::Keyring;
 use polydev_e2e::Host;
 
+mod driver_support;
+
 fn provider(id: &str, script: &str) -> String {
     provider_from(id, script, "output")
 }
 
 fn provider_from(id: &str, script: &str, source: &str) -> String {
-    format!(
-        r#"
-id = "{id}"
-name = "{id}"
-npm_package = "none"
-
-[login]
-command = ["sh", "-c", '''{script}''']
-timeout_secs = 60
-
-[login.auth_url]
-sources = ["{source}"]
-pattern = '''https://auth\.test\.invalid/authorize\?[^\s"']+'''
-examples = ["https://auth.test.invalid/authorize?state=1"]
-
-[login.callback]
-host = "127.0.0.1"
-port = "random"
-path = "/callback"
-
-[[capture]]
-path = ".t/creds.json"
-required = true
-json_keys = ["token"]
-
-[refresh]
-rotates_refresh_token = false
-
-[prompt]
-command = ["echo", "{{prompt}}"]
-output = "text"
-"#
-    )
+    driver_support::test_provider(id, script, source, ".t/creds.json")
 }
 
 fn write_providers(dir: &Path) {

@@ -1,0 +1,42 @@
+//! The test provider definition shared by the controller's end-to-end
+//! tests: a login script instead of a real CLI (no internet), its auth URL
+//! under `https://auth.test.invalid/`, and one captured JSON file.
+
+/// Provider `id` whose login runs `script` with `sh -c`, whose auth URL is
+/// recognised in `source` (`output` or `xdg-open`), and which captures
+/// `capture` (relative to the login's home) holding a JSON `token`.
+pub fn test_provider(id: &str, script: &str, source: &str, capture: &str) -> String {
+    format!(
+        r#"
+id = "{id}"
+name = "{id}"
+npm_package = "none"
+
+[login]
+command = ["sh", "-c", '''{script}''']
+timeout_secs = 60
+
+[login.auth_url]
+sources = ["{source}"]
+pattern = '''https://auth\.test\.invalid/authorize\?[^\s"']+'''
+examples = ["https://auth.test.invalid/authorize?state=1"]
+
+[login.callback]
+host = "127.0.0.1"
+port = "random"
+path = "/callback"
+
+[[capture]]
+path = "{capture}"
+required = true
+json_keys = ["token"]
+
+[refresh]
+rotates_refresh_token = false
+
+[prompt]
+command = ["echo", "{{prompt}}"]
+output = "text"
+"#
+    )
+}
