@@ -355,6 +355,14 @@ pub struct ServiceStatus {
     pub ready_after_ms: Option<u64>,
 }
 
+impl ServiceStatus {
+    /// Whether the service holds up readiness: it has a probe that has not
+    /// passed for its current run. A VM is ready when no service does.
+    pub fn awaiting_readiness(&self) -> bool {
+        self.has_probe && !self.ready
+    }
+}
+
 /// A failure reported by the guest agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentError {

@@ -60,7 +60,7 @@ async fn wait_ready(mgr: &Manager, id: &str, deadline: Instant) -> anyhow::Resul
         let waiting: Vec<String> = match mgr.agent_call(id, Request::Services).await? {
             Response::Services { services } => services
                 .into_iter()
-                .filter(|s| s.has_probe && !s.ready)
+                .filter(|s| s.awaiting_readiness())
                 .map(|s| s.name)
                 .collect(),
             other => bail!("unexpected answer to services: {other:?}"),

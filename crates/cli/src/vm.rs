@@ -396,7 +396,7 @@ pub async fn run(data_dir: PathBuf, cmd: VmCmd) -> anyhow::Result<i32> {
                 let svcs = services(&c, &id).await?;
                 let waiting: Vec<&str> = svcs
                     .iter()
-                    .filter(|s| s.has_probe && !s.ready)
+                    .filter(|s| s.awaiting_readiness())
                     .map(|s| s.name.as_str())
                     .collect();
                 if waiting.is_empty() {

@@ -265,7 +265,7 @@ pub async fn ready(
         .services(vm)
         .await?
         .iter()
-        .any(|s| s.has_probe && !s.ready)
+        .any(|s| s.awaiting_readiness())
     {
         return Ok(false);
     }
