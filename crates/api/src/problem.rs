@@ -17,6 +17,10 @@ pub struct Problem {
     /// The request path or resource this problem concerns.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// The request id of this occurrence (also in the `X-Request-Id` response
+    /// header): quote it when reporting a problem, it finds the log lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl Problem {
@@ -28,6 +32,7 @@ impl Problem {
             status,
             detail: detail.into(),
             instance: None,
+            request_id: None,
         }
     }
 }

@@ -120,10 +120,26 @@ pub async fn config(data_dir: PathBuf, a: &HostArgs) -> anyhow::Result<HostConfi
     Ok(cfg)
 }
 
-pub async fn run(data_dir: PathBuf, a: HostArgs, up: bool) -> anyhow::Result<i32> {
+/// `polydev up`: the host agent and, in the same process, the controller
+/// (HTTP API + driver) talking to it directly.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    #[command(flatten)]
+    pub controller: crate::server::ControllerArgs,
+}
+
+/// `polydev host` (`controller: None`) or `polydev up`.
+pub async fn run(
+    data_dir: PathBuf,
+    a: HostArgs,
+    controller: Option<crate::server::ControllerArgs>,
+) -> anyhow::Result<i32> {
+    let up = controller.is_some();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
-    let cfg = config(data_dir, &a).await?;
+    let cfg = config(data_dir.clone(), &a).await?;
     let socket = cfg.socket_path();
     eprintln!(
         "polydev {}: accelerator {} (hypervisor {}), data in {}",
@@ -140,25 +156,55 @@ pub async fn run(data_dir: PathBuf, a: HostArgs, up: bool) -> anyhow::Result<i32
         eprintln!("adopted {adopted} running VM(s) from a previous run");
     }
     eprintln!("host agent listening on {}", socket.display());
-    eprintln!("try: polydev vm run && polydev vm ls");
-    let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
+    let shutdown = crate::server::shutdown_on_signals();
+    let controller_task = match controller {
+        Some(c) => {
+            let host = Arc::new(polydev_controller::recovery::LocalHost {
+                host_id: polydev_controller::driver::LOCAL_HOST_ID.to_string(),
+                manager: Arc::clone(&mgr),
+            });
+            let rx = shutdown.clone();
+            let dir = data_dir.clone();
+            Some(tokio::spawn(async move {
+                crate::server::run_controller(&dir, &c, host, rx).await
+            }))
+        }
+        None => {
+            eprintln!("try: polydev vm run && polydev vm ls");
+            None
         }
     };
+    let mut rx = shutdown.clone();
+    let stop = async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     let m2 = Arc::clone(&mgr);
-    polydev_host::server::serve(mgr, &socket, shutdown)
-        .await
-        .context("serving the host API")?;
+    let served = match controller_task {
+        // The controller failing (bad database URL, port taken) ends `up`
+        // too, with its error.
+        Some(mut task) => {
+            let host = polydev_host::server::serve(mgr, &socket, stop);
+            tokio::pin!(host);
+            let flat = |c: Result<anyhow::Result<()>, tokio::task::JoinError>| match c {
+                Ok(r) => r.context("the controller stopped"),
+                Err(e) => Err(anyhow::anyhow!("the controller task failed: {e}")),
+            };
+            tokio::select! {
+                r = &mut host => {
+                    let c = flat(task.await);
+                    r.context("serving the host API").and(c)
+                }
+                c = &mut task => flat(c),
+            }
+        }
+        None => polydev_host::server::serve(mgr, &socket, stop)
+            .await
+            .context("serving the host API"),
+    };
     // VMs keep running; the next host agent adopts them.
     m2.detach();
     let _ = std::fs::remove_file(&socket);
+    served?;
     eprintln!("host agent stopped; VMs keep running and will be adopted on the next start");
     Ok(0)
 }

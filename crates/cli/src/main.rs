@@ -7,6 +7,7 @@ mod bench_egress;
 mod controller_run;
 mod doctor;
 mod hostd;
+mod server;
 mod upstream;
 mod vault;
 mod vm;
@@ -28,8 +29,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run everything this machine needs (today: the host agent).
-    Up(hostd::HostArgs),
+    /// Run everything on this machine: the host agent and the controller
+    /// (HTTP API on --listen, driver); first start prints an admin login link.
+    Up(hostd::UpArgs),
     /// Run the host agent: creates, tracks and destroys VMs.
     Host(hostd::HostArgs),
     /// Manage VMs through the running host agent.
@@ -40,6 +42,8 @@ enum Cmd {
     Image(artifacts::ImageCmd),
     /// Check what works on this machine and how to fix what does not.
     Doctor(doctor::DoctorArgs),
+    /// Run the controller (HTTP API + driver) against a host agent's socket.
+    Server(server::ServerArgs),
     /// Users' upstream proxy ports: ls, show, pin, release, rotate.
     Upstream(upstream::UpstreamArgs),
     /// The credential vault's master keys (rotate).
@@ -111,8 +115,9 @@ fn main() {
     };
     let result = rt.block_on(async move {
         match cli.cmd {
-            Cmd::Up(a) => hostd::run(data_dir, a, true).await,
-            Cmd::Host(a) => hostd::run(data_dir, a, false).await,
+            Cmd::Up(a) => hostd::run(data_dir, a.host, Some(a.controller)).await,
+            Cmd::Host(a) => hostd::run(data_dir, a, None).await,
+            Cmd::Server(a) => server::run(data_dir, a).await,
             Cmd::Vm(c) => vm::run(data_dir, c).await,
             Cmd::Image(c) => artifacts::run(c).await,
             Cmd::Doctor(a) => doctor::run(data_dir, a).await,

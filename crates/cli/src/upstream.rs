@@ -10,7 +10,7 @@ use polydev_controller::store::{Assignment, Store};
 use polydev_controller::upstream::UpstreamConfig;
 
 /// Where the store and the upstream config are.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct StoreArgs {
     /// Database URL (`sqlite://…` or `postgres://…`); default: the SQLite
     /// file `controller.db` in the data directory.

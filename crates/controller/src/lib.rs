@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod driver;
+pub mod http;
 pub mod metrics;
 pub mod providers;
 pub mod recovery;

@@ -110,7 +110,7 @@ impl From<RandomError> for AuthError {
 }
 
 /// A user's role.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// An ordinary user: owns their sessions, VMs, credentials and streams.
@@ -151,7 +151,19 @@ impl Role {
 }
 
 /// What a credential may do. API tokens carry a chosen subset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 pub enum Scope {
     /// Read own connect sessions.
     #[serde(rename = "sessions:read")]

@@ -47,6 +47,20 @@ impl Auth {
             })
     }
 
+    /// Whether the account has a password (else it logs in only through a
+    /// login link or an external identity).
+    pub async fn has_password(&self, user_id: &str) -> Result<bool, AuthError> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT password_hash FROM users WHERE id = $1")
+                .bind(user_id)
+                .fetch_optional(self.store.pool())
+                .await?;
+        match row {
+            Some((h,)) => Ok(h.is_some()),
+            None => Err(AuthError::NotFound),
+        }
+    }
+
     /// Set (or replace) a user's password. Ends all of that user's login
     /// sessions: whoever knew the old password is logged out.
     pub async fn set_password(&self, user_id: &str, password: &str) -> Result<(), AuthError> {

@@ -6,6 +6,7 @@
 //! change of a VM or session is an optimistic compare-and-swap on the row's
 //! `version` plus an `events` row, in one transaction.
 
+mod listing;
 mod migrate;
 mod upstream;
 
@@ -21,6 +22,7 @@ use crate::state::{Failure, FailureReason, Lifecycle, SessionState, UnknownState
 use crate::util::{new_id, now_ms, RandomError};
 use crate::vault::SealedRecord;
 
+pub use listing::CredentialInfo;
 pub use migrate::latest_version;
 pub use upstream::{Assignment, Quarantined, UpstreamError, UpstreamStats};
 

@@ -1,0 +1,161 @@
+//! `polydev server`: the controller — its HTTP API and the driver that
+//! advances records through a host agent (over `<data>/host.sock`, or in
+//! process under `polydev up`). On first start it creates the `admin`
+//! account and prints a one-time login link.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use polydev_controller::auth::{Auth, AuthConfig, JwtConfig};
+use polydev_controller::driver::{Driver, HostApi, RemoteHost, LOCAL_HOST_ID};
+use polydev_controller::http::{self, AppState, HttpConfig, RateLimits};
+use tokio::sync::watch;
+
+use crate::upstream::StoreArgs;
+
+/// Options of the controller (`polydev server`, and `polydev up`).
+#[derive(Args, Debug, Clone)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Address of the HTTP API (port 0: any free port; the chosen address
+    /// is printed).
+    #[arg(long, default_value = "127.0.0.1:8080", env = "POLYDEV_LISTEN")]
+    pub listen: std::net::SocketAddr,
+    /// Mark the session cookie `Secure` (when a TLS proxy fronts the API).
+    #[arg(long)]
+    pub secure_cookies: bool,
+    /// Accept JWTs verified against this JWKS URL (with --jwt-issuer and
+    /// --jwt-audience).
+    #[arg(long, env = "POLYDEV_JWT_JWKS_URL", requires_all = ["jwt_issuer", "jwt_audience"])]
+    pub jwt_jwks_url: Option<String>,
+    /// Required `iss` of accepted JWTs.
+    #[arg(long, env = "POLYDEV_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of accepted JWTs.
+    #[arg(long, env = "POLYDEV_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Do not run the driver (serve the API only: records are created but
+    /// nothing advances them; for a second API replica or for tests).
+    #[arg(long)]
+    pub no_driver: bool,
+    /// Rate limits off (benchmarks on loopback).
+    #[arg(long, hide = true)]
+    pub no_rate_limits: bool,
+}
+
+/// Options of `polydev server`.
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    pub controller: ControllerArgs,
+    /// The host agent's socket (default: `host.sock` in the data directory).
+    #[arg(long)]
+    pub host_socket: Option<PathBuf>,
+}
+
+/// A watch channel that turns true on SIGINT or SIGTERM.
+pub fn shutdown_on_signals() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// Run the controller until `shutdown`: bind, print the address (and the
+/// first-start login link), serve, drive. Returns when in-flight requests
+/// are done.
+pub async fn run_controller(
+    data_dir: &Path,
+    a: &ControllerArgs,
+    host: Arc<dyn HostApi>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let store = a.store.open(data_dir).await?;
+    let jwt = match (&a.jwt_jwks_url, &a.jwt_issuer, &a.jwt_audience) {
+        (Some(u), Some(i), Some(aud)) => Some(JwtConfig {
+            jwks_url: u.clone(),
+            issuer: i.clone(),
+            audience: aud.clone(),
+        }),
+        _ => None,
+    };
+    let auth = Auth::new(
+        store.clone(),
+        AuthConfig {
+            jwt,
+            ..AuthConfig::default()
+        },
+    )?;
+    let driver = if a.no_driver {
+        None
+    } else {
+        Some(Driver::from_data_dir(store.clone(), host, data_dir)?)
+    };
+    let cfg = HttpConfig {
+        secure_cookies: a.secure_cookies,
+        rate: if a.no_rate_limits {
+            RateLimits::unlimited()
+        } else {
+            RateLimits::default()
+        },
+        ..HttpConfig::default()
+    };
+    let state = AppState::new(auth.clone(), driver.clone(), cfg, shutdown.clone())?;
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for the API", a.listen))?;
+    let addr = listener.local_addr()?;
+    eprintln!(
+        "controller API on http://{addr}/api/v1 (database: {})",
+        store.dialect().name()
+    );
+    if let Some(link) = auth.bootstrap_admin().await? {
+        // The one place the link is shown; it is never logged.
+        eprintln!(
+            "first start: created the admin account {:?}. Log in once, within 24 hours, by opening\n  http://{addr}/api/v1/auth/link?token={}\nthen set a password (PUT /api/v1/me/password).",
+            link.user_name, link.token
+        );
+    }
+    let driver_task = driver.map(|d| {
+        let rx = shutdown.clone();
+        tokio::spawn(async move { d.run(rx).await })
+    });
+    http::serve(listener, state)
+        .await
+        .context("serving the API")?;
+    if let Some(t) = driver_task {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e).context("the driver stopped"),
+            Err(e) => anyhow::bail!("the driver task failed: {e}"),
+        }
+    }
+    store.close().await;
+    Ok(())
+}
+
+/// `polydev server`.
+pub async fn run(data_dir: PathBuf, a: ServerArgs) -> anyhow::Result<i32> {
+    let socket = a
+        .host_socket
+        .clone()
+        .unwrap_or_else(|| data_dir.join("host.sock"));
+    let host: Arc<dyn HostApi> = Arc::new(RemoteHost::new(LOCAL_HOST_ID, &socket));
+    let shutdown = shutdown_on_signals();
+    run_controller(&data_dir, &a.controller, host, shutdown).await?;
+    eprintln!("controller stopped");
+    Ok(0)
+}

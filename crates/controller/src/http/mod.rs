@@ -1,0 +1,188 @@
+//! The controller's HTTP API (axum): versioned REST + JSON under `/api/v1`,
+//! plus `/healthz`, `/readyz` and `/metrics`.
+//!
+//! A request passes, outermost first: the request id ([`layers::request_id`]:
+//! taken from a well-formed `X-Request-Id` or generated, echoed, and put on
+//! every problem body), the access log and counters ([`layers::observe`]),
+//! authentication and rate limits ([`layers::authenticate`]: the principal
+//! or the reason there is none goes into the request; buckets per
+//! credential, per user and per client address), the body limit, then the
+//! route. Handlers take the principal with the [`Caller`] extractor, check
+//! the scope, and look records up *by owner* — another user's record is
+//! answered exactly like a missing one (404). Every rejection, axum's own
+//! included, is an RFC 7807 problem ([`error`]).
+//!
+//! The OpenAPI document is derived from the handlers' annotations
+//! ([`openapi`]), served at `/api/v1/openapi.json`, and checked in as
+//! `docs/openapi.json` (a test compares them).
+
+pub mod error;
+pub mod layers;
+pub mod limits;
+pub mod metrics;
+pub mod model;
+pub mod openapi;
+mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::Router;
+use tokio::sync::watch;
+
+use crate::auth::{Auth, AuthError, Principal};
+use crate::driver::Driver;
+use crate::providers::Providers;
+use crate::store::Store;
+use crate::upstream::UpstreamConfig;
+pub use error::{ApiError, ApiJson, ApiPath, ApiQuery};
+pub use limits::{Rate, RateLimits};
+
+/// Settings of the HTTP API.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// Largest request body accepted (bytes).
+    pub body_limit: usize,
+    /// Rate limits.
+    pub rate: RateLimits,
+    /// Mark the session cookie `Secure` (served behind HTTPS).
+    pub secure_cookies: bool,
+    /// How often a session event stream looks for new events.
+    pub sse_poll: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            body_limit: 64 * 1024,
+            rate: RateLimits::default(),
+            secure_cookies: false,
+            sse_poll: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Everything a handler may use; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<AppInner>,
+}
+
+/// The shared parts of [`AppState`].
+pub struct AppInner {
+    /// Authentication and accounts.
+    pub auth: Auth,
+    /// The store.
+    pub store: Store,
+    /// Provider definitions in force.
+    pub providers: Providers,
+    /// Upstream proxy providers in force.
+    pub upstreams: UpstreamConfig,
+    /// The driver to wake when a record changes (absent: nobody drives).
+    pub driver: Option<Driver>,
+    /// Settings.
+    pub cfg: HttpConfig,
+    /// Rate-limit buckets.
+    pub limiter: limits::Limiter,
+    /// Request counters.
+    pub metrics: metrics::HttpMetrics,
+    /// Becomes true when the server shuts down (ends event streams).
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.inner
+    }
+}
+
+impl AppState {
+    /// The state of an API over `auth`'s store. `driver`, when given, is
+    /// woken after every change and supplies the providers and upstreams;
+    /// without it the built-in providers and no upstreams are used.
+    pub fn new(
+        auth: Auth,
+        driver: Option<Driver>,
+        cfg: HttpConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Self, crate::providers::ProviderError> {
+        let (providers, upstreams) = match &driver {
+            Some(d) => (d.providers().clone(), d.upstreams().clone()),
+            None => (Providers::builtin()?, UpstreamConfig::none()),
+        };
+        Ok(AppState {
+            inner: Arc::new(AppInner {
+                store: auth.store().clone(),
+                auth,
+                providers,
+                upstreams,
+                driver,
+                cfg,
+                limiter: limits::Limiter::default(),
+                metrics: metrics::HttpMetrics::default(),
+                shutdown,
+            }),
+        })
+    }
+
+    /// Wake the driver (a record changed).
+    pub fn notify(&self) {
+        if let Some(d) = &self.driver {
+            d.notify();
+        }
+    }
+}
+
+/// What authentication said about a request (put there by
+/// [`layers::authenticate`]).
+#[derive(Clone)]
+pub(crate) struct Authn(pub Result<Principal, Arc<AuthError>>);
+
+/// The authenticated caller; rejects with 401 (or 503 when the identity
+/// provider's keys cannot be fetched) before the handler runs.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, ApiError> {
+        match parts.extensions.get::<Authn>() {
+            Some(Authn(Ok(p))) => Ok(Caller(p.clone())),
+            Some(Authn(Err(e))) => Err(match &**e {
+                AuthError::Jwks(m) => AuthError::Jwks(m.clone()).into(),
+                AuthError::Store(_) | AuthError::Internal(_) => ApiError::internal(e),
+                _ => AuthError::Unauthenticated.into(),
+            }),
+            None => Err(AuthError::Unauthenticated.into()),
+        }
+    }
+}
+
+/// The application: every route with its layers, and the OpenAPI document.
+pub fn app(state: AppState) -> Router {
+    let (api, _) = openapi::router_and_document();
+    layers::wrap(api, state)
+}
+
+/// Serve `state` on `listener` until `shutdown` becomes true, then stop
+/// accepting and finish the requests in flight (event streams end at
+/// shutdown, so they do not hold it up).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+) -> Result<(), std::io::Error> {
+    let mut shutdown = state.shutdown.clone();
+    let app = app(state);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    })
+    .await
+}

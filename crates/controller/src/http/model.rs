@@ -1,0 +1,548 @@
+//! Request and response bodies of the HTTP API. Requests deny unknown
+//! fields (a typo is an error, not a silently ignored option); responses
+//! never carry a secret other than the one a call exists to hand out once
+//! (a new API token, a stream ticket, a login link).
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::{ApiTokenInfo, Principal, Role, Scope};
+use crate::store::{CredentialInfo, Event, Session, Vm, VmKind};
+
+/// RFC 7807 problem details: the body of every error answer.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Problem)]
+pub struct ProblemDoc {
+    /// A URI naming the problem type.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Short summary of the problem type.
+    pub title: String,
+    /// HTTP status code.
+    pub status: u16,
+    /// What happened and what to do about it.
+    pub detail: String,
+    /// The resource this problem concerns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// The request id (also in the `X-Request-Id` header).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// Liveness.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// Readiness: the database answers and the server is not shutting down.
+#[derive(Serialize, ToSchema)]
+pub struct Ready {
+    /// `ready`.
+    pub status: String,
+    /// `sqlite` or `postgres`.
+    pub database: String,
+    /// Whether a driver advances records in this process.
+    pub driver: bool,
+}
+
+/// Password login.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// Login name.
+    #[schema(min_length = 1, max_length = 64)]
+    pub name: String,
+    /// Password.
+    #[schema(min_length = 1, max_length = 1024)]
+    pub password: String,
+}
+
+/// Redeem a one-time login link.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LinkRequest {
+    /// The `pdl_…` token of the link.
+    #[schema(min_length = 1, max_length = 128)]
+    pub token: String,
+}
+
+/// Query of `GET /auth/link`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LinkQuery {
+    /// The `pdl_…` token of the link.
+    pub token: String,
+}
+
+/// Set (or change) the caller's password. Every login session and nothing
+/// else ends: API tokens stay valid.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordChange {
+    /// The current password; required when the account has one.
+    #[schema(max_length = 1024)]
+    pub current_password: Option<String>,
+    /// The new password (at least 15 characters).
+    #[schema(min_length = 15, max_length = 1024)]
+    pub new_password: String,
+}
+
+/// How the caller authenticated.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthVia {
+    /// Dashboard cookie.
+    Cookie,
+    /// API token.
+    ApiToken,
+    /// External JWT.
+    Jwt,
+    /// One-time login link.
+    LoginLink,
+    /// Stream ticket.
+    Ticket,
+}
+
+/// The caller.
+#[derive(Serialize, ToSchema)]
+pub struct Me {
+    /// `usr-…`.
+    pub id: String,
+    /// Login name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// What this credential may do.
+    pub scopes: Vec<Scope>,
+    /// How it authenticated.
+    pub via: AuthVia,
+}
+
+impl From<&Principal> for Me {
+    fn from(p: &Principal) -> Self {
+        use crate::auth::AuthMethod as M;
+        Me {
+            id: p.user_id.clone(),
+            name: p.name.clone(),
+            role: p.role,
+            scopes: p.scopes.clone(),
+            via: match p.via {
+                M::Cookie => AuthVia::Cookie,
+                M::ApiToken { .. } => AuthVia::ApiToken,
+                M::Jwt { .. } => AuthVia::Jwt,
+                M::LoginLink => AuthVia::LoginLink,
+                M::Ticket { .. } => AuthVia::Ticket,
+            },
+        }
+    }
+}
+
+/// Create an API token.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCreate {
+    /// A label (1-100 printable characters).
+    #[schema(min_length = 1, max_length = 100)]
+    pub name: String,
+    /// At least one scope, within the caller's role.
+    #[schema(min_items = 1)]
+    pub scopes: Vec<Scope>,
+    /// Expiry, milliseconds since the epoch; in the future. None: never.
+    pub expires_at: Option<i64>,
+}
+
+/// An API token's metadata.
+#[derive(Serialize, ToSchema)]
+pub struct TokenView {
+    /// `tok-…`.
+    pub id: String,
+    /// Label.
+    pub name: String,
+    /// Scopes.
+    pub scopes: Vec<Scope>,
+    /// Created (ms).
+    pub created_at: i64,
+    /// Expires (ms).
+    pub expires_at: Option<i64>,
+    /// Revoked (ms).
+    pub revoked_at: Option<i64>,
+    /// Last used (ms, minute resolution).
+    pub last_used_at: Option<i64>,
+}
+
+impl From<ApiTokenInfo> for TokenView {
+    fn from(t: ApiTokenInfo) -> Self {
+        TokenView {
+            id: t.id,
+            name: t.name,
+            scopes: t.scopes,
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+            revoked_at: t.revoked_at,
+            last_used_at: t.last_used_at,
+        }
+    }
+}
+
+/// A new API token: `token` is shown this once.
+#[derive(Serialize, ToSchema)]
+pub struct TokenCreated {
+    /// The bearer token (`pdt_…`): store it now, it cannot be shown again.
+    pub token: String,
+    /// Its metadata.
+    #[serde(flatten)]
+    pub info: TokenView,
+}
+
+/// A provider the user can connect.
+#[derive(Serialize, ToSchema)]
+pub struct ProviderView {
+    /// Id (`claude-code`, `codex`, `gemini-cli`).
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// The npm package of its CLI.
+    pub npm_package: String,
+}
+
+/// Why a record failed.
+#[derive(Serialize, ToSchema)]
+pub struct FailureView {
+    /// One of a closed set (`timeout`, `vm_create_failed`, …).
+    pub reason: String,
+    /// What happened.
+    pub detail: String,
+}
+
+/// Start connecting a provider.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionCreate {
+    /// Provider id (see `GET /api/v1/providers`).
+    #[schema(min_length = 1, max_length = 64, pattern = "^[a-z0-9][a-z0-9_-]*$")]
+    pub provider: String,
+}
+
+/// A connect-provider session.
+#[derive(Serialize, ToSchema)]
+pub struct SessionView {
+    /// `ses-…`.
+    pub id: String,
+    /// Provider id.
+    pub provider: String,
+    /// `requested`, `starting_vm`, `starting_login`, `awaiting_user`,
+    /// `capturing`, `delivering`, `completed`, `cancelled`, `failed`.
+    pub state: String,
+    /// Whether the state is final.
+    pub done: bool,
+    /// When the state was entered (ms).
+    pub state_since: i64,
+    /// When the state times out (ms).
+    pub deadline_at: Option<i64>,
+    /// The browser VM of the login, once there is one.
+    pub browser_vm_id: Option<String>,
+    /// Why it failed.
+    pub failure: Option<FailureView>,
+    /// Created (ms).
+    pub created_at: i64,
+}
+
+fn failure_view(f: &Option<crate::state::Failure>) -> Option<FailureView> {
+    f.as_ref().map(|f| FailureView {
+        reason: f.reason.as_str().to_string(),
+        detail: f.detail.clone(),
+    })
+}
+
+impl From<&Session> for SessionView {
+    fn from(s: &Session) -> Self {
+        use crate::state::Lifecycle;
+        SessionView {
+            id: s.id.clone(),
+            provider: s.provider.clone(),
+            state: s.life.state.as_str().to_string(),
+            done: s.life.state.is_final(),
+            state_since: s.life.state_since,
+            deadline_at: s.life.deadline_at,
+            browser_vm_id: s.browser_vm_id.clone(),
+            failure: failure_view(&s.life.failure),
+            created_at: s.created_at,
+        }
+    }
+}
+
+/// One event of a session's history.
+#[derive(Serialize, ToSchema)]
+pub struct EventView {
+    /// Monotonic id (the SSE `id`).
+    pub id: i64,
+    /// Time (ms).
+    pub at: i64,
+    /// `created`, `state`, ….
+    pub kind: String,
+    /// Previous state (state events).
+    pub from_state: Option<String>,
+    /// New state (state events).
+    pub to_state: Option<String>,
+    /// Detail, e.g. the auth URL the login printed.
+    #[schema(value_type = Object)]
+    pub detail: serde_json::Value,
+}
+
+impl From<Event> for EventView {
+    fn from(e: Event) -> Self {
+        EventView {
+            id: e.id,
+            at: e.at,
+            kind: e.kind,
+            from_state: e.from_state,
+            to_state: e.to_state,
+            detail: e.detail,
+        }
+    }
+}
+
+/// Kind of VM a user may ask for.
+#[derive(Deserialize, Serialize, ToSchema, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VmKindView {
+    /// The user's persistent CLI VM (one per user).
+    Cli,
+    /// A login's desktop VM (made by sessions, not requested directly).
+    Browser,
+}
+
+/// Ask for a VM.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreate {
+    /// Only `cli`: browser VMs belong to connect sessions.
+    pub kind: VmKindView,
+}
+
+/// A VM.
+#[derive(Serialize, ToSchema)]
+pub struct VmView {
+    /// `vm-…`.
+    pub id: String,
+    /// Kind.
+    pub kind: VmKindView,
+    /// `pending`, `creating`, `running`, `hibernating`, `hibernated`,
+    /// `resuming`, `stopping`, `destroyed`, `failed`.
+    pub state: String,
+    /// Whether the state is final.
+    pub done: bool,
+    /// When the state was entered (ms).
+    pub state_since: i64,
+    /// Why it failed.
+    pub failure: Option<FailureView>,
+    /// Created (ms).
+    pub created_at: i64,
+}
+
+impl From<&Vm> for VmView {
+    fn from(v: &Vm) -> Self {
+        use crate::state::Lifecycle;
+        VmView {
+            id: v.id.clone(),
+            kind: match v.kind {
+                VmKind::Cli => VmKindView::Cli,
+                VmKind::Browser => VmKindView::Browser,
+            },
+            state: v.life.state.as_str().to_string(),
+            done: v.life.state.is_final(),
+            state_since: v.life.state_since,
+            failure: failure_view(&v.life.failure),
+            created_at: v.created_at,
+        }
+    }
+}
+
+/// A stored credential's metadata (never its content).
+#[derive(Serialize, ToSchema)]
+pub struct CredentialView {
+    /// Provider id.
+    pub provider: String,
+    /// Version (bumps when it is replaced).
+    pub version: i64,
+    /// First stored (ms).
+    pub created_at: i64,
+    /// Last changed (ms).
+    pub updated_at: i64,
+}
+
+impl From<CredentialInfo> for CredentialView {
+    fn from(c: CredentialInfo) -> Self {
+        CredentialView {
+            provider: c.provider,
+            version: c.version,
+            created_at: c.created_at,
+            updated_at: c.updated_at,
+        }
+    }
+}
+
+/// Kind of stream.
+#[derive(Deserialize, Serialize, ToSchema, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    /// A login's desktop (resource: the session).
+    Desktop,
+    /// A terminal in the user's VM (resource: the VM).
+    Terminal,
+}
+
+impl StreamKind {
+    /// Spelling in tickets and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamKind::Desktop => "desktop",
+            StreamKind::Terminal => "terminal",
+        }
+    }
+}
+
+/// Ask for a stream ticket.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TicketRequest {
+    /// Which stream.
+    pub kind: StreamKind,
+    /// `ses-…` for a desktop, `vm-…` for a terminal.
+    #[schema(min_length = 1, max_length = 80)]
+    pub resource_id: String,
+}
+
+/// A single-use stream ticket.
+#[derive(Serialize, ToSchema)]
+pub struct TicketView {
+    /// The ticket (`pdk_…`): present it once, before it expires.
+    pub ticket: String,
+    /// Expiry (ms).
+    pub expires_at: i64,
+    /// Which stream.
+    pub kind: StreamKind,
+    /// For which resource.
+    pub resource_id: String,
+}
+
+/// A user account.
+#[derive(Serialize, ToSchema)]
+pub struct UserView {
+    /// `usr-…`.
+    pub id: String,
+    /// Login name.
+    pub name: String,
+    /// `user` or `admin`.
+    pub role: String,
+    /// Created (ms).
+    pub created_at: i64,
+}
+
+impl From<crate::store::User> for UserView {
+    fn from(u: crate::store::User) -> Self {
+        UserView {
+            id: u.id,
+            name: u.name,
+            role: u.role,
+            created_at: u.created_at,
+        }
+    }
+}
+
+/// Create a user (admin).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserCreate {
+    /// Login name: 1-64 of a-z, 0-9, '-', '_', '.'.
+    #[schema(min_length = 1, max_length = 64)]
+    pub name: String,
+    /// Role (default `user`).
+    pub role: Option<Role>,
+    /// Initial password (at least 15 characters). Without one, hand the
+    /// user a login link.
+    #[schema(min_length = 15, max_length = 1024)]
+    pub password: Option<String>,
+}
+
+/// A one-time login link.
+#[derive(Serialize, ToSchema)]
+pub struct LoginLinkView {
+    /// The account it logs in.
+    pub user_name: String,
+    /// The `pdl_…` token: `POST /api/v1/auth/link` with it, once.
+    pub token: String,
+    /// Path to open in a browser (relative to the server's address).
+    pub path: String,
+    /// Expiry (ms).
+    pub expires_at: i64,
+}
+
+/// One provider's port occupancy.
+#[derive(Serialize, ToSchema)]
+pub struct UpstreamStatsView {
+    /// Provider name.
+    pub provider: String,
+    /// Ports in the range.
+    pub size: u32,
+    /// Held by a user.
+    pub assigned: u32,
+    /// In quarantine.
+    pub quarantined: u32,
+    /// Assignable now.
+    pub free: u32,
+    /// Assignments refused because everything was full (ever).
+    pub exhausted_total: u64,
+}
+
+/// A user's upstream port.
+#[derive(Serialize, ToSchema)]
+pub struct AssignmentView {
+    /// The user.
+    pub user_id: String,
+    /// Provider.
+    pub provider: String,
+    /// Port (= outbound IP).
+    pub port: u16,
+    /// Chosen by an operator.
+    pub pinned: bool,
+    /// Since (ms).
+    pub assigned_at: i64,
+}
+
+impl From<crate::store::Assignment> for AssignmentView {
+    fn from(a: crate::store::Assignment) -> Self {
+        AssignmentView {
+            user_id: a.user_id,
+            provider: a.provider,
+            port: a.port,
+            pinned: a.pinned,
+            assigned_at: a.assigned_at,
+        }
+    }
+}
+
+/// Upstream occupancy and assignments.
+#[derive(Serialize, ToSchema)]
+pub struct UpstreamsView {
+    /// Per provider.
+    pub providers: Vec<UpstreamStatsView>,
+    /// Every assignment.
+    pub assignments: Vec<AssignmentView>,
+}
+
+/// Pin a user to a port.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PinRequest {
+    /// Provider name from the operator's upstream config.
+    #[schema(min_length = 1, max_length = 64)]
+    pub provider: String,
+    /// A port of its range.
+    #[schema(minimum = 1, maximum = 65535)]
+    pub port: u16,
+}

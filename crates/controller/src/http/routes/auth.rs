@@ -1,0 +1,174 @@
+//! `/api/v1/auth/*`, `/api/v1/me`, `/api/v1/tokens`: logging in and out,
+//! the caller, their password and their API tokens.
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::auth::{clear_session_cookie, session_cookie, LoginSession, Principal, Scope};
+use crate::http::error::check_id;
+use crate::http::model::*;
+use crate::http::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, Caller};
+
+fn with_cookie(st: &AppState, p: &Principal, s: &LoginSession) -> Response {
+    let mut r = Json(Me::from(p)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&s.set_cookie(st.cfg.secure_cookies)) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+/// Log in with a password; sets the session cookie.
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", security(()),
+    request_body = LoginRequest,
+    responses((status = 200, description = "Logged in; the `polydev_session` cookie is set", body = Me)))]
+pub async fn login(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<LoginRequest>,
+) -> Result<Response, ApiError> {
+    let (p, s) = st.auth.login(&req.name, &req.password).await?;
+    Ok(with_cookie(&st, &p, &s))
+}
+
+/// End the cookie's login session (idempotent); clears the cookie.
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", security(()),
+    responses((status = 204, description = "Logged out")))]
+pub async fn logout(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if let Some(c) = session_cookie(&headers) {
+        st.auth.logout(c).await?;
+    }
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    if let Ok(v) = HeaderValue::from_str(&clear_session_cookie(st.cfg.secure_cookies)) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(r)
+}
+
+/// Log in with a one-time login link token (POST form).
+#[utoipa::path(post, path = "/api/v1/auth/link", tag = "auth", security(()),
+    request_body = LinkRequest,
+    responses((status = 200, description = "Logged in; the cookie is set", body = Me)))]
+pub async fn link_post(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<LinkRequest>,
+) -> Result<Response, ApiError> {
+    let (p, s) = st.auth.redeem_login_link(&req.token).await?;
+    Ok(with_cookie(&st, &p, &s))
+}
+
+/// Log in by opening a one-time login link in a browser (what first start
+/// prints).
+#[utoipa::path(get, path = "/api/v1/auth/link", tag = "auth", security(()),
+    params(LinkQuery),
+    responses((status = 200, description = "Logged in; the cookie is set", body = Me)))]
+pub async fn link_get(
+    State(st): State<AppState>,
+    ApiQuery(q): ApiQuery<LinkQuery>,
+) -> Result<Response, ApiError> {
+    let (p, s) = st.auth.redeem_login_link(&q.token).await?;
+    Ok(with_cookie(&st, &p, &s))
+}
+
+/// The caller.
+#[utoipa::path(get, path = "/api/v1/me", tag = "auth",
+    responses((status = 200, body = Me)))]
+pub async fn me(Caller(p): Caller) -> Json<Me> {
+    Json(Me::from(&p))
+}
+
+/// Set or change the caller's password; every login session of theirs
+/// ends (log in again). Needs a login session, not an API token.
+#[utoipa::path(put, path = "/api/v1/me/password", tag = "auth",
+    request_body = PasswordChange,
+    responses((status = 204, description = "Changed; log in again")))]
+pub async fn password(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+    ApiJson(req): ApiJson<PasswordChange>,
+) -> Result<Response, ApiError> {
+    use crate::auth::AuthMethod;
+    if !matches!(p.via, AuthMethod::Cookie | AuthMethod::LoginLink) {
+        return Err(ApiError::new(
+            403,
+            "forbidden",
+            "Forbidden",
+            "a password is changed from a login session (the dashboard), not with an API token or JWT",
+        ));
+    }
+    if st.auth.has_password(&p.user_id).await? {
+        let Some(current) = req.current_password.as_deref() else {
+            return Err(ApiError::invalid(
+                "current_password is required: the account has a password",
+            ));
+        };
+        // A wrong current password is the same 401 as a failed login.
+        st.auth.login(&p.name, current).await?;
+    }
+    st.auth.set_password(&p.user_id, &req.new_password).await?;
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    if let Ok(v) = HeaderValue::from_str(&clear_session_cookie(st.cfg.secure_cookies)) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(r)
+}
+
+/// Managing tokens needs a login session or a token that may do everything
+/// the new token could; a narrowly scoped token cannot mint broader ones.
+fn may_manage_tokens(p: &Principal, wanted: &[Scope]) -> Result<(), ApiError> {
+    if let Some(s) = wanted.iter().find(|s| !p.allows(**s)) {
+        return Err(crate::auth::AuthError::Forbidden {
+            scope: s.as_str().to_string(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// The caller's API tokens (metadata only), newest first.
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens",
+    responses((status = 200, body = [TokenView])))]
+pub async fn list_tokens(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+) -> Result<Json<Vec<TokenView>>, ApiError> {
+    let t = st.auth.list_tokens(&p.user_id).await?;
+    Ok(Json(t.into_iter().map(TokenView::from).collect()))
+}
+
+/// Create an API token; the token is in this answer only.
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens",
+    request_body = TokenCreate,
+    responses((status = 201, body = TokenCreated)))]
+pub async fn create_token(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+    ApiJson(req): ApiJson<TokenCreate>,
+) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
+    may_manage_tokens(&p, &req.scopes)?;
+    let (info, token) = st
+        .auth
+        .create_token(&p.user_id, &req.name, &req.scopes, req.expires_at)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenCreated {
+            token,
+            info: info.into(),
+        }),
+    ))
+}
+
+/// Revoke one of the caller's tokens (idempotent).
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path, description = "`tok-…`")),
+    responses((status = 204, description = "Revoked")))]
+pub async fn revoke_token(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    check_id("tok", "token", &id)?;
+    st.auth.revoke_token(&p.user_id, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

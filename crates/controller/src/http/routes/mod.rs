@@ -1,0 +1,7 @@
+//! The handlers, one module per area; [`super::openapi`] lists them.
+
+pub mod admin;
+pub mod auth;
+pub mod ops;
+pub mod sessions;
+pub mod vms;

@@ -1,0 +1,118 @@
+//! Per-owner reads for the HTTP API: a user's VMs, sessions and credential
+//! metadata, and the events of a subject after a given one (for SSE).
+//! Every query filters by owner in SQL, so another user's rows never leave
+//! the database for a request.
+
+use serde_json::json;
+
+use super::{Event, Session, Store, StoreError, Vm};
+use crate::state::{Lifecycle, VmState};
+use crate::util::now_ms;
+
+/// Metadata of a stored credential (never its ciphertext or keys).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialInfo {
+    /// Provider id.
+    pub provider: String,
+    /// Record version (bumps on every re-seal).
+    pub version: i64,
+    /// Master key id wrapping its data key.
+    pub key_id: String,
+    /// First stored (ms).
+    pub created_at: i64,
+    /// Last re-sealed or re-wrapped (ms).
+    pub updated_at: i64,
+}
+
+impl Store {
+    /// The user's VMs, oldest first (final ones included).
+    pub async fn vms_of(&self, user_id: &str) -> Result<Vec<Vm>, StoreError> {
+        self.vms_where("user_id = $1", Some(user_id)).await
+    }
+
+    /// The user's connect sessions, oldest first.
+    pub async fn sessions_of(&self, user_id: &str) -> Result<Vec<Session>, StoreError> {
+        self.sessions_where("user_id = $1", Some(user_id)).await
+    }
+
+    /// The user's live (not final) CLI VM, if any.
+    pub async fn live_cli_vm(&self, user_id: &str) -> Result<Option<Vm>, StoreError> {
+        Ok(self
+            .vms_of(user_id)
+            .await?
+            .into_iter()
+            .rfind(|v| v.kind == super::VmKind::Cli && !v.life.state.is_final()))
+    }
+
+    /// Move a VM to [`VmState::Stopping`] on its owner's request; the driver
+    /// then destroys it at the host.
+    pub async fn request_vm_stop(&self, vm: &Vm) -> Result<Vm, StoreError> {
+        self.transition_vm(vm, VmState::Stopping, None, super::Also::default())
+            .await
+    }
+
+    /// Metadata of the user's credentials, by provider.
+    pub async fn credentials_of(&self, user_id: &str) -> Result<Vec<CredentialInfo>, StoreError> {
+        let rows: Vec<(String, i64, String, i64, i64)> = sqlx::query_as(
+            "SELECT provider, version, key_id, created_at, updated_at FROM credentials
+             WHERE user_id = $1 ORDER BY provider",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| CredentialInfo {
+                provider: r.0,
+                version: r.1,
+                key_id: r.2,
+                created_at: r.3,
+                updated_at: r.4,
+            })
+            .collect())
+    }
+
+    /// Delete the user's credential for `provider` (with a `deleted` event);
+    /// `false` when there was none.
+    pub async fn delete_credential(
+        &self,
+        user_id: &str,
+        provider: &str,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query("DELETE FROM credentials WHERE user_id = $1 AND provider = $2")
+            .bind(user_id)
+            .bind(provider)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Ok(false);
+        }
+        Self::append_event(
+            &mut tx,
+            now_ms(),
+            "credential",
+            &format!("{user_id}/{provider}"),
+            Some(user_id),
+            "deleted",
+            None,
+            json!({ "provider": provider }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Events of one subject with an id above `after`, oldest first.
+    pub async fn events_after(
+        &self,
+        subject_kind: &str,
+        subject_id: &str,
+        after: i64,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut all = self.events_for(subject_kind, subject_id).await?;
+        all.retain(|e| e.id > after);
+        Ok(all)
+    }
+}
