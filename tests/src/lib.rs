@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use polydev_api::vm::VmInfo;
 
+pub mod http;
 pub mod rfb;
 
 /// The `polydev` binary under test: `$POLYDEV_BIN`, or the release build.

@@ -1,0 +1,191 @@
+//! A small HTTP/1.1 client for the controller API over loopback (one
+//! request per connection), plus a Server-Sent Events reader and the
+//! `polydev server`/`polydev up` startup lines.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// An answer: status, headers (lower-case names), body.
+#[derive(Debug)]
+pub struct Answer {
+    /// Status code.
+    pub status: u16,
+    /// Headers, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// The first header named `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON (`Null` when empty or not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+fn head(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&serde_json::Value>,
+) -> (TcpStream, Vec<u8>) {
+    let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(120))).ok();
+    let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = &body {
+        req.push_str(&format!(
+            "content-type: application/json\r\ncontent-length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend(body.unwrap_or_default());
+    (s, bytes)
+}
+
+fn read_head(r: &mut impl BufRead) -> (u16, Vec<(String, String)>) {
+    let mut line = String::new();
+    r.read_line(&mut line).expect("status line");
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        let mut l = String::new();
+        r.read_line(&mut l).expect("header line");
+        let l = l.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    (status, headers)
+}
+
+/// Send one request and read the whole answer (the server closes).
+pub fn call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&serde_json::Value>,
+) -> Answer {
+    let (mut s, bytes) = head(addr, method, path, headers, body);
+    s.write_all(&bytes).expect("send request");
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r);
+    let mut body = Vec::new();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    if chunked {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).expect("chunk size");
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).expect("chunk");
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        r.read_to_end(&mut body).expect("body");
+    }
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    /// `event:`.
+    pub event: String,
+    /// `id:`.
+    pub id: String,
+    /// `data:` as JSON.
+    pub data: serde_json::Value,
+}
+
+/// Open an SSE stream and collect events until one named `until` (or the
+/// stream ends).
+pub fn sse_until(addr: &str, path: &str, headers: &[(&str, &str)], until: &str) -> Vec<SseEvent> {
+    let mut hs = headers.to_vec();
+    hs.push(("accept", "text/event-stream"));
+    let (mut s, bytes) = head(addr, "GET", path, &hs, None);
+    s.write_all(&bytes).expect("send request");
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r);
+    assert_eq!(status, 200, "SSE open: {headers:?}");
+    let mut out = Vec::new();
+    let (mut ev, mut id, mut data) = (String::new(), String::new(), String::new());
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l).unwrap_or(0) == 0 {
+            return out;
+        }
+        let l = l.trim_end();
+        // Chunk-size lines of the chunked framing are hex digits only;
+        // SSE field lines always have a colon.
+        if let Some(v) = l.strip_prefix("event:") {
+            ev = v.trim().to_string();
+        } else if let Some(v) = l.strip_prefix("id:") {
+            id = v.trim().to_string();
+        } else if let Some(v) = l.strip_prefix("data:") {
+            data.push_str(v.trim());
+        } else if l.is_empty() && !ev.is_empty() {
+            let e = SseEvent {
+                event: std::mem::take(&mut ev),
+                id: std::mem::take(&mut id),
+                data: serde_json::from_str(&std::mem::take(&mut data))
+                    .unwrap_or(serde_json::Value::Null),
+            };
+            let done = e.event == until;
+            out.push(e);
+            if done {
+                return out;
+            }
+        }
+    }
+}
+
+/// From the stderr of `polydev server`/`up`: the API address
+/// (`controller API on http://ADDR/api/v1 …`) and the first-start login
+/// link token, if printed.
+pub fn startup_lines(stderr: &str) -> (Option<String>, Option<String>) {
+    let addr = stderr.lines().find_map(|l| {
+        l.split("controller API on http://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .map(str::to_string)
+    });
+    let link = stderr.lines().find_map(|l| {
+        l.split("/api/v1/auth/link?token=")
+            .nth(1)
+            .map(|t| t.trim().to_string())
+    });
+    (addr, link)
+}

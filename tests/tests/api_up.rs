@@ -1,0 +1,258 @@
+//! `polydev up` end to end through its HTTP API: the first start prints a
+//! one-time admin link; the admin logs in with it, makes an API token,
+//! connects a (test) provider and follows the session's event stream while
+//! real VMs boot, the login runs and the credential is sealed and
+//! delivered; the credential and the CLI VM are visible through the API;
+//! a restart prints no second link and keeps the token; SIGTERM stops
+//! cleanly.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use polydev_e2e::http::{call, sse_until, startup_lines};
+use polydev_e2e::polydev_bin;
+use serde_json::json;
+
+mod driver_support;
+
+const LOGIN: &str = r#"
+echo "Open https://auth.test.invalid/authorize?state=up1 in your browser"
+mkdir -p "$HOME/.quick"
+printf '{"token": "tok-up-1"}' > "$HOME/.quick/auth.json"
+"#;
+
+struct Up {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Up {
+    fn start(data: &std::path::Path, tag: &str) -> (Up, String, Option<String>) {
+        let log = data.join(format!("up-{tag}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(polydev_bin())
+            .arg("--data-dir")
+            .arg(data)
+            .args(["up", "--listen", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("spawn polydev up");
+        let mut up = Up { child, log };
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let text = up.text();
+            // The link, when there is one, is printed before the driver
+            // starts; its "recovery done" line means startup is over.
+            if let (Some(addr), link) = startup_lines(&text) {
+                if text.contains("driver: recovery done") {
+                    return (up, addr, link);
+                }
+            }
+            if let Ok(Some(st)) = up.child.try_wait() {
+                panic!("polydev up exited early ({st}): {text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "polydev up did not come up: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    fn stop(mut self) -> i32 {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "polydev up ignored SIGTERM: {}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn up_serves_the_api_and_a_connect_session_completes_through_it() {
+    let dir = tempfile::Builder::new()
+        .prefix("pdu")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let data = dir.path();
+    std::fs::create_dir_all(data.join("providers")).unwrap();
+    std::fs::write(
+        data.join("providers/quick.toml"),
+        driver_support::test_provider("quick", LOGIN, "output", ".quick/auth.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        data.join("driver.toml"),
+        format!(
+            "providers_dir = \"{}\"\nbrowser_image = \"minimal\"\ncli_image = \"minimal\"\nbrowser_memory_mib = 0\ncli_memory_mib = 0\nlogin_user = \"root\"\nlogin_home = \"/root\"\ncli_home = \"/root\"\ncli_owner = \"\"\npoll_ms = 200\nidle_poll_ms = 300\n",
+            data.join("providers").display()
+        ),
+    )
+    .unwrap();
+
+    let (up, addr, link) = Up::start(data, "first");
+    let link = link.unwrap_or_else(|| panic!("no login link on first start: {}", up.text()));
+    let r = call(
+        &addr,
+        "GET",
+        &format!("/api/v1/auth/link?token={link}"),
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let cookie = r
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .expect("session cookie")
+        .to_string();
+    let r = call(
+        &addr,
+        "POST",
+        "/api/v1/tokens",
+        &[("cookie", &cookie)],
+        Some(
+            &json!({"name": "e2e", "scopes": ["sessions:read", "sessions:write", "vms:read", "vms:write", "credentials:read"]}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let token = r.json()["token"].as_str().unwrap().to_string();
+    let auth = format!("Bearer {token}");
+    let h = [("authorization", auth.as_str())];
+
+    let r = call(&addr, "GET", "/api/v1/providers", &h, None);
+    let ids: Vec<String> = r
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["quick"]);
+
+    let r = call(
+        &addr,
+        "POST",
+        "/api/v1/sessions",
+        &h,
+        Some(&json!({"provider": "quick"})),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let events = sse_until(&addr, &format!("/api/v1/sessions/{id}/events"), &h, "end");
+    let states: Vec<&str> = events
+        .iter()
+        .filter(|e| e.event == "state")
+        .filter_map(|e| e.data["to_state"].as_str())
+        .collect();
+    assert_eq!(
+        states.last().copied(),
+        Some("completed"),
+        "{events:#?}\n{}",
+        up.text()
+    );
+    for s in [
+        "starting_vm",
+        "starting_login",
+        "awaiting_user",
+        "capturing",
+        "delivering",
+    ] {
+        assert!(states.contains(&s), "{s} missing from {states:?}");
+    }
+    assert!(
+        events.iter().any(
+            |e| e.data["detail"]["auth_url"] == "https://auth.test.invalid/authorize?state=up1"
+        ),
+        "auth URL in the events: {events:#?}"
+    );
+    let r = call(&addr, "GET", &format!("/api/v1/sessions/{id}"), &h, None);
+    assert_eq!(r.json()["state"], "completed");
+    let r = call(&addr, "GET", "/api/v1/credentials", &h, None);
+    let creds = r.json();
+    assert_eq!(creds.as_array().unwrap().len(), 1, "{creds}");
+    assert_eq!(creds[0]["provider"], "quick");
+    assert!(creds[0].get("ciphertext").is_none());
+    let r = call(&addr, "GET", "/api/v1/vms", &h, None);
+    let vms = r.json();
+    let cli = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["kind"] == "cli")
+        .unwrap_or_else(|| panic!("the CLI VM: {vms}"));
+    assert_eq!(cli["state"], "running");
+    let cli_id = cli["id"].as_str().unwrap().to_string();
+    let m = call(&addr, "GET", "/metrics", &[], None);
+    let text = String::from_utf8_lossy(&m.body).to_string();
+    assert!(
+        text.contains("polydev_sessions{state=\"completed\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("route=\"/api/v1/sessions\",status=\"201\"} 1"),
+        "{text}"
+    );
+    assert!(
+        !up.text().contains(&token[20..]),
+        "the API token reached the log"
+    );
+    assert_eq!(up.stop(), 0);
+
+    // A restart: no second admin link, the token still works, and the API
+    // destroys the CLI VM through the driver.
+    let (up, addr, link) = Up::start(data, "second");
+    assert!(
+        link.is_none(),
+        "a second login link was printed: {}",
+        up.text()
+    );
+    let r = call(&addr, "GET", "/api/v1/me", &h, None);
+    assert_eq!(r.status, 200);
+    let r = call(&addr, "DELETE", &format!("/api/v1/vms/{cli_id}"), &h, None);
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = call(&addr, "GET", &format!("/api/v1/vms/{cli_id}"), &h, None);
+        if r.json()["state"] == "destroyed" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM not destroyed: {:?}",
+            r.json()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = call(&addr, "GET", "/readyz", &[], None);
+    assert_eq!(r.status, 200);
+    assert_eq!(up.stop(), 0);
+}
