@@ -1,5 +1,6 @@
 //! The controller's state as Prometheus text (exposition format 0.0.4):
-//! sessions and VMs by state, and per upstream provider its ports by status
+//! sessions and VMs by state, VM creations, failures by reason, login
+//! durations, and per upstream provider its ports by status
 //! plus how often a user could not get a port of their own — the alert
 //! metric of issue "per-user egress": alert when
 //! `polydev_upstream_exhausted_total` grows or `…{status="free"}` is 0.
@@ -51,6 +52,7 @@ pub async fn render(store: &Store, upstreams: &UpstreamConfig) -> Result<String,
             let _ = writeln!(out, "{name}{{state=\"{}\"}} {n}", label(&state));
         }
     }
+    lifecycle_metrics(store, &mut out).await?;
     let stats = store.upstream_stats(upstreams).await?;
     let _ = writeln!(
         out,
@@ -83,6 +85,68 @@ pub async fn render(store: &Store, upstreams: &UpstreamConfig) -> Result<String,
         );
     }
     Ok(out)
+}
+
+/// Upper bounds (seconds) of the login duration histogram: a person
+/// signing in takes tens of seconds to minutes.
+const LOGIN_BUCKETS: [i64; 8] = [15, 30, 60, 120, 300, 600, 900, 1800];
+
+/// VM creations, failures by reason (VMs and sessions), and how long
+/// completed logins took (request to credential delivered). Derived from
+/// the records, so they survive restarts and agree across replicas.
+async fn lifecycle_metrics(store: &Store, out: &mut String) -> Result<(), StoreError> {
+    let (created,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM vms")
+        .fetch_one(store.pool())
+        .await?;
+    let _ = writeln!(
+        out,
+        "# HELP polydev_vm_created_total VMs ever requested.\n# TYPE polydev_vm_created_total counter\npolydev_vm_created_total {created}"
+    );
+    for (table, name, what) in [
+        ("vms", "polydev_vm_failures_total", "VMs"),
+        (
+            "sessions",
+            "polydev_session_failures_total",
+            "Connect sessions",
+        ),
+    ] {
+        let rows: Vec<(Option<String>, i64)> = sqlx::query_as(&format!(
+            "SELECT failure_reason, COUNT(*) FROM {table} WHERE state = 'failed' GROUP BY failure_reason ORDER BY failure_reason"
+        ))
+        .fetch_all(store.pool())
+        .await?;
+        let _ = writeln!(
+            out,
+            "# HELP {name} {what} that failed, by reason.\n# TYPE {name} counter"
+        );
+        for (reason, n) in rows {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {n}",
+                label(reason.as_deref().unwrap_or("unknown"))
+            );
+        }
+    }
+    let took: Vec<(i64,)> =
+        sqlx::query_as("SELECT state_since - created_at FROM sessions WHERE state = 'completed'")
+            .fetch_all(store.pool())
+            .await?;
+    let name = "polydev_login_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Completed connect sessions: from request to credential delivered.\n# TYPE {name} histogram"
+    );
+    for b in LOGIN_BUCKETS {
+        let n = took.iter().filter(|(ms,)| *ms <= b * 1000).count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {n}");
+    }
+    let sum: f64 = took.iter().map(|(ms,)| *ms as f64 / 1000.0).sum();
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{le=\"+Inf\"}} {n}\n{name}_sum {sum}\n{name}_count {n}",
+        n = took.len()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

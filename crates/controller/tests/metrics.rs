@@ -7,7 +7,63 @@ use polydev_controller::metrics::render;
 use polydev_controller::store::VmKind;
 use polydev_controller::upstream::UpstreamConfig;
 
-both_backends!(a_full_upstream_range_shows_as_zero_free_and_counts_refusals);
+both_backends!(
+    a_full_upstream_range_shows_as_zero_free_and_counts_refusals,
+    creations_failures_by_reason_and_login_durations
+);
+
+/// Failures are counted by their closed reason, and a completed login's
+/// duration lands in the right histogram bucket (timestamps are set in the
+/// rows, never waited for).
+async fn creations_failures_by_reason_and_login_durations(db: common::TestDb) {
+    use polydev_controller::state::{Failure, FailureReason, SessionState, VmState};
+    use polydev_controller::store::Also;
+    let s = db.store.clone();
+    let u = s.create_user("m", "user").await.unwrap();
+    for _ in 0..2 {
+        let vm = s.create_vm(&u.id, VmKind::Browser).await.unwrap();
+        s.transition_vm(
+            &vm,
+            VmState::Failed,
+            Some(Failure::new(FailureReason::NoCapacity, "full")),
+            Also::default(),
+        )
+        .await
+        .unwrap();
+    }
+    s.create_vm(&u.id, VmKind::Cli).await.unwrap();
+    let failed = s.create_session(&u.id, "codex").await.unwrap();
+    s.transition_session(
+        &failed,
+        SessionState::Failed,
+        Some(Failure::new(FailureReason::Timeout, "slow")),
+        Also::default(),
+    )
+    .await
+    .unwrap();
+    // A session that completed 90 s after it was requested.
+    let done = s.create_session(&u.id, "codex").await.unwrap();
+    sqlx::query(
+        "UPDATE sessions SET state = 'completed', state_since = created_at + 90000 WHERE id = $1",
+    )
+    .bind(&done.id)
+    .execute(s.pool())
+    .await
+    .unwrap();
+    let text = render(&s, &UpstreamConfig::none()).await.unwrap();
+    for line in [
+        "polydev_vm_created_total 3\n",
+        "polydev_vm_failures_total{reason=\"no_capacity\"} 2\n",
+        "polydev_session_failures_total{reason=\"timeout\"} 1\n",
+        "polydev_login_duration_seconds_bucket{le=\"60\"} 0\n",
+        "polydev_login_duration_seconds_bucket{le=\"120\"} 1\n",
+        "polydev_login_duration_seconds_bucket{le=\"+Inf\"} 1\n",
+        "polydev_login_duration_seconds_sum 90\n",
+        "polydev_login_duration_seconds_count 1\n",
+    ] {
+        assert!(text.contains(line), "{line:?} missing in\n{text}");
+    }
+}
 
 async fn a_full_upstream_range_shows_as_zero_free_and_counts_refusals(db: common::TestDb) {
     let s = db.store.clone();
