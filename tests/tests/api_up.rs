@@ -1,7 +1,8 @@
 //! `polydev up` end to end through its HTTP API: the first start prints a
 //! one-time admin link; the admin logs in with it, makes an API token,
-//! connects a (test) provider and follows the session's event stream while
-//! real VMs boot, the login runs and the credential is sealed and
+//! connects a (test) provider, reaches the login's desktop through a
+//! ticket and the WebSocket stream, and follows the session's event stream
+//! while real VMs boot, the login runs and the credential is sealed and
 //! delivered; the credential and the CLI VM are visible through the API;
 //! a restart prints no second link and keeps the token; SIGTERM stops
 //! cleanly.
@@ -16,11 +17,41 @@ use serde_json::json;
 
 mod driver_support;
 
+/// The login serves a stand-in "desktop" on the VNC port (a line echo,
+/// which then opens the gate) and writes its credential only after the
+/// gate opened: the session completes only if the desktop stream reached
+/// the VM.
 const LOGIN: &str = r#"
+printf '#!/bin/sh\nread l\necho "echo:$l"\ntouch /tmp/desktop-seen\n' > /tmp/h.sh
+chmod +x /tmp/h.sh
+busybox nc -ll -p 5900 -e /tmp/h.sh &
 echo "Open https://auth.test.invalid/authorize?state=up1 in your browser"
+while [ ! -f /tmp/desktop-seen ]; do sleep 0.2; done
 mkdir -p "$HOME/.quick"
 printf '{"token": "tok-up-1"}' > "$HOME/.quick/auth.json"
 "#;
+
+/// Open the session's desktop WebSocket with `ticket`: the upgrade's
+/// status, and on 101 the connection.
+fn desktop(
+    addr: &str,
+    id: &str,
+    ticket: &str,
+) -> Result<tungstenite::WebSocket<std::net::TcpStream>, u16> {
+    let url = format!("ws://{addr}/api/v1/sessions/{id}/desktop?ticket={ticket}");
+    let stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    match tungstenite::client::client(url, stream) {
+        Ok((ws, resp)) => {
+            assert_eq!(resp.status(), 101);
+            Ok(ws)
+        }
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+            Err(r.status().as_u16())
+        }
+        Err(e) => panic!("WebSocket handshake: {e}"),
+    }
+}
 
 struct Up {
     child: Child,
@@ -140,7 +171,7 @@ fn up_serves_the_api_and_a_connect_session_completes_through_it() {
         "/api/v1/tokens",
         &[("cookie", &cookie)],
         Some(
-            &json!({"name": "e2e", "scopes": ["sessions:read", "sessions:write", "vms:read", "vms:write", "credentials:read"]}),
+            &json!({"name": "e2e", "scopes": ["sessions:read", "sessions:write", "vms:read", "vms:write", "credentials:read", "streams:connect"]}),
         ),
     );
     assert_eq!(r.status, 201, "{:?}", r.json());
@@ -167,6 +198,58 @@ fn up_serves_the_api_and_a_connect_session_completes_through_it() {
     );
     assert_eq!(r.status, 201, "{:?}", r.json());
     let id = r.json()["id"].as_str().unwrap().to_string();
+
+    // The login waits on its desktop: reach it through a ticket.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let r = call(&addr, "GET", &format!("/api/v1/sessions/{id}"), &h, None);
+        let st = r.json()["state"].as_str().unwrap_or("").to_string();
+        if st == "awaiting_user" {
+            break;
+        }
+        assert!(
+            !r.json()["done"].as_bool().unwrap_or(true),
+            "session ended: {:?}",
+            r.json()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "session stuck in {st}: {}",
+            up.text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ticket = |h: &[(&str, &str)]| {
+        let r = call(
+            &addr,
+            "POST",
+            "/api/v1/tickets",
+            h,
+            Some(&json!({"kind": "desktop", "resource_id": id})),
+        );
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        r.json()["ticket"].as_str().unwrap().to_string()
+    };
+    let t = ticket(&h);
+    let mut ws = desktop(&addr, &id, &t).expect("desktop WebSocket");
+    ws.send(tungstenite::Message::Binary(b"hello rfb\n".to_vec().into()))
+        .unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"\n") {
+        match ws.read().expect("desktop bytes") {
+            tungstenite::Message::Binary(b) => got.extend_from_slice(&b),
+            tungstenite::Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(got, b"echo:hello rfb\n");
+    drop(ws);
+    assert_eq!(
+        desktop(&addr, &id, &t).err(),
+        Some(401),
+        "a ticket opens one stream"
+    );
+
     let events = sse_until(&addr, &format!("/api/v1/sessions/{id}/events"), &h, "end");
     let states: Vec<&str> = events
         .iter()

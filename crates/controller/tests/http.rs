@@ -24,6 +24,7 @@ both_backends!(
     rate_limits_are_announced_and_enforced,
     session_events_stream_until_the_session_ends,
     logins_links_cookies_and_tokens_over_http,
+    desktop_streams_need_their_ticket,
     shutdown_finishes_requests_in_flight,
 );
 
@@ -363,14 +364,6 @@ fn routes(w: &World) -> Vec<Route> {
             201,
         ),
         r(
-            M::POST,
-            "/api/v1/tickets",
-            Some(json!({"kind": "terminal", "resource_id": "{vm}"})),
-            Some(Scope::StreamsConnect),
-            true,
-            201,
-        ),
-        r(
             M::GET,
             "/api/v1/admin/users",
             None,
@@ -501,6 +494,8 @@ async fn authorization_matrix(db: common::TestDb) {
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let covered = public.contains(&path.as_str())
                 || path == "/api/v1/me/password"
+                // Authorized by a ticket, not a bearer: desktop_streams_need_their_ticket.
+                || path == "/api/v1/sessions/{id}/desktop"
                 || table.iter().any(|r| {
                     r.method == m
                         && r.path
@@ -890,11 +885,11 @@ async fn malformed_input_is_refused_and_nothing_is_written(db: common::TestDb) {
                 Method::POST,
                 "/api/v1/tickets",
                 json_ct,
-                br#"{"kind":"terminal","resource_id":"../vm-01"}"#.to_vec(),
+                br#"{"kind":"desktop","resource_id":"../ses-01"}"#.to_vec(),
                 &tok,
             ),
             400,
-            "VM id",
+            "session id",
         ),
         (
             "traversal in a session id",
@@ -1523,4 +1518,107 @@ async fn shutdown_finishes_requests_in_flight(db: common::TestDb) {
         .unwrap()
         .unwrap();
     assert_eq!(api.store.sessions_of(&u.id).await.unwrap().len(), 1);
+}
+
+/// The desktop WebSocket takes only a ticket for exactly that session, once;
+/// a plain GET is told to upgrade without spending the ticket. (The stream
+/// itself needs a VM: `tests/tests/api_up.rs`.)
+async fn desktop_streams_need_their_ticket(db: common::TestDb) {
+    let api = Api::start(
+        &db,
+        HttpConfig {
+            rate: RateLimits::unlimited(),
+            ..HttpConfig::default()
+        },
+    )
+    .await;
+    let w = world(&api).await;
+    let ticket = |t: &str| {
+        let t = t.to_string();
+        let api = &api;
+        let ses = w.session.clone();
+        async move {
+            let (st, _, v) = api
+                .call(
+                    Method::POST,
+                    "/api/v1/tickets",
+                    Some(&Cred::Bearer(t)),
+                    Some(json!({"kind": "desktop", "resource_id": ses})),
+                )
+                .await;
+            assert_eq!(st, 201, "{v}");
+            v["ticket"].as_str().unwrap().to_string()
+        }
+    };
+    let upgrade = |path: String| {
+        api.client
+            .get(format!("{}{path}", api.base))
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .send()
+    };
+    let desktop = format!("/api/v1/sessions/{}/desktop", w.session);
+    let t = ticket(&w.alice_token).await;
+    // Without an upgrade: 426, and the ticket is still good afterwards.
+    let (st, h, v) = api
+        .call(Method::GET, &format!("{desktop}?ticket={t}"), None, None)
+        .await;
+    assert_problem(st, &h, &v, 426, "plain GET");
+    // Missing, forged, or for another resource: refused.
+    let r = upgrade(desktop.clone()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = upgrade(format!("{desktop}?ticket=pdk_{}", "A".repeat(43)))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let other = format!("/api/v1/sessions/ses-0123456789abcdef/desktop?ticket={t}");
+    assert_eq!(upgrade(other).await.unwrap().status(), 401);
+    // A bearer token is not a ticket.
+    let r = api
+        .client
+        .get(format!("{}{desktop}", api.base))
+        .header("authorization", format!("Bearer {}", w.alice_token))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "no ticket in the query");
+    // The owner's ticket passes authorization, once (the browser VM here
+    // is only a record, never placed: "still starting", 409).
+    let r = upgrade(format!("{desktop}?ticket={t}")).await.unwrap();
+    assert_eq!(r.status(), 409, "{:?}", r.text().await);
+    let r = upgrade(format!("{desktop}?ticket={t}")).await.unwrap();
+    assert_eq!(r.status(), 401, "a ticket works once");
+    // bob cannot get a ticket for alice's session.
+    let (st, h, v) = api
+        .call(
+            Method::POST,
+            "/api/v1/tickets",
+            Some(&Cred::Bearer(w.bob_token.clone())),
+            Some(json!({"kind": "desktop", "resource_id": w.session})),
+        )
+        .await;
+    assert_problem(st, &h, &v, 404, "bob's ticket for alice's desktop");
+    let m = api
+        .client
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("polydev_stream_connects_total{kind=\"desktop\",outcome=\"unauthenticated\"} 3"),
+        "{m}"
+    );
+    assert!(
+        m.contains("polydev_stream_connects_total{kind=\"desktop\",outcome=\"refused\"} 1"),
+        "{m}"
+    );
 }

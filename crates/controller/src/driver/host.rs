@@ -38,6 +38,10 @@ pub enum HostError {
     Failed(String),
 }
 
+/// A byte stream to a port inside a VM (see [`HostApi::forward`]).
+pub trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Duplex for T {}
+
 /// The boxed future every [`HostApi`] method returns (object-safe trait).
 pub type HostFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, HostError>> + Send + 'a>>;
 
@@ -77,6 +81,9 @@ pub trait HostApi: Send + Sync {
     fn destroy<'a>(&'a self, vm: &'a str) -> HostFuture<'a, ()>;
     /// The guest agent's supervised services (with their readiness).
     fn services<'a>(&'a self, vm: &'a str) -> HostFuture<'a, Vec<ServiceStatus>>;
+    /// A connection to TCP `port` on the VM's loopback (the desktop's VNC
+    /// server, …), through the guest agent; a refused port is an error.
+    fn forward<'a>(&'a self, vm: &'a str, port: u16) -> HostFuture<'a, Box<dyn Duplex>>;
     /// A file's content from inside the VM; `None` when it does not exist.
     /// (One implementation for every host: `cat` through exec, so nothing
     /// beyond exec is needed from the host protocol.)
@@ -227,6 +234,17 @@ impl HostApi for LocalHost {
         })
     }
 
+    fn forward<'a>(&'a self, vm: &'a str, port: u16) -> HostFuture<'a, Box<dyn Duplex>> {
+        Box::pin(async move {
+            let s = self
+                .manager
+                .forward(vm, polydev_api::agent::ForwardTarget::Tcp { port })
+                .await
+                .map_err(from_manager)?;
+            Ok(Box::new(s) as Box<dyn Duplex>)
+        })
+    }
+
     fn destroy<'a>(&'a self, vm: &'a str) -> HostFuture<'a, ()> {
         Box::pin(async move {
             match self.manager.destroy(vm).await {
@@ -303,6 +321,17 @@ impl HostApi for RemoteHost {
                     .await
                     .map_err(from_client)?,
             )
+        })
+    }
+
+    fn forward<'a>(&'a self, vm: &'a str, port: u16) -> HostFuture<'a, Box<dyn Duplex>> {
+        Box::pin(async move {
+            let s = self
+                .client
+                .forward(vm, &polydev_api::agent::ForwardTarget::Tcp { port })
+                .await
+                .map_err(from_client)?;
+            Ok(Box::new(s) as Box<dyn Duplex>)
         })
     }
 

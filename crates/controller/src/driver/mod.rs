@@ -31,7 +31,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::{watch, Notify};
 
-pub use host::{ExecOutput, HostApi, HostError, RemoteHost};
+pub use host::{Duplex, ExecOutput, HostApi, HostError, RemoteHost};
 pub use session::decode_credential;
 
 use crate::providers::{ProviderError, Providers};
@@ -391,6 +391,12 @@ impl Driver {
     /// The upstream providers in force (for `upstream_stats` in `/metrics`).
     pub fn upstreams(&self) -> &UpstreamConfig {
         &self.inner.upstreams
+    }
+
+    /// The host agent this driver uses (the API opens desktop streams
+    /// through it).
+    pub fn host(&self) -> Arc<dyn HostApi> {
+        Arc::clone(&self.inner.host)
     }
 
     /// The provider definitions in force.

@@ -25,6 +25,7 @@ struct Inner {
     latency: BTreeMap<(String, String), Histogram>,
     rate_limited: BTreeMap<&'static str, u64>,
     tickets: BTreeMap<String, u64>,
+    streams: BTreeMap<(String, String), u64>,
 }
 
 /// The counters; share one per server.
@@ -73,6 +74,15 @@ impl HttpMetrics {
         *i.tickets.entry(kind.to_string()).or_default() += 1;
     }
 
+    /// Count a stream (WebSocket) connect of `kind` by `outcome` (`ok`,
+    /// `unauthenticated`, `refused`).
+    pub fn stream_connect(&self, kind: &str, outcome: &str) {
+        let mut i = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *i.streams
+            .entry((kind.to_string(), outcome.to_string()))
+            .or_default() += 1;
+    }
+
     /// Append the Prometheus text of these counters to `out`.
     pub fn render(&self, out: &mut String) {
         let i = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -115,13 +125,25 @@ impl HttpMetrics {
         }
         let _ = writeln!(
             out,
-            "# HELP polydev_stream_tickets_total Desktop/terminal stream tickets issued, by kind.\n# TYPE polydev_stream_tickets_total counter"
+            "# HELP polydev_stream_tickets_total Desktop stream tickets issued, by kind.\n# TYPE polydev_stream_tickets_total counter"
         );
         for (k, n) in &i.tickets {
             let _ = writeln!(
                 out,
                 "polydev_stream_tickets_total{{kind=\"{}\"}} {n}",
                 label(k)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP polydev_stream_connects_total Desktop stream (WebSocket) connects, by kind and outcome.\n# TYPE polydev_stream_connects_total counter"
+        );
+        for ((k, o), n) in &i.streams {
+            let _ = writeln!(
+                out,
+                "polydev_stream_connects_total{{kind=\"{}\",outcome=\"{}\"}} {n}",
+                label(k),
+                label(o)
             );
         }
     }

@@ -83,6 +83,8 @@ pub struct AppInner {
     pub upstreams: UpstreamConfig,
     /// The driver to wake when a record changes (absent: nobody drives).
     pub driver: Option<Driver>,
+    /// The host agent desktop streams go through (the driver's).
+    pub host: Option<std::sync::Arc<dyn crate::driver::HostApi>>,
     /// Settings.
     pub cfg: HttpConfig,
     /// Rate-limit buckets.
@@ -120,6 +122,7 @@ impl AppState {
                 auth,
                 providers,
                 upstreams,
+                host: driver.as_ref().map(Driver::host),
                 driver,
                 cfg,
                 limiter: limits::Limiter::default(),

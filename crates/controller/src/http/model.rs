@@ -390,10 +390,9 @@ impl From<CredentialInfo> for CredentialView {
 #[derive(Deserialize, Serialize, ToSchema, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum StreamKind {
-    /// A login's desktop (resource: the session).
+    /// A login's desktop (resource: the session): its VNC (RFB) stream over
+    /// a WebSocket at `/api/v1/sessions/{id}/desktop`.
     Desktop,
-    /// A terminal in the user's VM (resource: the VM).
-    Terminal,
 }
 
 impl StreamKind {
@@ -401,9 +400,18 @@ impl StreamKind {
     pub fn as_str(self) -> &'static str {
         match self {
             StreamKind::Desktop => "desktop",
-            StreamKind::Terminal => "terminal",
         }
     }
+}
+
+/// Query of a stream URL: the ticket (browsers cannot set headers on a
+/// WebSocket).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct StreamQuery {
+    /// A `pdk_…` ticket from `POST /api/v1/tickets` for this stream.
+    pub ticket: String,
 }
 
 /// Ask for a stream ticket.
@@ -412,7 +420,7 @@ impl StreamKind {
 pub struct TicketRequest {
     /// Which stream.
     pub kind: StreamKind,
-    /// `ses-…` for a desktop, `vm-…` for a terminal.
+    /// The session (`ses-…`) whose desktop to open.
     #[schema(min_length = 1, max_length = 80)]
     pub resource_id: String,
 }

@@ -12,7 +12,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::routes::{admin, auth, ops, sessions, vms};
+use super::routes::{admin, auth, ops, sessions, streams, vms};
 use super::AppState;
 
 #[derive(OpenApi)]
@@ -164,6 +164,7 @@ pub fn router_and_document() -> (Router<AppState>, openapi::OpenApi) {
         .routes(routes!(vms::credentials))
         .routes(routes!(vms::delete_credential))
         .routes(routes!(vms::ticket))
+        .routes(routes!(streams::desktop))
         .routes(routes!(admin::users, admin::create_user))
         .routes(routes!(admin::login_link))
         .routes(routes!(admin::upstreams))

@@ -4,4 +4,5 @@ pub mod admin;
 pub mod auth;
 pub mod ops;
 pub mod sessions;
+pub mod streams;
 pub mod vms;
