@@ -407,8 +407,9 @@ impl Drop for LoginSession {
     }
 }
 
-/// An API token's metadata (never its secret).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// An API token's metadata (never its secret); also its API form.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[schema(as = TokenView)]
 pub struct ApiTokenInfo {
     /// `tok-…`.
     pub id: String,

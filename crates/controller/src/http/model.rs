@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::auth::{ApiTokenInfo, Principal, Role, Scope};
-use crate::store::{CredentialInfo, Event, Session, Vm, VmKind};
+use crate::store::{Assignment, CredentialInfo, Event, Session, UpstreamStats, Vm, VmKind};
 
 /// RFC 7807 problem details: the body of every error answer.
 #[derive(Serialize, ToSchema)]
@@ -155,39 +155,6 @@ pub struct TokenCreate {
     pub expires_at: Option<i64>,
 }
 
-/// An API token's metadata.
-#[derive(Serialize, ToSchema)]
-pub struct TokenView {
-    /// `tok-…`.
-    pub id: String,
-    /// Label.
-    pub name: String,
-    /// Scopes.
-    pub scopes: Vec<Scope>,
-    /// Created (ms).
-    pub created_at: i64,
-    /// Expires (ms).
-    pub expires_at: Option<i64>,
-    /// Revoked (ms).
-    pub revoked_at: Option<i64>,
-    /// Last used (ms, minute resolution).
-    pub last_used_at: Option<i64>,
-}
-
-impl From<ApiTokenInfo> for TokenView {
-    fn from(t: ApiTokenInfo) -> Self {
-        TokenView {
-            id: t.id,
-            name: t.name,
-            scopes: t.scopes,
-            created_at: t.created_at,
-            expires_at: t.expires_at,
-            revoked_at: t.revoked_at,
-            last_used_at: t.last_used_at,
-        }
-    }
-}
-
 /// A new API token: `token` is shown this once.
 #[derive(Serialize, ToSchema)]
 pub struct TokenCreated {
@@ -195,7 +162,7 @@ pub struct TokenCreated {
     pub token: String,
     /// Its metadata.
     #[serde(flatten)]
-    pub info: TokenView,
+    pub info: ApiTokenInfo,
 }
 
 /// A provider the user can connect.
@@ -490,57 +457,13 @@ pub struct LoginLinkView {
     pub expires_at: i64,
 }
 
-/// One provider's port occupancy.
-#[derive(Serialize, ToSchema)]
-pub struct UpstreamStatsView {
-    /// Provider name.
-    pub provider: String,
-    /// Ports in the range.
-    pub size: u32,
-    /// Held by a user.
-    pub assigned: u32,
-    /// In quarantine.
-    pub quarantined: u32,
-    /// Assignable now.
-    pub free: u32,
-    /// Assignments refused because everything was full (ever).
-    pub exhausted_total: u64,
-}
-
-/// A user's upstream port.
-#[derive(Serialize, ToSchema)]
-pub struct AssignmentView {
-    /// The user.
-    pub user_id: String,
-    /// Provider.
-    pub provider: String,
-    /// Port (= outbound IP).
-    pub port: u16,
-    /// Chosen by an operator.
-    pub pinned: bool,
-    /// Since (ms).
-    pub assigned_at: i64,
-}
-
-impl From<crate::store::Assignment> for AssignmentView {
-    fn from(a: crate::store::Assignment) -> Self {
-        AssignmentView {
-            user_id: a.user_id,
-            provider: a.provider,
-            port: a.port,
-            pinned: a.pinned,
-            assigned_at: a.assigned_at,
-        }
-    }
-}
-
 /// Upstream occupancy and assignments.
 #[derive(Serialize, ToSchema)]
 pub struct UpstreamsView {
     /// Per provider.
-    pub providers: Vec<UpstreamStatsView>,
+    pub providers: Vec<UpstreamStats>,
     /// Every assignment.
-    pub assignments: Vec<AssignmentView>,
+    pub assignments: Vec<Assignment>,
 }
 
 /// Pin a user to a port.

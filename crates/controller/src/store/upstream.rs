@@ -17,8 +17,9 @@ use super::{Store, StoreError};
 use crate::upstream::{UpstreamConfig, UpstreamProvider};
 use crate::util::now_ms;
 
-/// A user's upstream port.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A user's upstream port (also its API form).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = AssignmentView)]
 pub struct Assignment {
     /// The user.
     pub user_id: String,
@@ -47,8 +48,9 @@ pub struct Quarantined {
     pub until_at: i64,
 }
 
-/// Occupancy of one provider's range (for `/metrics` and the CLI).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Occupancy of one provider's range (for `/metrics`, the CLI and the API).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = UpstreamStatsView)]
 pub struct UpstreamStats {
     /// Provider name.
     pub provider: String,

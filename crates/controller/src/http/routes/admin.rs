@@ -9,6 +9,7 @@ use crate::auth::{Principal, Role, Scope};
 use crate::http::error::check_id;
 use crate::http::model::*;
 use crate::http::{ApiError, ApiJson, ApiPath, AppState, Caller};
+use crate::store::Assignment;
 
 fn admin(p: &Principal) -> Result<(), ApiError> {
     p.require(Scope::Admin)?;
@@ -82,18 +83,8 @@ pub async fn upstreams(
     let stats = st.store.upstream_stats(&st.upstreams).await?;
     let assignments = st.store.list_upstream_assignments().await?;
     Ok(Json(UpstreamsView {
-        providers: stats
-            .into_iter()
-            .map(|s| UpstreamStatsView {
-                provider: s.provider,
-                size: s.size,
-                assigned: s.assigned,
-                quarantined: s.quarantined,
-                free: s.free,
-                exhausted_total: s.exhausted_total,
-            })
-            .collect(),
-        assignments: assignments.into_iter().map(AssignmentView::from).collect(),
+        providers: stats,
+        assignments,
     }))
 }
 
@@ -101,13 +92,13 @@ pub async fn upstreams(
 #[utoipa::path(put, path = "/api/v1/admin/upstreams/{user_id}", tag = "admin",
     params(("user_id" = String, Path, description = "`usr-…`")),
     request_body = PinRequest,
-    responses((status = 200, body = AssignmentView)))]
+    responses((status = 200, body = Assignment)))]
 pub async fn pin(
     State(st): State<AppState>,
     Caller(p): Caller,
     ApiPath(user_id): ApiPath<String>,
     ApiJson(req): ApiJson<PinRequest>,
-) -> Result<Json<AssignmentView>, ApiError> {
+) -> Result<Json<Assignment>, ApiError> {
     admin(&p)?;
     check_id("usr", "user", &user_id)?;
     st.auth.user(&user_id).await?;
@@ -115,36 +106,36 @@ pub async fn pin(
         .store
         .pin_upstream_port(&user_id, Some(&req.provider), req.port, &st.upstreams)
         .await?;
-    Ok(Json(a.into()))
+    Ok(Json(a))
 }
 
 /// Release a user's port (it goes into quarantine).
 #[utoipa::path(delete, path = "/api/v1/admin/upstreams/{user_id}", tag = "admin",
     params(("user_id" = String, Path, description = "`usr-…`")),
-    responses((status = 200, description = "The released assignment", body = AssignmentView)))]
+    responses((status = 200, description = "The released assignment", body = Assignment)))]
 pub async fn release(
     State(st): State<AppState>,
     Caller(p): Caller,
     ApiPath(user_id): ApiPath<String>,
-) -> Result<Json<AssignmentView>, ApiError> {
+) -> Result<Json<Assignment>, ApiError> {
     admin(&p)?;
     check_id("usr", "user", &user_id)?;
     let a = st
         .store
         .release_upstream_port(&user_id, &st.upstreams)
         .await?;
-    Ok(Json(a.into()))
+    Ok(Json(a))
 }
 
 /// Give a user a different port (the old one goes into quarantine).
 #[utoipa::path(post, path = "/api/v1/admin/upstreams/{user_id}/rotate", tag = "admin",
     params(("user_id" = String, Path, description = "`usr-…`")),
-    responses((status = 200, body = AssignmentView)))]
+    responses((status = 200, body = Assignment)))]
 pub async fn rotate(
     State(st): State<AppState>,
     Caller(p): Caller,
     ApiPath(user_id): ApiPath<String>,
-) -> Result<Json<AssignmentView>, ApiError> {
+) -> Result<Json<Assignment>, ApiError> {
     admin(&p)?;
     check_id("usr", "user", &user_id)?;
     st.auth.user(&user_id).await?;
@@ -152,5 +143,5 @@ pub async fn rotate(
         .store
         .rotate_upstream_port(&user_id, &st.upstreams)
         .await?;
-    Ok(Json(a.into()))
+    Ok(Json(a))
 }

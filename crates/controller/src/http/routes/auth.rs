@@ -6,7 +6,9 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use crate::auth::{clear_session_cookie, session_cookie, LoginSession, Principal, Scope};
+use crate::auth::{
+    clear_session_cookie, session_cookie, ApiTokenInfo, LoginSession, Principal, Scope,
+};
 use crate::http::error::check_id;
 use crate::http::model::*;
 use crate::http::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, Caller};
@@ -127,13 +129,12 @@ fn may_manage_tokens(p: &Principal, wanted: &[Scope]) -> Result<(), ApiError> {
 
 /// The caller's API tokens (metadata only), newest first.
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens",
-    responses((status = 200, body = [TokenView])))]
+    responses((status = 200, body = [ApiTokenInfo])))]
 pub async fn list_tokens(
     State(st): State<AppState>,
     Caller(p): Caller,
-) -> Result<Json<Vec<TokenView>>, ApiError> {
-    let t = st.auth.list_tokens(&p.user_id).await?;
-    Ok(Json(t.into_iter().map(TokenView::from).collect()))
+) -> Result<Json<Vec<ApiTokenInfo>>, ApiError> {
+    Ok(Json(st.auth.list_tokens(&p.user_id).await?))
 }
 
 /// Create an API token; the token is in this answer only.
@@ -150,13 +151,7 @@ pub async fn create_token(
         .auth
         .create_token(&p.user_id, &req.name, &req.scopes, req.expires_at)
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(TokenCreated {
-            token,
-            info: info.into(),
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(TokenCreated { token, info })))
 }
 
 /// Revoke one of the caller's tokens (idempotent).
