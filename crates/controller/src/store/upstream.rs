@@ -302,21 +302,36 @@ impl Store {
             if let Some(a) = self.upstream_assignment(user_id).await? {
                 return Ok(a);
             }
-            let now = now_ms();
-            let Some((p, port)) = self.pick_port(cfg, user_id, None, now).await? else {
-                return Err(self.exhausted(cfg).await?);
-            };
-            match self
-                .insert_assignment(user_id, p, port, false, None, now)
-                .await
-            {
-                Ok(a) => return Ok(a),
-                // Lost a race for the port (or this user got one meanwhile).
-                Err(UpstreamError::Store(StoreError::Db(e))) if is_unique(&e) => continue,
-                Err(e) => return Err(e),
+            if let Some(a) = self.take_next_port(user_id, cfg, None).await? {
+                return Ok(a);
             }
         }
         Err(UpstreamError::Contended(user_id.to_string()))
+    }
+
+    /// One attempt to give the user the lowest free port (not `old`'s, which
+    /// goes into quarantine in the same transaction). `None`: a concurrent
+    /// writer won the port or changed the user's assignment — look again.
+    async fn take_next_port(
+        &self,
+        user_id: &str,
+        cfg: &UpstreamConfig,
+        old: Option<&Assignment>,
+    ) -> Result<Option<Assignment>, UpstreamError> {
+        let now = now_ms();
+        let except = old.map(|o| (o.provider.as_str(), o.port));
+        let Some((p, port)) = self.pick_port(cfg, user_id, except, now).await? else {
+            return Err(self.exhausted(cfg).await?);
+        };
+        match self
+            .insert_assignment(user_id, p, port, false, old.map(|o| (o, cfg)), now)
+            .await
+        {
+            Ok(a) => Ok(Some(a)),
+            Err(UpstreamError::Store(StoreError::Db(e))) if is_unique(&e) => Ok(None),
+            Err(UpstreamError::Store(StoreError::Conflict { .. })) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// One transaction: quarantine `old` (if any, only if it is still the
@@ -477,21 +492,8 @@ impl Store {
             let Some(old) = self.upstream_assignment(user_id).await? else {
                 return self.assign_upstream_port(user_id, cfg).await;
             };
-            let now = now_ms();
-            let Some((p, port)) = self
-                .pick_port(cfg, user_id, Some((&old.provider, old.port)), now)
-                .await?
-            else {
-                return Err(self.exhausted(cfg).await?);
-            };
-            match self
-                .insert_assignment(user_id, p, port, false, Some((&old, cfg)), now)
-                .await
-            {
-                Ok(a) => return Ok(a),
-                Err(UpstreamError::Store(StoreError::Db(e))) if is_unique(&e) => continue,
-                Err(UpstreamError::Store(StoreError::Conflict { .. })) => continue,
-                Err(e) => return Err(e),
+            if let Some(a) = self.take_next_port(user_id, cfg, Some(&old)).await? {
+                return Ok(a);
             }
         }
         Err(UpstreamError::Contended(user_id.to_string()))
