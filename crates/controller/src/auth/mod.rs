@@ -359,6 +359,27 @@ impl Principal {
     }
 }
 
+/// `Debug` that prints `<redacted>` for the secret field, and a `Drop`
+/// that wipes it: the two things every secret-carrying type here needs.
+macro_rules! redacted {
+    ($ty:ident, $secret:ident, [$($field:ident),*]) => {
+        impl fmt::Debug for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($ty))
+                    $(.field(stringify!($field), &self.$field))*
+                    .field(stringify!($secret), &"<redacted>")
+                    .finish()
+            }
+        }
+
+        impl Drop for $ty {
+            fn drop(&mut self) {
+                self.$secret.zeroize();
+            }
+        }
+    };
+}
+
 /// A new dashboard login session. `cookie_value` is the secret to set as the
 /// [`SESSION_COOKIE`] cookie (HttpOnly, Secure, SameSite=Lax); borrow it, it
 /// is wiped when this value is dropped.
@@ -392,20 +413,7 @@ pub fn clear_session_cookie(secure: bool) -> String {
     )
 }
 
-impl fmt::Debug for LoginSession {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LoginSession")
-            .field("cookie_value", &"<redacted>")
-            .field("expires_at", &self.expires_at)
-            .finish()
-    }
-}
-
-impl Drop for LoginSession {
-    fn drop(&mut self) {
-        self.cookie_value.zeroize();
-    }
-}
+redacted!(LoginSession, cookie_value, [expires_at]);
 
 /// An API token's metadata (never its secret); also its API form.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -437,20 +445,7 @@ pub struct Ticket {
     pub expires_at: i64,
 }
 
-impl fmt::Debug for Ticket {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Ticket")
-            .field("value", &"<redacted>")
-            .field("expires_at", &self.expires_at)
-            .finish()
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.value.zeroize();
-    }
-}
+redacted!(Ticket, value, [expires_at]);
 
 /// A one-time login link token (first-start admin). Wiped on drop.
 #[derive(Clone)]
@@ -463,21 +458,7 @@ pub struct LoginLink {
     pub expires_at: i64,
 }
 
-impl fmt::Debug for LoginLink {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LoginLink")
-            .field("user_name", &self.user_name)
-            .field("token", &"<redacted>")
-            .field("expires_at", &self.expires_at)
-            .finish()
-    }
-}
-
-impl Drop for LoginLink {
-    fn drop(&mut self) {
-        self.token.zeroize();
-    }
-}
+redacted!(LoginLink, token, [user_name, expires_at]);
 
 /// Settings of [`Auth`].
 #[derive(Clone, Debug)]
@@ -781,5 +762,46 @@ mod tests {
             assert!(!d.contains("SECRETVALUE"), "{d}");
             assert!(d.contains("redacted"), "{d}");
         }
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let dbg = [
+            format!(
+                "{:?}",
+                LoginSession {
+                    cookie_value: "cookie-s3cret".into(),
+                    expires_at: 7
+                }
+            ),
+            format!(
+                "{:?}",
+                Ticket {
+                    value: "pdk_s3cret".into(),
+                    expires_at: 7
+                }
+            ),
+            format!(
+                "{:?}",
+                LoginLink {
+                    user_name: "admin".into(),
+                    token: "pdl_s3cret".into(),
+                    expires_at: 7
+                }
+            ),
+        ];
+        for d in &dbg {
+            assert!(
+                d.contains("<redacted>") && d.contains("expires_at: 7"),
+                "{d}"
+            );
+            assert!(!d.contains("s3cret"), "{d}");
+        }
+        assert!(dbg[2].contains("\"admin\""));
     }
 }
