@@ -94,6 +94,31 @@ setup_oidc() {
   fi
 }
 
+SCHEMATHESIS_VERSION=4.32.5
+
+setup_schemathesis() {
+  step "Schemathesis (tests/tests/api_schemathesis.rs)"
+  # The API fuzz test runs Schemathesis from PyPI in its own venv, made with
+  # Debian's python3 (its venv module is the python3-venv package).
+  mapfile -t missing < <(need_apt python3-venv)
+  if [ "${#missing[@]}" -gt 0 ] && [ -n "${missing[0]}" ]; then
+    echo "installing: ${missing[*]}"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+  # Recreated only when the pin changes (the stamp holds the pinned version).
+  local venv="$HOME/.cache/polydev/schemathesis"
+  if [ "$(cat "$venv/.polydev-pin" 2>/dev/null)" != "$SCHEMATHESIS_VERSION" ] || [ ! -x "$venv/bin/st" ]; then
+    echo "installing schemathesis==$SCHEMATHESIS_VERSION into $venv"
+    rm -rf "$venv"
+    /usr/bin/python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+    echo "$SCHEMATHESIS_VERSION" > "$venv/.polydev-pin"
+  else
+    echo "schemathesis $SCHEMATHESIS_VERSION present"
+  fi
+}
+
 build() {
   step "build"
   cargo build --release -p polydev
@@ -114,6 +139,7 @@ setup() {
   setup_apt
   setup_cargo_tools
   setup_oidc
+  setup_schemathesis
   build
   step "doctor"
   ./target/release/polydev doctor || true
