@@ -145,13 +145,18 @@ impl From<&Principal> for Me {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenCreate {
-    /// A label (1-100 printable characters).
-    #[schema(min_length = 1, max_length = 100)]
+    /// A label (1-100 printable characters, not only spaces).
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\x00-\\x1f\\x7f-\\x9f\\s][^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub name: String,
     /// At least one scope, within the caller's role.
     #[schema(min_items = 1)]
     pub scopes: Vec<Scope>,
     /// Expiry, milliseconds since the epoch; in the future. None: never.
+    #[serde(default, deserialize_with = "integral::option_i64")]
     pub expires_at: Option<i64>,
 }
 
@@ -287,8 +292,19 @@ pub enum VmKindView {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmCreate {
-    /// Only `cli`: browser VMs belong to connect sessions.
+    /// Only `cli`: browser VMs belong to connect sessions (documented as
+    /// `cli` alone; `browser` is still parsed, to answer with where browser
+    /// VMs come from).
+    #[schema(value_type = NewVmKind)]
     pub kind: VmKindView,
+}
+
+/// The kind of VM `POST /api/v1/vms` makes: the caller's CLI VM.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum NewVmKind {
+    /// The user's persistent CLI VM (one per user).
+    Cli,
 }
 
 /// A VM.
@@ -388,7 +404,7 @@ pub struct TicketRequest {
     /// Which stream.
     pub kind: StreamKind,
     /// The session (`ses-…`) whose desktop to open.
-    #[schema(min_length = 1, max_length = 80)]
+    #[schema(min_length = 1, max_length = 80, pattern = "^ses-[0-9a-f]{1,64}$")]
     pub resource_id: String,
 }
 
@@ -433,8 +449,9 @@ impl From<crate::store::User> for UserView {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserCreate {
-    /// Login name: 1-64 of a-z, 0-9, '-', '_', '.'.
-    #[schema(min_length = 1, max_length = 64)]
+    /// Login name: 1-64 of a-z, 0-9, '-', '_', '.', starting with a letter
+    /// or digit.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[a-z0-9][a-z0-9._-]*$")]
     pub name: String,
     /// Role (default `user`).
     pub role: Option<Role>,
@@ -475,5 +492,81 @@ pub struct PinRequest {
     pub provider: String,
     /// A port of its range.
     #[schema(minimum = 1, maximum = 65535)]
+    #[serde(deserialize_with = "integral::u16")]
     pub port: u16,
+}
+
+/// Integers in request bodies as JSON Schema counts them: `1074.0` is the
+/// integer 1074 (a client may serialize every number as a float), while
+/// `1074.5` and out-of-range values are refused.
+mod integral {
+    use serde::de::{Deserializer, Error, Unexpected};
+    use serde::Deserialize;
+
+    /// The number as an `i64` if it is a whole one that fits (serde's
+    /// usual "invalid type"/"invalid value" errors otherwise).
+    fn whole<'de, D: Deserializer<'de>>(
+        n: serde_json::Number,
+        expected: &str,
+    ) -> Result<i64, D::Error> {
+        if let Some(i) = n.as_i64() {
+            return Ok(i);
+        }
+        if let Some(u) = n.as_u64() {
+            return Err(D::Error::invalid_value(Unexpected::Unsigned(u), &expected));
+        }
+        match n.as_f64() {
+            // Inside ±2^63 every whole f64 converts to i64 exactly.
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.2e18 => Ok(f as i64),
+            Some(f) if f.fract() == 0.0 => {
+                Err(D::Error::invalid_value(Unexpected::Float(f), &expected))
+            }
+            Some(f) => Err(D::Error::invalid_type(Unexpected::Float(f), &expected)),
+            None => Err(D::Error::custom(format!("{n}: expected {expected}"))),
+        }
+    }
+
+    /// A whole number that fits a `u16`.
+    pub fn u16<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+        const EXPECTED: &str = "a whole number in 0..=65535";
+        let n = whole::<D>(serde_json::Number::deserialize(d)?, EXPECTED)?;
+        u16::try_from(n).map_err(|_| D::Error::invalid_value(Unexpected::Signed(n), &EXPECTED))
+    }
+
+    /// An optional whole number that fits an `i64` (`null`: none).
+    pub fn option_i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        Option::<serde_json::Number>::deserialize(d)?
+            .map(|n| whole::<D>(n, "a whole number of milliseconds"))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_floats_are_integers_and_fractions_or_overflow_are_not() {
+        let pin = |port: &str| {
+            serde_json::from_str::<PinRequest>(&format!(r#"{{"provider":"p","port":{port}}}"#))
+                .map(|r| r.port)
+        };
+        assert_eq!(pin("1074").unwrap(), 1074);
+        assert_eq!(pin("1074.0").unwrap(), 1074);
+        assert_eq!(pin("1e3").unwrap(), 1000);
+        for bad in ["1074.5", "65536", "-1", "1e300", "\"80\""] {
+            assert!(pin(bad).is_err(), "{bad}");
+        }
+        let exp = |body: &str| serde_json::from_str::<TokenCreate>(body).map(|t| t.expires_at);
+        assert_eq!(exp(r#"{"name":"n","scopes":[]}"#).unwrap(), None);
+        assert_eq!(
+            exp(r#"{"name":"n","scopes":[],"expires_at":null}"#).unwrap(),
+            None
+        );
+        assert_eq!(
+            exp(r#"{"name":"n","scopes":[],"expires_at":1.8e12}"#).unwrap(),
+            Some(1_800_000_000_000)
+        );
+        assert!(exp(r#"{"name":"n","scopes":[],"expires_at":0.5}"#).is_err());
+    }
 }

@@ -216,9 +216,16 @@ mod tests {
         let doc = super::json();
         let paths = doc["paths"].as_object().unwrap();
         assert!(paths.len() >= 20, "{}", paths.len());
+        // Unique, as OpenAPI requires (clients and test tools key on them).
+        let mut ids = std::collections::HashSet::new();
         for (path, item) in paths {
             for (method, op) in item.as_object().unwrap() {
                 assert!(op["operationId"].is_string(), "{method} {path}");
+                assert!(
+                    ids.insert(op["operationId"].to_string()),
+                    "{method} {path}: operationId {} is used twice",
+                    op["operationId"]
+                );
                 assert!(op["responses"]["4XX"].is_object(), "{method} {path}");
             }
         }

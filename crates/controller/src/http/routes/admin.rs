@@ -51,7 +51,7 @@ pub async fn create_user(
 
 /// A one-time login link for an account (lost password, new account).
 #[utoipa::path(post, path = "/api/v1/admin/users/{id}/login-link", tag = "admin",
-    params(("id" = String, Path, description = "`usr-…`")),
+    params(("id" = String, Path, description = "`usr-…`", pattern = "^usr-[0-9a-f]{1,64}$")),
     responses((status = 201, body = LoginLinkView)))]
 pub async fn login_link(
     State(st): State<AppState>,
@@ -90,7 +90,7 @@ pub async fn upstreams(
 
 /// Pin a user to a chosen port (the port must be free).
 #[utoipa::path(put, path = "/api/v1/admin/upstreams/{user_id}", tag = "admin",
-    params(("user_id" = String, Path, description = "`usr-…`")),
+    params(("user_id" = String, Path, description = "`usr-…`", pattern = "^usr-[0-9a-f]{1,64}$")),
     request_body = PinRequest,
     responses((status = 200, body = Assignment)))]
 pub async fn pin(
@@ -111,7 +111,7 @@ pub async fn pin(
 
 /// Release a user's port (it goes into quarantine).
 #[utoipa::path(delete, path = "/api/v1/admin/upstreams/{user_id}", tag = "admin",
-    params(("user_id" = String, Path, description = "`usr-…`")),
+    params(("user_id" = String, Path, description = "`usr-…`", pattern = "^usr-[0-9a-f]{1,64}$")),
     responses((status = 200, description = "The released assignment", body = Assignment)))]
 pub async fn release(
     State(st): State<AppState>,
@@ -129,7 +129,7 @@ pub async fn release(
 
 /// Give a user a different port (the old one goes into quarantine).
 #[utoipa::path(post, path = "/api/v1/admin/upstreams/{user_id}/rotate", tag = "admin",
-    params(("user_id" = String, Path, description = "`usr-…`")),
+    params(("user_id" = String, Path, description = "`usr-…`", pattern = "^usr-[0-9a-f]{1,64}$")),
     responses((status = 200, body = Assignment)))]
 pub async fn rotate(
     State(st): State<AppState>,

@@ -156,7 +156,7 @@ pub async fn create_token(
 
 /// Revoke one of the caller's tokens (idempotent).
 #[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens",
-    params(("id" = String, Path, description = "`tok-…`")),
+    params(("id" = String, Path, description = "`tok-…`", pattern = "^tok-[0-9a-f]{1,64}$")),
     responses((status = 204, description = "Revoked")))]
 pub async fn revoke_token(
     State(st): State<AppState>,

@@ -48,7 +48,7 @@ pub(super) async fn own_session(
 }
 
 /// Start connecting a provider: a browser VM boots with its login.
-#[utoipa::path(post, path = "/api/v1/sessions", tag = "sessions",
+#[utoipa::path(post, path = "/api/v1/sessions", operation_id = "create_session", tag = "sessions",
     request_body = SessionCreate,
     responses((status = 201, body = SessionView, headers(("location" = String, description = "The session's URL")))))]
 pub async fn create(
@@ -76,7 +76,7 @@ pub async fn create(
 }
 
 /// The caller's sessions, oldest first.
-#[utoipa::path(get, path = "/api/v1/sessions", tag = "sessions",
+#[utoipa::path(get, path = "/api/v1/sessions", operation_id = "list_sessions", tag = "sessions",
     responses((status = 200, body = [SessionView])))]
 pub async fn list(
     State(st): State<AppState>,
@@ -88,8 +88,8 @@ pub async fn list(
 }
 
 /// One of the caller's sessions.
-#[utoipa::path(get, path = "/api/v1/sessions/{id}", tag = "sessions",
-    params(("id" = String, Path, description = "`ses-…`")),
+#[utoipa::path(get, path = "/api/v1/sessions/{id}", operation_id = "get_session", tag = "sessions",
+    params(("id" = String, Path, description = "`ses-…`", pattern = "^ses-[0-9a-f]{1,64}$")),
     responses((status = 200, body = SessionView)))]
 pub async fn get(
     State(st): State<AppState>,
@@ -105,7 +105,7 @@ pub async fn get(
 /// Cancel a session that has not stored a credential yet; its browser VM
 /// is then destroyed. A finished session is a conflict.
 #[utoipa::path(post, path = "/api/v1/sessions/{id}/cancel", tag = "sessions",
-    params(("id" = String, Path, description = "`ses-…`")),
+    params(("id" = String, Path, description = "`ses-…`", pattern = "^ses-[0-9a-f]{1,64}$")),
     responses((status = 200, body = SessionView)))]
 pub async fn cancel(
     State(st): State<AppState>,
@@ -167,7 +167,7 @@ fn sse_event(e: EventView) -> SseEvent {
 /// the JSON below), live, until the session is final (then an `end` event)
 /// or the server shuts down; `Last-Event-ID` resumes after that event.
 #[utoipa::path(get, path = "/api/v1/sessions/{id}/events", tag = "sessions",
-    params(("id" = String, Path, description = "`ses-…`"),
+    params(("id" = String, Path, description = "`ses-…`", pattern = "^ses-[0-9a-f]{1,64}$"),
         ("last-event-id" = Option<i64>, Header, description = "SSE: resume after this event id")),
     responses((status = 200, content(
         ([EventView] = "application/json"),

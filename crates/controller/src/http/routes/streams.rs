@@ -25,8 +25,15 @@ pub const VNC_PORT: u16 = 5900;
 /// The desktop of a connect session, as a WebSocket (binary frames: the
 /// RFB protocol; subprotocol `binary` accepted). Needs a `desktop` ticket
 /// for this session; without a WebSocket upgrade the answer is 426.
+// The handshake headers are documented as what a client must send (the
+// values a WebSocket client sends; `Connection` may also list other tokens).
 #[utoipa::path(get, path = "/api/v1/sessions/{id}/desktop", tag = "streams", security(()),
-    params(("id" = String, Path, description = "`ses-…`"), StreamQuery),
+    params(("id" = String, Path, description = "`ses-…`", pattern = "^ses-[0-9a-f]{1,64}$"), StreamQuery,
+        ("connection" = String, Header, description = "WebSocket handshake", pattern = "^Upgrade$"),
+        ("upgrade" = String, Header, description = "WebSocket handshake", pattern = "^websocket$"),
+        ("sec-websocket-version" = String, Header, description = "WebSocket handshake", pattern = "^13$"),
+        ("sec-websocket-key" = String, Header, description = "WebSocket handshake: 16 random bytes, base64",
+            pattern = "^[A-Za-z0-9+/]{22}==$")),
     responses((status = 101, description = "Switching to the WebSocket")))]
 pub async fn desktop(
     State(st): State<AppState>,

@@ -23,7 +23,7 @@ async fn own_vm(st: &AppState, user_id: &str, id: &str) -> Result<Vm, ApiError> 
 }
 
 /// The caller's VMs, oldest first (finished ones included).
-#[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
+#[utoipa::path(get, path = "/api/v1/vms", operation_id = "list_vms", tag = "vms",
     responses((status = 200, body = [VmView])))]
 pub async fn list(
     State(st): State<AppState>,
@@ -35,8 +35,8 @@ pub async fn list(
 }
 
 /// One of the caller's VMs.
-#[utoipa::path(get, path = "/api/v1/vms/{id}", tag = "vms",
-    params(("id" = String, Path, description = "`vm-…`")),
+#[utoipa::path(get, path = "/api/v1/vms/{id}", operation_id = "get_vm", tag = "vms",
+    params(("id" = String, Path, description = "`vm-…`", pattern = "^vm-[0-9a-f]{1,64}$")),
     responses((status = 200, body = VmView)))]
 pub async fn get(
     State(st): State<AppState>,
@@ -48,7 +48,7 @@ pub async fn get(
 }
 
 /// Ask for the caller's CLI VM (one per user; a second is a conflict).
-#[utoipa::path(post, path = "/api/v1/vms", tag = "vms",
+#[utoipa::path(post, path = "/api/v1/vms", operation_id = "create_vm", tag = "vms",
     request_body = VmCreate,
     responses((status = 201, body = VmView)))]
 pub async fn create(
@@ -77,7 +77,7 @@ pub async fn create(
 /// Destroy one of the caller's CLI VMs (its disk goes with it). Answers
 /// at once; the VM passes through `stopping` to `destroyed`.
 #[utoipa::path(delete, path = "/api/v1/vms/{id}", tag = "vms",
-    params(("id" = String, Path, description = "`vm-…`")),
+    params(("id" = String, Path, description = "`vm-…`", pattern = "^vm-[0-9a-f]{1,64}$")),
     responses((status = 202, body = VmView)))]
 pub async fn destroy(
     State(st): State<AppState>,
@@ -131,7 +131,7 @@ pub async fn credentials(
 /// Delete the caller's credential for a provider (connect it again to get
 /// a new one). Copies already delivered into a VM are not touched.
 #[utoipa::path(delete, path = "/api/v1/credentials/{provider}", tag = "credentials",
-    params(("provider" = String, Path, description = "Provider id")),
+    params(("provider" = String, Path, description = "Provider id", max_length = 64, pattern = "^[a-z0-9][a-z0-9_-]*$")),
     responses((status = 204, description = "Deleted")))]
 pub async fn delete_credential(
     State(st): State<AppState>,
