@@ -23,29 +23,28 @@ const VERSION: &str = "4.32.5";
 /// Fixed, so a failure reproduces with the same cases.
 const SEED: &str = "20261122";
 /// Examples per operation and phase: enough to reach every documented
-/// constraint, bounded so the run stays around two minutes on 2 cores.
-const MAX_EXAMPLES: &str = "25";
+/// constraint, bounded so the run stays under two minutes on 2 cores
+/// (about 1300 requests at the rate limit below).
+const MAX_EXAMPLES: &str = "20";
 /// Past this the run is killed and the test fails.
 const RUN_LIMIT: Duration = Duration::from_secs(240);
 
 /// Per-operation settings, each with its reason. Everything else runs
 /// every check with its defaults.
 const CONFIG: &str = r#"
-# DELETE /api/v1/vms/{id} answers 202: the VM moves to `stopping` and the
-# driver destroys it later (there is no driver here); the record, with its
-# final state, stays readable by design (GET /vms lists finished VMs too).
-# A 200 after that 202 is therefore not a use after free.
-[[operations]]
-include-operation-id = "get_vm"
-checks.use_after_free.enabled = false
-
 # Which values are acceptable here depends on state the schema cannot
 # express, so a schema-valid body may be refused with 422 (and nothing
 # else): the provider must be one the server has configured (GET
 # /api/v1/providers, not a fixed list), and a token's expires_at must lie
-# in the future.
+# in the future. Pinning an upstream port names an upstream provider from
+# the operator's config, and `polydev server --no-driver` has none.
+[[operations]]
+include-operation-id = "pin"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
+
 [[operations]]
 include-operation-id = "create_session"
+parameters = { "body.provider" = { dictionary = "providers", probability = 0.5 } }
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
 
 [[operations]]
@@ -171,6 +170,57 @@ fn admin_token(addr: &str, link: &str) -> String {
         .to_string()
 }
 
+/// Values that exist on this server, which Schemathesis mixes into half of
+/// its generated values (the rest stay random): the configured providers
+/// (so sessions get created, and the stateful phase follows them to get,
+/// events and cancel) and the admin's user id (so the upstream and
+/// login-link operations reach more than "no such user").
+fn known_values(addr: &str, token: &str) -> String {
+    let auth = format!("Bearer {token}");
+    let get = |path: &str| {
+        let a = call(addr, "GET", path, &[("authorization", &auth)], None);
+        assert_eq!(
+            a.status,
+            200,
+            "{path}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        a.json()
+    };
+    let providers: Vec<serde_json::Value> = get("/api/v1/providers")
+        .as_array()
+        .expect("a list of providers")
+        .iter()
+        .map(|p| p["id"].clone())
+        .collect();
+    assert!(!providers.is_empty(), "no providers configured");
+    let me = get("/api/v1/me")["id"].clone();
+    let list = |v: &[serde_json::Value]| serde_json::to_string(v).expect("JSON");
+    format!(
+        r#"
+[dictionaries.providers]
+values = {providers}
+
+[dictionaries.users]
+values = {users}
+
+[[operations]]
+include-operation-id = "delete_credential"
+parameters = {{ "path.provider" = {{ dictionary = "providers", probability = 0.5 }} }}
+
+[[operations]]
+include-path-regex = "^/api/v1/admin/upstreams/"
+parameters = {{ "path.user_id" = {{ dictionary = "users", probability = 0.5 }} }}
+
+[[operations]]
+include-operation-id = "login_link"
+parameters = {{ "path.id" = {{ dictionary = "users", probability = 0.5 }} }}
+"#,
+        providers = list(&providers),
+        users = list(&[me]),
+    )
+}
+
 #[test]
 fn the_api_conforms_to_its_openapi_document() {
     let st = schemathesis();
@@ -182,7 +232,8 @@ fn the_api_conforms_to_its_openapi_document() {
     let token = admin_token(&addr, &link);
 
     let config = dir.path().join("schemathesis.toml");
-    std::fs::write(&config, CONFIG).expect("write config");
+    std::fs::write(&config, format!("{}{CONFIG}", known_values(&addr, &token)))
+        .expect("write config");
     let out_path = dir.path().join("st.out");
     let out = std::fs::File::create(&out_path).expect("output file");
     let started = Instant::now();
@@ -193,6 +244,16 @@ fn the_api_conforms_to_its_openapi_document() {
         .arg("run")
         .arg(format!("http://{addr}/api/v1/openapi.json"))
         .args(["--checks", "all"])
+        // use_after_free (a GET answering 200 after a DELETE of the same
+        // path) can only meet one pair here, DELETE then GET
+        // /api/v1/vms/{id}, and there it is wrong by design: the DELETE
+        // answers 202, the VM moves to `stopping` for the driver to
+        // destroy (there is no driver here), and a VM record stays
+        // readable with its final state (GET /vms lists finished VMs too).
+        // The other DELETEs have no GET on their path, and token
+        // revocation is excluded below. (A per-operation setting does not
+        // reach this check in the stateful phase.)
+        .args(["--exclude-checks", "use_after_free"])
         // Revoking a token could revoke this run's own (the stateful phase
         // feeds ids from GET /tokens into it), and every later request
         // would be a 401 that tests nothing. Its refusals (bad id,
@@ -204,7 +265,7 @@ fn the_api_conforms_to_its_openapi_document() {
         .args(["--workers", "1"])
         // Under the per-credential rate limit (20/s, burst 60): a 429 is a
         // documented answer, but it would test nothing else.
-        .args(["--rate-limit", "15/s", "--request-timeout", "20"])
+        .args(["--rate-limit", "18/s", "--request-timeout", "20"])
         .args(["--header", &format!("Authorization: Bearer {token}")])
         .args(["--output-truncate", "false"])
         .current_dir(dir.path())

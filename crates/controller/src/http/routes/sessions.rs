@@ -168,7 +168,7 @@ fn sse_event(e: EventView) -> SseEvent {
 /// or the server shuts down; `Last-Event-ID` resumes after that event.
 #[utoipa::path(get, path = "/api/v1/sessions/{id}/events", tag = "sessions",
     params(("id" = String, Path, description = "`ses-…`", pattern = "^ses-[0-9a-f]{1,64}$"),
-        ("last-event-id" = Option<i64>, Header, description = "SSE: resume after this event id")),
+        ("last-event-id" = Option<i64>, Header, nullable = false, description = "SSE: resume after this event id")),
     responses((status = 200, content(
         ([EventView] = "application/json"),
         (String = "text/event-stream")))))]
@@ -180,10 +180,8 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     p.require(Scope::SessionsRead)?;
     own_session(&st, &p.user_id, &id).await?;
-    if !wants_sse(&headers) {
-        let evs = st.store.events_for("session", &id).await?;
-        return Ok(Json(evs.into_iter().map(EventView::from).collect::<Vec<_>>()).into_response());
-    }
+    // Checked whichever form is asked for: a malformed header is an error,
+    // not silently ignored.
     let after = match headers.get("last-event-id") {
         None => 0,
         Some(v) => v
@@ -194,6 +192,10 @@ pub async fn events(
                 ApiError::bad_request("Last-Event-ID must be an event id (an integer)")
             })?,
     };
+    if !wants_sse(&headers) {
+        let evs = st.store.events_for("session", &id).await?;
+        return Ok(Json(evs.into_iter().map(EventView::from).collect::<Vec<_>>()).into_response());
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(32);
     let st2 = st.clone();
     tokio::spawn(async move {
