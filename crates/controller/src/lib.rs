@@ -9,12 +9,14 @@
 //! * [`providers`]: the provider definitions (`providers/*.toml`).
 //! * [`driver`]: the loop that advances VM and session records through the host agent.
 //! * [`upstream`]: the operator's upstream proxy providers (per-user ports: `store`).
+//! * [`pgtemp`]: a throwaway PostgreSQL server (tests and `polydev bench api`).
 #![warn(missing_docs)]
 
 pub mod auth;
 pub mod driver;
 pub mod http;
 pub mod metrics;
+pub mod pgtemp;
 pub mod providers;
 pub mod recovery;
 pub mod state;

@@ -1,17 +1,14 @@
 //! Test harness: a store on a fresh SQLite file, or on a real PostgreSQL
-//! server that the harness starts itself (Debian's `postgresql` package:
+//! server that the harness starts itself ([`polydev_controller::pgtemp`]:
 //! `initdb` into a temp dir, listening only on a Unix socket in that dir).
 //! No test is ever skipped for a missing server: it fails and says how to
 //! install one.
 
 #![allow(dead_code)]
 
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
+use polydev_controller::pgtemp::PgTemp;
 use polydev_controller::store::Store;
 
 /// Which database a test runs on.
@@ -102,185 +99,26 @@ macro_rules! both_backends {
     )*};
 }
 
-/// A private PostgreSQL server in a temp dir, killed and removed on drop.
-pub struct Postgres {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket_dir: PathBuf,
-}
-
-const HOW_TO_INSTALL: &str = "PostgreSQL server binaries (initdb, postgres) not found in \
-$POLYDEV_PG_BINDIR or /usr/lib/postgresql/<version>/bin: run `./polydev.sh setup` \
-(installs Debian's `postgresql` package) or `apt-get install postgresql`";
-
-fn pg_bindir() -> PathBuf {
-    if let Ok(d) = std::env::var("POLYDEV_PG_BINDIR") {
-        let d = PathBuf::from(d);
-        assert!(d.join("initdb").exists(), "{HOW_TO_INSTALL}");
-        return d;
-    }
-    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let v: u32 = e.file_name().to_str()?.parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").exists().then_some((v, bin))
-        })
-        .collect();
-    found.sort();
-    found.pop().map(|(_, b)| b).expect(HOW_TO_INSTALL)
-}
-
-/// (uid, gid) of the `postgres` system user: PostgreSQL refuses to run as root.
-fn postgres_ids() -> Option<(u32, u32)> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return None;
-    }
-    let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
-    let line = passwd.lines().find(|l| l.starts_with("postgres:")).expect(
-        "running as root needs the `postgres` system user (created by Debian's postgresql package)",
-    );
-    let f: Vec<&str> = line.split(':').collect();
-    Some((f[2].parse().unwrap(), f[3].parse().unwrap()))
-}
-
-fn as_pg_user(cmd: &mut Command, ids: Option<(u32, u32)>) -> &mut Command {
-    if let Some((uid, gid)) = ids {
-        cmd.uid(uid).gid(gid);
-    }
-    cmd
-}
+/// The throwaway PostgreSQL server (shared with `polydev bench api`), with
+/// the panicking calls tests want: a missing server fails the test with
+/// the install hint, never skips it.
+pub struct Postgres(PgTemp);
 
 impl Postgres {
     pub fn start() -> Postgres {
-        let bindir = pg_bindir();
-        let ids = postgres_ids();
-        let dir = tempfile::tempdir().expect("tempdir");
-        if let Some((uid, gid)) = ids {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown pg dir");
-            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        }
-        let data = dir.path().join("data");
-        let out = as_pg_user(&mut Command::new(bindir.join("initdb")), ids)
-            .args([
-                "--no-sync",
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--no-instructions",
-                "-D",
-            ])
-            .arg(&data)
-            .current_dir(dir.path())
-            .output()
-            .expect(HOW_TO_INSTALL);
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let socket_dir = dir.path().to_path_buf();
-        let log = std::fs::File::create(dir.path().join("postgres.log")).unwrap();
-        if let Some((uid, gid)) = ids {
-            std::os::unix::fs::chown(dir.path().join("postgres.log"), Some(uid), Some(gid))
-                .unwrap();
-        }
-        let mut cmd = Command::new(bindir.join("postgres"));
-        as_pg_user(&mut cmd, ids)
-            .arg("-D")
-            .arg(&data)
-            .arg("-k")
-            .arg(&socket_dir)
-            // Unix socket only: no TCP port to collide with other tests.
-            .args(["-c", "listen_addresses=", "-F", "-c", "max_connections=60"])
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        // SAFETY: prctl is async-signal-safe. The server dies with this test
-        // process even on SIGKILL (set after the uid change, which would
-        // otherwise clear it).
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect(HOW_TO_INSTALL);
-        let pg = Postgres {
-            child,
-            dir,
-            socket_dir,
-        };
-        pg.wait_ready();
-        pg
-    }
-
-    fn wait_ready(&self) {
-        let sock = self.socket_dir.join(".s.PGSQL.5432");
-        let t0 = Instant::now();
-        while !sock.exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "postgres did not start: {}",
-                std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn url(&self, db: &str) -> String {
-        format!(
-            "postgres://postgres@localhost/{db}?host={}&port=5432",
-            self.socket_dir.display()
-        )
+        Postgres(PgTemp::start().unwrap_or_else(|e| panic!("{e}")))
     }
 
     /// A fresh database for one test.
     pub async fn create_database(&self) -> String {
-        use sqlx::Connection;
-        let mut b = [0u8; 6];
-        getrandom::fill(&mut b).unwrap();
-        let name = format!("t_{}", hex::encode(b));
-        let t0 = Instant::now();
-        let mut conn = loop {
-            // The socket appears slightly before the server accepts logins.
-            match sqlx::PgConnection::connect(&self.url("postgres")).await {
-                Ok(c) => break c,
-                Err(e) if t0.elapsed() < Duration::from_secs(30) => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("cannot connect to test postgres: {e}"),
-            }
-        };
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
+        self.0
+            .create_database()
             .await
-            .unwrap();
-        conn.close().await.unwrap();
-        self.url(&name)
+            .unwrap_or_else(|e| panic!("cannot create a test database: {e}"))
     }
 
     pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        // SIGQUIT = immediate shutdown; the data dir is thrown away anyway.
-        // SAFETY: signalling our own child by pid.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGQUIT);
-        }
-        let _ = self.child.wait();
+        self.0.dir()
     }
 }
 
