@@ -27,6 +27,9 @@ pub enum BenchCmd {
     Egress(crate::bench_egress::EgressBenchArgs),
     /// Browser VMs: create to "desktop ready" and idle host memory.
     Desktop(crate::bench_desktop::DesktopBenchArgs),
+    /// Controller HTTP API: session create/read req/s and latency under
+    /// concurrent load, on SQLite and PostgreSQL.
+    Api(crate::bench_api::ApiBenchArgs),
 }
 
 /// Print min/median/max of `v`.
@@ -62,6 +65,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
         BenchCmd::Vm { runs, accel } => (runs, accel),
         BenchCmd::Egress(a) => return crate::bench_egress::run(a).await,
         BenchCmd::Desktop(a) => return crate::bench_desktop::run(a).await,
+        BenchCmd::Api(a) => return crate::bench_api::run(a).await,
     };
     let runs = runs.max(1);
     let tmp = tempfile::Builder::new()

@@ -2,6 +2,7 @@
 
 mod artifacts;
 mod bench;
+mod bench_api;
 mod bench_desktop;
 mod bench_egress;
 mod controller_run;
