@@ -179,32 +179,40 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
     let m2 = Arc::clone(&mgr);
-    let served = match controller_task {
-        // The controller failing (bad database URL, port taken) ends `up`
-        // too, with its error.
+    let flat = |c: Result<anyhow::Result<()>, tokio::task::JoinError>| match c {
+        Ok(r) => r.context("the controller stopped"),
+        Err(e) => Err(anyhow::anyhow!("the controller task failed: {e}")),
+    };
+    // (host agent, controller): a failed controller (bad database URL, port
+    // taken) ends `up` too; a host agent that could not serve (another one
+    // holds the socket) stops the controller.
+    let (served, controller) = match controller_task {
         Some(mut task) => {
             let host = polydev_host::server::serve(mgr, &socket, stop);
             tokio::pin!(host);
-            let flat = |c: Result<anyhow::Result<()>, tokio::task::JoinError>| match c {
-                Ok(r) => r.context("the controller stopped"),
-                Err(e) => Err(anyhow::anyhow!("the controller task failed: {e}")),
-            };
             tokio::select! {
-                r = &mut host => {
-                    let c = flat(task.await);
-                    r.context("serving the host API").and(c)
-                }
-                c = &mut task => flat(c),
+                r = &mut host => match r {
+                    Ok(()) => (Ok(()), flat(task.await)),
+                    Err(e) => {
+                        task.abort();
+                        let _ = task.await;
+                        (Err(e), Ok(()))
+                    }
+                },
+                c = &mut task => (Ok(()), flat(c)),
             }
         }
-        None => polydev_host::server::serve(mgr, &socket, stop)
-            .await
-            .context("serving the host API"),
+        None => (
+            polydev_host::server::serve(mgr, &socket, stop).await,
+            Ok(()),
+        ),
     };
+    // Not serving means the socket is someone else's: leave it alone.
+    served.context("serving the host API")?;
     // VMs keep running; the next host agent adopts them.
     m2.detach();
     let _ = std::fs::remove_file(&socket);
-    served?;
+    controller?;
     eprintln!("host agent stopped; VMs keep running and will be adopted on the next start");
     Ok(0)
 }

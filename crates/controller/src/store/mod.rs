@@ -166,6 +166,17 @@ impl Dialect {
     }
 }
 
+/// SQLITE_BUSY (any extended code of it).
+fn sqlite_busy(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => d
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| c & 0xff == 5),
+        _ => false,
+    }
+}
+
 /// Strip the password from a URL before it goes into an error or a log.
 fn redact(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://") {
@@ -362,6 +373,25 @@ impl Store {
     }
 
     async fn open_sqlite(opts: SqliteConnectOptions, shown: &str) -> Result<Self, StoreError> {
+        // Switching a new file to WAL takes a lock SQLite does not wait for
+        // (no busy handler): controllers opening a fresh file at the same
+        // moment get SQLITE_BUSY and try again shortly.
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(10);
+        loop {
+            match Self::open_sqlite_once(opts.clone(), shown).await {
+                Err(StoreError::Open { source, .. })
+                    if sqlite_busy(&source) && started.elapsed().as_secs() < 10 =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_millis(200));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn open_sqlite_once(opts: SqliteConnectOptions, shown: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let open_err = |source| StoreError::Open {
             url: shown.to_string(),
