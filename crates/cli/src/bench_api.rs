@@ -386,8 +386,8 @@ pub async fn run(a: ApiBenchArgs) -> anyhow::Result<i32> {
     println!(
         "polydev bench api: {} workers x 1 keep-alive HTTP/1.1 connection, {} s per phase \
          after {} s warm-up; client and server in this process on 127.0.0.1, {cpus} CPUs; \
-         rate limits off, no VM driver; the per-request access log goes to stderr as in \
-         production (POLYDEV_LOG=warn leaves it out)",
+         rate limits off, no VM driver; the per-request access log is off (POLYDEV_LOG=info \
+         turns it on)",
         a.concurrency.max(1),
         a.duration_s.max(1),
         a.warmup_s

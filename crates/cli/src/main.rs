@@ -74,8 +74,14 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
+    // The API bench would otherwise time the access log (one line per
+    // request on stderr) as much as the API itself.
+    let default_filter = match &cli.cmd {
+        Cmd::Bench(bench::BenchCmd::Api(_)) => "info,polydev_controller::http=warn",
+        _ => "info",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("POLYDEV_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -6,7 +6,9 @@
 //! authentication for the `postgres` role. When running as root the server
 //! runs as the `postgres` system user (PostgreSQL refuses root). Dropping
 //! the [`PgTemp`] stops the server (immediate shutdown) and removes the dir;
-//! the server also dies with this process, even on SIGKILL.
+//! the server also dies with this process, even on SIGKILL (it is spawned
+//! from a keeper thread that lives as long as the [`PgTemp`], so the caller
+//! may start it from any thread, `spawn_blocking` included).
 //!
 //! The binaries are looked up in `$POLYDEV_PG_BINDIR`, else the newest
 //! `/usr/lib/postgresql/<version>/bin`; when missing, [`PgTempError::NotInstalled`]
@@ -17,6 +19,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// How to get the server binaries when they are missing.
@@ -55,8 +58,54 @@ pub enum PgTempError {
 
 /// A private PostgreSQL server in a temp dir, killed and removed on drop.
 pub struct PgTemp {
-    child: Child,
+    /// Dropping it tells the keeper thread to stop the server.
+    stop: Option<mpsc::Sender<()>>,
+    /// The thread that spawned the server and waits to stop it.
+    keeper: Option<std::thread::JoinHandle<()>>,
     dir: tempfile::TempDir,
+}
+
+/// Spawn the server from a thread of our own that lives until the
+/// [`PgTemp`] is dropped. `PR_SET_PDEATHSIG` fires when the *thread* that
+/// spawned the child exits, not the process: spawned from a caller's
+/// short-lived thread (tokio's `spawn_blocking` pool retires idle threads
+/// after 10 s) the server would be killed mid-use.
+fn spawn_keeper(
+    mut cmd: Command,
+) -> Result<(mpsc::Sender<()>, std::thread::JoinHandle<()>), PgTempError> {
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let (spawned_tx, spawned_rx) = mpsc::channel::<std::io::Result<()>>();
+    let keeper = std::thread::Builder::new()
+        .name("pgtemp".into())
+        .spawn(move || {
+            let mut child: Child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = spawned_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = spawned_tx.send(Ok(()));
+            // Returns when the PgTemp drops its sender.
+            let _ = stop_rx.recv();
+            // SIGQUIT = immediate shutdown; the data dir is thrown away anyway.
+            // SAFETY: signalling our own child by pid.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGQUIT);
+            }
+            let _ = child.wait();
+        })?;
+    match spawned_rx.recv() {
+        Ok(Ok(())) => Ok((stop_tx, keeper)),
+        Ok(Err(e)) => {
+            let _ = keeper.join();
+            Err(e.into())
+        }
+        Err(_) => {
+            let _ = keeper.join();
+            Err(std::io::Error::other("pgtemp keeper thread ended early").into())
+        }
+    }
 }
 
 /// The directory holding `initdb` and `postgres`.
@@ -169,17 +218,21 @@ impl PgTemp {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        // SAFETY: prctl is async-signal-safe. The server dies with this
-        // process even on SIGKILL (set after the uid change, which would
-        // otherwise clear it).
+        // SAFETY: prctl is async-signal-safe. The server dies with its
+        // spawning (keeper) thread, so with this process even on SIGKILL
+        // (set after the uid change, which would otherwise clear it).
         unsafe {
             cmd.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 Ok(())
             });
         }
-        let child = cmd.spawn()?;
-        let pg = PgTemp { child, dir };
+        let (stop, keeper) = spawn_keeper(cmd)?;
+        let pg = PgTemp {
+            stop: Some(stop),
+            keeper: Some(keeper),
+            dir,
+        };
         pg.wait_socket()?;
         Ok(pg)
     }
@@ -242,11 +295,10 @@ impl PgTemp {
 
 impl Drop for PgTemp {
     fn drop(&mut self) {
-        // SIGQUIT = immediate shutdown; the data dir is thrown away anyway.
-        // SAFETY: signalling our own child by pid.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGQUIT);
+        // The keeper stops the server and reaps it; the temp dir goes after.
+        drop(self.stop.take());
+        if let Some(k) = self.keeper.take() {
+            let _ = k.join();
         }
-        let _ = self.child.wait();
     }
 }

@@ -56,7 +56,7 @@ impl Auth {
         let token = new_secret(PREFIX)?;
         let now = now_ms();
         let expires_at = now.saturating_add(ms(self.cfg.login_link_ttl));
-        let mut tx = self.store.pool().begin().await?;
+        let mut tx = self.store.begin_write().await?;
         sqlx::query(
             "INSERT INTO login_links (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
         )
@@ -95,7 +95,7 @@ impl Auth {
         }
         let h = hash(token);
         let now = now_ms();
-        let mut tx = self.store.pool().begin().await?;
+        let mut tx = self.store.begin_write().await?;
         let done = sqlx::query(
             "UPDATE login_links SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1",
         )

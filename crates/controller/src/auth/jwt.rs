@@ -443,7 +443,7 @@ impl Auth {
         let name = format!("ext-{}", &hash(&format!("{issuer}\n{subject}"))[..16]);
         let now = crate::util::now_ms();
         let id = crate::util::new_id("usr")?;
-        let mut tx = self.store.pool().begin().await?;
+        let mut tx = self.store.begin_write().await?;
         let ins = sqlx::query(
             "INSERT INTO users (id, name, role, password_hash, created_at) VALUES ($1, $2, 'user', NULL, $3)",
         )

@@ -611,21 +611,28 @@ impl Auth {
     pub async fn purge_expired(&self) -> Result<u64, AuthError> {
         let now = crate::util::now_ms();
         let idle = ms(self.cfg.session_idle);
-        let mut n =
-            sqlx::query("DELETE FROM login_sessions WHERE expires_at <= $1 OR last_seen_at <= $2")
+        let mut n = self
+            .store
+            .write_one(
+                sqlx::query(
+                    "DELETE FROM login_sessions WHERE expires_at <= $1 OR last_seen_at <= $2",
+                )
                 .bind(now)
-                .bind(now.saturating_sub(idle))
-                .execute(self.store.pool())
-                .await?
-                .rows_affected();
-        for table in ["stream_tickets", "login_links"] {
-            n += sqlx::query(&format!(
-                "DELETE FROM {table} WHERE expires_at <= $1 OR used_at IS NOT NULL"
-            ))
-            .bind(now)
-            .execute(self.store.pool())
+                .bind(now.saturating_sub(idle)),
+            )
             .await?
             .rows_affected();
+        for table in ["stream_tickets", "login_links"] {
+            n += self
+                .store
+                .write_one(
+                    sqlx::query(&format!(
+                        "DELETE FROM {table} WHERE expires_at <= $1 OR used_at IS NOT NULL"
+                    ))
+                    .bind(now),
+                )
+                .await?
+                .rows_affected();
         }
         Ok(n)
     }

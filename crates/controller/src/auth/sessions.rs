@@ -17,15 +17,14 @@ impl Auth {
         let value = new_secret("")?;
         let now = now_ms();
         let expires_at = now.saturating_add(ms(self.cfg.session_ttl));
-        sqlx::query(
+        self.store.write_one(sqlx::query(
             "INSERT INTO login_sessions (id_hash, user_id, created_at, expires_at, last_seen_at)
              VALUES ($1, $2, $3, $4, $3)",
         )
         .bind(hash(&value))
         .bind(user_id)
         .bind(now)
-        .bind(expires_at)
-        .execute(self.store.pool())
+        .bind(expires_at))
         .await?;
         Ok(LoginSession {
             cookie_value: value.to_string(),
@@ -54,9 +53,10 @@ impl Auth {
         let idle = ms(self.cfg.session_idle);
         if now >= expires_at || now >= last_seen_at.saturating_add(idle) {
             tracing::debug!(%user_id, "session cookie rejected: expired");
-            sqlx::query("DELETE FROM login_sessions WHERE id_hash = $1")
-                .bind(&id_hash)
-                .execute(self.store.pool())
+            self.store
+                .write_one(
+                    sqlx::query("DELETE FROM login_sessions WHERE id_hash = $1").bind(&id_hash),
+                )
                 .await?;
             return Err(AuthError::Unauthenticated);
         }
@@ -64,10 +64,12 @@ impl Auth {
         // once a minute, or every tenth of the idle window if that is shorter.
         let step = (idle / 10).clamp(1, 60_000);
         if now - last_seen_at >= step {
-            sqlx::query("UPDATE login_sessions SET last_seen_at = $1 WHERE id_hash = $2")
-                .bind(now)
-                .bind(&id_hash)
-                .execute(self.store.pool())
+            self.store
+                .write_one(
+                    sqlx::query("UPDATE login_sessions SET last_seen_at = $1 WHERE id_hash = $2")
+                        .bind(now)
+                        .bind(&id_hash),
+                )
                 .await?;
         }
         Principal::from_row(user_id, name, &role, None, AuthMethod::Cookie)
@@ -79,18 +81,20 @@ impl Auth {
         if !plausible(cookie_value) {
             return Ok(());
         }
-        sqlx::query("DELETE FROM login_sessions WHERE id_hash = $1")
-            .bind(hash(cookie_value))
-            .execute(self.store.pool())
+        self.store
+            .write_one(
+                sqlx::query("DELETE FROM login_sessions WHERE id_hash = $1")
+                    .bind(hash(cookie_value)),
+            )
             .await?;
         Ok(())
     }
 
     /// End every login session of a user (e.g. after an admin disables them).
     pub async fn logout_everywhere(&self, user_id: &str) -> Result<u64, AuthError> {
-        Ok(sqlx::query("DELETE FROM login_sessions WHERE user_id = $1")
-            .bind(user_id)
-            .execute(self.store.pool())
+        Ok(self
+            .store
+            .write_one(sqlx::query("DELETE FROM login_sessions WHERE user_id = $1").bind(user_id))
             .await?
             .rows_affected())
     }

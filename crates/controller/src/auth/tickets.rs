@@ -46,7 +46,7 @@ impl Auth {
         let value = new_secret(PREFIX)?;
         let now = now_ms();
         let expires_at = now.saturating_add(ms(self.cfg.ticket_ttl));
-        sqlx::query(
+        self.store.write_one(sqlx::query(
             "INSERT INTO stream_tickets (ticket_hash, user_id, kind, resource_id, created_at, expires_at)
              VALUES ($1, $2, $3, $4, $5, $6)",
         )
@@ -55,8 +55,7 @@ impl Auth {
         .bind(kind)
         .bind(resource_id)
         .bind(now)
-        .bind(expires_at)
-        .execute(self.store.pool())
+        .bind(expires_at))
         .await?;
         Ok(Ticket {
             value: value.to_string(),
@@ -82,15 +81,14 @@ impl Auth {
         }
         let h = hash(value);
         let now = now_ms();
-        let done = sqlx::query(
+        let done = self.store.write_one(sqlx::query(
             "UPDATE stream_tickets SET used_at = $1
              WHERE ticket_hash = $2 AND kind = $3 AND resource_id = $4 AND used_at IS NULL AND expires_at > $1",
         )
         .bind(now)
         .bind(&h)
         .bind(kind)
-        .bind(resource_id)
-        .execute(self.store.pool())
+        .bind(resource_id))
         .await?;
         if done.rows_affected() != 1 {
             tracing::debug!(

@@ -106,7 +106,7 @@ impl Auth {
         let hex_id = id.trim_start_matches("tok-");
         let secret = new_secret("")?;
         let token = format!("{PREFIX}{hex_id}_{}", secret.as_str());
-        let mut tx = self.store.pool().begin().await?;
+        let mut tx = self.store.begin_write().await?;
         sqlx::query(
             "INSERT INTO api_tokens (id, user_id, name, token_hash, scopes, created_at, expires_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -159,7 +159,7 @@ impl Auth {
     /// no such token, is [`AuthError::NotFound`].
     pub async fn revoke_token(&self, user_id: &str, token_id: &str) -> Result<(), AuthError> {
         let now = now_ms();
-        let mut tx = self.store.pool().begin().await?;
+        let mut tx = self.store.begin_write().await?;
         let done = sqlx::query(
             "UPDATE api_tokens SET revoked_at = $1 WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL",
         )
@@ -237,10 +237,12 @@ impl Auth {
             return Err(AuthError::Unauthenticated);
         }
         if last_used_at.is_none_or(|t| now - t >= LAST_USED_RESOLUTION_MS) {
-            sqlx::query("UPDATE api_tokens SET last_used_at = $1 WHERE id = $2")
-                .bind(now)
-                .bind(&id)
-                .execute(self.store.pool())
+            self.store
+                .write_one(
+                    sqlx::query("UPDATE api_tokens SET last_used_at = $1 WHERE id = $2")
+                        .bind(now)
+                        .bind(&id),
+                )
                 .await?;
         }
         Principal::from_row(

@@ -67,7 +67,7 @@ impl Auth {
         validate_password(password)?;
         let hash = self.hasher.hash(password).await?;
         let now = now_ms();
-        let mut tx = self.store.pool().begin().await?;
+        let mut tx = self.store.begin_write().await?;
         let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
             .bind(hash)
             .bind(user_id)
@@ -99,7 +99,7 @@ impl Auth {
     /// could administer the installation any more).
     pub async fn set_role(&self, user_id: &str, role: Role) -> Result<(), AuthError> {
         let now = now_ms();
-        let mut tx = self.store.pool().begin().await?;
+        let mut tx = self.store.begin_write().await?;
         // Role changes are serialized so two concurrent demotions cannot
         // both see another admin left: SQLite's single writer does it (the
         // UPDATE comes first, so the write lock is taken at once); on
@@ -191,11 +191,15 @@ impl Auth {
             // Parameters were raised since this hash was made: upgrade it now
             // that we know the password (only if nobody changed it meanwhile).
             let new = self.hasher.hash(password).await?;
-            sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2 AND password_hash = $3")
-                .bind(new)
-                .bind(&id)
-                .bind(old)
-                .execute(self.store.pool())
+            self.store
+                .write_one(
+                    sqlx::query(
+                        "UPDATE users SET password_hash = $1 WHERE id = $2 AND password_hash = $3",
+                    )
+                    .bind(new)
+                    .bind(&id)
+                    .bind(old),
+                )
                 .await?;
             tracing::info!(user_id = %id, "re-hashed a password with the current argon2id parameters");
         }

@@ -23,14 +23,17 @@ const STALE_START_MS: i64 = 150_000;
 /// Record the driver's host in `hosts` (placements reference it).
 pub(super) async fn register_host(inner: &Inner) -> Result<(), StoreError> {
     let id = inner.host.host_id();
-    sqlx::query(
-        "INSERT INTO hosts (id, name, address, vcpus, memory_mib, state, created_at)
+    inner
+        .store
+        .write_one(
+            sqlx::query(
+                "INSERT INTO hosts (id, name, address, vcpus, memory_mib, state, created_at)
          VALUES ($1, $1, 'local', 0, 0, 'up', $2) ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(id)
-    .bind(now_ms())
-    .execute(inner.store.pool())
-    .await?;
+            )
+            .bind(id)
+            .bind(now_ms()),
+        )
+        .await?;
     Ok(())
 }
 

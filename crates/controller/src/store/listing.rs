@@ -79,7 +79,7 @@ impl Store {
         user_id: &str,
         provider: &str,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let n = sqlx::query("DELETE FROM credentials WHERE user_id = $1 AND provider = $2")
             .bind(user_id)
             .bind(provider)

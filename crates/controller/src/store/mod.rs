@@ -9,6 +9,9 @@
 mod listing;
 mod migrate;
 mod upstream;
+mod write_tx;
+
+pub use write_tx::WriteTx;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -323,6 +326,7 @@ pub struct Also {
 pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
+    write_lock: write_tx::WriteLock,
 }
 
 type LifeRow = (
@@ -423,7 +427,11 @@ impl Store {
                 url: shown.to_string(),
                 source,
             })?;
-        let store = Store { pool, dialect };
+        let store = Store {
+            pool,
+            dialect,
+            write_lock: write_tx::write_lock(dialect),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -575,7 +583,7 @@ impl Store {
             role: role.to_string(),
             created_at: now_ms(),
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO users (id, name, role, password_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
         )
@@ -644,7 +652,7 @@ impl Store {
                 version: 1,
             },
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(&format!(
             "INSERT INTO vms (id, user_id, kind, created_at, {LIFE_COLS})
              VALUES ($1, $2, $3, $4, $5, $6, $7, 0, NULL, NULL, 1)"
@@ -747,7 +755,7 @@ impl Store {
                 version: 1,
             },
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(&format!(
             "INSERT INTO sessions (id, user_id, provider, created_at, {LIFE_COLS})
              VALUES ($1, $2, $3, $4, $5, $6, $7, 0, NULL, NULL, 1)"
@@ -897,7 +905,7 @@ impl Store {
         }
         let now = now_ms();
         let deadline = deadline_for(to, now);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         // The UPDATE comes first so SQLite takes its write lock at once (a
         // read-then-write transaction could fail with SQLITE_BUSY on upgrade).
         let extra = match (table, &also) {
@@ -979,7 +987,7 @@ impl Store {
     /// exactly one more than the stored version (compare-and-swap).
     pub async fn put_credential(&self, rec: &SealedRecord) -> Result<(), StoreError> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let done = if rec.version == 1 {
             sqlx::query(
                 "INSERT INTO credentials (user_id, provider, version, key_id, wrapped_key, nonce, ciphertext, created_at, updated_at)
@@ -1104,7 +1112,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let now = now_ms();
         let id = format!("{}/{}", old.user_id, old.provider);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query(
             "UPDATE credentials SET key_id = $1, wrapped_key = $2, updated_at = $3
              WHERE user_id = $4 AND provider = $5 AND version = $6 AND key_id = $7",

@@ -252,10 +252,10 @@ impl Store {
     async fn exhausted(&self, cfg: &UpstreamConfig) -> Result<UpstreamError, UpstreamError> {
         let stats = self.upstream_stats(cfg).await?;
         let now = now_ms();
-        let mut conn = self.pool().acquire().await?;
+        let mut tx = self.begin_write().await?;
         for s in &stats {
             Self::append_event(
-                &mut conn,
+                &mut tx,
                 now,
                 "upstream",
                 &s.provider,
@@ -266,6 +266,7 @@ impl Store {
             )
             .await?;
         }
+        tx.commit().await?;
         tracing::error!(
             providers = stats.len(),
             "upstream proxy ports exhausted: a user could not get an outbound IP of their own"
@@ -346,7 +347,7 @@ impl Store {
         old: Option<(&Assignment, &UpstreamConfig)>,
         now: i64,
     ) -> Result<Assignment, UpstreamError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.begin_write().await?;
         if let Some((old, cfg)) = old {
             Self::quarantine_in(&mut tx, old, cfg, now).await?;
         }
@@ -461,7 +462,7 @@ impl Store {
             .await?
             .ok_or_else(|| UpstreamError::NotAssigned(user_id.to_string()))?;
         let now = now_ms();
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.begin_write().await?;
         Self::quarantine_in(&mut tx, &a, cfg, now).await?;
         Self::append_event(
             &mut tx,
@@ -543,10 +544,11 @@ impl Store {
             }
             Some(_) => {
                 // Already this user's port: just mark it pinned.
-                sqlx::query("UPDATE upstream_assignments SET pinned = 1 WHERE user_id = $1")
-                    .bind(user_id)
-                    .execute(self.pool())
-                    .await?;
+                self.write_one(
+                    sqlx::query("UPDATE upstream_assignments SET pinned = 1 WHERE user_id = $1")
+                        .bind(user_id),
+                )
+                .await?;
                 let mut a = old.ok_or_else(|| UpstreamError::NotAssigned(user_id.into()))?;
                 a.pinned = true;
                 return Ok(a);
