@@ -51,12 +51,18 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404",
 include-operation-id = "create_token"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
 
-# The desktop is a WebSocket: a request that is not a WebSocket handshake
-# (no `Connection: Upgrade`) is answered 426 Upgrade Required (RFC 9110
-# 15.5.22), the status that says what to do; the checks' default lists
-# predate it. Every other rejection keeps the defaults.
+# The desktop and the terminal are WebSockets: a request that is not a
+# WebSocket handshake (no `Connection: Upgrade` or `Upgrade: websocket`) is
+# answered 426 Upgrade Required (RFC 9110 15.5.22), the status that says
+# what to do; the checks' default lists predate it. Every other rejection
+# keeps the defaults.
 [[operations]]
 include-operation-id = "desktop"
+checks.missing_required_header.expected-statuses = ["400", "401", "403", "406", "415", "422", "426"]
+checks.negative_data_rejection.expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "415", "422", "426", "428", "429", "5xx"]
+
+[[operations]]
+include-operation-id = "terminal"
 checks.missing_required_header.expected-statuses = ["400", "401", "403", "406", "415", "422", "426"]
 checks.negative_data_rejection.expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "415", "422", "426", "428", "429", "5xx"]
 "#;

@@ -4,8 +4,8 @@
 //! ticket and the WebSocket stream, and follows the session's event stream
 //! while real VMs boot, the login runs and the credential is sealed and
 //! delivered; the credential and the CLI VM are visible through the API;
-//! a restart prints no second link and keeps the token; SIGTERM stops
-//! cleanly.
+//! the CLI VM's terminal runs a shell that sees the credential; a restart
+//! prints no second link and keeps the token; SIGTERM stops cleanly.
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
@@ -38,7 +38,38 @@ fn desktop(
     id: &str,
     ticket: &str,
 ) -> Result<tungstenite::WebSocket<std::net::TcpStream>, u16> {
-    let url = format!("ws://{addr}/api/v1/sessions/{id}/desktop?ticket={ticket}");
+    websocket(
+        addr,
+        &format!("/api/v1/sessions/{id}/desktop?ticket={ticket}"),
+    )
+}
+
+/// Read terminal output until it contains `want` (or the stream ends).
+fn read_until(ws: &mut tungstenite::WebSocket<std::net::TcpStream>, want: &str) -> String {
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains(want) {
+        match ws.read() {
+            Ok(tungstenite::Message::Binary(b)) => out.extend_from_slice(&b),
+            Ok(tungstenite::Message::Close(c)) => {
+                panic!(
+                    "terminal closed ({c:?}) before {want:?}: {}",
+                    String::from_utf8_lossy(&out)
+                )
+            }
+            Ok(_) => {}
+            Err(e) => panic!(
+                "terminal read before {want:?}: {e}: {}",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Open a WebSocket at `path`: the upgrade's status, and on 101 the
+/// connection.
+fn websocket(addr: &str, path: &str) -> Result<tungstenite::WebSocket<std::net::TcpStream>, u16> {
+    let url = format!("ws://{addr}{path}");
     let stream = std::net::TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
     match tungstenite::client::client(url, stream) {
@@ -294,6 +325,57 @@ fn up_serves_the_api_and_a_connect_session_completes_through_it() {
         .unwrap_or_else(|| panic!("the CLI VM: {vms}"));
     assert_eq!(cli["state"], "running");
     let cli_id = cli["id"].as_str().unwrap().to_string();
+
+    // The CLI VM's terminal: a login shell on a terminal of the asked
+    // size, resizable, where the delivered credential is; its exit status
+    // comes back and the ticket is spent.
+    let r = call(
+        &addr,
+        "POST",
+        "/api/v1/tickets",
+        &h,
+        Some(&json!({"kind": "terminal", "resource_id": cli_id})),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let t = r.json()["ticket"].as_str().unwrap().to_string();
+    let path = format!("/api/v1/vms/{cli_id}/terminal?ticket={t}&cols=100&rows=30");
+    let mut term = websocket(&addr, &path).expect("terminal WebSocket");
+    let bin = |s: &str| tungstenite::Message::Binary(s.as_bytes().to_vec().into());
+    term.send(bin("stty size; tty\n")).unwrap();
+    let out = read_until(&mut term, "30 100");
+    assert!(
+        read_until(&mut term, "/dev/pts/").contains("/dev/pts/"),
+        "{out}"
+    );
+    term.send(tungstenite::Message::Text(
+        r#"{"type": "resize", "cols": 90, "rows": 20}"#.into(),
+    ))
+    .unwrap();
+    term.send(bin("stty size\n")).unwrap();
+    read_until(&mut term, "20 90");
+    term.send(bin("cat /root/.quick/auth.json; echo\n"))
+        .unwrap();
+    read_until(&mut term, "tok-up-1");
+    term.send(bin("exit 7\n")).unwrap();
+    let exit = loop {
+        match term.read().expect("terminal exit") {
+            tungstenite::Message::Text(t) => {
+                break serde_json::from_str::<serde_json::Value>(&t).unwrap()
+            }
+            tungstenite::Message::Binary(_) => {}
+            other => panic!("terminal ended without an exit status: {other:?}"),
+        }
+    };
+    assert_eq!(exit, json!({"type": "exit", "code": 7, "signal": null}));
+    match term.read() {
+        Ok(tungstenite::Message::Close(Some(c))) => assert_eq!(u16::from(c.code), 1000),
+        other => panic!("expected a normal close after the exit: {other:?}"),
+    }
+    assert_eq!(
+        websocket(&addr, &path).err(),
+        Some(401),
+        "a ticket opens one terminal"
+    );
     let m = call(&addr, "GET", "/metrics", &[], None);
     let text = String::from_utf8_lossy(&m.body).to_string();
     assert!(

@@ -5,7 +5,8 @@
 //! [`Request`] as a single JSON line, and reads [`Response`] frames, one JSON
 //! line each, until a final frame ([`Response::is_final`]). A
 //! [`Request::Forward`] that succeeds answers [`Response::ForwardReady`] and the
-//! stream then carries raw bytes in both directions.
+//! stream then carries raw bytes in both directions ([`crate::pty`] frames
+//! for a terminal).
 //!
 //! Guest-initiated streams go to the host's CID 2: [`LOG_PORT`] carries
 //! [`LogRecord`] JSON lines (the agent's own log and every supervised
@@ -228,6 +229,34 @@ pub enum ForwardTarget {
         /// Absolute path of the socket.
         path: String,
     },
+    /// A terminal: the user's login shell on a new pseudo-terminal, in its
+    /// home directory. After [`Response::ForwardReady`] the stream carries
+    /// [`crate::pty::PtyFrame`]s both ways (input and resizes in, output
+    /// and the exit status out) instead of raw bytes.
+    Pty(PtySpec),
+}
+
+/// A terminal to open in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PtySpec {
+    /// Run as this user (a name or uid; default: the agent's user, root).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Initial width in columns (1-1000).
+    pub cols: u16,
+    /// Initial height in rows (1-1000).
+    pub rows: u16,
+}
+
+impl PtySpec {
+    /// Largest accepted width or height.
+    pub const MAX_SIZE: u16 = 1000;
+
+    /// Whether the size is usable (both 1..=[`Self::MAX_SIZE`]).
+    pub fn size_ok(cols: u16, rows: u16) -> bool {
+        (1..=Self::MAX_SIZE).contains(&cols) && (1..=Self::MAX_SIZE).contains(&rows)
+    }
 }
 
 /// One frame of an answer from the guest agent.

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod problem;
+pub mod pty;
 pub mod vm;
 
 pub use problem::Problem;

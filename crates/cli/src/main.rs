@@ -12,6 +12,7 @@ mod server;
 mod upstream;
 mod vault;
 mod vm;
+mod vm_shell;
 
 use std::path::PathBuf;
 

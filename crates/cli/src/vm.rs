@@ -139,6 +139,22 @@ pub enum VmCmd {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
     },
+    /// A login shell in a VM on a terminal of its own (raw mode when
+    /// stdin is a terminal; piped input should end with `exit`). Exits
+    /// with the shell's status.
+    Shell {
+        /// VM id or name.
+        id: String,
+        /// Run as this user (default: root).
+        #[arg(long)]
+        user: Option<String>,
+        /// Columns (default: the local terminal's, else 80).
+        #[arg(long)]
+        cols: Option<u16>,
+        /// Rows (default: the local terminal's, else 24).
+        #[arg(long)]
+        rows: Option<u16>,
+    },
     /// Pause a VM's vCPUs.
     Pause {
         /// VM id or name.
@@ -431,6 +447,12 @@ pub async fn run(data_dir: PathBuf, cmd: VmCmd) -> anyhow::Result<i32> {
             };
             forward(&c, &id, target, listen).await
         }
+        VmCmd::Shell {
+            id,
+            user,
+            cols,
+            rows,
+        } => crate::vm_shell::run(&c, path_seg(&id)?, user, (cols, rows)).await,
         VmCmd::Pause { id } => simple(&c, &id, "pause").await,
         VmCmd::Resume { id } => simple(&c, &id, "resume").await,
         VmCmd::Snapshot { id, json } => {

@@ -25,6 +25,7 @@ both_backends!(
     session_events_stream_until_the_session_ends,
     logins_links_cookies_and_tokens_over_http,
     desktop_streams_need_their_ticket,
+    terminal_streams_need_their_ticket,
     shutdown_finishes_requests_in_flight,
 );
 
@@ -54,6 +55,43 @@ impl Api {
             stop,
             served,
         }
+    }
+
+    /// An API without rate limits (for tests that are not about them).
+    async fn unlimited(db: &common::TestDb) -> Api {
+        Api::start(
+            db,
+            HttpConfig {
+                rate: RateLimits::unlimited(),
+                ..HttpConfig::default()
+            },
+        )
+        .await
+    }
+
+    /// A WebSocket handshake (complete, as a browser sends it) to `path`.
+    async fn upgrade(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The Prometheus text of `/metrics`.
+    async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// Send a request; `auth` is a full `Authorization` or `Cookie` header.
@@ -468,14 +506,7 @@ fn fill_body(b: &Option<Value>, w: &World) -> Option<Value> {
 /// each route works for its owner (the matrix would pass on a server that
 /// refused everything otherwise).
 async fn authorization_matrix(db: common::TestDb) {
-    let api = Api::start(
-        &db,
-        HttpConfig {
-            rate: RateLimits::unlimited(),
-            ..HttpConfig::default()
-        },
-    )
-    .await;
+    let api = Api::unlimited(&db).await;
     let w = world(&api).await;
     let table = routes(&w);
     // Every documented operation is in the table (or public).
@@ -494,8 +525,10 @@ async fn authorization_matrix(db: common::TestDb) {
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let covered = public.contains(&path.as_str())
                 || path == "/api/v1/me/password"
-                // Authorized by a ticket, not a bearer: desktop_streams_need_their_ticket.
+                // Authorized by a ticket, not a bearer:
+                // desktop_streams_need_their_ticket, terminal_streams_need_their_ticket.
                 || path == "/api/v1/sessions/{id}/desktop"
+                || path == "/api/v1/vms/{id}/terminal"
                 || table.iter().any(|r| {
                     r.method == m
                         && r.path
@@ -643,14 +676,7 @@ async fn counts(store: &Store) -> Vec<i64> {
 /// wrong media types and traversal in names: a clear 4xx problem each,
 /// and not one row written.
 async fn malformed_input_is_refused_and_nothing_is_written(db: common::TestDb) {
-    let api = Api::start(
-        &db,
-        HttpConfig {
-            rate: RateLimits::unlimited(),
-            ..HttpConfig::default()
-        },
-    )
-    .await;
+    let api = Api::unlimited(&db).await;
     let w = world(&api).await;
     let before = counts(&api.store).await;
     let tok = w.alice_token.clone();
@@ -1294,14 +1320,7 @@ async fn session_events_stream_until_the_session_ends(db: common::TestDb) {
 }
 
 async fn logins_links_cookies_and_tokens_over_http(db: common::TestDb) {
-    let api = Api::start(
-        &db,
-        HttpConfig {
-            rate: RateLimits::unlimited(),
-            ..HttpConfig::default()
-        },
-    )
-    .await;
+    let api = Api::unlimited(&db).await;
     let link = api.auth.bootstrap_admin().await.unwrap().unwrap();
     let r = api
         .client
@@ -1524,14 +1543,7 @@ async fn shutdown_finishes_requests_in_flight(db: common::TestDb) {
 /// a plain GET is told to upgrade without spending the ticket. (The stream
 /// itself needs a VM: `tests/tests/api_up.rs`.)
 async fn desktop_streams_need_their_ticket(db: common::TestDb) {
-    let api = Api::start(
-        &db,
-        HttpConfig {
-            rate: RateLimits::unlimited(),
-            ..HttpConfig::default()
-        },
-    )
-    .await;
+    let api = Api::unlimited(&db).await;
     let w = world(&api).await;
     let ticket = |t: &str| {
         let t = t.to_string();
@@ -1550,15 +1562,6 @@ async fn desktop_streams_need_their_ticket(db: common::TestDb) {
             v["ticket"].as_str().unwrap().to_string()
         }
     };
-    let upgrade = |path: String| {
-        api.client
-            .get(format!("{}{path}", api.base))
-            .header("connection", "upgrade")
-            .header("upgrade", "websocket")
-            .header("sec-websocket-version", "13")
-            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-            .send()
-    };
     let desktop = format!("/api/v1/sessions/{}/desktop", w.session);
     let t = ticket(&w.alice_token).await;
     // Without an upgrade: 426, and the ticket is still good afterwards.
@@ -1567,14 +1570,14 @@ async fn desktop_streams_need_their_ticket(db: common::TestDb) {
         .await;
     assert_problem(st, &h, &v, 426, "plain GET");
     // Missing, forged, or for another resource: refused.
-    let r = upgrade(desktop.clone()).await.unwrap();
+    let r = api.upgrade(&desktop).await;
     assert_eq!(r.status(), 400);
-    let r = upgrade(format!("{desktop}?ticket=pdk_{}", "A".repeat(43)))
-        .await
-        .unwrap();
+    let r = api
+        .upgrade(&format!("{desktop}?ticket=pdk_{}", "A".repeat(43)))
+        .await;
     assert_eq!(r.status(), 401);
     let other = format!("/api/v1/sessions/ses-0123456789abcdef/desktop?ticket={t}");
-    assert_eq!(upgrade(other).await.unwrap().status(), 401);
+    assert_eq!(api.upgrade(&other).await.status(), 401);
     // A bearer token is not a ticket.
     let r = api
         .client
@@ -1590,9 +1593,9 @@ async fn desktop_streams_need_their_ticket(db: common::TestDb) {
     assert_eq!(r.status(), 400, "no ticket in the query");
     // The owner's ticket passes authorization, once (the browser VM here
     // is only a record, never placed: "still starting", 409).
-    let r = upgrade(format!("{desktop}?ticket={t}")).await.unwrap();
+    let r = api.upgrade(&format!("{desktop}?ticket={t}")).await;
     assert_eq!(r.status(), 409, "{:?}", r.text().await);
-    let r = upgrade(format!("{desktop}?ticket={t}")).await.unwrap();
+    let r = api.upgrade(&format!("{desktop}?ticket={t}")).await;
     assert_eq!(r.status(), 401, "a ticket works once");
     // bob cannot get a ticket for alice's session.
     let (st, h, v) = api
@@ -1604,15 +1607,7 @@ async fn desktop_streams_need_their_ticket(db: common::TestDb) {
         )
         .await;
     assert_problem(st, &h, &v, 404, "bob's ticket for alice's desktop");
-    let m = api
-        .client
-        .get(format!("{}/metrics", api.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = api.metrics().await;
     assert!(
         m.contains("polydev_stream_connects_total{kind=\"desktop\",outcome=\"unauthenticated\"} 3"),
         "{m}"
@@ -1621,4 +1616,118 @@ async fn desktop_streams_need_their_ticket(db: common::TestDb) {
         m.contains("polydev_stream_connects_total{kind=\"desktop\",outcome=\"refused\"} 1"),
         "{m}"
     );
+}
+
+/// The terminal WebSocket takes only a `terminal` ticket for exactly that
+/// CLI VM, once; a browser VM or another user's VM gets no ticket; a bad
+/// size or a plain GET is refused without spending the ticket. (The shell
+/// itself needs a VM: `tests/tests/api_up.rs`.)
+async fn terminal_streams_need_their_ticket(db: common::TestDb) {
+    let api = Api::unlimited(&db).await;
+    let w = world(&api).await;
+    let ticket_for = |token: &str, resource: &str| {
+        let (token, resource) = (token.to_string(), resource.to_string());
+        let api = &api;
+        async move {
+            api.call(
+                Method::POST,
+                "/api/v1/tickets",
+                Some(&Cred::Bearer(token)),
+                Some(json!({"kind": "terminal", "resource_id": resource})),
+            )
+            .await
+        }
+    };
+    let (st, _, v) = ticket_for(&w.alice_token, &w.cli_vm).await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["kind"], "terminal");
+    let t = v["ticket"].as_str().unwrap().to_string();
+    let terminal = format!("/api/v1/vms/{}/terminal", w.cli_vm);
+
+    // Refused before the ticket is looked at: no upgrade, a bad size.
+    let (st, h, v) = api
+        .call(Method::GET, &format!("{terminal}?ticket={t}"), None, None)
+        .await;
+    assert_problem(st, &h, &v, 426, "plain GET");
+    let r = api
+        .client
+        .get(format!("{}{terminal}?ticket={t}", api.base))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "a handshake without its key");
+    for size in ["cols=0", "rows=1001", "cols=-1", "cols=wide"] {
+        let r = api.upgrade(&format!("{terminal}?ticket={t}&{size}")).await;
+        assert!(
+            matches!(r.status().as_u16(), 400 | 422),
+            "{size}: {}",
+            r.status()
+        );
+    }
+    // Forged, for another VM, or a desktop ticket: not authenticated.
+    let r = api
+        .upgrade(&format!("{terminal}?ticket=pdk_{}", "A".repeat(43)))
+        .await;
+    assert_eq!(r.status(), 401);
+    let other = format!("/api/v1/vms/vm-0123456789abcdef/terminal?ticket={t}");
+    assert_eq!(api.upgrade(&other).await.status(), 401);
+    let (st, _, v) = api
+        .call(
+            Method::POST,
+            "/api/v1/tickets",
+            Some(&Cred::Bearer(w.alice_token.clone())),
+            Some(json!({"kind": "desktop", "resource_id": w.session})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let desktop_ticket = v["ticket"].as_str().unwrap();
+    let r = api
+        .upgrade(&format!("{terminal}?ticket={desktop_ticket}"))
+        .await;
+    assert_eq!(r.status(), 401, "a desktop ticket does not open a terminal");
+    // The owner's ticket passes authorization, once (this controller
+    // drives no VMs: 503 names that).
+    let r = api
+        .upgrade(&format!("{terminal}?ticket={t}&cols=120&rows=40"))
+        .await;
+    assert_eq!(r.status(), 503, "{:?}", r.text().await);
+    let r = api.upgrade(&format!("{terminal}?ticket={t}")).await;
+    assert_eq!(r.status(), 401, "a ticket works once");
+
+    // No ticket for bob on alice's VM, none for a browser VM, none for a
+    // VM id that is not one.
+    let (st, h, v) = ticket_for(&w.bob_token, &w.cli_vm).await;
+    assert_problem(st, &h, &v, 404, "bob's ticket for alice's terminal");
+    let (_, _, vms) = api
+        .call(
+            Method::GET,
+            "/api/v1/vms",
+            Some(&Cred::Bearer(w.alice_token.clone())),
+            None,
+        )
+        .await;
+    let browser = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["kind"] == "browser")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (st, h, v) = ticket_for(&w.alice_token, &browser).await;
+    assert_problem(st, &h, &v, 409, "a browser VM has no terminal");
+    let (st, h, v) = ticket_for(&w.alice_token, &w.session).await;
+    assert_problem(st, &h, &v, 404, "a session is not a VM");
+    let m = api.metrics().await;
+    for line in [
+        "polydev_stream_connects_total{kind=\"terminal\",outcome=\"unauthenticated\"} 4",
+        "polydev_stream_connects_total{kind=\"terminal\",outcome=\"refused\"} 1",
+        "polydev_stream_tickets_total{kind=\"terminal\"} 1",
+    ] {
+        assert!(m.contains(line), "{line} in {m}");
+    }
 }

@@ -63,6 +63,7 @@ pub fn handle(conn: &Stream, env: &SharedEnv, req: ExecRequest) {
         } else {
             Stdio::null()
         },
+        tty: false,
     });
 
     let (tx, rx) = mpsc::channel::<Event>();

@@ -33,6 +33,10 @@ pub fn handle(conn: Stream, target: ForwardTarget, early: Vec<u8>) {
                     )
                 })
         }
+        ForwardTarget::Pty(_) => Err((
+            AgentErrorKind::Internal,
+            "a terminal is not a socket to connect to (served by the pty module)".into(),
+        )),
         ForwardTarget::Unix { path } => {
             if !path.starts_with('/') {
                 Err((

@@ -17,6 +17,7 @@ mod forward;
 mod logger;
 mod net;
 mod process;
+mod pty;
 mod reaper;
 mod server;
 mod supervisor;

@@ -47,6 +47,8 @@ pub struct Credentials {
     pub groups: Vec<libc::gid_t>,
     /// Home directory.
     pub home: String,
+    /// Login shell (`/bin/sh` when passwd names none).
+    pub shell: String,
 }
 
 /// Find `user` (a name or a numeric uid) in passwd/group text. A numeric
@@ -83,6 +85,10 @@ pub fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<Credentials
                 gid,
                 groups,
                 home: f[5].to_string(),
+                shell: Some(f[6])
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or("/bin/sh")
+                    .to_string(),
             });
         }
     }
@@ -93,6 +99,7 @@ pub fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<Credentials
             gid: uid,
             groups: vec![uid],
             home: "/".into(),
+            shell: "/bin/sh".into(),
         }),
         None => Err(ProcessError::UnknownUser(user.to_string())),
     }
@@ -146,6 +153,9 @@ pub struct Spec<'a> {
     pub creds: Option<&'a Credentials>,
     /// Standard input.
     pub stdin: Stdio,
+    /// Make standard input (a terminal's slave side) the controlling
+    /// terminal of the new session.
+    pub tty: bool,
 }
 
 /// A `Command` for `spec` with piped stdout/stderr, in a new session (so a
@@ -161,6 +171,7 @@ pub fn command(spec: Spec<'_>) -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let ids = spec.creds.map(|c| (c.uid, c.gid, c.groups.clone()));
+    let tty = spec.tty;
     // SAFETY: the closure runs between fork and exec; it only makes
     // async-signal-safe syscalls and reads memory prepared before the fork.
     // Groups, gid and uid are set here rather than with CommandExt::uid/gid
@@ -168,6 +179,9 @@ pub fn command(spec: Spec<'_>) -> Command {
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
             if let Some((uid, gid, groups)) = &ids {

@@ -13,7 +13,7 @@ use crate::logger::{self, logger};
 use crate::net::{Listener, Stream};
 use crate::supervisor::{SharedEnv, Supervisor};
 use crate::util::uptime_s;
-use crate::{configure, exec, files, forward};
+use crate::{configure, exec, files, forward, pty};
 
 /// How long a client may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -155,6 +155,9 @@ fn handle(conn: Stream, state: &State) {
         }),
         Request::Info => Response::Info(info(state.rootfs)),
         Request::Exec(r) => return exec::handle(&conn, &state.env, r),
+        Request::Forward {
+            target: polydev_api::agent::ForwardTarget::Pty(spec),
+        } => return pty::handle(conn, &state.env, spec, early),
         Request::Forward { target } => return forward::handle(conn, target, early),
         Request::ReadFile { path, max_bytes } => match files::read(&path, max_bytes) {
             Ok(data) => Response::File { data },

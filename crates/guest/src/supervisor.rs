@@ -382,6 +382,7 @@ fn command_as(
         cwd,
         creds: creds.as_ref(),
         stdin: Stdio::null(),
+        tty: false,
     }))
 }
 

@@ -151,23 +151,32 @@ impl HostClient {
     }
 
     /// Open a raw byte stream to a TCP port (`port`) or Unix socket
-    /// (`unix`) inside a running VM.
+    /// (`unix`) inside a running VM, or a terminal (framed: see
+    /// `polydev_api::pty`).
     pub async fn forward(
         &self,
         id: &str,
         target: &polydev_api::agent::ForwardTarget,
     ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ClientError> {
         use polydev_api::agent::ForwardTarget;
+        let escape = |s: &str| {
+            let mut q = String::new();
+            for b in s.bytes() {
+                if b.is_ascii_alphanumeric() || b"/-_.~".contains(&b) {
+                    q.push(b as char);
+                } else {
+                    q.push_str(&format!("%{b:02X}"));
+                }
+            }
+            q
+        };
         let query = match target {
             ForwardTarget::Tcp { port } => format!("port={port}"),
-            ForwardTarget::Unix { path } => {
-                let mut q = String::from("unix=");
-                for b in path.bytes() {
-                    if b.is_ascii_alphanumeric() || b"/-_.~".contains(&b) {
-                        q.push(b as char);
-                    } else {
-                        q.push_str(&format!("%{b:02X}"));
-                    }
+            ForwardTarget::Unix { path } => format!("unix={}", escape(path)),
+            ForwardTarget::Pty(p) => {
+                let mut q = format!("pty=true&cols={}&rows={}", p.cols, p.rows);
+                if let Some(u) = &p.user {
+                    q.push_str(&format!("&user={}", escape(u)));
                 }
                 q
             }

@@ -210,6 +210,19 @@ pub const FORWARD_PROTOCOL: &str = "polydev-forward";
 struct ForwardQuery {
     port: Option<u16>,
     unix: Option<String>,
+    /// A terminal (`pty=true`, with `cols`, `rows` and `user`).
+    pty: Option<bool>,
+    cols: Option<u16>,
+    rows: Option<u16>,
+    user: Option<String>,
+}
+
+/// A user name or uid as the guest looks it up: what `useradd` accepts.
+fn plausible_user(u: &str) -> bool {
+    !u.is_empty()
+        && u.len() <= 32
+        && u.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-".contains(&b))
 }
 
 /// A raw stream into the VM: an HTTP/1.1 upgrade to
@@ -222,8 +235,37 @@ async fn forward(
     mut req: axum::extract::Request,
 ) -> ApiResult<Response> {
     let bad = |detail: String| ApiError(Problem::new(422, "bad-forward", "Bad forward", detail));
-    let Query(q) = q.map_err(|e| bad(format!("{}: use port=N or unix=/path", e.body_text())))?;
+    let Query(q) = q.map_err(|e| {
+        bad(format!(
+            "{}: use port=N, unix=/path or pty=true&cols=N&rows=N[&user=NAME]",
+            e.body_text()
+        ))
+    })?;
+    let pty = q.pty.unwrap_or(false);
+    if !pty && (q.cols.is_some() || q.rows.is_some() || q.user.is_some()) {
+        return Err(bad("cols, rows and user go with pty=true".into()));
+    }
     let target = match (q.port, q.unix) {
+        (None, None) if pty => {
+            let (cols, rows) = (q.cols.unwrap_or(80), q.rows.unwrap_or(24));
+            if !polydev_api::agent::PtySpec::size_ok(cols, rows) {
+                return Err(bad(format!(
+                    "cols and rows must be 1-{}",
+                    polydev_api::agent::PtySpec::MAX_SIZE
+                )));
+            }
+            if let Some(u) = q.user.as_deref().filter(|u| !plausible_user(u)) {
+                return Err(bad(format!(
+                    "user={u:?}: give a user name (a-z, 0-9, '_', '-') or a uid"
+                )));
+            }
+            polydev_api::agent::ForwardTarget::Pty(polydev_api::agent::PtySpec {
+                user: q.user,
+                cols,
+                rows,
+            })
+        }
+        _ if pty => return Err(bad("pty=true takes no port or unix".into())),
         (Some(0), None) => return Err(bad("port must be 1-65535".into())),
         (Some(port), None) => polydev_api::agent::ForwardTarget::Tcp { port },
         (None, Some(path)) => {
@@ -234,7 +276,11 @@ async fn forward(
             }
             polydev_api::agent::ForwardTarget::Unix { path }
         }
-        _ => return Err(bad("give exactly one of port=N or unix=/path".into())),
+        _ => {
+            return Err(bad(
+                "give exactly one of port=N, unix=/path or pty=true".into()
+            ))
+        }
     };
     let wants = req
         .headers()

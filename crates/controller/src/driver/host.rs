@@ -81,9 +81,14 @@ pub trait HostApi: Send + Sync {
     fn destroy<'a>(&'a self, vm: &'a str) -> HostFuture<'a, ()>;
     /// The guest agent's supervised services (with their readiness).
     fn services<'a>(&'a self, vm: &'a str) -> HostFuture<'a, Vec<ServiceStatus>>;
-    /// A connection to TCP `port` on the VM's loopback (the desktop's VNC
-    /// server, …), through the guest agent; a refused port is an error.
-    fn forward<'a>(&'a self, vm: &'a str, port: u16) -> HostFuture<'a, Box<dyn Duplex>>;
+    /// A connection to `target` in the VM through the guest agent: a TCP
+    /// port on its loopback (the desktop's VNC server, …; a refused port is
+    /// an error) or a terminal (framed: `polydev_api::pty`).
+    fn forward<'a>(
+        &'a self,
+        vm: &'a str,
+        target: polydev_api::agent::ForwardTarget,
+    ) -> HostFuture<'a, Box<dyn Duplex>>;
     /// A file's content from inside the VM; `None` when it does not exist.
     /// (One implementation for every host: `cat` through exec, so nothing
     /// beyond exec is needed from the host protocol.)
@@ -234,11 +239,15 @@ impl HostApi for LocalHost {
         })
     }
 
-    fn forward<'a>(&'a self, vm: &'a str, port: u16) -> HostFuture<'a, Box<dyn Duplex>> {
+    fn forward<'a>(
+        &'a self,
+        vm: &'a str,
+        target: polydev_api::agent::ForwardTarget,
+    ) -> HostFuture<'a, Box<dyn Duplex>> {
         Box::pin(async move {
             let s = self
                 .manager
-                .forward(vm, polydev_api::agent::ForwardTarget::Tcp { port })
+                .forward(vm, target)
                 .await
                 .map_err(from_manager)?;
             Ok(Box::new(s) as Box<dyn Duplex>)
@@ -324,11 +333,15 @@ impl HostApi for RemoteHost {
         })
     }
 
-    fn forward<'a>(&'a self, vm: &'a str, port: u16) -> HostFuture<'a, Box<dyn Duplex>> {
+    fn forward<'a>(
+        &'a self,
+        vm: &'a str,
+        target: polydev_api::agent::ForwardTarget,
+    ) -> HostFuture<'a, Box<dyn Duplex>> {
         Box::pin(async move {
             let s = self
                 .client
-                .forward(vm, &polydev_api::agent::ForwardTarget::Tcp { port })
+                .forward(vm, &target)
                 .await
                 .map_err(from_client)?;
             Ok(Box::new(s) as Box<dyn Duplex>)

@@ -399,6 +399,14 @@ impl Driver {
         Arc::clone(&self.inner.host)
     }
 
+    /// Who terminals in CLI VMs run as: the user part of `cli_owner`
+    /// (`None`: the guest agent's user, root).
+    pub fn terminal_user(&self) -> Option<String> {
+        let owner = self.inner.cfg.cli_owner.as_deref()?;
+        let user = owner.split(':').next().unwrap_or(owner);
+        (!user.is_empty()).then(|| user.to_string())
+    }
+
     /// The provider definitions in force.
     pub fn providers(&self) -> &Providers {
         &self.inner.providers

@@ -125,7 +125,7 @@ impl HttpMetrics {
         }
         let _ = writeln!(
             out,
-            "# HELP polydev_stream_tickets_total Desktop stream tickets issued, by kind.\n# TYPE polydev_stream_tickets_total counter"
+            "# HELP polydev_stream_tickets_total Stream tickets issued, by kind.\n# TYPE polydev_stream_tickets_total counter"
         );
         for (k, n) in &i.tickets {
             let _ = writeln!(

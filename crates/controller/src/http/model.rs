@@ -376,6 +376,9 @@ pub enum StreamKind {
     /// A login's desktop (resource: the session): its VNC (RFB) stream over
     /// a WebSocket at `/api/v1/sessions/{id}/desktop`.
     Desktop,
+    /// A running CLI VM's terminal (resource: the VM): a login shell over a
+    /// WebSocket at `/api/v1/vms/{id}/terminal`.
+    Terminal,
 }
 
 impl StreamKind {
@@ -383,6 +386,7 @@ impl StreamKind {
     pub fn as_str(self) -> &'static str {
         match self {
             StreamKind::Desktop => "desktop",
+            StreamKind::Terminal => "terminal",
         }
     }
 }
@@ -397,14 +401,58 @@ pub struct StreamQuery {
     pub ticket: String,
 }
 
+/// Query of the terminal URL: the ticket and the initial window size.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct TerminalQuery {
+    /// A `pdk_…` ticket from `POST /api/v1/tickets` (kind `terminal`) for
+    /// this VM.
+    pub ticket: String,
+    /// Columns (default 80).
+    #[param(minimum = 1, maximum = 1000)]
+    pub cols: Option<u16>,
+    /// Rows (default 24).
+    #[param(minimum = 1, maximum = 1000)]
+    pub rows: Option<u16>,
+}
+
+/// A control message a terminal client sends as a WebSocket text frame.
+#[derive(Deserialize, Serialize, ToSchema, Debug, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TerminalControl {
+    /// The window's new size.
+    Resize {
+        /// Columns (1-1000).
+        cols: u16,
+        /// Rows (1-1000).
+        rows: u16,
+    },
+}
+
+/// What the server sends as a text frame when the shell ends, just before
+/// it closes the WebSocket.
+#[derive(Serialize, Deserialize, ToSchema, Debug, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TerminalEvent {
+    /// The shell exited.
+    Exit {
+        /// Its exit code, if it exited.
+        code: Option<i32>,
+        /// The signal that killed it, if one did.
+        signal: Option<i32>,
+    },
+}
+
 /// Ask for a stream ticket.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TicketRequest {
     /// Which stream.
     pub kind: StreamKind,
-    /// The session (`ses-…`) whose desktop to open.
-    #[schema(min_length = 1, max_length = 80, pattern = "^ses-[0-9a-f]{1,64}$")]
+    /// `desktop`: the session (`ses-…`) whose desktop to open;
+    /// `terminal`: the CLI VM (`vm-…`).
+    #[schema(min_length = 1, max_length = 80, pattern = "^(ses|vm)-[0-9a-f]{1,64}$")]
     pub resource_id: String,
 }
 

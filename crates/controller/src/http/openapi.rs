@@ -165,6 +165,7 @@ pub fn router_and_document() -> (Router<AppState>, openapi::OpenApi) {
         .routes(routes!(vms::delete_credential))
         .routes(routes!(vms::ticket))
         .routes(routes!(streams::desktop))
+        .routes(routes!(streams::terminal))
         .routes(routes!(admin::users, admin::create_user))
         .routes(routes!(admin::login_link))
         .routes(routes!(admin::upstreams))

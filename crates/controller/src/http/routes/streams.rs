@@ -1,11 +1,13 @@
-//! `/api/v1/sessions/{id}/desktop`: a login's desktop as a WebSocket.
+//! The WebSocket streams: `/api/v1/sessions/{id}/desktop` (a login's
+//! desktop) and `/api/v1/vms/{id}/terminal` (a CLI VM's shell).
 //!
 //! Authorized by a single-use ticket in the query (a browser cannot set an
 //! `Authorization` header on a WebSocket, and a cookie alone would let any
-//! page the user visits open the stream). The WebSocket carries the
-//! desktop's RFB (VNC) bytes both ways in binary frames — what noVNC
-//! speaks — spliced with a connection to port 5900 in the browser VM
-//! through the host agent's forward.
+//! page the user visits open the stream). The desktop WebSocket carries
+//! the RFB (VNC) bytes both ways in binary frames — what noVNC speaks —
+//! spliced with a connection to port 5900 in the browser VM through the
+//! host agent's forward. The terminal relays between WebSocket messages
+//! and the guest's terminal frames (`polydev_api::pty`).
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -13,11 +15,16 @@ use axum::extract::State;
 use axum::response::Response;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use polydev_api::agent::{ForwardTarget, PtySpec};
+use polydev_api::pty::{PtyDecoder, PtyFrame};
+
 use crate::driver::Duplex;
 use crate::http::error::check_id;
-use crate::http::model::StreamQuery;
+use crate::http::model::{StreamQuery, TerminalControl, TerminalEvent, TerminalQuery};
 use crate::http::{ApiError, ApiPath, ApiQuery, AppState};
 use crate::state::Lifecycle;
+use crate::state::VmState;
+use crate::store::{Vm, VmKind};
 
 /// Where the browser image's VNC server listens inside the VM.
 pub const VNC_PORT: u16 = 5900;
@@ -43,23 +50,10 @@ pub async fn desktop(
 ) -> Result<Response, ApiError> {
     check_id("ses", "session", &id)?;
     // Checked before the ticket is spent: a plain GET must not burn it.
-    let ws = ws.map_err(|r| {
-        ApiError::new(
-            426,
-            "upgrade-required",
-            "WebSocket required",
-            format!("open this URL as a WebSocket ({})", r.body_text()),
-        )
-    })?;
-    let outcome = open(&st, &id, &q.ticket).await;
-    st.metrics.stream_connect(
-        "desktop",
-        match &outcome {
-            Ok(_) => "ok",
-            Err(e) if e.0.status == 401 => "unauthenticated",
-            Err(_) => "refused",
-        },
-    );
+    let ws = ws.map_err(upgrade_required)?;
+    let outcome = open_desktop(&st, &id, &q.ticket).await;
+    st.metrics
+        .stream_connect("desktop", outcome_label(&outcome));
     let conn = outcome?;
     let shutdown = st.shutdown.clone();
     Ok(ws
@@ -67,8 +61,45 @@ pub async fn desktop(
         .on_upgrade(move |socket| splice(socket, conn, shutdown)))
 }
 
+/// A stream URL opened without a WebSocket upgrade: 426; a WebSocket
+/// handshake that is incomplete (no key, another version): 400.
+fn upgrade_required(r: WebSocketUpgradeRejection) -> ApiError {
+    match r {
+        WebSocketUpgradeRejection::InvalidWebSocketVersionHeader(_)
+        | WebSocketUpgradeRejection::WebSocketKeyHeaderMissing(_) => ApiError::bad_request(format!(
+            "the WebSocket handshake is incomplete ({}): send Sec-WebSocket-Version: 13 and a Sec-WebSocket-Key",
+            r.body_text()
+        )),
+        _ => ApiError::new(
+            426,
+            "upgrade-required",
+            "WebSocket required",
+            format!("open this URL as a WebSocket ({})", r.body_text()),
+        ),
+    }
+}
+
+/// The 503 of a controller that drives no VMs.
+fn no_host(what: &str) -> ApiError {
+    ApiError::new(
+        503,
+        "no-host",
+        "No host agent",
+        format!("this controller runs without a host agent (--no-driver): open the {what} through one that drives VMs"),
+    )
+}
+
+/// The connect counter's outcome label.
+fn outcome_label<T>(r: &Result<T, ApiError>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(e) if e.0.status == 401 => "unauthenticated",
+        Err(_) => "refused",
+    }
+}
+
 /// Redeem the ticket and connect to the session's desktop.
-async fn open(st: &AppState, id: &str, ticket: &str) -> Result<Box<dyn Duplex>, ApiError> {
+async fn open_desktop(st: &AppState, id: &str, ticket: &str) -> Result<Box<dyn Duplex>, ApiError> {
     let p = st.auth.redeem_ticket(ticket, "desktop", id).await?;
     let s = super::sessions::own_session(st, &p.user_id, id).await?;
     let vm = match (&s.browser_vm_id, s.life.state.is_final()) {
@@ -86,14 +117,14 @@ async fn open(st: &AppState, id: &str, ticket: &str) -> Result<Box<dyn Duplex>, 
         )));
     };
     let Some(host) = &st.host else {
-        return Err(ApiError::new(
-            503,
-            "no-host",
-            "No host agent",
-            "this controller runs without a host agent (--no-driver): open the desktop through one that drives VMs",
-        ));
+        return Err(no_host("desktop"));
     };
-    host.forward(host_vm, VNC_PORT).await.map_err(|e| {
+    host.forward(
+        host_vm,
+        polydev_api::agent::ForwardTarget::Tcp { port: VNC_PORT },
+    )
+    .await
+    .map_err(|e| {
         ApiError::new(
             502,
             "desktop-unreachable",
@@ -134,6 +165,177 @@ async fn splice(
                 }
             },
             _ = async { shutdown.wait_for(|s| *s).await.is_ok() } => break,
+        }
+    }
+    let _ = wr.shutdown().await;
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+/// Why `vm` has no terminal now (a conflict), if it has none.
+pub(super) fn terminal_available(vm: &Vm) -> Result<(), ApiError> {
+    if vm.kind != VmKind::Cli {
+        return Err(ApiError::conflict(format!(
+            "VM {} is a browser VM: terminals are for CLI VMs (a login's desktop has its own terminal)",
+            vm.id
+        )));
+    }
+    if vm.life.state != VmState::Running || vm.host_vm_id.is_none() {
+        return Err(ApiError::conflict(format!(
+            "VM {} is {}: a terminal needs it running; wait for it (GET /api/v1/vms/{}) and ask for a new ticket",
+            vm.id,
+            vm.life.state.as_str(),
+            vm.id
+        )));
+    }
+    Ok(())
+}
+
+/// The login shell of a running CLI VM, as a WebSocket (subprotocol
+/// `binary` accepted). Needs a `terminal` ticket for this VM. Binary
+/// messages are keyboard input; text messages are control, only
+/// `{"type": "resize", "cols": N, "rows": N}` (any other text closes the
+/// stream with 1003). The server sends the terminal's output as binary
+/// messages and, when the shell ends, `{"type": "exit", "code": N,
+/// "signal": N}` as text, then closes (1000). Closing the WebSocket hangs
+/// up the shell.
+#[utoipa::path(get, path = "/api/v1/vms/{id}/terminal", tag = "streams", security(()),
+    params(("id" = String, Path, description = "`vm-…`", pattern = "^vm-[0-9a-f]{1,64}$"), TerminalQuery,
+        ("connection" = String, Header, description = "WebSocket handshake", pattern = "^Upgrade$"),
+        ("upgrade" = String, Header, description = "WebSocket handshake", pattern = "^websocket$"),
+        ("sec-websocket-version" = String, Header, description = "WebSocket handshake", pattern = "^13$"),
+        ("sec-websocket-key" = String, Header, description = "WebSocket handshake: 16 random bytes, base64",
+            pattern = "^[A-Za-z0-9+/]{22}==$")),
+    responses((status = 101, description = "Switching to the WebSocket")))]
+pub async fn terminal(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<TerminalQuery>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    check_id("vm", "VM", &id)?;
+    let (cols, rows) = (q.cols.unwrap_or(80), q.rows.unwrap_or(24));
+    if !PtySpec::size_ok(cols, rows) {
+        return Err(ApiError::invalid(format!(
+            "cols and rows must be 1-{}",
+            PtySpec::MAX_SIZE
+        )));
+    }
+    // Checked before the ticket is spent: a plain GET must not burn it.
+    let ws = ws.map_err(upgrade_required)?;
+    let outcome = open_terminal(&st, &id, &q.ticket, cols, rows).await;
+    st.metrics
+        .stream_connect("terminal", outcome_label(&outcome));
+    let conn = outcome?;
+    let shutdown = st.shutdown.clone();
+    Ok(ws
+        .protocols(["binary"])
+        .on_upgrade(move |socket| relay_terminal(socket, conn, shutdown)))
+}
+
+/// Redeem the ticket and open a terminal in the VM.
+async fn open_terminal(
+    st: &AppState,
+    id: &str,
+    ticket: &str,
+    cols: u16,
+    rows: u16,
+) -> Result<Box<dyn Duplex>, ApiError> {
+    let p = st.auth.redeem_ticket(ticket, "terminal", id).await?;
+    let vm = super::vms::own_vm(st, &p.user_id, id).await?;
+    terminal_available(&vm)?;
+    let (Some(host), Some(host_vm)) = (&st.host, vm.host_vm_id.as_deref()) else {
+        return Err(no_host("terminal"));
+    };
+    let user = st.driver.as_ref().and_then(|d| d.terminal_user());
+    host.forward(host_vm, ForwardTarget::Pty(PtySpec { user, cols, rows }))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                502,
+                "terminal-unavailable",
+                "Terminal unavailable",
+                format!("cannot open a terminal in VM {id}: {e}; retry with a new ticket"),
+            )
+        })
+}
+
+/// Close `socket` with `code` and `reason`.
+async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let frame = axum::extract::ws::CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = socket.send(Message::Close(Some(frame))).await;
+}
+
+/// Relay between the WebSocket and the guest's terminal frames until the
+/// shell exits, the client leaves or the server shuts down. Dropping the
+/// guest connection hangs up the shell.
+async fn relay_terminal(
+    mut socket: WebSocket,
+    conn: Box<dyn Duplex>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let (mut rd, mut wr) = tokio::io::split(conn);
+    let mut dec = PtyDecoder::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            m = socket.recv() => match m {
+                Some(Ok(Message::Binary(b))) => {
+                    if wr.write_all(&PtyFrame::data_frames(&b)).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Text(t))) => match serde_json::from_str::<TerminalControl>(&t) {
+                    Ok(TerminalControl::Resize { cols, rows }) if PtySpec::size_ok(cols, rows) => {
+                        if wr.write_all(&PtyFrame::Resize { cols, rows }.encode()).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ => {
+                        close(&mut socket, 1003, "text messages are control: {\"type\":\"resize\",\"cols\":1-1000,\"rows\":1-1000}; send input as binary").await;
+                        return;
+                    }
+                },
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+            },
+            r = rd.read(&mut buf) => match r {
+                Ok(0) | Err(_) => {
+                    close(&mut socket, 1011, "the terminal ended without an exit status").await;
+                    return;
+                }
+                Ok(n) => {
+                    dec.push(&buf[..n]);
+                    loop {
+                        match dec.next_frame() {
+                            Ok(Some(PtyFrame::Data(d))) => {
+                                if socket.send(Message::Binary(d.into())).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(Some(PtyFrame::Exit(x))) => {
+                                let ev = TerminalEvent::Exit { code: x.code, signal: x.signal };
+                                if let Ok(text) = serde_json::to_string(&ev) {
+                                    let _ = socket.send(Message::Text(text.into())).await;
+                                }
+                                close(&mut socket, 1000, "the shell exited").await;
+                                return;
+                            }
+                            Ok(None) => break,
+                            Ok(Some(PtyFrame::Resize { .. })) | Err(_) => {
+                                close(&mut socket, 1011, "the terminal stream broke").await;
+                                return;
+                            }
+                        }
+                    }
+                }
+            },
+            _ = async { shutdown.wait_for(|s| *s).await.is_ok() } => {
+                close(&mut socket, 1001, "the server is shutting down").await;
+                return;
+            }
         }
     }
     let _ = wr.shutdown().await;

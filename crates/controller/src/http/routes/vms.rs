@@ -13,7 +13,7 @@ use crate::state::{Lifecycle, VmState};
 use crate::store::{StoreError, Vm, VmKind};
 
 /// The caller's VM `id`; another user's is not found.
-async fn own_vm(st: &AppState, user_id: &str, id: &str) -> Result<Vm, ApiError> {
+pub(super) async fn own_vm(st: &AppState, user_id: &str, id: &str) -> Result<Vm, ApiError> {
     check_id("vm", "VM", id)?;
     match st.store.vm(id).await {
         Ok(v) if v.user_id == user_id => Ok(v),
@@ -148,7 +148,8 @@ pub async fn delete_credential(
 }
 
 /// A single-use ticket to open a stream: the desktop of one of the caller's
-/// live connect sessions. Present it within a minute, once.
+/// live connect sessions, or the terminal of one of their running CLI VMs.
+/// Present it within a minute, once.
 #[utoipa::path(post, path = "/api/v1/tickets", tag = "streams",
     request_body = TicketRequest,
     responses((status = 201, body = TicketView)))]
@@ -158,6 +159,16 @@ pub async fn ticket(
     ApiJson(req): ApiJson<TicketRequest>,
 ) -> Result<(StatusCode, Json<TicketView>), ApiError> {
     p.require(Scope::StreamsConnect)?;
+    // A well-formed id of the other kind names nothing of the caller's
+    // (404); anything else malformed is refused below (400).
+    let (own, other) = match req.kind {
+        StreamKind::Desktop => (("ses", "session"), ("vm", "VM")),
+        StreamKind::Terminal => (("vm", "VM"), ("ses", "session")),
+    };
+    let id = &req.resource_id;
+    if check_id(own.0, own.1, id).is_err() && check_id(other.0, other.1, id).is_ok() {
+        return Err(ApiError::not_found(own.1, id));
+    }
     match req.kind {
         StreamKind::Desktop => {
             let s = super::sessions::own_session(&st, &p.user_id, &req.resource_id).await?;
@@ -168,6 +179,10 @@ pub async fn ticket(
                     s.life.state.as_str()
                 )));
             }
+        }
+        StreamKind::Terminal => {
+            let vm = own_vm(&st, &p.user_id, &req.resource_id).await?;
+            super::streams::terminal_available(&vm)?;
         }
     }
     let t = st
