@@ -118,7 +118,7 @@ pub enum ImageError {
     },
 
     /// The guest agent binary given by the caller is unusable.
-    #[error("guest agent {path}: {detail} (build it with `cargo build --release -p polydev-guest --target x86_64-unknown-linux-musl`)")]
+    #[error("guest agent {path}: {detail} (build it statically: `RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p polydev-guest --target x86_64-unknown-linux-gnu`, as `./polydev.sh setup` does)")]
     Agent {
         /// The path given.
         path: PathBuf,
