@@ -376,7 +376,12 @@ fn up_serves_the_api_and_a_connect_session_completes_through_it() {
         Some(401),
         "a ticket opens one terminal"
     );
-    let m = call(&addr, "GET", "/metrics", &[], None);
+    assert_eq!(call(&addr, "GET", "/metrics", &[], None).status, 401);
+    assert_eq!(call(&addr, "GET", "/metrics", &h, None).status, 403);
+    // The admin's login session holds metrics:read (a scraper would get a
+    // token with only that scope).
+    let m = call(&addr, "GET", "/metrics", &[("cookie", &cookie)], None);
+    assert_eq!(m.status, 200);
     let text = String::from_utf8_lossy(&m.body).to_string();
     assert!(
         text.contains("polydev_sessions{state=\"completed\"} 1"),

@@ -82,10 +82,12 @@ impl Api {
             .unwrap()
     }
 
-    /// The Prometheus text of `/metrics`.
-    async fn metrics(&self) -> String {
+    /// The Prometheus text of `/metrics`, read with `token` (it needs the
+    /// admin-only `metrics:read` scope).
+    async fn metrics(&self, token: &str) -> String {
         self.client
             .get(format!("{}/metrics", self.base))
+            .bearer_auth(token)
             .send()
             .await
             .unwrap()
@@ -135,10 +137,7 @@ enum Cred {
 }
 
 fn all_user_scopes() -> Vec<Scope> {
-    Scope::ALL
-        .into_iter()
-        .filter(|s| *s != Scope::Admin)
-        .collect()
+    Scope::ALL.into_iter().filter(|s| !s.admin_only()).collect()
 }
 
 /// A problem response: the status, the media type, a detail and the
@@ -403,6 +402,14 @@ fn routes(w: &World) -> Vec<Route> {
         ),
         r(
             M::GET,
+            "/metrics",
+            None,
+            Some(Scope::MetricsRead),
+            false,
+            200,
+        ),
+        r(
+            M::GET,
             "/api/v1/admin/users",
             None,
             Some(Scope::Admin),
@@ -514,7 +521,6 @@ async fn authorization_matrix(db: common::TestDb) {
     let public = [
         "/healthz",
         "/readyz",
-        "/metrics",
         "/api/v1/openapi.json",
         "/api/v1/auth/login",
         "/api/v1/auth/logout",
@@ -564,8 +570,9 @@ async fn authorization_matrix(db: common::TestDb) {
             assert_problem(st, &h, &v, 401, &format!("{ctx} as {who}"));
         }
         if let Some(scope) = r.scope {
-            let cred = if scope == Scope::Admin {
-                // alice's full token: every scope her role has, not admin.
+            let cred = if scope.admin_only() {
+                // alice's full token: every scope her role has, not the
+                // admin-only ones.
                 Cred::Bearer(w.alice_token.clone())
             } else {
                 let t = &w.alice_without.iter().find(|(s, _)| *s == scope).unwrap().1;
@@ -611,7 +618,7 @@ async fn authorization_matrix(db: common::TestDb) {
     );
     // The owner (the admin, for admin routes) gets what the route is for.
     for r in &table {
-        let cred = if r.scope == Some(Scope::Admin) {
+        let cred = if r.scope.is_some_and(Scope::admin_only) {
             &w.admin_token
         } else {
             &w.alice_token
@@ -1607,7 +1614,7 @@ async fn desktop_streams_need_their_ticket(db: common::TestDb) {
         )
         .await;
     assert_problem(st, &h, &v, 404, "bob's ticket for alice's desktop");
-    let m = api.metrics().await;
+    let m = api.metrics(&w.admin_token).await;
     assert!(
         m.contains("polydev_stream_connects_total{kind=\"desktop\",outcome=\"unauthenticated\"} 3"),
         "{m}"
@@ -1722,7 +1729,7 @@ async fn terminal_streams_need_their_ticket(db: common::TestDb) {
     assert_problem(st, &h, &v, 409, "a browser VM has no terminal");
     let (st, h, v) = ticket_for(&w.alice_token, &w.session).await;
     assert_problem(st, &h, &v, 404, "a session is not a VM");
-    let m = api.metrics().await;
+    let m = api.metrics(&w.admin_token).await;
     for line in [
         "polydev_stream_connects_total{kind=\"terminal\",outcome=\"unauthenticated\"} 4",
         "polydev_stream_connects_total{kind=\"terminal\",outcome=\"refused\"} 1",

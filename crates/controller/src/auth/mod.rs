@@ -139,13 +139,14 @@ impl Role {
         }
     }
 
-    /// Every scope an account of this role may hold: all but `admin` for a
-    /// user, everything for an admin. Cookie sessions get exactly these.
+    /// Every scope an account of this role may hold: all but the
+    /// admin-only ones (`admin`, `metrics:read`) for a user, everything for
+    /// an admin. Cookie sessions get exactly these.
     pub fn scopes(self) -> Vec<Scope> {
         Scope::ALL
             .iter()
             .copied()
-            .filter(|s| self == Role::Admin || *s != Scope::Admin)
+            .filter(|s| self == Role::Admin || !s.admin_only())
             .collect()
     }
 }
@@ -189,11 +190,16 @@ pub enum Scope {
     /// Administration (only for admin accounts).
     #[serde(rename = "admin")]
     Admin,
+    /// Read the Prometheus `/metrics` (only for admin accounts: the counts
+    /// span every user). A token with just this scope is what a scraper
+    /// should hold.
+    #[serde(rename = "metrics:read")]
+    MetricsRead,
 }
 
 impl Scope {
     /// Every scope, in a stable order.
-    pub const ALL: [Scope; 8] = [
+    pub const ALL: [Scope; 9] = [
         Scope::SessionsRead,
         Scope::SessionsWrite,
         Scope::VmsRead,
@@ -202,7 +208,13 @@ impl Scope {
         Scope::CredentialsWrite,
         Scope::StreamsConnect,
         Scope::Admin,
+        Scope::MetricsRead,
     ];
+
+    /// Whether only admin accounts may hold this scope.
+    pub fn admin_only(self) -> bool {
+        matches!(self, Scope::Admin | Scope::MetricsRead)
+    }
 
     /// API and database spelling (`sessions:read`, …, `admin`).
     pub fn as_str(self) -> &'static str {
@@ -215,6 +227,7 @@ impl Scope {
             Scope::CredentialsWrite => "credentials:write",
             Scope::StreamsConnect => "streams:connect",
             Scope::Admin => "admin",
+            Scope::MetricsRead => "metrics:read",
         }
     }
 
@@ -315,7 +328,7 @@ impl Principal {
 
     /// Whether this credential carries `s`.
     pub fn allows(&self, s: Scope) -> bool {
-        self.scopes.contains(&s) && (s != Scope::Admin || self.role == Role::Admin)
+        self.scopes.contains(&s) && (!s.admin_only() || self.role == Role::Admin)
     }
 
     /// `Ok` if [`Principal::allows`] `s`, else [`AuthError::Forbidden`].
@@ -699,12 +712,13 @@ mod tests {
         assert_eq!(Role::parse("admin").unwrap(), Role::Admin);
         assert!(Role::parse("root").is_err());
         assert!(!Role::User.scopes().contains(&Scope::Admin));
+        assert!(!Role::User.scopes().contains(&Scope::MetricsRead));
         assert_eq!(Role::Admin.scopes().len(), Scope::ALL.len());
         let p = Principal::from_row(
             "usr-1".into(),
             "a".into(),
             "user",
-            Some(vec![Scope::Admin, Scope::VmsRead]),
+            Some(vec![Scope::Admin, Scope::VmsRead, Scope::MetricsRead]),
             AuthMethod::Cookie,
         )
         .unwrap();

@@ -5,8 +5,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::auth::Scope;
 use crate::http::model::{Health, Ready};
-use crate::http::{ApiError, AppState};
+use crate::http::{ApiError, AppState, Caller};
 
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/healthz", tag = "ops", security(()),
@@ -47,10 +48,15 @@ pub async fn readyz(State(st): State<AppState>) -> Result<Json<Ready>, ApiError>
 
 /// Prometheus metrics (text exposition format 0.0.4): sessions and VMs by
 /// state, VM creations and failures by reason, login durations, upstream
-/// ports, HTTP requests and latencies, stream tickets.
-#[utoipa::path(get, path = "/metrics", tag = "ops", security(()),
+/// ports, HTTP requests and latencies, stream tickets. Needs the
+/// `metrics:read` scope (admin accounts; give a scraper a token with only
+/// that scope): the counts span every user.
+#[utoipa::path(get, path = "/metrics", tag = "ops",
     responses((status = 200, content_type = "text/plain", body = String)))]
-pub async fn metrics(State(st): State<AppState>) -> Response {
+pub async fn metrics(State(st): State<AppState>, Caller(p): Caller) -> Response {
+    if let Err(e) = p.require(Scope::MetricsRead) {
+        return ApiError::from(e).into_response();
+    }
     match crate::metrics::render(&st.store, &st.upstreams).await {
         Ok(mut text) => {
             st.metrics.render(&mut text);
