@@ -82,6 +82,22 @@ impl Api {
             .unwrap()
     }
 
+    /// Ask for a `kind` stream ticket for `resource` with bearer `token`.
+    async fn ticket(
+        &self,
+        token: &str,
+        kind: &str,
+        resource: &str,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        self.call(
+            Method::POST,
+            "/api/v1/tickets",
+            Some(&Cred::Bearer(token.to_string())),
+            Some(json!({"kind": kind, "resource_id": resource})),
+        )
+        .await
+    }
+
     /// The Prometheus text of `/metrics`, read with `token` (it needs the
     /// admin-only `metrics:read` scope).
     async fn metrics(&self, token: &str) -> String {
@@ -1552,25 +1568,10 @@ async fn shutdown_finishes_requests_in_flight(db: common::TestDb) {
 async fn desktop_streams_need_their_ticket(db: common::TestDb) {
     let api = Api::unlimited(&db).await;
     let w = world(&api).await;
-    let ticket = |t: &str| {
-        let t = t.to_string();
-        let api = &api;
-        let ses = w.session.clone();
-        async move {
-            let (st, _, v) = api
-                .call(
-                    Method::POST,
-                    "/api/v1/tickets",
-                    Some(&Cred::Bearer(t)),
-                    Some(json!({"kind": "desktop", "resource_id": ses})),
-                )
-                .await;
-            assert_eq!(st, 201, "{v}");
-            v["ticket"].as_str().unwrap().to_string()
-        }
-    };
     let desktop = format!("/api/v1/sessions/{}/desktop", w.session);
-    let t = ticket(&w.alice_token).await;
+    let (st, _, v) = api.ticket(&w.alice_token, "desktop", &w.session).await;
+    assert_eq!(st, 201, "{v}");
+    let t = v["ticket"].as_str().unwrap().to_string();
     // Without an upgrade: 426, and the ticket is still good afterwards.
     let (st, h, v) = api
         .call(Method::GET, &format!("{desktop}?ticket={t}"), None, None)
@@ -1605,14 +1606,7 @@ async fn desktop_streams_need_their_ticket(db: common::TestDb) {
     let r = api.upgrade(&format!("{desktop}?ticket={t}")).await;
     assert_eq!(r.status(), 401, "a ticket works once");
     // bob cannot get a ticket for alice's session.
-    let (st, h, v) = api
-        .call(
-            Method::POST,
-            "/api/v1/tickets",
-            Some(&Cred::Bearer(w.bob_token.clone())),
-            Some(json!({"kind": "desktop", "resource_id": w.session})),
-        )
-        .await;
+    let (st, h, v) = api.ticket(&w.bob_token, "desktop", &w.session).await;
     assert_problem(st, &h, &v, 404, "bob's ticket for alice's desktop");
     let m = api.metrics(&w.admin_token).await;
     assert!(
@@ -1632,20 +1626,7 @@ async fn desktop_streams_need_their_ticket(db: common::TestDb) {
 async fn terminal_streams_need_their_ticket(db: common::TestDb) {
     let api = Api::unlimited(&db).await;
     let w = world(&api).await;
-    let ticket_for = |token: &str, resource: &str| {
-        let (token, resource) = (token.to_string(), resource.to_string());
-        let api = &api;
-        async move {
-            api.call(
-                Method::POST,
-                "/api/v1/tickets",
-                Some(&Cred::Bearer(token)),
-                Some(json!({"kind": "terminal", "resource_id": resource})),
-            )
-            .await
-        }
-    };
-    let (st, _, v) = ticket_for(&w.alice_token, &w.cli_vm).await;
+    let (st, _, v) = api.ticket(&w.alice_token, "terminal", &w.cli_vm).await;
     assert_eq!(st, 201, "{v}");
     assert_eq!(v["kind"], "terminal");
     let t = v["ticket"].as_str().unwrap().to_string();
@@ -1681,14 +1662,7 @@ async fn terminal_streams_need_their_ticket(db: common::TestDb) {
     assert_eq!(r.status(), 401);
     let other = format!("/api/v1/vms/vm-0123456789abcdef/terminal?ticket={t}");
     assert_eq!(api.upgrade(&other).await.status(), 401);
-    let (st, _, v) = api
-        .call(
-            Method::POST,
-            "/api/v1/tickets",
-            Some(&Cred::Bearer(w.alice_token.clone())),
-            Some(json!({"kind": "desktop", "resource_id": w.session})),
-        )
-        .await;
+    let (st, _, v) = api.ticket(&w.alice_token, "desktop", &w.session).await;
     assert_eq!(st, 201, "{v}");
     let desktop_ticket = v["ticket"].as_str().unwrap();
     let r = api
@@ -1706,7 +1680,7 @@ async fn terminal_streams_need_their_ticket(db: common::TestDb) {
 
     // No ticket for bob on alice's VM, none for a browser VM, none for a
     // VM id that is not one.
-    let (st, h, v) = ticket_for(&w.bob_token, &w.cli_vm).await;
+    let (st, h, v) = api.ticket(&w.bob_token, "terminal", &w.cli_vm).await;
     assert_problem(st, &h, &v, 404, "bob's ticket for alice's terminal");
     let (_, _, vms) = api
         .call(
@@ -1725,9 +1699,9 @@ async fn terminal_streams_need_their_ticket(db: common::TestDb) {
         .as_str()
         .unwrap()
         .to_string();
-    let (st, h, v) = ticket_for(&w.alice_token, &browser).await;
+    let (st, h, v) = api.ticket(&w.alice_token, "terminal", &browser).await;
     assert_problem(st, &h, &v, 409, "a browser VM has no terminal");
-    let (st, h, v) = ticket_for(&w.alice_token, &w.session).await;
+    let (st, h, v) = api.ticket(&w.alice_token, "terminal", &w.session).await;
     assert_problem(st, &h, &v, 404, "a session is not a VM");
     let m = api.metrics(&w.admin_token).await;
     for line in [

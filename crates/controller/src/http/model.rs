@@ -401,6 +401,28 @@ pub struct StreamQuery {
     pub ticket: String,
 }
 
+/// The headers of a WebSocket handshake, documented on the stream
+/// operations as what a client must send (the values a WebSocket client
+/// sends; `Connection` may also list other tokens). Never extracted: axum's
+/// `WebSocketUpgrade` checks them.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct WebSocketHandshake {
+    /// WebSocket handshake
+    #[param(rename = "connection", pattern = "^Upgrade$")]
+    connection: String,
+    /// WebSocket handshake
+    #[param(rename = "upgrade", pattern = "^websocket$")]
+    upgrade: String,
+    /// WebSocket handshake
+    #[param(rename = "sec-websocket-version", pattern = "^13$")]
+    sec_websocket_version: String,
+    /// WebSocket handshake: 16 random bytes, base64
+    #[param(rename = "sec-websocket-key", pattern = "^[A-Za-z0-9+/]{22}==$")]
+    sec_websocket_key: String,
+}
+
 /// Query of the terminal URL: the ticket and the initial window size.
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]

@@ -20,11 +20,13 @@ use polydev_api::pty::{PtyDecoder, PtyFrame};
 
 use crate::driver::Duplex;
 use crate::http::error::check_id;
-use crate::http::model::{StreamQuery, TerminalControl, TerminalEvent, TerminalQuery};
+use crate::http::model::{
+    StreamQuery, TerminalControl, TerminalEvent, TerminalQuery, WebSocketHandshake,
+};
 use crate::http::{ApiError, ApiPath, ApiQuery, AppState};
 use crate::state::Lifecycle;
 use crate::state::VmState;
-use crate::store::{Vm, VmKind};
+use crate::store::{Session, Vm, VmKind};
 
 /// Where the browser image's VNC server listens inside the VM.
 pub const VNC_PORT: u16 = 5900;
@@ -32,15 +34,8 @@ pub const VNC_PORT: u16 = 5900;
 /// The desktop of a connect session, as a WebSocket (binary frames: the
 /// RFB protocol; subprotocol `binary` accepted). Needs a `desktop` ticket
 /// for this session; without a WebSocket upgrade the answer is 426.
-// The handshake headers are documented as what a client must send (the
-// values a WebSocket client sends; `Connection` may also list other tokens).
 #[utoipa::path(get, path = "/api/v1/sessions/{id}/desktop", tag = "streams", security(()),
-    params(("id" = String, Path, description = "`ses-…`", pattern = "^ses-[0-9a-f]{1,64}$"), StreamQuery,
-        ("connection" = String, Header, description = "WebSocket handshake", pattern = "^Upgrade$"),
-        ("upgrade" = String, Header, description = "WebSocket handshake", pattern = "^websocket$"),
-        ("sec-websocket-version" = String, Header, description = "WebSocket handshake", pattern = "^13$"),
-        ("sec-websocket-key" = String, Header, description = "WebSocket handshake: 16 random bytes, base64",
-            pattern = "^[A-Za-z0-9+/]{22}==$")),
+    params(("id" = String, Path, description = "`ses-…`", pattern = "^ses-[0-9a-f]{1,64}$"), StreamQuery, WebSocketHandshake),
     responses((status = 101, description = "Switching to the WebSocket")))]
 pub async fn desktop(
     State(st): State<AppState>,
@@ -98,19 +93,24 @@ fn outcome_label<T>(r: &Result<T, ApiError>) -> &'static str {
     }
 }
 
+/// The browser VM of session `s` while it has a desktop (a conflict
+/// otherwise: the desktop exists while the login runs).
+pub(super) fn desktop_vm(s: &Session) -> Result<&str, ApiError> {
+    match (&s.browser_vm_id, s.life.state.is_final()) {
+        (Some(vm), false) => Ok(vm),
+        _ => Err(ApiError::conflict(format!(
+            "session {} has no desktop now ({}): a desktop exists while the login runs",
+            s.id,
+            s.life.state.as_str()
+        ))),
+    }
+}
+
 /// Redeem the ticket and connect to the session's desktop.
 async fn open_desktop(st: &AppState, id: &str, ticket: &str) -> Result<Box<dyn Duplex>, ApiError> {
     let p = st.auth.redeem_ticket(ticket, "desktop", id).await?;
     let s = super::sessions::own_session(st, &p.user_id, id).await?;
-    let vm = match (&s.browser_vm_id, s.life.state.is_final()) {
-        (Some(vm), false) => st.store.vm(vm).await?,
-        _ => {
-            return Err(ApiError::conflict(format!(
-                "session {id} has no desktop now ({}): a desktop exists while the login runs",
-                s.life.state.as_str()
-            )))
-        }
-    };
+    let vm = st.store.vm(desktop_vm(&s)?).await?;
     let Some(host_vm) = vm.host_vm_id.as_deref() else {
         return Err(ApiError::conflict(format!(
             "the desktop of session {id} is still starting: get a new ticket and retry in a few seconds"
@@ -119,19 +119,18 @@ async fn open_desktop(st: &AppState, id: &str, ticket: &str) -> Result<Box<dyn D
     let Some(host) = &st.host else {
         return Err(no_host("desktop"));
     };
-    host.forward(
-        host_vm,
-        polydev_api::agent::ForwardTarget::Tcp { port: VNC_PORT },
-    )
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            502,
-            "desktop-unreachable",
-            "Desktop unreachable",
-            format!("the desktop of session {id} does not answer: {e}; retry with a new ticket"),
-        )
-    })
+    host.forward(host_vm, ForwardTarget::Tcp { port: VNC_PORT })
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                502,
+                "desktop-unreachable",
+                "Desktop unreachable",
+                format!(
+                    "the desktop of session {id} does not answer: {e}; retry with a new ticket"
+                ),
+            )
+        })
 }
 
 /// Copy bytes both ways until either side ends or the server shuts down.
@@ -171,23 +170,24 @@ async fn splice(
     let _ = socket.send(Message::Close(None)).await;
 }
 
-/// Why `vm` has no terminal now (a conflict), if it has none.
-pub(super) fn terminal_available(vm: &Vm) -> Result<(), ApiError> {
+/// The host agent's id of `vm` while it can have a terminal (a running
+/// CLI VM; a conflict otherwise).
+pub(super) fn terminal_vm(vm: &Vm) -> Result<&str, ApiError> {
     if vm.kind != VmKind::Cli {
         return Err(ApiError::conflict(format!(
             "VM {} is a browser VM: terminals are for CLI VMs (a login's desktop has its own terminal)",
             vm.id
         )));
     }
-    if vm.life.state != VmState::Running || vm.host_vm_id.is_none() {
-        return Err(ApiError::conflict(format!(
+    match (vm.life.state, vm.host_vm_id.as_deref()) {
+        (VmState::Running, Some(host_vm)) => Ok(host_vm),
+        _ => Err(ApiError::conflict(format!(
             "VM {} is {}: a terminal needs it running; wait for it (GET /api/v1/vms/{}) and ask for a new ticket",
             vm.id,
             vm.life.state.as_str(),
             vm.id
-        )));
+        ))),
     }
-    Ok(())
 }
 
 /// The login shell of a running CLI VM, as a WebSocket (subprotocol
@@ -199,12 +199,7 @@ pub(super) fn terminal_available(vm: &Vm) -> Result<(), ApiError> {
 /// "signal": N}` as text, then closes (1000). Closing the WebSocket hangs
 /// up the shell.
 #[utoipa::path(get, path = "/api/v1/vms/{id}/terminal", tag = "streams", security(()),
-    params(("id" = String, Path, description = "`vm-…`", pattern = "^vm-[0-9a-f]{1,64}$"), TerminalQuery,
-        ("connection" = String, Header, description = "WebSocket handshake", pattern = "^Upgrade$"),
-        ("upgrade" = String, Header, description = "WebSocket handshake", pattern = "^websocket$"),
-        ("sec-websocket-version" = String, Header, description = "WebSocket handshake", pattern = "^13$"),
-        ("sec-websocket-key" = String, Header, description = "WebSocket handshake: 16 random bytes, base64",
-            pattern = "^[A-Za-z0-9+/]{22}==$")),
+    params(("id" = String, Path, description = "`vm-…`", pattern = "^vm-[0-9a-f]{1,64}$"), TerminalQuery, WebSocketHandshake),
     responses((status = 101, description = "Switching to the WebSocket")))]
 pub async fn terminal(
     State(st): State<AppState>,
@@ -242,8 +237,8 @@ async fn open_terminal(
 ) -> Result<Box<dyn Duplex>, ApiError> {
     let p = st.auth.redeem_ticket(ticket, "terminal", id).await?;
     let vm = super::vms::own_vm(st, &p.user_id, id).await?;
-    terminal_available(&vm)?;
-    let (Some(host), Some(host_vm)) = (&st.host, vm.host_vm_id.as_deref()) else {
+    let host_vm = terminal_vm(&vm)?;
+    let Some(host) = &st.host else {
         return Err(no_host("terminal"));
     };
     let user = st.driver.as_ref().and_then(|d| d.terminal_user());
@@ -266,6 +261,37 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
         reason: reason.into(),
     };
     let _ = socket.send(Message::Close(Some(frame))).await;
+}
+
+/// Send the complete frames in `dec` to the client: output as binary
+/// messages; the exit status as a text event and a 1000 close. `false`
+/// once the WebSocket is over (closed here, or the client is gone).
+async fn send_guest_frames(socket: &mut WebSocket, dec: &mut PtyDecoder) -> bool {
+    loop {
+        match dec.next_frame() {
+            Ok(None) => return true,
+            Ok(Some(PtyFrame::Data(d))) => {
+                if socket.send(Message::Binary(d.into())).await.is_err() {
+                    return false;
+                }
+            }
+            Ok(Some(PtyFrame::Exit(x))) => {
+                let ev = TerminalEvent::Exit {
+                    code: x.code,
+                    signal: x.signal,
+                };
+                if let Ok(text) = serde_json::to_string(&ev) {
+                    let _ = socket.send(Message::Text(text.into())).await;
+                }
+                close(socket, 1000, "the shell exited").await;
+                return false;
+            }
+            Ok(Some(PtyFrame::Resize { .. })) | Err(_) => {
+                close(socket, 1011, "the terminal stream broke").await;
+                return false;
+            }
+        }
+    }
 }
 
 /// Relay between the WebSocket and the guest's terminal frames until the
@@ -308,27 +334,8 @@ async fn relay_terminal(
                 }
                 Ok(n) => {
                     dec.push(&buf[..n]);
-                    loop {
-                        match dec.next_frame() {
-                            Ok(Some(PtyFrame::Data(d))) => {
-                                if socket.send(Message::Binary(d.into())).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(Some(PtyFrame::Exit(x))) => {
-                                let ev = TerminalEvent::Exit { code: x.code, signal: x.signal };
-                                if let Ok(text) = serde_json::to_string(&ev) {
-                                    let _ = socket.send(Message::Text(text.into())).await;
-                                }
-                                close(&mut socket, 1000, "the shell exited").await;
-                                return;
-                            }
-                            Ok(None) => break,
-                            Ok(Some(PtyFrame::Resize { .. })) | Err(_) => {
-                                close(&mut socket, 1011, "the terminal stream broke").await;
-                                return;
-                            }
-                        }
+                    if !send_guest_frames(&mut socket, &mut dec).await {
+                        return;
                     }
                 }
             },

@@ -172,17 +172,11 @@ pub async fn ticket(
     match req.kind {
         StreamKind::Desktop => {
             let s = super::sessions::own_session(&st, &p.user_id, &req.resource_id).await?;
-            if s.life.state.is_final() || s.browser_vm_id.is_none() {
-                return Err(ApiError::conflict(format!(
-                    "session {} has no desktop now ({}): a desktop exists while the login runs",
-                    s.id,
-                    s.life.state.as_str()
-                )));
-            }
+            super::streams::desktop_vm(&s)?;
         }
         StreamKind::Terminal => {
             let vm = own_vm(&st, &p.user_id, &req.resource_id).await?;
-            super::streams::terminal_available(&vm)?;
+            super::streams::terminal_vm(&vm)?;
         }
     }
     let t = st
