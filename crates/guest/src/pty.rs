@@ -148,25 +148,15 @@ pub fn handle(conn: Stream, env: &SharedEnv, spec: PtySpec, early: Vec<u8>) {
     let conn = Arc::new(conn);
     let master = Arc::new(master);
     let over = Arc::new(AtomicBool::new(false));
-    let hung_up = Arc::new(AtomicBool::new(false));
-    spawn_output_reader(master.clone(), tx.clone(), over.clone());
-    spawn_input(
-        conn.clone(),
-        master.clone(),
-        early,
-        Hangup {
-            pid,
-            exited: exited.clone(),
-            done: hung_up.clone(),
-        },
-    );
-    drop(tx);
-
-    let hangup = Hangup {
+    let hangup = Arc::new(Hangup {
         pid,
         exited,
-        done: hung_up,
-    };
+        done: AtomicBool::new(false),
+    });
+    spawn_output_reader(master.clone(), tx.clone(), over.clone());
+    spawn_input(conn.clone(), master.clone(), early, hangup.clone());
+    drop(tx);
+
     let mut conn_ok = true;
     let mut write = |bytes: &[u8]| {
         if conn_ok && (&*conn).write_all(bytes).is_err() {
@@ -207,7 +197,7 @@ pub fn handle(conn: Stream, env: &SharedEnv, spec: PtySpec, early: Vec<u8>) {
 struct Hangup {
     pid: u32,
     exited: Arc<AtomicBool>,
-    done: Arc<AtomicBool>,
+    done: AtomicBool,
 }
 
 impl Hangup {
@@ -286,7 +276,7 @@ fn readable(master: &File) -> io::Result<bool> {
 
 /// Frames from the viewer: input to the terminal, sizes to its window.
 /// The end of the stream (or a malformed frame) hangs up.
-fn spawn_input(conn: Arc<Stream>, master: Arc<File>, early: Vec<u8>, hangup: Hangup) {
+fn spawn_input(conn: Arc<Stream>, master: Arc<File>, early: Vec<u8>, hangup: Arc<Hangup>) {
     let spawned = std::thread::Builder::new()
         .name("pty-in".into())
         .spawn(move || {
