@@ -1,10 +1,12 @@
 //! A small HTTP/1.1 client for the controller API over loopback (one
 //! request per connection), plus a Server-Sent Events reader and the
-//! `polydev server`/`polydev up` startup lines.
+//! `polydev server`/`polydev up` process and its startup lines.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// An answer: status, headers (lower-case names), body.
 #[derive(Debug)]
@@ -188,4 +190,89 @@ pub fn startup_lines(stderr: &str) -> (Option<String>, Option<String>) {
             .map(|t| t.trim().to_string())
     });
     (addr, link)
+}
+
+/// A `polydev server` or `polydev up` under test: its output goes to a log
+/// file in its data directory; killed when dropped.
+pub struct ApiProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl ApiProcess {
+    /// Start `polydev --data-dir DATA <args>` logging to `DATA/<log>`, then
+    /// poll the log until `ready` gives a value (what the caller needs of
+    /// the startup lines). Panics with the log when the process exits
+    /// first or `timeout` passes.
+    pub fn start<T>(
+        data: &Path,
+        args: &[&str],
+        log: &str,
+        timeout: Duration,
+        mut ready: impl FnMut(&str) -> Option<T>,
+    ) -> (ApiProcess, T) {
+        let log = data.join(log);
+        let f = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(crate::polydev_bin())
+            .arg("--data-dir")
+            .arg(data)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("log file"))
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", crate::polydev_bin().display()));
+        let mut p = ApiProcess { child, log };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = p.text();
+            if let Some(v) = ready(&text) {
+                return (p, v);
+            }
+            if let Ok(Some(st)) = p.child.try_wait() {
+                panic!("polydev {args:?} exited early ({st}): {text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "polydev {args:?} did not come up: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything it logged so far.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// SIGTERM, then its exit code (it must exit within a minute).
+    pub fn stop(mut self) -> i32 {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "polydev ignored SIGTERM: {}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ApiProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -9,13 +9,11 @@
 //! refused or invalid request accepted fails the test with Schemathesis's
 //! report.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use polydev_e2e::http::{call, startup_lines};
-use polydev_e2e::polydev_bin;
+use polydev_e2e::http::{call, startup_lines, ApiProcess};
 use serde_json::json;
 
 /// The pinned Schemathesis (`SCHEMATHESIS_VERSION` in polydev.sh).
@@ -66,61 +64,6 @@ include-operation-id = "terminal"
 checks.missing_required_header.expected-statuses = ["400", "401", "403", "406", "415", "422", "426"]
 checks.negative_data_rejection.expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "415", "422", "426", "428", "429", "5xx"]
 "#;
-
-/// `polydev server --no-driver`, killed when dropped.
-struct Server {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(data: &Path) -> (Server, String, String) {
-        let log = data.join("server.log");
-        let f = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(polydev_bin())
-            .arg("--data-dir")
-            .arg(data)
-            .args(["server", "--no-driver", "--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().expect("log file"))
-            .stderr(f)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", polydev_bin().display()));
-        let mut s = Server { child, log };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let text = s.text();
-            // The link is printed after the address line, once the admin
-            // account exists; then the API answers.
-            if let (Some(addr), Some(link)) = startup_lines(&text) {
-                return (s, addr, link);
-            }
-            if let Ok(Some(st)) = s.child.try_wait() {
-                panic!("polydev server exited early ({st}): {text}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "polydev server did not come up: {text}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn text(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The `st` of the venv `./polydev.sh setup` makes, checked for the pin.
 fn schemathesis() -> PathBuf {
@@ -234,7 +177,18 @@ fn the_api_conforms_to_its_openapi_document() {
         .prefix("pdst")
         .tempdir_in("/tmp")
         .expect("temp dir");
-    let (server, addr, link) = Server::start(dir.path());
+    // The link is printed after the address line, once the admin account
+    // exists; then the API answers.
+    let (server, (addr, link)) = ApiProcess::start(
+        dir.path(),
+        &["server", "--no-driver", "--listen", "127.0.0.1:0"],
+        "server.log",
+        Duration::from_secs(60),
+        |text| match startup_lines(text) {
+            (Some(addr), Some(link)) => Some((addr, link)),
+            _ => None,
+        },
+    );
     let token = admin_token(&addr, &link);
 
     let config = dir.path().join("schemathesis.toml");

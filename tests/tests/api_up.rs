@@ -7,12 +7,9 @@
 //! the CLI VM's terminal runs a shell that sees the credential; a restart
 //! prints no second link and keeps the token; SIGTERM stops cleanly.
 
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use polydev_e2e::http::{call, sse_until, startup_lines};
-use polydev_e2e::polydev_bin;
+use polydev_e2e::http::{call, sse_until, startup_lines, ApiProcess};
 use serde_json::json;
 
 mod driver_support;
@@ -84,79 +81,22 @@ fn websocket(addr: &str, path: &str) -> Result<tungstenite::WebSocket<std::net::
     }
 }
 
-struct Up {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Up {
-    fn start(data: &std::path::Path, tag: &str) -> (Up, String, Option<String>) {
-        let log = data.join(format!("up-{tag}.log"));
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(polydev_bin())
-            .arg("--data-dir")
-            .arg(data)
-            .args(["up", "--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .expect("spawn polydev up");
-        let mut up = Up { child, log };
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            let text = up.text();
-            // The link, when there is one, is printed before the driver
-            // starts; its "recovery done" line means startup is over.
-            if let (Some(addr), link) = startup_lines(&text) {
-                if text.contains("driver: recovery done") {
-                    return (up, addr, link);
-                }
-            }
-            if let Ok(Some(st)) = up.child.try_wait() {
-                panic!("polydev up exited early ({st}): {text}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "polydev up did not come up: {text}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn text(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
-    }
-
-    fn stop(mut self) -> i32 {
-        // SAFETY: kill(2) on our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "polydev up ignored SIGTERM: {}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `polydev up` on `data`, logging to `up-<tag>.log`: the process, the API
+/// address and the first-start link if one was printed.
+fn start_up(data: &std::path::Path, tag: &str) -> (ApiProcess, String, Option<String>) {
+    let (up, (addr, link)) = ApiProcess::start(
+        data,
+        &["up", "--listen", "127.0.0.1:0"],
+        &format!("up-{tag}.log"),
+        Duration::from_secs(180),
+        // The link, when there is one, is printed before the driver
+        // starts; its "recovery done" line means startup is over.
+        |text| match startup_lines(text) {
+            (Some(addr), link) if text.contains("driver: recovery done") => Some((addr, link)),
+            _ => None,
+        },
+    );
+    (up, addr, link)
 }
 
 #[test]
@@ -181,7 +121,7 @@ fn up_serves_the_api_and_a_connect_session_completes_through_it() {
     )
     .unwrap();
 
-    let (up, addr, link) = Up::start(data, "first");
+    let (up, addr, link) = start_up(data, "first");
     let link = link.unwrap_or_else(|| panic!("no login link on first start: {}", up.text()));
     let r = call(
         &addr,
@@ -399,7 +339,7 @@ fn up_serves_the_api_and_a_connect_session_completes_through_it() {
 
     // A restart: no second admin link, the token still works, and the API
     // destroys the CLI VM through the driver.
-    let (up, addr, link) = Up::start(data, "second");
+    let (up, addr, link) = start_up(data, "second");
     assert!(
         link.is_none(),
         "a second login link was printed: {}",
