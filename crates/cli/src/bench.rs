@@ -53,6 +53,15 @@ pub(crate) fn stats(name: &str, unit: &str, mut v: Vec<f64>) {
     );
 }
 
+/// Nearest-rank percentile `p` (0–100] of ascending `sorted`: the
+/// smallest sample at or below which at least p% of the samples lie, so a
+/// reported p99 is always a latency some request really had. The one
+/// definition every bench prints.
+pub(crate) fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
+}
+
 /// A `kB` figure from `/proc/<pid>/<file>`'s line starting with `key`.
 pub(crate) fn status_kib(pid: u32, file: &str, key: &str) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
@@ -148,4 +157,21 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
     }
     mgr.destroy(&vm.id).await?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50));
+        assert_eq!(percentile(&v, 99.0), Some(99));
+        assert_eq!(percentile(&v, 100.0), Some(100));
+        assert_eq!(percentile(&v, 0.0), Some(1));
+        assert_eq!(percentile(&[7], 99.0), Some(7));
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 50.0), Some(2.0));
+        assert_eq!(percentile::<u64>(&[], 50.0), None);
+    }
 }

@@ -228,13 +228,9 @@ async fn worker(
     out
 }
 
-/// Nearest-rank percentile of sorted `v` (microseconds) in milliseconds.
+/// Percentile `p` of sorted `v` (microseconds) in milliseconds.
 fn pct_ms(v: &[u64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1] as f64 / 1000.0
+    crate::bench::percentile(v, p).map_or(0.0, |us| us as f64 / 1000.0)
 }
 
 /// Run one phase and print its line; returns the session ids created.
@@ -399,19 +395,4 @@ pub async fn run(a: ApiBenchArgs) -> anyhow::Result<i32> {
         run_postgres(&a).await?;
     }
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::pct_ms;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<u64> = (1..=100).map(|i| i * 1000).collect();
-        assert_eq!(pct_ms(&v, 50.0), 50.0);
-        assert_eq!(pct_ms(&v, 99.0), 99.0);
-        assert_eq!(pct_ms(&v, 100.0), 100.0);
-        assert_eq!(pct_ms(&[7000], 99.0), 7.0);
-        assert_eq!(pct_ms(&[], 50.0), 0.0);
-    }
 }

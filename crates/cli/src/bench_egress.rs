@@ -273,11 +273,7 @@ async fn vm_sh(mgr: &Manager, id: &str, script: &str) -> anyhow::Result<(String,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+    crate::bench::percentile(sorted, p).unwrap_or(f64::NAN)
 }
 
 fn sorted(mut v: Vec<f64>) -> Vec<f64> {
