@@ -215,7 +215,9 @@ fn sigkill_in_every_session_state_then_each_session_finishes() {
         ("user", 3, SessionState::Capturing),
         ("capture", 4, SessionState::Delivering),
     ];
-    let t = Duration::from_secs(60);
+    // Each step execs into five TCG VMs while a sixth boots: on a loaded
+    // 2-core host that has taken over a minute.
+    let t = Duration::from_secs(180);
     for (gate, from, want) in steps {
         for s in &ses[from..] {
             ctx.gate(&vm_of[s], gate);

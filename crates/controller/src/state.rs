@@ -246,11 +246,14 @@ impl Lifecycle for SessionState {
         match self {
             Requested => Some(Duration::from_secs(60)),
             StartingVm => Some(Duration::from_secs(240)),
-            StartingLogin => Some(Duration::from_secs(60)),
+            // The provider's CLI starting up: Node.js CLIs take ≈45 s just
+            // to print a version under TCG on an idle 2-core host, and a
+            // host running several VMs is slower still.
+            StartingLogin => Some(Duration::from_secs(180)),
             // A person signs in; long enough for 2FA, short enough that an
             // abandoned browser VM does not linger.
             AwaitingUser => Some(Duration::from_secs(15 * 60)),
-            Capturing => Some(Duration::from_secs(60)),
+            Capturing => Some(Duration::from_secs(180)),
             Delivering => Some(Duration::from_secs(120)),
             Completed | Cancelled | Failed => None,
         }

@@ -447,8 +447,10 @@ pub fn exec(host: &Host, vm: &str, script: &str) -> polydev_e2e::Run {
         "vm",
         "exec",
         vm,
+        // update-ca-certificates in a browser VM has taken over 120 s
+        // under TCG while other tests' VMs ran.
         "--timeout",
-        "120",
+        "400",
         "--",
         "sh",
         "-c",
