@@ -153,6 +153,25 @@ pub struct Provider {
     pub prompt_command: Vec<String>,
     /// Output format of a prompt run.
     pub prompt_output: PromptOutput,
+    /// A cheap use of a delivered credential, run in the CLI VM as its
+    /// user: exit 0 means the provider accepted it (`None`: no check; the
+    /// JSON keys of the capture decide alone).
+    pub check: Option<Check>,
+}
+
+/// How a delivered credential is tried (`[check]`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    /// Command (argv; no shell), run in the home directory.
+    pub command: Vec<String>,
+    /// How long it may take.
+    #[serde(default = "default_check_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_check_timeout() -> u64 {
+    120
 }
 
 /// A file to write before login.
@@ -190,6 +209,8 @@ struct RawProvider {
     capture: Vec<CaptureFile>,
     refresh: RawRefresh,
     prompt: RawPrompt,
+    #[serde(default)]
+    check: Option<Check>,
 }
 
 #[derive(Deserialize)]
@@ -475,6 +496,15 @@ impl Provider {
                 "must contain exactly one argument that is exactly \"{prompt}\" (the prompt is passed as one argv element, never spliced into text)".into(),
             ));
         }
+        if let Some(c) = &raw.check {
+            valid_argv(&c.command).map_err(|e| bad("check.command", e))?;
+            if c.timeout_secs == 0 || c.timeout_secs > 3600 {
+                return Err(bad(
+                    "check.timeout_secs",
+                    format!("{} must be 1-3600 seconds", c.timeout_secs),
+                ));
+            }
+        }
         Ok(Provider {
             id: raw.id,
             name: raw.name,
@@ -493,6 +523,7 @@ impl Provider {
             rotates_refresh_token: raw.refresh.rotates_refresh_token,
             prompt_command: p.command,
             prompt_output: p.output,
+            check: raw.check,
         })
     }
 
@@ -656,8 +687,14 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../providers");
         let set = Providers::load_dir(&dir).unwrap();
         let ids: Vec<_> = set.iter().map(|p| p.id.as_str()).collect();
-        assert_eq!(ids, ["claude-code", "codex", "gemini-cli"]);
+        // The test CLI's definition lives beside the real ones but is not
+        // built in: production has no test CLI.
+        assert_eq!(ids, ["claude-code", "codex", "gemini-cli", "testcli"]);
         assert_eq!(Providers::builtin().unwrap().len(), 3);
+        let t = set.get("testcli").unwrap();
+        let check = t.check.as_ref().unwrap();
+        assert_eq!(check.command, ["polydev-testcli", "whoami"]);
+        assert!(Providers::builtin().unwrap().get("testcli").is_none());
         let codex = set.get("codex").unwrap();
         assert_eq!(codex.callback_port, CallbackPort::Fixed(1455));
         assert!(set.get("claude-code").unwrap().rotates_refresh_token);

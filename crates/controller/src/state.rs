@@ -306,6 +306,12 @@ pub enum FailureReason {
     AuthUrlNotFound,
     /// Captured credential files did not validate.
     CredentialInvalid,
+    /// The provider refused the delivered credential when the provider's
+    /// check used it (e.g. userinfo answered 401).
+    CredentialRejected,
+    /// The VM's egress (the user's upstream, or direct egress) refused or
+    /// failed the connections the login needs.
+    EgressFailed,
     /// Sealing or opening the credential failed.
     VaultError,
     /// The credential could not be delivered to the CLI VM.
@@ -329,6 +335,8 @@ impl FailureReason {
         Self::LoginFailed,
         Self::AuthUrlNotFound,
         Self::CredentialInvalid,
+        Self::CredentialRejected,
+        Self::EgressFailed,
         Self::VaultError,
         Self::DeliveryFailed,
         Self::ControllerRestart,
@@ -349,6 +357,8 @@ impl FailureReason {
             LoginFailed => "login_failed",
             AuthUrlNotFound => "auth_url_not_found",
             CredentialInvalid => "credential_invalid",
+            CredentialRejected => "credential_rejected",
+            EgressFailed => "egress_failed",
             VaultError => "vault_error",
             DeliveryFailed => "delivery_failed",
             ControllerRestart => "controller_restart",

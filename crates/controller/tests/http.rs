@@ -482,6 +482,16 @@ fn routes(w: &World) -> Vec<Route> {
             false,
             404,
         ),
+        // The session is not awaiting the person here: after the
+        // authorization check, input to its login is a conflict.
+        r(
+            M::POST,
+            "/api/v1/sessions/{ses}/input",
+            Some(json!({"text": "code#state"})),
+            Some(Scope::SessionsWrite),
+            false,
+            409,
+        ),
         // Destructive routes last: their positive run ends the record.
         r(
             M::POST,

@@ -32,10 +32,21 @@ setsid sh -c "$inner" sh "$d" "$@" >/dev/null 2>&1 </dev/null &
 exit 0"#;
 
 /// The detached part: run the command, record its exit status atomically.
+/// Its standard input is the FIFO `$d/input`, held open for reading and
+/// writing so that it never reads end-of-file: what the person types into
+/// the login ([`send_input`]) arrives there (under `script`, on the
+/// login's terminal).
 const INNER: &str = r#"d="$1"; shift
 cd "$HOME" 2>/dev/null || cd /
-"$@" >"$d/output" 2>&1 </dev/null
+mkfifo -m 0600 "$d/input" && exec 3<>"$d/input" || exec 3</dev/null
+"$@" >"$d/output" 2>&1 <&3
 echo $? >"$d/exit.tmp" && mv "$d/exit.tmp" "$d/exit""#;
+
+/// Hand stdin to a running login's input FIFO; refuse when the login is
+/// not running (a FIFO without a reader would block the writer).
+const INPUT: &str = r#"d="$1"
+[ -p "$d/input" ] && [ ! -f "$d/exit" ] || { echo "the login is not running" >&2; exit 3; }
+cat >"$d/input""#;
 
 const STATUS: &str = r#"d="$1"
 [ -d "$d" ] || { echo absent; exit 0; }
@@ -115,25 +126,183 @@ pub async fn status(
     })
 }
 
-/// Write `data` to the absolute `path` in `vm` (atomic rename).
+/// Write `data` to the absolute `path` in `vm` (atomic rename), as `user`
+/// when given (else as the agent's user, root).
+///
+/// Files in a user's home are written *as that user*: the home and
+/// everything in it is theirs, so a root write there would follow their
+/// symlinks (`~/.claude -> /` would make root create and chown files in
+/// `/`). As the user, a planted symlink can only lead where the user
+/// could write anyway. A write the VM refuses is [`WriteError::Refused`]
+/// (retrying cannot help); a VM that does not answer is
+/// [`WriteError::Host`].
 pub async fn write_file(
     host: &dyn HostApi,
     vm: &str,
     path: &str,
     data: Vec<u8>,
-) -> Result<(), HostError> {
-    run_ok(
-        host,
-        vm,
-        ExecRequest {
-            argv: sh(WRITE, &[path]),
-            stdin: Some(data),
-            timeout_ms: Some(30_000),
-            ..Default::default()
-        },
-        &format!("writing {path} in the VM"),
-    )
-    .await
+    user: Option<&str>,
+) -> Result<(), WriteError> {
+    let out = host
+        .exec(
+            vm,
+            ExecRequest {
+                argv: as_user(user, sh(WRITE, &[path])),
+                stdin: Some(data),
+                timeout_ms: Some(30_000),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(WriteError::Host)?;
+    if out.success() {
+        Ok(())
+    } else {
+        Err(WriteError::Refused(format!(
+            "writing {path} in the VM{} failed: {}",
+            user.map(|u| format!(" as {u}")).unwrap_or_default(),
+            redact(String::from_utf8_lossy(&out.stderr).trim())
+        )))
+    }
+}
+
+/// Why [`write_file`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The VM's agent could not be reached or did not answer; try again.
+    #[error(transparent)]
+    Host(HostError),
+    /// The write ran and failed (permissions, a planted symlink, a full
+    /// disk): the message says why.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// `argv` run as `user` (util-linux `runuser`), or as is.
+fn as_user(user: Option<&str>, argv: Vec<String>) -> Vec<String> {
+    match user {
+        Some(u) => ["runuser", "-u", u, "--"]
+            .into_iter()
+            .map(String::from)
+            .chain(argv)
+            .collect(),
+        None => argv,
+    }
+}
+
+/// Type `text` into the running login (its terminal, or its standard
+/// input). `Ok(false)`: the login is not running.
+pub async fn send_input(
+    host: &dyn HostApi,
+    vm: &str,
+    session_id: &str,
+    text: Vec<u8>,
+) -> Result<bool, HostError> {
+    let out = host
+        .exec(
+            vm,
+            ExecRequest {
+                argv: sh(INPUT, &[&dir(session_id)]),
+                stdin: Some(text),
+                timeout_ms: Some(30_000),
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(out.success())
+}
+
+/// The last [`TAIL_BYTES`] of the login's output, secrets redacted (see
+/// [`redact`]): what a failure detail shows of the CLI's own words.
+pub async fn output_tail(
+    host: &dyn HostApi,
+    vm: &str,
+    session_id: &str,
+) -> Result<String, HostError> {
+    let path = format!("{}/output", dir(session_id));
+    let Some(b) = host.read_file(vm, &path).await? else {
+        return Ok(String::new());
+    };
+    let start = b.len().saturating_sub(TAIL_BYTES);
+    let text = String::from_utf8_lossy(&b[start..]);
+    Ok(redact(&strip_terminal_codes(&text)).trim().to_string())
+}
+
+/// How much of a failed login's output its failure detail keeps.
+pub const TAIL_BYTES: usize = 2048;
+
+/// Remove terminal control sequences (CSI/OSC escapes, carriage returns)
+/// that CLIs drawing on a terminal leave in their output.
+fn strip_terminal_codes(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        match c {
+            '\u{1b}' => match it.peek() {
+                Some('[') => {
+                    it.next();
+                    // Parameters and intermediates, then one final byte.
+                    for c in it.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                Some(']') => {
+                    it.next();
+                    // Until BEL or ST (ESC \).
+                    while let Some(c) = it.next() {
+                        if c == '\u{7}' {
+                            break;
+                        }
+                        if c == '\u{1b}' {
+                            it.next();
+                            break;
+                        }
+                    }
+                }
+                _ => {
+                    it.next();
+                }
+            },
+            '\r' => {}
+            c if c.is_control() && c != '\n' && c != '\t' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Replace what may be a secret — any run of 20 or more token characters
+/// (letters, digits, `-_.~+%`), which covers OAuth codes, access and
+/// refresh tokens, JWTs and API keys — by its first four characters and
+/// `…<redacted>`. Words, paths (`/` splits runs), `key=value` names,
+/// messages and short numbers stay readable.
+pub fn redact(s: &str) -> String {
+    fn token_char(c: char) -> bool {
+        c.is_ascii_alphanumeric() || "-_.~+%".contains(c)
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.chars().count() >= 20 {
+            out.extend(run.chars().take(4));
+            out.push_str("…<redacted>");
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in s.chars() {
+        if token_char(c) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 /// Run `req` in the VM; a non-zero exit is an error naming `what` with the
@@ -166,7 +335,18 @@ pub async fn start(
 ) -> Result<(), HostError> {
     for w in &p.login_write {
         let path = format!("{}/{}", place.home, w.path);
-        write_file(host, vm, &path, w.content.clone().into_bytes()).await?;
+        write_file(
+            host,
+            vm,
+            &path,
+            w.content.clone().into_bytes(),
+            place.user.as_deref(),
+        )
+        .await
+        .map_err(|e| match e {
+            WriteError::Host(e) => e,
+            WriteError::Refused(m) => HostError::Failed(m),
+        })?;
     }
     let d = dir(session_id);
     let mut argv: Vec<String> = Vec::new();
@@ -288,6 +468,31 @@ pub async fn ready(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redaction_hides_tokens_and_keeps_words() {
+        let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXNpZ25hdHVyZQ";
+        let text = format!(
+            "login failed: access_denied: End-User aborted interaction\ncode=abcdefghijklmnopqrstuvwxyz012345 token {jwt} at /home/user/.testcli/auth.json"
+        );
+        let r = redact(&text);
+        assert!(
+            r.contains("login failed: access_denied: End-User aborted interaction"),
+            "{r}"
+        );
+        assert!(r.contains("/home/user/.testcli/auth.json"), "{r}");
+        assert!(!r.contains("abcdefghijklmnopqrstuvwxyz012345"), "{r}");
+        assert!(r.contains("code=abcd…<redacted>"), "{r}");
+        assert!(!r.contains(jwt), "{r}");
+        assert!(!r.contains("c2lnbmF0dXJl"), "{r}");
+        assert!(r.contains("…<redacted>"), "{r}");
+    }
+
+    #[test]
+    fn terminal_codes_are_stripped() {
+        let s = "\u{1b}[2J\u{1b}[1;31mError:\u{1b}[0m no\r\n\u{1b}]0;title\u{7}done";
+        assert_eq!(strip_terminal_codes(s), "Error: no\ndone");
+    }
 
     #[test]
     fn shell_words_survive_quotes_and_metacharacters() {

@@ -20,6 +20,7 @@
 
 pub mod host;
 pub mod login;
+pub mod provision;
 mod session;
 mod vm;
 
@@ -118,6 +119,15 @@ pub struct DriverConfig {
     pub providers_dir: Option<PathBuf>,
     /// Upstream providers (`None`: `<data>/upstreams.toml` if it exists).
     pub upstreams_file: Option<PathBuf>,
+    /// With no upstream provider configured, VMs reach the internet
+    /// directly from the host (the deny list still applies); off, they
+    /// have no egress at all until an upstream is configured.
+    pub direct_egress_without_upstream: bool,
+    /// Files placed into new VMs before use (see [`provision`]).
+    pub vm_files: Vec<provision::VmFile>,
+    /// Command run as root in a new VM after its files are placed (e.g.
+    /// `["update-ca-certificates"]`); `[]`: none.
+    pub vm_setup: Option<Vec<String>>,
 }
 
 impl Default for DriverConfig {
@@ -146,6 +156,9 @@ impl Default for DriverConfig {
             orphan_grace_ms: 60_000,
             providers_dir: None,
             upstreams_file: None,
+            direct_egress_without_upstream: true,
+            vm_files: Vec::new(),
+            vm_setup: None,
         }
     }
 }
@@ -176,7 +189,7 @@ impl DriverConfig {
         if c.login_browser.as_deref() == Some("") {
             c.login_browser = None;
         }
-        for probe in [&mut c.browser_ready, &mut c.cli_ready] {
+        for probe in [&mut c.browser_ready, &mut c.cli_ready, &mut c.vm_setup] {
             if probe.as_ref().is_some_and(Vec::is_empty) {
                 *probe = None;
             }
@@ -190,6 +203,12 @@ impl DriverConfig {
             return Err(DriverError::Config {
                 path: origin.to_string(),
                 message: "`max_active_sessions` and `poll_ms` must be at least 1".into(),
+            });
+        }
+        if let Some(problem) = c.vm_files.iter().find_map(provision::VmFile::problem) {
+            return Err(DriverError::Config {
+                path: origin.to_string(),
+                message: problem,
             });
         }
         for (field, home) in [("login_home", &c.login_home), ("cli_home", &c.cli_home)] {
@@ -425,6 +444,17 @@ impl Driver {
         vm::register_host(&inner).await?;
         vm::adopt_created(&inner).await?;
         let report = crate::recovery::recover(&inner.store, &*inner.host).await?;
+        if inner.upstreams.is_empty() {
+            if inner.cfg.direct_egress_without_upstream {
+                tracing::warn!(
+                    "NO UPSTREAM PROXY IS CONFIGURED: every VM's traffic leaves DIRECTLY from this host's address (deny list in force), so all users share one outbound IP; list upstream providers in <data>/upstreams.toml"
+                );
+            } else {
+                tracing::warn!(
+                    "no upstream proxy is configured and direct egress is off: VMs have no egress, so sign-in pages cannot load; list upstream providers in <data>/upstreams.toml"
+                );
+            }
+        }
         tracing::info!(?report, "driver: recovery done, driving records");
         let poll = Duration::from_millis(inner.cfg.poll_ms);
         loop {

@@ -145,6 +145,9 @@ async fn starting_vm(inner: &Inner, s: &Session) -> Result<bool, StoreError> {
     };
     match vm.life.state {
         VmState::Running => {
+            if let Some(done) = provisioned(inner, s, host_ref(&vm), VmKind::Browser).await {
+                return done;
+            }
             match login::ready(&*inner.host, host_ref(&vm), &inner.cfg.browser_ready).await {
                 Ok(true) => go(inner, s, SessionState::StartingLogin, None).await,
                 Ok(false) => Ok(false),
@@ -163,6 +166,28 @@ async fn starting_vm(inner: &Inner, s: &Session) -> Result<bool, StoreError> {
     }
 }
 
+/// Provision the VM (`[[vm_files]]`, `vm_setup`) if it was not yet:
+/// `None` to go on; `Some(step result)` to end this step (not answering:
+/// try again; failed: the session fails with the reason).
+async fn provisioned(
+    inner: &Inner,
+    s: &Session,
+    vm: &str,
+    kind: VmKind,
+) -> Option<Result<bool, StoreError>> {
+    let c = &inner.cfg;
+    match super::provision::provision(&*inner.host, vm, kind, &c.vm_files, c.vm_setup.as_deref())
+        .await
+    {
+        Ok(()) => None,
+        Err(super::provision::ProvisionError::Host(e)) => {
+            tracing::debug!(session = %s.id, error = %e, "provisioning: VM not answering; retrying");
+            Some(Ok(false))
+        }
+        Err(e) => Some(fail(inner, s, FailureReason::Internal, e.to_string()).await),
+    }
+}
+
 fn place(inner: &Inner) -> LoginPlace {
     LoginPlace {
         home: inner.cfg.login_home.clone(),
@@ -172,21 +197,34 @@ fn place(inner: &Inner) -> LoginPlace {
     }
 }
 
-fn exit_failure(code: Option<i32>) -> (FailureReason, String) {
+/// Why a login that ended failed, with the end of its own output
+/// (redacted) so the person sees the CLI's words, not just a status.
+async fn exit_failure(
+    host: &dyn HostApi,
+    vm: &str,
+    session_id: &str,
+    code: Option<i32>,
+) -> (FailureReason, String) {
+    let tail = login::output_tail(host, vm, session_id)
+        .await
+        .unwrap_or_default();
+    let said = if tail.is_empty() {
+        "; it printed nothing".to_string()
+    } else {
+        format!("; its last output:\n{tail}")
+    };
     match code {
         Some(0) => (
             FailureReason::CredentialInvalid,
-            "the login finished but did not leave a valid credential".to_string(),
+            format!("the login finished but did not leave a valid credential{said}"),
         ),
         Some(c) => (
             FailureReason::LoginFailed,
-            format!(
-                "the login command exited with status {c}; its output is in the browser VM's logs"
-            ),
+            format!("the login command exited with status {c}{said}"),
         ),
         None => (
             FailureReason::LoginFailed,
-            "the login command ended without an exit status".to_string(),
+            format!("the login command ended without an exit status{said}"),
         ),
     }
 }
@@ -230,7 +268,7 @@ async fn in_vm(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreEr
                         "the login exited without printing an auth URL the provider definition recognises".into(),
                     ),
                     (None, LoginStatus::Exited(c)) => {
-                        let (reason, detail) = exit_failure(c);
+                        let (reason, detail) = exit_failure(host, r, &s.id, c).await;
                         Next::Fail(reason, detail)
                     }
                     (None, _) => Next::Wait,
@@ -246,7 +284,7 @@ async fn in_vm(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreEr
                 match status {
                     _ if complete => Next::Go(SessionState::Capturing, None),
                     LoginStatus::Exited(c) => {
-                        let (reason, detail) = exit_failure(c);
+                        let (reason, detail) = exit_failure(host, r, &s.id, c).await;
                         Next::Fail(reason, detail)
                     }
                     _ => Next::Wait,
@@ -263,7 +301,7 @@ async fn in_vm(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreEr
                         Next::Fail(FailureReason::CredentialInvalid, e.to_string())
                     }
                     (Err(_), LoginStatus::Exited(c)) => {
-                        let (reason, detail) = exit_failure(c);
+                        let (reason, detail) = exit_failure(host, r, &s.id, c).await;
                         Next::Fail(reason, detail)
                     }
                 }
@@ -411,6 +449,9 @@ async fn delivering(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, St
     }
     let host: &dyn HostApi = &*inner.host;
     let r = host_ref(&cli);
+    if let Some(done) = provisioned(inner, s, r, VmKind::Cli).await {
+        return done;
+    }
     match login::ready(host, r, &inner.cfg.cli_ready).await {
         Ok(true) => {}
         _ => return Ok(false),
@@ -425,34 +466,37 @@ async fn delivering(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, St
         .await;
     };
     let home = &inner.cfg.cli_home;
+    let owner = inner.cfg.cli_owner.as_deref().and_then(owner_user);
     for (path, data) in &files {
         if !p.capture.iter().any(|f| &f.path == path) {
             continue;
         }
         let full = format!("{home}/{path}");
-        if let Err(e) = login::write_file(host, r, &full, data.to_vec()).await {
-            tracing::warn!(session = %s.id, error = %e, "delivery write failed; retrying");
-            return Ok(false);
-        }
-        if let Some(owner) = &inner.cfg.cli_owner {
-            let out = host
-                .exec(
-                    r,
-                    polydev_api::agent::ExecRequest {
-                        argv: vec![
-                            "sh".into(),
-                            "-c".into(),
-                            r#"chown "$1" "$2" "${2%/*}""#.into(),
-                            "sh".into(),
-                            owner.clone(),
-                            full.clone(),
-                        ],
-                        timeout_ms: Some(30_000),
-                        ..Default::default()
-                    },
+        match login::write_file(host, r, &full, data.to_vec(), owner).await {
+            Ok(()) => {}
+            Err(login::WriteError::Host(e)) => {
+                tracing::warn!(session = %s.id, error = %e, "delivery write failed; retrying");
+                return Ok(false);
+            }
+            Err(login::WriteError::Refused(m)) => {
+                return fail(
+                    inner,
+                    s,
+                    FailureReason::DeliveryFailed,
+                    format!("{m}; the CLI VM {} kept its own files", cli.id),
                 )
                 .await;
-            if !out.map(|o| o.success()).unwrap_or(false) {
+            }
+        }
+    }
+    if let Some(check) = &p.check {
+        match run_check(inner, r, check, owner).await {
+            Ok(None) => {}
+            Ok(Some(detail)) => {
+                return fail(inner, s, FailureReason::CredentialRejected, detail).await;
+            }
+            Err(e) => {
+                tracing::warn!(session = %s.id, error = %e, "credential check did not run; retrying");
                 return Ok(false);
             }
         }
@@ -464,4 +508,69 @@ async fn delivering(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, St
         Some(json!({ "delivered_to": cli.id })),
     )
     .await
+}
+
+/// The user part of a `user[:group]` owner (`None` for an empty one).
+fn owner_user(owner: &str) -> Option<&str> {
+    let user = owner.split(':').next().unwrap_or(owner);
+    (!user.is_empty()).then_some(user)
+}
+
+/// Use the delivered credential once, as the provider's `[check]` says,
+/// in the CLI VM as its user: `Ok(None)` when it exits 0, `Ok(Some(why))`
+/// when the provider rejected it (with the command's redacted output).
+async fn run_check(
+    inner: &Inner,
+    vm: &str,
+    check: &crate::providers::Check,
+    user: Option<&str>,
+) -> Result<Option<String>, super::HostError> {
+    let mut argv: Vec<String> = Vec::new();
+    if let Some(u) = user {
+        argv.extend(["runuser", "-u", u, "--"].map(String::from));
+    }
+    argv.extend(check.command.iter().cloned());
+    let out = inner
+        .host
+        .exec(
+            vm,
+            polydev_api::agent::ExecRequest {
+                argv,
+                env: [("HOME".to_string(), inner.cfg.cli_home.clone())].into(),
+                cwd: Some(inner.cfg.cli_home.clone()),
+                timeout_ms: Some(check.timeout_secs.saturating_mul(1000)),
+                ..Default::default()
+            },
+        )
+        .await?;
+    if out.success() {
+        return Ok(None);
+    }
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let tail: String = text
+        .trim()
+        .chars()
+        .rev()
+        .take(login::TAIL_BYTES)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    Ok(Some(format!(
+        "the provider's check `{}` exited with status {}: {}",
+        check.command.join(" "),
+        match out.status {
+            Some(st) if st.timed_out => "none (it timed out)".to_string(),
+            Some(st) => st
+                .code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| format!("none (signal {:?})", st.signal)),
+            None => "none".into(),
+        },
+        login::redact(&tail)
+    )))
 }

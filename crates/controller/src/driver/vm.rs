@@ -279,10 +279,17 @@ async fn running(inner: &Arc<Inner>, v: &Vm, host_vm_id: String) -> Result<bool,
 }
 
 /// The egress policy of the VM's user: their upstream port (assigned on
-/// first use), or none when no upstream provider is configured.
+/// first use); when no upstream provider is configured, direct egress from
+/// the host (deny list in force) unless the operator turned that off.
 async fn egress_for(inner: &Inner, v: &Vm) -> Result<Option<EgressPolicy>, Failure> {
     if inner.upstreams.is_empty() {
-        return Ok(None);
+        return Ok(inner
+            .cfg
+            .direct_egress_without_upstream
+            .then(|| EgressPolicy {
+                direct: true,
+                ..EgressPolicy::default()
+            }));
     }
     match inner
         .store

@@ -199,6 +199,23 @@ pub struct SessionCreate {
     pub provider: String,
 }
 
+/// Text the person types into a session's running login (e.g. the code a
+/// provider's page asks them to paste back into the CLI).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionInput {
+    /// The text (1-4096 characters, no control characters).
+    #[schema(min_length = 1, max_length = 4096)]
+    pub text: String,
+    /// Press Enter after the text (default true).
+    #[serde(default = "default_true")]
+    pub enter: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
 /// A connect-provider session.
 #[derive(Serialize, ToSchema)]
 pub struct SessionView {

@@ -158,6 +158,7 @@ pub fn router_and_document() -> (Router<AppState>, openapi::OpenApi) {
         .routes(routes!(sessions::create, sessions::list))
         .routes(routes!(sessions::get))
         .routes(routes!(sessions::cancel))
+        .routes(routes!(sessions::input))
         .routes(routes!(sessions::events))
         .routes(routes!(vms::list, vms::create))
         .routes(routes!(vms::get, vms::destroy))

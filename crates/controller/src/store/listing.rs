@@ -104,6 +104,31 @@ impl Store {
         Ok(true)
     }
 
+    /// Append a note to a session's timeline (an event that changes no
+    /// state, e.g. the person typed into the login). `detail` must hold no
+    /// secret.
+    pub async fn note_session(
+        &self,
+        s: &super::Session,
+        kind: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        Self::append_event(
+            &mut tx,
+            now_ms(),
+            "session",
+            &s.id,
+            Some(&s.user_id),
+            kind,
+            None,
+            detail,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Events of one subject with an id above `after`, oldest first.
     pub async fn events_after(
         &self,

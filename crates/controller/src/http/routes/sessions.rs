@@ -146,6 +146,74 @@ pub async fn cancel(
     )))
 }
 
+/// Type text into the session's running login, as the person would at
+/// the CLI's prompt (Claude Code asks for the `code#state` its page shows).
+/// Only while the session awaits the person; recorded in the timeline as
+/// an `input` event without the text.
+#[utoipa::path(post, path = "/api/v1/sessions/{id}/input", tag = "sessions",
+    request_body = SessionInput,
+    params(("id" = String, Path, description = "`ses-…`", pattern = "^ses-[0-9a-f]{1,64}$")),
+    responses((status = 204, description = "Typed into the login")))]
+pub async fn input(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<SessionInput>,
+) -> Result<StatusCode, ApiError> {
+    p.require(Scope::SessionsWrite)?;
+    let n = req.text.chars().count();
+    if n == 0 || n > 4096 || req.text.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "`text` must be 1-4096 characters without control characters (set `enter` to press Enter)",
+        ));
+    }
+    let s = own_session(&st, &p.user_id, &id).await?;
+    if s.life.state != SessionState::AwaitingUser {
+        return Err(ApiError::conflict(format!(
+            "session {id} is {}: input goes to a login that awaits the person",
+            s.life.state.as_str()
+        )));
+    }
+    let vm_id = s.browser_vm_id.as_deref().unwrap_or_default();
+    let vm = st.store.vm(vm_id).await?;
+    let (Some(host_vm), Some(host)) = (vm.host_vm_id.as_deref(), &st.host) else {
+        return Err(ApiError::conflict(format!(
+            "the login of session {id} cannot be reached now: retry in a few seconds"
+        )));
+    };
+    let mut text = req.text.into_bytes();
+    if req.enter {
+        // A terminal's Enter is CR (a TUI in raw mode sees nothing else as
+        // Enter); a plain pipe needs a newline.
+        let tty = st.providers.get(&s.provider).is_some_and(|p| p.login_tty);
+        text.push(if tty { b'\r' } else { b'\n' });
+    }
+    match crate::driver::login::send_input(&**host, host_vm, &id, text).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(ApiError::conflict(format!(
+                "the login of session {id} is no longer running"
+            )))
+        }
+        Err(e) => {
+            return Err(ApiError::new(
+                502,
+                "login-unreachable",
+                "Login unreachable",
+                format!("the login of session {id} does not answer: {e}; retry"),
+            ))
+        }
+    }
+    st.store
+        .note_session(
+            &s,
+            "input",
+            serde_json::json!({ "text": "<redacted>", "chars": n, "enter": req.enter }),
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 fn wants_sse(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::ACCEPT)
