@@ -33,6 +33,29 @@ pub const MAX_EGRESS_LINE: usize = 4096;
 pub const HOST_CID: u32 = 2;
 /// Longest request line the agent accepts, in bytes.
 pub const MAX_REQUEST_LINE: usize = 16 * 1024 * 1024;
+/// Largest file a [`Request::ReadFile`] answer may carry, in bytes, and the
+/// default `max_bytes`: the most that fits in one [`MAX_RESPONSE_LINE`] frame
+/// (base64 grows it by 4/3). Larger files are read with exec (`cat`), whose
+/// output streams in small frames.
+pub const MAX_READ_FILE: u64 = 12 * 1024 * 1024;
+/// Longest answer frame (one JSON line) the host reads from the guest agent,
+/// in bytes; a longer one is a protocol error and its stream is closed, so a
+/// guest that sends no newline cannot grow the host's memory. The largest
+/// legitimate frame is a [`Response::File`] of [`MAX_READ_FILE`] bytes
+/// (16 MiB of base64); exec output chunks are far smaller (64 KiB, 87 KiB
+/// as base64). The 64 KiB above that is headroom for the frame's JSON.
+///
+/// A [`Response::Logs`] answer grows with its `limit`: ask for what fits
+/// (the agent keeps lines of at most 16 KiB).
+pub const MAX_RESPONSE_LINE: usize = 16 * 1024 * 1024 + 64 * 1024;
+/// Longest line of the guest's log stream ([`LOG_PORT`]) the host accepts,
+/// in bytes; a guest that sends a longer one has that connection closed.
+/// Fits a [`LogRecord`] whose 16 KiB line (the agent's own cap) is all
+/// control characters, each escaped to six bytes in JSON.
+pub const MAX_LOG_LINE: usize = 128 * 1024;
+/// Most log stream connections one VM may have open at once; the agent
+/// needs one, a few more cover reconnects racing the old connection's end.
+pub const MAX_LOG_CONNECTIONS: usize = 4;
 /// Protocol revision; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -50,7 +73,8 @@ pub enum Request {
     ReadFile {
         /// Absolute path inside the guest.
         path: String,
-        /// Refuse files larger than this many bytes.
+        /// Refuse files larger than this many bytes (default and most the
+        /// host accepts: [`MAX_READ_FILE`]).
         #[serde(default = "default_max_read")]
         max_bytes: u64,
     },
@@ -80,7 +104,7 @@ pub enum Request {
 }
 
 fn default_max_read() -> u64 {
-    64 * 1024 * 1024
+    MAX_READ_FILE
 }
 
 fn default_log_limit() -> usize {
@@ -565,6 +589,32 @@ mod tests {
         assert!(serde_json::from_str::<EgressRequest>(r#"{"host":"a","port":70000}"#).is_err());
         let ok: EgressReply = serde_json::from_str(r#"{"ok":true}"#).unwrap();
         assert!(ok.ok && !ok.denied && ok.reason.is_none());
+    }
+
+    #[test]
+    fn the_largest_legitimate_frames_fit_their_caps() {
+        let file = encode_line(&Response::File {
+            data: vec![0xff; MAX_READ_FILE as usize],
+        })
+        .unwrap();
+        assert!(file.len() <= MAX_RESPONSE_LINE, "{}", file.len());
+        // The guest's exec chunk (crates/guest/src/exec.rs CHUNK).
+        let chunk = encode_line(&Response::Stdout {
+            data: vec![0xff; 64 * 1024],
+        })
+        .unwrap();
+        assert!(chunk.len() <= MAX_RESPONSE_LINE);
+        // The guest's longest log line (crates/guest/src/util.rs MAX_LINE),
+        // all escapes.
+        let log = encode_line(&LogRecord {
+            seq: u64::MAX,
+            ts_ms: u64::MAX,
+            source: format!("service:{}", "s".repeat(64)),
+            stream: "stderr".into(),
+            line: "\u{1}".repeat(16 * 1024),
+        })
+        .unwrap();
+        assert!(log.len() <= MAX_LOG_LINE, "{}", log.len());
     }
 
     #[test]

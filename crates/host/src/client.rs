@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request as HttpRequest};
 use hyper_util::rt::TokioIo;
-use polydev_api::agent::{ExecRequest, Response as Frame};
+use polydev_api::agent::{ExecRequest, Response as Frame, MAX_RESPONSE_LINE};
 use polydev_api::Problem;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -45,23 +45,37 @@ pub struct HostClient {
 /// Exec output as it streams.
 pub struct ExecStream {
     body: Incoming,
-    buf: Vec<u8>,
+    /// The current frame line so far (never more than
+    /// [`MAX_RESPONSE_LINE`] bytes).
+    line: Vec<u8>,
+    /// What is left of the last body chunk after the lines taken from it.
+    rest: Bytes,
 }
 
 impl ExecStream {
-    /// The next frame, or `None` at the end.
+    /// The next frame, or `None` at the end. A frame line longer than
+    /// [`MAX_RESPONSE_LINE`] is an error: the host agent caps what it
+    /// relays at that, so such a line means the stream is broken.
     pub async fn next(&mut self) -> Result<Option<Frame>, ClientError> {
         loop {
-            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=pos).collect();
-                let f = serde_json::from_slice(&line[..line.len() - 1])
-                    .map_err(|e| ClientError::Decode(e.to_string()))?;
-                return Ok(Some(f));
+            if let Some(pos) = self.rest.iter().position(|b| *b == b'\n') {
+                let head = self.rest.split_to(pos + 1);
+                if !self.append(&head[..pos]) {
+                    return Err(too_long());
+                }
+                let f = serde_json::from_slice(&self.line)
+                    .map_err(|e| ClientError::Decode(e.to_string()));
+                self.line.clear();
+                return f.map(Some);
+            }
+            let tail = std::mem::take(&mut self.rest);
+            if !self.append(&tail) {
+                return Err(too_long());
             }
             match self.body.frame().await {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
+                        self.rest = data;
                     }
                 }
                 Some(Err(e)) => return Err(ClientError::Http(e.to_string())),
@@ -69,6 +83,33 @@ impl ExecStream {
             }
         }
     }
+
+    /// Add `bytes` to the current line; false (and the line dropped) when
+    /// that would make it longer than the cap.
+    fn append(&mut self, bytes: &[u8]) -> bool {
+        let want = self.line.len() + bytes.len();
+        if want > MAX_RESPONSE_LINE {
+            self.line = Vec::new();
+            return false;
+        }
+        if want > self.line.capacity() {
+            // Vec's own growth doubles, which would overshoot the cap.
+            let target = self
+                .line
+                .capacity()
+                .saturating_mul(2)
+                .clamp(want, MAX_RESPONSE_LINE);
+            self.line.reserve_exact(target - self.line.len());
+        }
+        self.line.extend_from_slice(bytes);
+        true
+    }
+}
+
+fn too_long() -> ClientError {
+    ClientError::Decode(format!(
+        "an exec frame is longer than {MAX_RESPONSE_LINE} bytes"
+    ))
 }
 
 impl HostClient {
@@ -211,7 +252,8 @@ impl HostClient {
             .await?;
         Ok(ExecStream {
             body: resp.into_body(),
-            buf: Vec::new(),
+            line: Vec::new(),
+            rest: Bytes::new(),
         })
     }
 }

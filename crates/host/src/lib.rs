@@ -9,6 +9,7 @@ pub mod agent_client;
 pub mod client;
 pub mod config;
 pub mod egress;
+pub mod guest_log;
 pub mod hypervisor;
 pub mod manager;
 pub mod metrics;

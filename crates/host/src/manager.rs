@@ -12,10 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
-use polydev_api::agent::{self, ExecRequest, GuestConfig, LogRecord, Request, Response};
+use polydev_api::agent::{self, ExecRequest, GuestConfig, Request, Response};
 use polydev_api::vm::{HypervisorKind, LogKind, SnapshotInfo, VmInfo, VmSpec, VmState};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixListener;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -460,43 +458,12 @@ impl Manager {
         c
     }
 
-    /// Receive the guest's log stream (guest-initiated vsock to LOG_PORT)
-    /// into `agent.log` on the host, where it outlives the VM.
+    /// Receive the guest's log stream into `agent.log`; see
+    /// [`crate::guest_log`].
     fn start_log_listener(&self, vm: &Arc<Vm>) -> Result<(), ManagerError> {
         let path = vm.dir.vsock_port(agent::LOG_PORT);
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).map_err(io_err(&path))?;
-        let log = vm.dir.agent_log();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((conn, _)) = listener.accept().await else {
-                    break;
-                };
-                let log = log.clone();
-                tokio::spawn(async move {
-                    let mut lines = BufReader::new(conn).lines();
-                    let Ok(mut file) = tokio::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&log)
-                        .await
-                    else {
-                        return;
-                    };
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        let text = match serde_json::from_str::<LogRecord>(&line) {
-                            Ok(r) => {
-                                format!("{} [{}/{}] {}\n", r.ts_ms, r.source, r.stream, r.line)
-                            }
-                            Err(_) => format!("[unparsed] {line}\n"),
-                        };
-                        if file.write_all(text.as_bytes()).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
+        let task =
+            crate::guest_log::start(&vm.id, &path, vm.dir.agent_log()).map_err(io_err(&path))?;
         *vm.log_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         Ok(())
     }

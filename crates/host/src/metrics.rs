@@ -7,7 +7,8 @@
 //! drift from the records. Labels are small fixed sets (an outcome and a
 //! reason *kind*, never the free-text reason or a target), so a scrape stays
 //! small however many VMs and hosts come and go; per-connection detail is in
-//! each VM's `egress.log`.
+//! each VM's `egress.log`. Guest log stream counters live in [`GUEST_LOG`],
+//! updated by [`crate::guest_log`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -184,6 +185,56 @@ impl EgressMetrics {
     }
 }
 
+/// Counters of the guest log streams (all VMs together): what the host
+/// refused of them to keep its memory bounded (see [`crate::guest_log`]).
+pub struct GuestLogMetrics {
+    lines_dropped: AtomicU64,
+    connections_refused: AtomicU64,
+}
+
+/// The process-wide guest log counters (a static for the same reason as
+/// [`EGRESS`]).
+pub static GUEST_LOG: GuestLogMetrics = GuestLogMetrics {
+    lines_dropped: AtomicU64::new(0),
+    connections_refused: AtomicU64::new(0),
+};
+
+impl GuestLogMetrics {
+    /// Count a line dropped for being too long.
+    pub fn line_dropped(&self) {
+        self.lines_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count a connection closed for being over the per-VM limit.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Lines dropped so far.
+    pub fn lines_dropped(&self) -> u64 {
+        self.lines_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused so far.
+    pub fn connections_refused(&self) -> u64 {
+        self.connections_refused.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = write!(
+            out,
+            "# HELP polydev_guest_log_lines_dropped_total Guest log lines dropped for exceeding the line limit (each closes its connection).\n\
+             # TYPE polydev_guest_log_lines_dropped_total counter\n\
+             polydev_guest_log_lines_dropped_total {}\n\
+             # HELP polydev_guest_log_connections_refused_total Guest log stream connections closed for exceeding the per-VM limit.\n\
+             # TYPE polydev_guest_log_connections_refused_total counter\n\
+             polydev_guest_log_connections_refused_total {}\n",
+            self.lines_dropped(),
+            self.connections_refused(),
+        );
+    }
+}
+
 /// Every VM state, so each series exists (at 0) from the first scrape.
 const STATES: [VmState; 7] = [
     VmState::Starting,
@@ -195,7 +246,8 @@ const STATES: [VmState; 7] = [
     VmState::Failed,
 ];
 
-/// The whole exposition: VM counts by state, then the egress counters.
+/// The whole exposition: VM counts by state, then the egress and guest log
+/// counters.
 pub async fn render(mgr: &Manager) -> String {
     let vms = mgr.list(true).await;
     let mut out = String::from(
@@ -207,6 +259,7 @@ pub async fn render(mgr: &Manager) -> String {
         let _ = writeln!(out, "polydev_vms{{state=\"{state}\"}} {n}");
     }
     EGRESS.render(&mut out);
+    GUEST_LOG.render(&mut out);
     out
 }
 
@@ -253,6 +306,27 @@ mod tests {
         for l in out.lines().filter(|l| !l.starts_with('#')) {
             let name = l.split(['{', ' ']).next().unwrap_or_default();
             assert!(out.contains(&format!("# TYPE {name} ")), "{l}");
+        }
+    }
+
+    #[test]
+    fn guest_log_counters_render_as_prometheus_text() {
+        let m = GuestLogMetrics {
+            lines_dropped: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
+        };
+        m.line_dropped();
+        m.connection_refused();
+        m.connection_refused();
+        let mut out = String::new();
+        m.render(&mut out);
+        for line in [
+            "polydev_guest_log_lines_dropped_total 1",
+            "polydev_guest_log_connections_refused_total 2",
+            "# TYPE polydev_guest_log_lines_dropped_total counter",
+            "# TYPE polydev_guest_log_connections_refused_total counter",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} in\n{out}");
         }
     }
 

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 /// Why a vsock stream could not be opened.
@@ -92,5 +92,105 @@ pub(crate) async fn read_line_unbuffered(s: &mut UnixStream, max: usize) -> std:
         if line.len() > max {
             return Ok(Line::TooLong(line));
         }
+    }
+}
+
+/// What [`read_line_capped`] left in its buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Capped {
+    /// A whole line, without its newline.
+    Complete,
+    /// The stream ended; the buffer holds what came after the last newline
+    /// (possibly nothing).
+    Eof,
+    /// The line is longer than the cap; the buffer holds part of it and the
+    /// rest is unread. The stream is out of step and should be closed.
+    TooLong,
+}
+
+/// Read one `\n`-terminated line of at most `max` bytes into `buf`
+/// (cleared first). Neither `buf`'s length nor its capacity ever exceeds
+/// `max`, so a peer that never sends a newline costs at most `max` bytes.
+pub(crate) async fn read_line_capped<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Capped> {
+    buf.clear();
+    loop {
+        let avail = r.fill_buf().await?;
+        if avail.is_empty() {
+            return Ok(Capped::Eof);
+        }
+        let (take, used, done) = match avail.iter().position(|b| *b == b'\n') {
+            Some(pos) => (pos, pos + 1, true),
+            None => (avail.len(), avail.len(), false),
+        };
+        let want = buf.len() + take;
+        if want > max {
+            return Ok(Capped::TooLong);
+        }
+        if want > buf.capacity() {
+            // Vec's own growth doubles, which would overshoot the cap.
+            let target = buf.capacity().saturating_mul(2).clamp(want, max);
+            buf.reserve_exact(target - buf.len());
+        }
+        buf.extend_from_slice(&avail[..take]);
+        r.consume(used);
+        if done {
+            return Ok(Capped::Complete);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::BufReader;
+
+    #[tokio::test]
+    async fn capped_lines_split_and_end() {
+        let mut r = BufReader::with_capacity(3, &b"ab\ncdef\n\ngh"[..]);
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        loop {
+            let c = read_line_capped(&mut r, &mut buf, 4).await.unwrap();
+            got.push((c, String::from_utf8_lossy(&buf).into_owned()));
+            if c == Capped::Eof {
+                break;
+            }
+        }
+        let want = [
+            (Capped::Complete, "ab"),
+            (Capped::Complete, "cdef"),
+            (Capped::Complete, ""),
+            (Capped::Eof, "gh"),
+        ];
+        let want: Vec<_> = want.iter().map(|(c, s)| (*c, s.to_string())).collect();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn a_line_over_the_cap_stops_reading_at_the_cap() {
+        let data = vec![b'x'; 1 << 20];
+        let mut r = BufReader::with_capacity(1000, &data[..]);
+        let mut buf = Vec::new();
+        let max = 10_000;
+        let c = read_line_capped(&mut r, &mut buf, max).await.unwrap();
+        assert_eq!(c, Capped::TooLong);
+        assert!(
+            buf.len() <= max && buf.capacity() <= max,
+            "{}",
+            buf.capacity()
+        );
+        // The reader was not drained: the rest of the megabyte is unread.
+        assert!(r.into_inner().len() > data.len() - 2 * max);
+        // A line of exactly the cap is fine.
+        let mut exact = vec![b'y'; max];
+        exact.push(b'\n');
+        let mut r = BufReader::with_capacity(999, &exact[..]);
+        let c = read_line_capped(&mut r, &mut buf, max).await.unwrap();
+        assert_eq!((c, buf.len()), (Capped::Complete, max));
+        assert!(buf.capacity() <= max);
     }
 }

@@ -144,14 +144,17 @@ pub fn host_vm(r: &Result<VmInfo, HostError>) -> HostVm {
     }
 }
 
-/// Add one exec frame to `out`; `Some` once the exec is over.
+/// Add one exec frame to `out`; `Some` once the exec is over. Output
+/// beyond [`MAX_EXEC_OUTPUT`] is refused before it is kept, so the
+/// collected output never exceeds the cap however large one frame is, and
+/// the caller stops reading (dropping the stream ends the exec).
 fn absorb<E: std::fmt::Display>(
     out: &mut ExecOutput,
     frame: Result<Option<Response>, E>,
 ) -> Option<Result<(), HostError>> {
-    match frame {
-        Ok(Some(Response::Stdout { data })) => out.stdout.extend_from_slice(&data),
-        Ok(Some(Response::Stderr { data })) => out.stderr.extend_from_slice(&data),
+    let data = match frame {
+        Ok(Some(Response::Stdout { data })) => (data, false),
+        Ok(Some(Response::Stderr { data })) => (data, true),
         Ok(Some(Response::Exit(st))) => {
             out.status = Some(st);
             return Some(Ok(()));
@@ -162,14 +165,21 @@ fn absorb<E: std::fmt::Display>(
                 e.message
             ))))
         }
-        Ok(Some(_)) => {}
+        Ok(Some(_)) => return None,
         Ok(None) => return Some(Ok(())),
         Err(e) => return Some(Err(HostError::Failed(format!("exec stream: {e}")))),
-    }
-    if out.stdout.len() + out.stderr.len() > MAX_EXEC_OUTPUT {
+    };
+    let (data, stderr) = data;
+    if out.stdout.len() + out.stderr.len() + data.len() > MAX_EXEC_OUTPUT {
         return Some(Err(HostError::Failed(format!(
-            "exec output exceeded {MAX_EXEC_OUTPUT} bytes"
+            "exec output exceeded {MAX_EXEC_OUTPUT} bytes; the command was stopped \
+             (write large output to a file in the VM instead)"
         ))));
+    }
+    if stderr {
+        out.stderr.extend_from_slice(&data);
+    } else {
+        out.stdout.extend_from_slice(&data);
     }
     None
 }
@@ -360,5 +370,51 @@ impl HostApi for RemoteHost {
                 Err(e) => Err(e),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stdout(n: usize) -> Result<Option<Response>, String> {
+        Ok(Some(Response::Stdout {
+            data: vec![b'o'; n],
+        }))
+    }
+
+    #[test]
+    fn output_stops_at_the_cap_even_within_one_frame() {
+        let mut out = ExecOutput::default();
+        assert!(absorb(&mut out, stdout(MAX_EXEC_OUTPUT - 10)).is_none());
+        let stderr = Ok(Some(Response::Stderr {
+            data: vec![b'e'; 10],
+        }));
+        assert!(absorb::<String>(&mut out, stderr).is_none());
+        // Exactly at the cap so far; one more byte, or one huge frame, ends
+        // the exec without being kept.
+        for n in [1, 12 * 1024 * 1024] {
+            match absorb(&mut out, stdout(n)) {
+                Some(Err(HostError::Failed(m))) => assert!(m.contains("exceeded"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(out.stdout.len() + out.stderr.len(), MAX_EXEC_OUTPUT);
+        }
+    }
+
+    #[test]
+    fn an_exit_frame_ends_the_exec_with_its_status() {
+        let mut out = ExecOutput::default();
+        assert!(absorb(&mut out, stdout(3)).is_none());
+        let exit = ExitStatus {
+            code: Some(0),
+            signal: None,
+            timed_out: false,
+        };
+        assert!(matches!(
+            absorb::<String>(&mut out, Ok(Some(Response::Exit(exit)))),
+            Some(Ok(()))
+        ));
+        assert!(out.success() && out.stdout == b"ooo");
     }
 }
