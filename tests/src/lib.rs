@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use polydev_api::vm::VmInfo;
 
 pub mod http;
+pub mod oauth;
 pub mod rfb;
 
 /// The `polydev` binary under test: `$POLYDEV_BIN`, or the release build.

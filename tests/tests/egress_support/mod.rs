@@ -246,6 +246,26 @@ pub fn start_http_upstream_routed(
     expected: Option<String>,
     routes: Vec<(String, SocketAddr)>,
 ) -> (u16, ProxyLog) {
+    upstream(source, expected, routes, true)
+}
+
+/// [`start_http_upstream_routed`] that refuses (502) every target not in
+/// `routes` instead of resolving it: a test whose VMs run a whole browser
+/// keeps all of its traffic on loopback whatever the browser asks for.
+pub fn start_http_upstream_only(
+    source: Ipv4Addr,
+    expected: Option<String>,
+    routes: Vec<(String, SocketAddr)>,
+) -> (u16, ProxyLog) {
+    upstream(source, expected, routes, false)
+}
+
+fn upstream(
+    source: Ipv4Addr,
+    expected: Option<String>,
+    routes: Vec<(String, SocketAddr)>,
+    resolve: bool,
+) -> (u16, ProxyLog) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
     let port = l.local_addr().expect("addr").port();
     let seen: ProxyLog = Arc::new(Mutex::new(Vec::new()));
@@ -287,7 +307,7 @@ pub fn start_http_upstream_routed(
                     .iter()
                     .find(|(t, _)| *t == target)
                     .map(|(_, a)| *a)
-                    .or_else(|| resolve_first(&target));
+                    .or_else(|| resolve.then(|| resolve_first(&target)).flatten());
                 let Some(out) = to.and_then(|t| connect_from(source, t).ok()) else {
                     let _ = w.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n");
                     return;

@@ -17,19 +17,42 @@ pub const LOGIN_DIR: &str = "/run/polydev-login";
 
 /// Start the login unless a previous driver already did.
 ///
-/// `$d/browser` is what the login gets as `$BROWSER` (xdg-open uses it
-/// outside a full desktop): it appends the URL it is asked to open to
-/// `$d/opened` (writable by the login's user) and then runs the real
-/// browser, so an auth URL handed to xdg-open is seen as well as one printed.
-const START: &str = r#"inner="$1"; d="$2"; shift 2
+/// `$d/browser` ([`BROWSER_WRAPPER`]) is what the login gets as `$BROWSER`
+/// (xdg-open uses it outside a full desktop).
+const START: &str = r#"inner="$1"; d="$2"; wrapper="$3"; shift 3
 mkdir -p "${d%/*}" || exit 1
 mkdir "$d" 2>/dev/null || exit 0
 : >"$d/opened" && chmod 0666 "$d/opened"
-printf '%s\n' '#!/bin/sh' 'printf "%s\n" "$*" >>"$POLYDEV_OPENED"' \
-  '[ -n "$POLYDEV_REAL_BROWSER" ] && exec $POLYDEV_REAL_BROWSER "$@"' 'exit 0' >"$d/browser"
+printf '%s' "$wrapper" >"$d/browser"
 chmod 0755 "$d" "$d/browser"
 setsid sh -c "$inner" sh "$d" "$@" >/dev/null 2>&1 </dev/null &
 exit 0"#;
+
+/// The login's `$BROWSER`: appends the URL it is asked to open to
+/// `$POLYDEV_OPENED` (so an auth URL handed to xdg-open is seen as well as
+/// one printed), then opens it with `$POLYDEV_REAL_BROWSER` (for the
+/// desktop, `chromium --new-window`: its own window, not a tab beside the
+/// desktop's blank one) and, where `wmctrl` exists, maximises and raises
+/// the window that appeared, so the sign-in page fills the screen in focus.
+const BROWSER_WRAPPER: &str = r#"#!/bin/sh
+printf '%s\n' "$*" >>"$POLYDEV_OPENED"
+[ -n "$POLYDEV_REAL_BROWSER" ] || exit 0
+command -v wmctrl >/dev/null 2>&1 || exec $POLYDEV_REAL_BROWSER "$@"
+before=" $(wmctrl -l 2>/dev/null | cut -d' ' -f1 | tr '\n' ' ') "
+$POLYDEV_REAL_BROWSER "$@" || exit $?
+i=0
+while [ "$i" -lt 120 ]; do
+  for w in $(wmctrl -lx 2>/dev/null | awk '$3 ~ /[Cc]hromium/ {print $1}'); do
+    case "$before" in *" $w "*) continue ;; esac
+    wmctrl -i -r "$w" -b add,maximized_vert,maximized_horz
+    wmctrl -i -a "$w"
+    exit 0
+  done
+  sleep 0.25
+  i=$((i + 1))
+done
+exit 0
+"#;
 
 /// The detached part: run the command, record its exit status atomically.
 /// Its standard input is the FIFO `$d/input`, held open for reading and
@@ -368,7 +391,7 @@ pub async fn start(
             "/dev/null".into(),
         ];
     }
-    let mut args: Vec<&str> = vec![INNER, &d];
+    let mut args: Vec<&str> = vec![INNER, &d, BROWSER_WRAPPER];
     args.extend(argv.iter().map(String::as_str));
     let mut env: BTreeMap<String, String> = place.env.clone();
     env.extend(p.login_env.clone());

@@ -89,7 +89,8 @@ pub struct DriverConfig {
     pub login_home: String,
     /// Extra environment for every login (the provider's own comes on top).
     pub login_env: std::collections::BTreeMap<String, String>,
-    /// The browser URLs handed to `$BROWSER` are passed on to (`""`: none).
+    /// The browser command (split on spaces) that URLs handed to `$BROWSER`
+    /// are passed on to (`""`: none).
     pub login_browser: Option<String>,
     /// Deliver captured credentials into the user's CLI VM (created when the
     /// user has none). Off: the credential stays in the vault only.
@@ -143,7 +144,9 @@ impl Default for DriverConfig {
             login_home: "/home/user".into(),
             // The desktop's display, so the CLI's browser opens on it.
             login_env: [("DISPLAY".to_string(), ":0".to_string())].into(),
-            login_browser: Some("chromium".into()),
+            // Its own window for the sign-in page (the running Chromium
+            // takes it over), maximised and raised by the `$BROWSER` wrapper.
+            login_browser: Some("chromium --new-window".into()),
             deliver_to_cli_vm: true,
             cli_image: Some("cli".into()),
             cli_memory_mib: Some(1024),
