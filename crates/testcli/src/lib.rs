@@ -19,6 +19,8 @@
 //! protocol trouble, 3 credential rejected by the server, 4 no usable
 //! `auth.json`.
 
+#![deny(missing_docs)]
+
 pub mod authorize;
 pub mod commands;
 pub mod error;

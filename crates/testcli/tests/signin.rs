@@ -25,6 +25,14 @@ const WAIT: Duration = Duration::from_secs(60);
 /// logged peer shows a request came through the proxy.
 const PROXY_SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
+/// The binary under test: this build's, or `POLYDEV_TESTCLI_BIN` (e.g. the
+/// static release build that VMs get) when set.
+fn testcli_bin() -> PathBuf {
+    std::env::var_os("POLYDEV_TESTCLI_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_polydev-testcli")))
+}
+
 /// One server, one proxy, one HOME: everything a scenario needs.
 struct World {
     dir: tempfile::TempDir,
@@ -88,7 +96,7 @@ impl World {
     }
 
     fn cli(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_polydev-testcli"));
+        let mut cmd = Command::new(testcli_bin());
         cmd.args(args)
             .env("HOME", self.home())
             .env("HTTPS_PROXY", self.proxy.url())
@@ -254,6 +262,9 @@ fn sign_in_refresh_and_reuse_revokes_the_family() {
     let (code, stderr) = login.wait(WAIT);
     assert_eq!(code, 0, "login failed: {stderr}");
     assert!(stdout.all().iter().any(|l| l == "signed in"));
+
+    // signin.js made its signing keys private.
+    assert_eq!(mode(&w.dir.path().join("jwks.json")), 0o600);
 
     // auth.json: 0600 in a 0700 directory, with the three tokens.
     let auth = w.auth_json();
@@ -466,7 +477,7 @@ fn pkce_plain_or_missing_and_foreign_redirects_are_refused() {
 fn missing_credentials_exit_4_and_unreadable_roots_exit_2() {
     let home = tempfile::tempdir().expect("temp dir");
     let run = |args: &[&str], cert: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_polydev-testcli"))
+        let out = Command::new(testcli_bin())
             .args(args)
             .env("HOME", home.path())
             .env("SSL_CERT_FILE", cert)
