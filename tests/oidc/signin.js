@@ -226,14 +226,17 @@ button { display: block; width: 100%; height: 80px; margin-bottom: 24px; font: b
 <body><main>${body}</main></body></html>`;
 }
 
-function loginPage(uid, { error, user } = {}) {
+// After a wrong password the page comes back exactly as the first time
+// (empty fields, focus on the user name) plus the banner, so a pixel-driven
+// test repeats the same clicks and keystrokes.
+function loginPage(uid, { error } = {}) {
   const banner = error ? `<div id="error" role="alert">${escapeHtml(error)}</div>` : '';
   return page('Sign in - Polydev Test Identity', colours.login_background, `
 <h1>Sign in to Polydev Test Identity</h1>
 ${banner}
 <form method="post" action="/interaction/${escapeHtml(uid)}/login" autocomplete="off">
 <label for="username">User name</label>
-<input id="username" name="username" type="text" autofocus autocomplete="off" autocapitalize="none" spellcheck="false" value="${escapeHtml(user ?? '')}">
+<input id="username" name="username" type="text" autofocus autocomplete="off" autocapitalize="none" spellcheck="false">
 <label for="password">Password</label>
 <input id="password" name="password" type="password" autocomplete="off">
 <button id="submit" type="submit">Sign in</button>
@@ -317,7 +320,7 @@ async function interaction(req, res, path) {
     const user = form.get('username') ?? '';
     if (!passwordMatches(user, form.get('password') ?? '')) {
       log('login_failed', peer, { user });
-      sendHtml(res, 200, loginPage(uid, { error: 'Wrong username or password', user }));
+      sendHtml(res, 200, loginPage(uid, { error: 'Wrong username or password' }));
       return;
     }
     log('login_ok', peer, { user });

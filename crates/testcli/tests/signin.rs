@@ -235,6 +235,9 @@ fn sign_in_refresh_and_reuse_revokes_the_family() {
     assert_eq!(wrong.status, 200);
     assert!(wrong.body.contains("Wrong username or password"));
     assert!(wrong.body.contains("id=\"error\""));
+    // Same page as the first time (empty fields, focus on the user name),
+    // so a pixel-driven test repeats the same steps.
+    assert!(wrong.body.contains("autofocus") && !wrong.body.contains("value="));
     assert!(wrong.body.contains(&colours["error_banner"]));
     assert!(wrong
         .body
