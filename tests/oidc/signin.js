@@ -34,7 +34,8 @@
 // * Logs one JSON object per line on stdout for each event, with the TCP
 //   peer address (`peer`) so a test can tell which proxy a request came
 //   through: login_page, login_ok, login_failed, consent_ok, consent_denied,
-//   token, token_refused, refresh_reuse, userinfo, revocation. Passwords,
+//   token, token_refused, refresh_reuse, userinfo, revocation,
+//   authorization_refused. Passwords,
 //   codes and tokens are never logged.
 // * SIGTERM: stops listening and exits 0.
 
@@ -166,6 +167,15 @@ provider.on('grant.error', (ctx, err) => {
       grant_revoked: true,
     });
   }
+});
+
+// Refused authorization requests (PKCE missing or plain, a foreign
+// redirect URI): the error only, the request may hold anything.
+provider.on('authorization.error', (ctx, err) => {
+  log('authorization_refused', ctx.req.socket.remoteAddress, {
+    error: err.error,
+    error_description: err.error_description,
+  });
 });
 
 provider.use(async (ctx, next) => {

@@ -286,6 +286,9 @@ fn sign_in_refresh_and_reuse_revokes_the_family() {
 
     // The server saw the wrong password, then the right one, both through
     // the proxy; and the code exchange.
+    // The log is read by another thread: wait for the last line needed,
+    // the earlier ones are then there too.
+    w.server.wait_event("login_ok", |_| true);
     let events = w.server.events();
     let failed = index_of(&events, "login_failed");
     let ok = index_of(&events, "login_ok");
@@ -451,6 +454,14 @@ fn pkce_plain_or_missing_and_foreign_redirects_are_refused() {
         let q = query(&location);
         assert_eq!(q["error"], "invalid_request", "{what}: {q:?}");
         assert_eq!(q["state"], "st");
+    }
+    for why in ["code_challenge_method", "requires PKCE"] {
+        w.server.wait_event("authorization_refused", |e| {
+            e["error"] == "invalid_request"
+                && e["error_description"]
+                    .as_str()
+                    .is_some_and(|d| d.contains(why))
+        });
     }
 
     // S256 on any loopback port is accepted (RFC 8252 §7.3).

@@ -132,6 +132,16 @@ impl Lines {
         self.0 .0.lock().unwrap().lines.clone()
     }
 
+    /// Waits until the stream ended (all lines are in), at most `timeout`.
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let (lock, cv) = &*self.0;
+        let guard = lock.lock().unwrap();
+        let (guard, _) = cv
+            .wait_timeout_while(guard, timeout, |s| !s.closed)
+            .unwrap();
+        guard.closed
+    }
+
     /// Waits (without polling) for a line matching `pred`, at most `timeout`.
     pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
         let deadline = Instant::now() + timeout;
@@ -549,12 +559,16 @@ impl RunningCli {
         }
     }
 
-    /// Waits for the exit: (exit code, stderr).
+    /// Waits for the exit: (exit code, stderr); stdout is complete then.
     pub fn wait(self, timeout: Duration) -> (i32, String) {
         let (status, err) = self
             .exit
             .recv_timeout(timeout)
             .unwrap_or_else(|_| panic!("polydev-testcli still running after {timeout:?}"));
+        assert!(
+            self.stdout.wait_closed(timeout),
+            "polydev-testcli exited but its stdout stayed open"
+        );
         (status.code().unwrap_or(-1), err)
     }
 }
