@@ -376,6 +376,17 @@ fn sign_in_refresh_and_reuse_revokes_the_family() {
     assert!(err.contains("credential rejected"), "{err}");
     w.server.wait_event("userinfo", |e| e["status"] == 401);
 
+    // Revocation answers 200 even for a dead token (RFC 7009 §2.2), logged.
+    let revoked = browser.post(
+        &Url::parse(&format!("{ISSUER}/token/revocation")).expect("URL"),
+        &[
+            ("token", rotated["refresh_token"].as_str().expect("str")),
+            ("client_id", "polydev-testcli"),
+        ],
+    );
+    assert_eq!(revoked.status, 200, "{}", revoked.body);
+    w.server.wait_event("revocation", |e| e["status"] == 200);
+
     // Nothing secret reached the log.
     let log = w.server.stdout.all().join("\n");
     for secret in [
@@ -517,4 +528,32 @@ fn missing_credentials_exit_4_and_unreadable_roots_exit_2() {
     let (code, err) = run(&["login", "--timeout-secs", "1"], "/nonexistent/ca.pem");
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("SSL_CERT_FILE"), "{err}");
+
+    // Valid credentials and roots, but the proxy is not there: exit 2.
+    let pki = Pki::generate(home.path(), ISSUER_HOST);
+    std::fs::write(
+        home.path().join(".testcli/auth.json"),
+        serde_json::json!({
+            "issuer": ISSUER, "client_id": "polydev-testcli", "access_token": "a",
+            "refresh_token": "r", "id_token": "i", "token_type": "Bearer", "expires_at": 0
+        })
+        .to_string(),
+    )
+    .expect("write auth.json");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_proxy = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let out = Command::new(testcli_bin())
+        .arg("whoami")
+        .env("HOME", home.path())
+        .env("SSL_CERT_FILE", &pki.ca_pem)
+        .env("HTTPS_PROXY", &dead_proxy)
+        .env_remove("https_proxy")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .expect("run polydev-testcli");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("HTTPS_PROXY"), "{err}");
 }
