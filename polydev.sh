@@ -122,9 +122,11 @@ setup_schemathesis() {
 build() {
   step "build"
   cargo build --release -p polydev
-  # The guest agent is PID 1 of an initramfs without a libc: link it statically.
+  # The guest agent is PID 1 of an initramfs without a libc: link it
+  # statically. So is the test CLI (crates/testcli), which tests copy into
+  # their VMs (the production images do not carry it).
   RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --release -p polydev-guest --target x86_64-unknown-linux-gnu
+    cargo build --release -p polydev-guest -p polydev-testcli --target x86_64-unknown-linux-gnu
   step "guest kernel and initramfs"
   ./target/release/polydev image kernel
   step "golden images"

@@ -117,7 +117,8 @@ struct LinesState {
 pub struct Lines(Arc<(Mutex<LinesState>, Condvar)>);
 
 impl Lines {
-    fn collect(self, out: impl std::io::Read + Send + 'static) {
+    /// Collect `out`'s lines on a thread of their own.
+    pub fn collect(self, out: impl std::io::Read + Send + 'static) {
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
@@ -134,6 +135,16 @@ impl Lines {
     /// All lines so far.
     pub fn all(&self) -> Vec<String> {
         self.0 .0.lock().unwrap().lines.clone()
+    }
+
+    /// Waits until the stream ended (all lines are in), at most `timeout`.
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let (lock, cv) = &*self.0;
+        let guard = lock.lock().unwrap();
+        let (guard, _) = cv
+            .wait_timeout_while(guard, timeout, |s| !s.closed)
+            .unwrap();
+        guard.closed
     }
 
     /// Waits (without polling) for a line matching `pred`, at most `timeout`.
