@@ -262,4 +262,7 @@ pub enum LogKind {
     Console,
     /// The guest agent's log stream, including service output.
     Agent,
+    /// The host's record of the VM's egress connections (JSON lines:
+    /// target, upstream, outcome, reason, bytes).
+    Egress,
 }

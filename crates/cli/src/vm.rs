@@ -93,8 +93,11 @@ pub enum VmCmd {
         /// VM id or name.
         id: String,
         /// The serial console instead of the agent log.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "egress")]
         console: bool,
+        /// The host's record of the VM's egress connections (JSON lines).
+        #[arg(long)]
+        egress: bool,
     },
     /// Show the VM's supervised services (pid, restarts, readiness).
     Services {
@@ -381,8 +384,16 @@ pub async fn run(data_dir: PathBuf, cmd: VmCmd) -> anyhow::Result<i32> {
             }
             bail!("the exec stream ended without an exit status")
         }
-        VmCmd::Logs { id, console } => {
-            let kind = if console { "console" } else { "agent" };
+        VmCmd::Logs {
+            id,
+            console,
+            egress,
+        } => {
+            let kind = match (console, egress) {
+                (true, _) => "console",
+                (_, true) => "egress",
+                _ => "agent",
+            };
             let text = c
                 .text(&format!("/v1/vms/{}/logs?kind={kind}", path_seg(&id)?))
                 .await?;

@@ -1136,11 +1136,12 @@ impl Manager {
         std::fs::remove_dir_all(&dir).map_err(io_err(&dir))
     }
 
-    /// A VM's console or agent log, live or preserved.
+    /// A VM's console, agent or egress log, live or preserved.
     pub async fn logs(&self, id: &str, kind: LogKind) -> Result<String, ManagerError> {
         let file = match kind {
             LogKind::Console => "console.log",
             LogKind::Agent => "agent.log",
+            LogKind::Egress => "egress.log",
         };
         let path = match self.live(id) {
             Ok(vm) => vm.dir.root().join(file),

@@ -403,7 +403,10 @@ async fn logs(
             400,
             "bad-query",
             "Bad query",
-            format!("{}: use kind=console or kind=agent", e.body_text()),
+            format!(
+                "{}: use kind=console, kind=agent or kind=egress",
+                e.body_text()
+            ),
         ))
     })?;
     let text = m.logs(&id, q.kind).await?;

@@ -89,6 +89,8 @@ pub trait HostApi: Send + Sync {
         vm: &'a str,
         target: polydev_api::agent::ForwardTarget,
     ) -> HostFuture<'a, Box<dyn Duplex>>;
+    /// One of the VM's logs kept by its host (live or archived).
+    fn logs<'a>(&'a self, vm: &'a str, kind: polydev_api::vm::LogKind) -> HostFuture<'a, String>;
     /// A file's content from inside the VM; `None` when it does not exist.
     /// (One implementation for every host: `cat` through exec, so nothing
     /// beyond exec is needed from the host protocol.)
@@ -264,6 +266,10 @@ impl HostApi for LocalHost {
         })
     }
 
+    fn logs<'a>(&'a self, vm: &'a str, kind: polydev_api::vm::LogKind) -> HostFuture<'a, String> {
+        Box::pin(async move { self.manager.logs(vm, kind).await.map_err(from_manager) })
+    }
+
     fn destroy<'a>(&'a self, vm: &'a str) -> HostFuture<'a, ()> {
         Box::pin(async move {
             match self.manager.destroy(vm).await {
@@ -355,6 +361,20 @@ impl HostApi for RemoteHost {
                 .await
                 .map_err(from_client)?;
             Ok(Box::new(s) as Box<dyn Duplex>)
+        })
+    }
+
+    fn logs<'a>(&'a self, vm: &'a str, kind: polydev_api::vm::LogKind) -> HostFuture<'a, String> {
+        Box::pin(async move {
+            let kind = match kind {
+                polydev_api::vm::LogKind::Console => "console",
+                polydev_api::vm::LogKind::Agent => "agent",
+                polydev_api::vm::LogKind::Egress => "egress",
+            };
+            self.client
+                .text(&format!("/v1/vms/{vm}/logs?kind={kind}"))
+                .await
+                .map_err(from_client)
         })
     }
 

@@ -18,6 +18,7 @@
 //! or every [`DriverConfig::poll_ms`], and runs
 //! [`crate::recovery::fail_overdue`] on every pass.
 
+mod egress_check;
 pub mod host;
 pub mod login;
 pub mod provision;

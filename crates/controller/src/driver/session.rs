@@ -275,6 +275,9 @@ async fn in_vm(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreEr
                 }
             }
             SessionState::AwaitingUser => {
+                if let Some(why) = egress_refused(inner, s, r).await {
+                    return Ok(Next::Fail(FailureReason::EgressFailed, why));
+                }
                 let files = login::captured(host, r, p, home).await?;
                 let complete = p
                     .capture
@@ -329,6 +332,23 @@ async fn in_vm(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreEr
             Ok(false)
         }
     }
+}
+
+/// Why the browser VM's egress refused the auth URL's host, if it did and
+/// nothing to that host went through (see `egress_check`).
+async fn egress_refused(inner: &Inner, s: &Session, vm: &str) -> Option<String> {
+    let events = inner.store.events_for("session", &s.id).await.ok()?;
+    let url = events
+        .iter()
+        .rev()
+        .find_map(|e| e.detail.get("auth_url")?.as_str().map(str::to_string))?;
+    let host = super::egress_check::url_host(&url)?.to_string();
+    let log = inner
+        .host
+        .logs(vm, polydev_api::vm::LogKind::Egress)
+        .await
+        .ok()?;
+    super::egress_check::refused(&log, &host)
 }
 
 enum Next {
