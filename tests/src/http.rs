@@ -276,3 +276,49 @@ impl Drop for ApiProcess {
         let _ = self.child.wait();
     }
 }
+
+/// `polydev up` on `data` listening on a free loopback port, logging to
+/// `log` under `data`: the process, the API address and the first-start
+/// login link if one was printed (the "recovery done" line ends startup).
+pub fn start_up(data: &Path, log: &str) -> (ApiProcess, String, Option<String>) {
+    let (up, (addr, link)) = ApiProcess::start(
+        data,
+        &["up", "--listen", "127.0.0.1:0"],
+        log,
+        Duration::from_secs(180),
+        |text| match startup_lines(text) {
+            (Some(addr), link) if text.contains("driver: recovery done") => Some((addr, link)),
+            _ => None,
+        },
+    );
+    (up, addr, link)
+}
+
+/// Log in with a one-time login `link` (the session cookie, `name=value`).
+pub fn redeem_link(addr: &str, link: &str) -> String {
+    let r = call(
+        addr,
+        "GET",
+        &format!("/api/v1/auth/link?token={link}"),
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 200, "login link: {:?}", r.json());
+    r.header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .expect("session cookie")
+        .to_string()
+}
+
+/// A new API token with `scopes`, made with the session `cookie`.
+pub fn make_token(addr: &str, cookie: &str, name: &str, scopes: &[&str]) -> String {
+    let r = call(
+        addr,
+        "POST",
+        "/api/v1/tokens",
+        &[("cookie", cookie)],
+        Some(&serde_json::json!({ "name": name, "scopes": scopes })),
+    );
+    assert_eq!(r.status, 201, "token: {:?}", r.json());
+    r.json()["token"].as_str().expect("token").to_string()
+}

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use polydev_e2e::http::{call, sse_until, startup_lines, ApiProcess};
+use polydev_e2e::http::{call, make_token, redeem_link, sse_until, ApiProcess};
 use serde_json::json;
 
 mod driver_support;
@@ -81,22 +81,9 @@ fn websocket(addr: &str, path: &str) -> Result<tungstenite::WebSocket<std::net::
     }
 }
 
-/// `polydev up` on `data`, logging to `up-<tag>.log`: the process, the API
-/// address and the first-start link if one was printed.
+/// `polydev up` on `data`, logging to `up-<tag>.log`.
 fn start_up(data: &std::path::Path, tag: &str) -> (ApiProcess, String, Option<String>) {
-    let (up, (addr, link)) = ApiProcess::start(
-        data,
-        &["up", "--listen", "127.0.0.1:0"],
-        &format!("up-{tag}.log"),
-        Duration::from_secs(180),
-        // The link, when there is one, is printed before the driver
-        // starts; its "recovery done" line means startup is over.
-        |text| match startup_lines(text) {
-            (Some(addr), link) if text.contains("driver: recovery done") => Some((addr, link)),
-            _ => None,
-        },
-    );
-    (up, addr, link)
+    polydev_e2e::http::start_up(data, &format!("up-{tag}.log"))
 }
 
 #[test]
@@ -123,30 +110,20 @@ fn up_serves_the_api_and_a_connect_session_completes_through_it() {
 
     let (up, addr, link) = start_up(data, "first");
     let link = link.unwrap_or_else(|| panic!("no login link on first start: {}", up.text()));
-    let r = call(
+    let cookie = redeem_link(&addr, &link);
+    let token = make_token(
         &addr,
-        "GET",
-        &format!("/api/v1/auth/link?token={link}"),
-        &[],
-        None,
+        &cookie,
+        "e2e",
+        &[
+            "sessions:read",
+            "sessions:write",
+            "vms:read",
+            "vms:write",
+            "credentials:read",
+            "streams:connect",
+        ],
     );
-    assert_eq!(r.status, 200, "{:?}", r.json());
-    let cookie = r
-        .header("set-cookie")
-        .and_then(|c| c.split(';').next())
-        .expect("session cookie")
-        .to_string();
-    let r = call(
-        &addr,
-        "POST",
-        "/api/v1/tokens",
-        &[("cookie", &cookie)],
-        Some(
-            &json!({"name": "e2e", "scopes": ["sessions:read", "sessions:write", "vms:read", "vms:write", "credentials:read", "streams:connect"]}),
-        ),
-    );
-    assert_eq!(r.status, 201, "{:?}", r.json());
-    let token = r.json()["token"].as_str().unwrap().to_string();
     let auth = format!("Bearer {token}");
     let h = [("authorization", auth.as_str())];
 

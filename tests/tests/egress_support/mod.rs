@@ -529,3 +529,25 @@ pub fn scrape_text(data: &Path) -> String {
 pub fn sample(m: &BTreeMap<String, f64>, key: &str) -> f64 {
     m.get(key).copied().unwrap_or(0.0)
 }
+
+/// Configure one upstream provider for a controller on `data`
+/// (`<data>/upstreams.toml`): HTTP proxies on 127.0.0.1 at `ports` (e.g.
+/// `"10000"` or `"10000-10002"`), user `user`, the password in a 0600 file
+/// beside the data directory.
+pub fn write_upstreams(data: &Path, ports: &str, user: &str, password: &str) {
+    let pw_file = data.with_extension("upstream-password");
+    std::fs::write(&pw_file, password).expect("write upstream password");
+    std::fs::set_permissions(
+        &pw_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod upstream password");
+    std::fs::write(
+        data.join("upstreams.toml"),
+        format!(
+            "[[provider]]\nname = \"resi\"\nhost = \"127.0.0.1\"\nports = \"{ports}\"\nusername = \"{user}\"\npassword_file = \"{}\"\n",
+            pw_file.display()
+        ),
+    )
+    .expect("write upstreams.toml");
+}

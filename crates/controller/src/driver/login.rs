@@ -439,6 +439,101 @@ pub async fn output(
     Ok(text)
 }
 
+/// Where the auth URL sends the browser back (`redirect_uri`), and for a
+/// loopback `http` callback whether something in the VM listens on its
+/// port (the CLI's own callback server) — recorded with the URL, so a
+/// sign-in that cannot come back is visible before anyone tries.
+/// `Null` when the URL has no `redirect_uri`.
+pub async fn callback(host: &dyn HostApi, vm: &str, auth_url: &str) -> serde_json::Value {
+    let Some(redirect) = query_param(auth_url, "redirect_uri") else {
+        return serde_json::Value::Null;
+    };
+    let port = loopback_port(&redirect);
+    let listening = match port {
+        Some(port) => listening(host, vm, port).await,
+        None => None,
+    };
+    serde_json::json!({
+        "redirect_uri": redirect,
+        "loopback_port": port,
+        "listening": listening,
+    })
+}
+
+/// The decoded value of `name` in a URL's query.
+pub fn query_param(url: &str, name: &str) -> Option<String> {
+    let query = url.split_once('?')?.1.split('#').next()?;
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match s
+                    .get(i + 1..i + 3)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The port of an `http://127.0.0.1|localhost|[::1]:PORT/…` URL.
+fn loopback_port(url: &str) -> Option<u16> {
+    let rest = url.strip_prefix("http://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let (host, port) = authority.rsplit_once(':')?;
+    matches!(host, "127.0.0.1" | "localhost" | "[::1]")
+        .then(|| port.parse().ok())
+        .flatten()
+}
+
+/// Whether a TCP socket listens on `port` in the VM (its `/proc/net/tcp`
+/// and `tcp6`, state 0A); `None` when that cannot be read.
+async fn listening(host: &dyn HostApi, vm: &str, port: u16) -> Option<bool> {
+    let out = host
+        .exec(
+            vm,
+            ExecRequest {
+                argv: vec![
+                    "cat".into(),
+                    "/proc/net/tcp".into(),
+                    "/proc/net/tcp6".into(),
+                ],
+                timeout_ms: Some(30_000),
+                ..Default::default()
+            },
+        )
+        .await
+        .ok()?;
+    let want = format!(":{port:04X}");
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.split_whitespace().nth(3) == Some("0A"))
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .any(|local| local.ends_with(&want)),
+    )
+}
+
 /// The provider's capture files that exist in `vm` (path relative to home → content).
 pub async fn captured(
     host: &dyn HostApi,
@@ -509,6 +604,26 @@ mod tests {
         assert!(!r.contains(jwt), "{r}");
         assert!(!r.contains("c2lnbmF0dXJl"), "{r}");
         assert!(r.contains("…<redacted>"), "{r}");
+    }
+
+    #[test]
+    fn redirect_uris_are_read_from_auth_urls() {
+        let url = "https://auth.openai.com/oauth/authorize?response_type=code&client_id=app_x&redirect_uri=http%3A%2F%2Flocalhost%3A1455%2Fauth%2Fcallback&scope=openid+profile&state=s";
+        let r = query_param(url, "redirect_uri").unwrap();
+        assert_eq!(r, "http://localhost:1455/auth/callback");
+        assert_eq!(loopback_port(&r), Some(1455));
+        assert_eq!(query_param(url, "scope").unwrap(), "openid profile");
+        assert_eq!(query_param(url, "missing"), None);
+        assert_eq!(
+            loopback_port("http://127.0.0.1:38123/oauth2callback"),
+            Some(38123)
+        );
+        assert_eq!(
+            loopback_port("https://console.anthropic.com/oauth/code/callback"),
+            None
+        );
+        assert_eq!(loopback_port("http://example.com:80/cb"), None);
+        assert_eq!(query_param("https://x/?a=%zz%4", "a").unwrap(), "%zz%4");
     }
 
     #[test]

@@ -259,10 +259,13 @@ async fn in_vm(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreEr
                 }
                 let out = login::output(host, r, &s.id, p).await?;
                 match (p.find_auth_url(&out), status) {
-                    (Some(url), _) => Next::Go(
-                        SessionState::AwaitingUser,
-                        Some(json!({ "auth_url": url })),
-                    ),
+                    (Some(url), _) => {
+                        let callback = login::callback(host, r, &url).await;
+                        Next::Go(
+                            SessionState::AwaitingUser,
+                            Some(json!({ "auth_url": url, "callback": callback })),
+                        )
+                    }
                     (None, LoginStatus::Exited(Some(0))) => Next::Fail(
                         FailureReason::AuthUrlNotFound,
                         "the login exited without printing an auth URL the provider definition recognises".into(),
