@@ -17,7 +17,8 @@ pub struct VmSpec {
     /// Whole virtual CPUs (default from host configuration).
     #[serde(default)]
     pub vcpus: Option<u32>,
-    /// Guest memory in MiB (default from host configuration).
+    /// Guest memory in MiB (default: the image's default from the recipe,
+    /// else the host's; at least the image's minimum).
     #[serde(default)]
     pub memory_mib: Option<u32>,
     /// Root filesystem image to boot; `None` boots the minimal image (the

@@ -35,7 +35,8 @@ pub struct HostArgs {
     /// vCPUs of a VM whose request names none.
     #[arg(long, default_value_t = 1)]
     pub default_vcpus: u32,
-    /// Memory (MiB) of a VM whose request names none.
+    /// Memory (MiB) of a VM whose request names none and whose image
+    /// declares no default in the recipe (cli and browser do: 1024).
     #[arg(long, default_value_t = 256)]
     pub default_memory_mib: u32,
     /// Dead VMs whose logs are kept.

@@ -22,7 +22,8 @@ pub enum VmCmd {
         /// Whole vCPUs.
         #[arg(long)]
         vcpus: Option<u32>,
-        /// Memory in MiB.
+        /// Memory in MiB (default: the image's, e.g. 1024 for cli and
+        /// browser, else the host's; at least the image's minimum).
         #[arg(long)]
         memory: Option<u32>,
         /// Image to boot.

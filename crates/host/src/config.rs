@@ -1,10 +1,12 @@
 //! Host agent configuration and validation of VM requests against it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use polydev_api::agent::ServiceSpec;
 use polydev_api::vm::{Accel, HypervisorKind, VmSpec};
+use polydev_image::ImageMemory;
 
 /// Everything the host agent needs to know to run VMs.
 #[derive(Debug, Clone)]
@@ -36,7 +38,8 @@ pub struct HostConfig {
     pub tsc_khz: Option<u64>,
     /// vCPUs when a request names none.
     pub default_vcpus: u32,
-    /// Memory when a request names none.
+    /// Memory when a request names none and its image declares no default
+    /// (see [`HostConfig::image_memory`]).
     pub default_memory_mib: u32,
     /// Upper bound of vCPUs per VM.
     pub max_vcpus: u32,
@@ -55,6 +58,14 @@ pub struct HostConfig {
     /// The artifact cache holding golden images (`polydev image build`);
     /// `None`: only the minimal (initramfs-only) image is offered.
     pub image_cache: Option<PathBuf>,
+    /// Default and minimum memory of golden images by name. Taken from the
+    /// recipe compiled into this binary ([`polydev_image::Recipe::builtin`])
+    /// rather than from a built image's manifest: memory is launch
+    /// configuration, kept out of the image's key, so a cached image built
+    /// before a change of it still gets the current values. An image the
+    /// recipe does not define (e.g. built with `--recipe`) gets the host's
+    /// default and bounds.
+    pub image_memory: BTreeMap<String, ImageMemory>,
 }
 
 /// The vsock transport of QEMU VMs.
@@ -117,6 +128,17 @@ impl HostConfig {
             log_retention: 200,
             egress: crate::egress::EgressLimits::default(),
             image_cache: polydev_image::Cache::default_root().ok(),
+            // The builtin recipe is checked by polydev-image's tests, so
+            // the empty fallback (host defaults for every image) is never
+            // expected to be taken.
+            image_memory: polydev_image::Recipe::builtin()
+                .map(|r| {
+                    r.images
+                        .iter()
+                        .filter_map(|(name, i)| Some((name.clone(), i.memory?)))
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 
@@ -152,20 +174,15 @@ impl HostConfig {
                 max: self.max_vcpus,
             });
         }
-        let memory_mib = spec.memory_mib.unwrap_or(self.default_memory_mib);
-        if !(MIN_MEMORY_MIB..=self.max_memory_mib).contains(&memory_mib) {
-            return Err(SpecError::Memory {
-                got: memory_mib,
-                min: MIN_MEMORY_MIB,
-                max: self.max_memory_mib,
-            });
-        }
         let image_name = spec.image.as_deref().unwrap_or(MINIMAL_IMAGE);
         let image = if image_name == MINIMAL_IMAGE {
             None
         } else {
             Some(self.find_image(image_name)?)
         };
+        // After the image lookup: an image that is not built is the more
+        // useful thing to hear about.
+        let memory_mib = self.memory_for(spec.memory_mib, image_name)?;
         let kernel = match &spec.kernel {
             Some(k) => existing_file(k, "kernel")?,
             None => existing_default(&self.kernel, "kernel")?,
@@ -230,6 +247,52 @@ impl HostConfig {
             egress: spec.egress.clone(),
             rootfs: image.map(|i| i.root),
         })
+    }
+
+    /// The memory of a VM of image `image` whose request asked for
+    /// `requested`: the request's, else the image's default, else the
+    /// host's; at least the image's minimum and within the host's bounds.
+    fn memory_for(&self, requested: Option<u32>, image: &str) -> Result<u32, SpecError> {
+        let max = self.max_memory_mib;
+        let declared = if image == MINIMAL_IMAGE {
+            None
+        } else {
+            self.image_memory.get(image)
+        };
+        let Some(m) = declared else {
+            let got = requested.unwrap_or(self.default_memory_mib);
+            if !(MIN_MEMORY_MIB..=max).contains(&got) {
+                return Err(SpecError::Memory {
+                    got,
+                    min: MIN_MEMORY_MIB,
+                    max,
+                });
+            }
+            return Ok(got);
+        };
+        let image = image.to_string();
+        // No request could fit: say so rather than suggest a range that
+        // is empty.
+        if m.min_mib > max {
+            return Err(SpecError::ImageMemoryOverHost {
+                image,
+                min: m.min_mib,
+                max,
+            });
+        }
+        let min = m.min_mib.max(MIN_MEMORY_MIB);
+        match requested {
+            None if m.default_mib > max => Err(SpecError::ImageDefaultMemoryOverHost {
+                image,
+                default: m.default_mib,
+                min,
+                max,
+            }),
+            None => Ok(m.default_mib),
+            Some(got) if got < min => Err(SpecError::ImageMemoryBelowMin { image, got, min }),
+            Some(got) if got > max => Err(SpecError::Memory { got, min, max }),
+            Some(got) => Ok(got),
+        }
     }
 
     /// A built golden image by name, from the image cache.
@@ -356,6 +419,38 @@ pub enum SpecError {
         /// Allowed minimum.
         min: u32,
         /// Allowed maximum.
+        max: u32,
+    },
+    /// Less memory than the image declares its programs need.
+    #[error("image {image} needs at least {min} MiB of memory (its CLIs crash below that); got {got}: pass --memory {min} or more")]
+    ImageMemoryBelowMin {
+        /// Image name.
+        image: String,
+        /// Requested.
+        got: u32,
+        /// The image's minimum.
+        min: u32,
+    },
+    /// The image's default memory is more than this host allows one VM.
+    #[error("image {image} defaults to {default} MiB of memory, more than the {max} MiB this host allows one VM: pass --memory from {min} to {max}")]
+    ImageDefaultMemoryOverHost {
+        /// Image name.
+        image: String,
+        /// The image's default.
+        default: u32,
+        /// The image's minimum.
+        min: u32,
+        /// The host's maximum.
+        max: u32,
+    },
+    /// The image needs more memory than this host allows one VM.
+    #[error("image {image} needs at least {min} MiB of memory, more than the {max} MiB this host allows one VM: run it on a host with more memory")]
+    ImageMemoryOverHost {
+        /// Image name.
+        image: String,
+        /// The image's minimum.
+        min: u32,
+        /// The host's maximum.
         max: u32,
     },
     /// Data disk too large.
@@ -536,6 +631,25 @@ mod tests {
         assert!(matches!(e, SpecError::Vcpus { got: 0, .. }));
     }
 
+    /// A published cli image as `polydev image build` leaves it, in the
+    /// cache of [`cfg`].
+    fn publish_fake_cli_image(dir: &Path) {
+        let key = "b".repeat(64);
+        let img = dir.join("cache/images").join(&key);
+        std::fs::create_dir_all(&img).unwrap();
+        std::fs::write(img.join(polydev_image::ROOTFS_FILE), b"erofs").unwrap();
+        let manifest = serde_json::json!({
+            "name": "cli", "key": key, "description": "", "format": 1,
+            "suite": "trixie", "writable": "disk",
+            "env": {"https_proxy": "http://127.0.0.1:3128", "http_proxy": "http://127.0.0.1:3128"},
+            "agent_protocol": 1, "packages": {}, "npm": {}, "fstype": "erofs",
+            "tree_bytes": 1, "image_bytes": 1, "image_sha256": "", "build_secs": 1, "built_unix": 1
+        });
+        std::fs::write(img.join("manifest.json"), manifest.to_string()).unwrap();
+        std::fs::create_dir_all(dir.join("cache/images/names")).unwrap();
+        std::fs::write(dir.join("cache/images/names/cli"), &key).unwrap();
+    }
+
     #[test]
     fn images_resolve_from_the_cache_with_env_disk_and_root_cmdline() {
         let d = tempfile::tempdir().unwrap();
@@ -550,21 +664,7 @@ mod tests {
             c.resolve(&spec("cli", None)),
             Err(SpecError::UnknownImage("cli".into()))
         );
-        // A published image as `polydev image build` leaves it.
-        let key = "b".repeat(64);
-        let dir = d.path().join("cache/images").join(&key);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(polydev_image::ROOTFS_FILE), b"erofs").unwrap();
-        let manifest = serde_json::json!({
-            "name": "cli", "key": key, "description": "", "format": 1,
-            "suite": "trixie", "writable": "disk",
-            "env": {"https_proxy": "http://127.0.0.1:3128", "http_proxy": "http://127.0.0.1:3128"},
-            "agent_protocol": 1, "packages": {}, "npm": {}, "fstype": "erofs",
-            "tree_bytes": 1, "image_bytes": 1, "image_sha256": "", "build_secs": 1, "built_unix": 1
-        });
-        std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
-        std::fs::create_dir_all(d.path().join("cache/images/names")).unwrap();
-        std::fs::write(d.path().join("cache/images/names/cli"), &key).unwrap();
+        publish_fake_cli_image(d.path());
 
         let r = c.resolve(&spec("cli", None)).unwrap();
         assert_eq!(r.image, "cli");
@@ -584,6 +684,113 @@ mod tests {
             (minimal.image.as_str(), minimal.root_cmdline()),
             ("minimal", None)
         );
+    }
+
+    #[test]
+    fn the_builtin_recipe_gives_cli_and_browser_vms_a_gib() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        let gib = ImageMemory {
+            default_mib: 1024,
+            min_mib: 1024,
+        };
+        assert_eq!(c.image_memory.get("cli"), Some(&gib));
+        assert_eq!(c.image_memory.get("browser"), Some(&gib));
+    }
+
+    #[test]
+    fn a_golden_image_vm_gets_the_images_memory_unless_it_asks_for_enough() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        publish_fake_cli_image(d.path());
+        let spec = |memory_mib: Option<u32>| VmSpec {
+            image: Some("cli".into()),
+            memory_mib,
+            ..Default::default()
+        };
+        assert_eq!(c.resolve(&spec(None)).unwrap().memory_mib, 1024);
+        assert_eq!(c.resolve(&spec(Some(2048))).unwrap().memory_mib, 2048);
+        let e = c.resolve(&spec(Some(256))).unwrap_err();
+        assert_eq!(
+            e,
+            SpecError::ImageMemoryBelowMin {
+                image: "cli".into(),
+                got: 256,
+                min: 1024
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "image cli needs at least 1024 MiB of memory (its CLIs crash below that); got 256: pass --memory 1024 or more"
+        );
+        // Refused before anything exists: resolve never touches the data
+        // directory.
+        assert!(!c.data_dir.exists());
+        // The minimal image keeps the host's default and floor.
+        let minimal = c
+            .resolve(&VmSpec {
+                memory_mib: Some(128),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(minimal.memory_mib, 128);
+    }
+
+    #[test]
+    fn memory_follows_the_image_then_the_host() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = cfg(d.path());
+        c.image_memory.insert(
+            "big".into(),
+            ImageMemory {
+                default_mib: 3072,
+                min_mib: 2048,
+            },
+        );
+        // Images the recipe gives no memory (or does not know) and the
+        // minimal image: the host's default and bounds.
+        for image in ["custom", MINIMAL_IMAGE] {
+            assert_eq!(c.memory_for(None, image), Ok(256));
+            assert_eq!(c.memory_for(Some(100), image), Ok(100));
+            assert!(matches!(
+                c.memory_for(Some(5000), image),
+                Err(SpecError::Memory { min: 96, .. })
+            ));
+        }
+        assert_eq!(c.memory_for(None, "big"), Ok(3072));
+        assert_eq!(c.memory_for(Some(2048), "big"), Ok(2048));
+        assert_eq!(c.memory_for(Some(4096), "big"), Ok(4096));
+        assert!(matches!(
+            c.memory_for(Some(1024), "big"),
+            Err(SpecError::ImageMemoryBelowMin {
+                got: 1024,
+                min: 2048,
+                ..
+            })
+        ));
+        // Above the host's maximum: the range named starts at the image's
+        // minimum.
+        let e = c.memory_for(Some(5000), "big").unwrap_err();
+        assert!(e.to_string().contains("from 2048 to 4096"), "{e}");
+
+        // A default above the host's maximum is refused, not clamped, and
+        // the message names both and what would fit.
+        c.max_memory_mib = 2560;
+        let e = c.memory_for(None, "big").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "image big defaults to 3072 MiB of memory, more than the 2560 MiB this host allows one VM: pass --memory from 2048 to 2560"
+        );
+        assert_eq!(c.memory_for(Some(2560), "big"), Ok(2560));
+        // A minimum above it: nothing fits.
+        c.max_memory_mib = 1536;
+        for requested in [None, Some(1536), Some(4096)] {
+            let e = c.memory_for(requested, "big").unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "image big needs at least 2048 MiB of memory, more than the 1536 MiB this host allows one VM: run it on a host with more memory"
+            );
+        }
     }
 
     #[test]

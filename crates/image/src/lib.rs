@@ -59,7 +59,9 @@ pub use kernel::{
     ensure_kernel, find_cached_kernel, KernelArtifact, KernelManifest, KERNEL_METAPACKAGE,
 };
 pub use modules::DEFAULT_MODULES;
-pub use recipe::{ImagePlan, Recipe, Writable, BUILTIN_RECIPE, ROOTFS_FORMAT};
+pub use recipe::{
+    ImageMemory, ImagePlan, Recipe, Writable, BUILTIN_RECIPE, MIN_IMAGE_MEMORY_MIB, ROOTFS_FORMAT,
+};
 pub use rootfs::{
     build_image, find_image, find_image_by_key, gc_images, list_images, mirrors_from_sources,
     remove_image, BuildOptions, GcReport, HostAccess, ImageArtifact, ImageManifest, ROOTFS_FILE,

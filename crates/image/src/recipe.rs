@@ -1,6 +1,11 @@
 //! The image recipe (`image/recipe.toml`): what goes into each golden image,
 //! as data. [`Recipe::image`] flattens the common layer and one image's own
 //! layer into an [`ImagePlan`], whose hash is that image's cache key.
+//!
+//! An image's `memory` is launch configuration, not image bytes: it stays
+//! out of the [`ImagePlan`] (and so out of the key), so changing it never
+//! rebuilds an image. The host reads it from the recipe compiled into its
+//! binary ([`Recipe::memory`]).
 
 use std::collections::BTreeMap;
 
@@ -16,6 +21,11 @@ pub const BUILTIN_RECIPE: &str = include_str!("../../../image/recipe.toml");
 /// Bumped whenever the builder lays out or seals images differently, so an
 /// unchanged recipe still yields a new key when the builder changes.
 pub const ROOTFS_FORMAT: u32 = 1;
+
+/// The smallest `memory.min_mib` a recipe may declare: a golden image runs
+/// a Debian userland on top of the initramfs, which needs more than the
+/// host's floor for the bare initramfs.
+pub const MIN_IMAGE_MEMORY_MIB: u32 = 128;
 
 /// The whole recipe file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,6 +125,18 @@ pub enum Writable {
     Disk,
 }
 
+/// `memory = { default_mib = …, min_mib = … }` of an image: what its VMs
+/// get when a request names no memory, and the least a request may name
+/// (its programs fail below that, e.g. the CLIs crash or hang at 256 MiB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageMemory {
+    /// MiB a VM of the image gets when its request names none.
+    pub default_mib: u32,
+    /// The least MiB a request for the image may name.
+    pub min_mib: u32,
+}
+
 /// `[images.<name>]`. (No `deny_unknown_fields` here: serde cannot combine
 /// it with `flatten`; the flattened [`Layer`] rejects unknown keys itself.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +145,11 @@ pub struct ImageLayer {
     pub description: String,
     /// The writable layer.
     pub writable: Writable,
+    /// Default and minimum memory of the image's VMs; `None`: the host's
+    /// default and bounds apply. Not part of the [`ImagePlan`], see the
+    /// module documentation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ImageMemory>,
     /// Everything else.
     #[serde(flatten)]
     pub layer: Layer,
@@ -156,14 +183,34 @@ impl Recipe {
         if r.images.is_empty() {
             return Err(ImageError::Recipe("no [images.<name>] defined".into()));
         }
-        for name in r.images.keys() {
+        for (name, img) in &r.images {
             if !valid_name(name) {
                 return Err(ImageError::Recipe(format!(
                     "image name {name:?} must be 1-32 characters from a-z, 0-9 and '-'"
                 )));
             }
+            if let Some(m) = img.memory {
+                if m.min_mib < MIN_IMAGE_MEMORY_MIB {
+                    return Err(ImageError::Recipe(format!(
+                        "image {name}: memory.min_mib must be at least {MIN_IMAGE_MEMORY_MIB}; got {}",
+                        m.min_mib
+                    )));
+                }
+                if m.default_mib < m.min_mib {
+                    return Err(ImageError::Recipe(format!(
+                        "image {name}: memory.default_mib ({}) must be at least memory.min_mib ({})",
+                        m.default_mib, m.min_mib
+                    )));
+                }
+            }
         }
         Ok(r)
+    }
+
+    /// The memory settings of image `name`, if the recipe defines that
+    /// image and gives it any.
+    pub fn memory(&self, name: &str) -> Option<ImageMemory> {
+        self.images.get(name).and_then(|i| i.memory)
     }
 
     /// The recipe compiled into this binary.
@@ -327,5 +374,88 @@ mod tests {
         });
         assert!(r3.image("cli").is_err());
         assert!(Recipe::parse("[debian]\nsuite = 1\n").is_err());
+    }
+
+    /// The builtin recipe with `memory` of image cli replaced by `line`
+    /// (an empty line: none).
+    fn with_cli_memory(line: &str) -> String {
+        let old = "memory = { default_mib = 1024, min_mib = 1024 }\npackages = []";
+        assert!(
+            BUILTIN_RECIPE.contains(old),
+            "the cli image's memory line moved"
+        );
+        BUILTIN_RECIPE.replace(old, &format!("{line}\npackages = []"))
+    }
+
+    #[test]
+    fn the_builtin_images_need_a_gib_of_memory() {
+        let r = Recipe::builtin().unwrap();
+        let gib = Some(ImageMemory {
+            default_mib: 1024,
+            min_mib: 1024,
+        });
+        assert_eq!(r.memory("cli"), gib);
+        assert_eq!(r.memory("browser"), gib);
+        assert_eq!(r.memory("nope"), None);
+    }
+
+    #[test]
+    fn memory_is_optional_and_parsed_when_present() {
+        let r = Recipe::parse(&with_cli_memory("")).unwrap();
+        assert_eq!(r.memory("cli"), None);
+        let r = Recipe::parse(&with_cli_memory(
+            "memory = { default_mib = 2048, min_mib = 512 }",
+        ))
+        .unwrap();
+        assert_eq!(
+            r.memory("cli"),
+            Some(ImageMemory {
+                default_mib: 2048,
+                min_mib: 512
+            })
+        );
+    }
+
+    #[test]
+    fn invalid_memory_is_refused_naming_the_image_and_field() {
+        for (line, needle) in [
+            (
+                "memory = { default_mib = 1024, min_mib = 64 }",
+                "image cli: memory.min_mib must be at least 128; got 64",
+            ),
+            (
+                "memory = { default_mib = 512, min_mib = 1024 }",
+                "image cli: memory.default_mib (512) must be at least memory.min_mib (1024)",
+            ),
+            ("memory = { default_mib = 1024 }", "min_mib"),
+            (
+                "memory = { default_mib = 1024, min_mib = 1024, max_mib = 1 }",
+                "max_mib",
+            ),
+            (
+                "memory = { default_mib = -1, min_mib = 1024 }",
+                "default_mib",
+            ),
+        ] {
+            let e = Recipe::parse(&with_cli_memory(line))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{line}: {e}");
+        }
+    }
+
+    /// Memory is how an image's VMs are launched: changing it must not
+    /// change the key, or every cached image would be rebuilt.
+    #[test]
+    fn memory_is_not_part_of_the_key() {
+        let r = Recipe::builtin().unwrap();
+        let without = Recipe::parse(&with_cli_memory("")).unwrap();
+        let other = Recipe::parse(&with_cli_memory(
+            "memory = { default_mib = 4096, min_mib = 2048 }",
+        ))
+        .unwrap();
+        let key = r.image("cli").unwrap().key();
+        assert_eq!(key, without.image("cli").unwrap().key());
+        assert_eq!(key, other.image("cli").unwrap().key());
     }
 }

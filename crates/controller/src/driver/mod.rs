@@ -76,7 +76,8 @@ pub enum DriverError {
 pub struct DriverConfig {
     /// Image of browser VMs (`None`: the minimal initramfs image).
     pub browser_image: Option<String>,
-    /// Memory of a browser VM in MiB (`None`: the host's default).
+    /// Memory of a browser VM in MiB (`None`: the image's default, else the
+    /// host's).
     pub browser_memory_mib: Option<u32>,
     /// vCPUs of a browser VM (`None`: the host's default).
     pub browser_vcpus: Option<u32>,
@@ -98,7 +99,8 @@ pub struct DriverConfig {
     pub deliver_to_cli_vm: bool,
     /// Image of CLI VMs.
     pub cli_image: Option<String>,
-    /// Memory of a CLI VM in MiB.
+    /// Memory of a CLI VM in MiB (`None`: the image's default, else the
+    /// host's).
     pub cli_memory_mib: Option<u32>,
     /// Home directory in CLI VMs.
     pub cli_home: String,
@@ -173,7 +175,8 @@ impl DriverConfig {
     /// TOML has no null, so the "none" of each optional setting is spelled
     /// out: image `"minimal"` (the initramfs image), `login_user = "root"`
     /// (the agent's user), `cli_owner = ""`, `login_browser = ""`, an empty
-    /// probe `[]`, memory 0 (the host's default).
+    /// probe `[]`, memory 0 (the image's default from the recipe, else the
+    /// host's).
     pub fn parse(text: &str, origin: &str) -> Result<Self, DriverError> {
         let mut c: DriverConfig = toml::from_str(text).map_err(|e| DriverError::Config {
             path: origin.to_string(),
