@@ -299,3 +299,19 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     }
     out
 }
+
+/// Kills whatever still runs from a data directory when dropped: the VMs
+/// that a `polydev up` leaves running by design when it stops (so that a
+/// restart adopts them), once a test ends, passed or failed. Declare it
+/// before the directory it names, so the processes go first.
+pub struct Reaper(pub PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for (pid, _) in processes_mentioning(&self.0.display().to_string()) {
+            // SAFETY: kill(2) on a process whose command line names this
+            // test's own temp directory.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}

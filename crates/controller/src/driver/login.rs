@@ -22,7 +22,7 @@ pub const LOGIN_DIR: &str = "/run/polydev-login";
 const START: &str = r#"inner="$1"; d="$2"; wrapper="$3"; shift 3
 mkdir -p "${d%/*}" || exit 1
 mkdir "$d" 2>/dev/null || exit 0
-: >"$d/opened" && chmod 0666 "$d/opened"
+: >"$d/opened" && : >"$d/opened.log" && chmod 0666 "$d/opened" "$d/opened.log"
 printf '%s' "$wrapper" >"$d/browser"
 chmod 0755 "$d" "$d/browser"
 setsid sh -c "$inner" sh "$d" "$@" >/dev/null 2>&1 </dev/null &
@@ -39,17 +39,24 @@ printf '%s\n' "$*" >>"$POLYDEV_OPENED"
 [ -n "$POLYDEV_REAL_BROWSER" ] || exit 0
 command -v wmctrl >/dev/null 2>&1 || exec $POLYDEV_REAL_BROWSER "$@"
 before=" $(wmctrl -l 2>/dev/null | cut -d' ' -f1 | tr '\n' ' ') "
-$POLYDEV_REAL_BROWSER "$@" || exit $?
-i=0
-while [ "$i" -lt 120 ]; do
-  for w in $(wmctrl -lx 2>/dev/null | awk '$3 ~ /[Cc]hromium/ {print $1}'); do
-    case "$before" in *" $w "*) continue ;; esac
-    wmctrl -i -r "$w" -b add,maximized_vert,maximized_horz
-    wmctrl -i -a "$w"
-    exit 0
+# A browser that is still starting can drop a URL handed over to it
+# (measured under TCG right after its first window appeared): hand it over
+# again when no window came within 30 s, up to three times.
+tries=0
+while [ "$tries" -lt 3 ]; do
+  tries=$((tries + 1))
+  $POLYDEV_REAL_BROWSER "$@" >>"$POLYDEV_OPENED.log" 2>&1
+  i=0
+  while [ "$i" -lt 120 ]; do
+    for w in $(wmctrl -lx 2>/dev/null | awk '$3 ~ /[Cc]hromium/ {print $1}'); do
+      case "$before" in *" $w "*) continue ;; esac
+      wmctrl -i -r "$w" -b add,maximized_vert,maximized_horz
+      wmctrl -i -a "$w"
+      exit 0
+    done
+    sleep 0.25
+    i=$((i + 1))
   done
-  sleep 0.25
-  i=$((i + 1))
 done
 exit 0
 "#;

@@ -1,0 +1,658 @@
+//! Real sign-ins on the real browser image, as a person does them: the
+//! test CLI's login runs in the desktop session, its authorize URL opens in
+//! the desktop's Chromium, and the test signs in *only through the
+//! session's desktop WebSocket* — RFB pointer clicks on the fields and
+//! buttons (found by their colours) and key events typing the name and
+//! password. The authorization server is real (panva/oidc-provider over
+//! TLS with a CA made for this run, `tests/oidc/signin.js`), reached by the
+//! VMs under its name `auth.polydev.test` through the user's upstream proxy
+//! only; the upstream maps that name to the loopback server and refuses
+//! everything else. The CLI's loopback callback gets the code, the
+//! credential is captured, sealed, delivered into the user's CLI VM, and
+//! the provider's check (`polydev-testcli whoami` through the same
+//! upstream) decides completion. Everything else is production defaults:
+//! the browser and CLI images, their unprivileged user, delivery as that
+//! user, memory.
+//!
+//! One controller serves both sessions of the test (each session boots its
+//! own browser VM): a wrong password then the right one, consent, and
+//! completion; then consent denied, which fails with the CLI's own message.
+
+mod egress_support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use egress_support::{basic, start_http_upstream_only, unique, write_upstreams, ProxyLog};
+use polydev_e2e::http::{call, make_token, redeem_link, start_up, ApiProcess};
+use polydev_e2e::oauth::{colour, random_hex, Pki, SigninServer, ISSUER_HOST};
+use polydev_e2e::polydev_bin;
+use polydev_e2e::rfb::{self, Frame, WsStream};
+use serde_json::{json, Value};
+
+/// Where the user's upstream leaves from: the authorization server sees
+/// this address for everything that came through it.
+const UPSTREAM_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+/// A desktop under TCG on a loaded 2-core host takes minutes.
+const DESKTOP_DEADLINE: Duration = Duration::from_secs(600);
+/// F5: reload. A person reloads a page that loaded before the browser
+/// trusted the run's CA (Chromium applies the CA policy ~6-9 s after the
+/// file appears and does not retry an error page by itself).
+const F5: u32 = 0xffc2;
+
+/// The static test CLI that the README's setup builds.
+fn testcli_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/x86_64-unknown-linux-gnu/release/polydev-testcli");
+    assert!(
+        p.is_file(),
+        "{} is missing: build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build \
+         --release -p polydev-testcli --target x86_64-unknown-linux-gnu (./polydev.sh setup does)",
+        p.display()
+    );
+    p
+}
+
+fn browser_image_built() {
+    for image in ["browser", "cli"] {
+        let out = std::process::Command::new(polydev_bin())
+            .args(["image", "inspect", image])
+            .output()
+            .expect("run polydev image inspect");
+        assert!(
+            out.status.success(),
+            "the {image} image is not built: run ./polydev.sh setup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn artifacts() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&d).expect("artifact dir");
+    d
+}
+
+/// Chromium's managed policy that makes it trust the run's CA (base64 DER).
+fn ca_policy(ca_pem: &Path) -> String {
+    use base64_der::encode;
+    let pem = std::fs::read_to_string(ca_pem).expect("read CA");
+    json!({ "CACertificates": [encode(&pem)] }).to_string()
+}
+
+/// PEM to base64 DER: the lines between the armour, joined.
+mod base64_der {
+    pub fn encode(pem: &str) -> String {
+        pem.lines()
+            .filter(|l| !l.starts_with("-----"))
+            .map(str::trim)
+            .collect()
+    }
+}
+
+/// The API as one user: address and bearer header.
+struct Api {
+    addr: String,
+    auth: String,
+}
+
+impl Api {
+    fn get(&self, path: &str) -> Value {
+        let r = call(
+            &self.addr,
+            "GET",
+            path,
+            &[("authorization", &self.auth)],
+            None,
+        );
+        assert_eq!(r.status, 200, "GET {path}: {:?}", r.json());
+        r.json()
+    }
+
+    fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = call(
+            &self.addr,
+            "POST",
+            path,
+            &[("authorization", &self.auth)],
+            Some(&body),
+        );
+        (r.status, r.json())
+    }
+
+    /// Poll the session until `done(state)`; panics when it ends otherwise.
+    fn wait_session(&self, id: &str, what: &str, deadline: Duration, done: &[&str]) -> Value {
+        let until = Instant::now() + deadline;
+        loop {
+            let s = self.get(&format!("/api/v1/sessions/{id}"));
+            let st = s["state"].as_str().unwrap_or_default();
+            if done.contains(&st) {
+                return s;
+            }
+            assert!(
+                !s["done"].as_bool().unwrap_or(false),
+                "session {id} ended while waiting for {what}: {s}"
+            );
+            assert!(Instant::now() < until, "{what}: session stuck: {s}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Wait until the VM `id` is destroyed.
+    fn wait_destroyed(&self, id: &str) {
+        let until = Instant::now() + Duration::from_secs(300);
+        loop {
+            let vm = self.get(&format!("/api/v1/vms/{id}"));
+            if vm["state"] == "destroyed" {
+                return;
+            }
+            assert!(Instant::now() < until, "VM {id} not destroyed: {vm}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// The session's desktop as a person's screen, keyboard and mouse.
+    fn desktop(&self, id: &str) -> rfb::Session<WsStream> {
+        let (st, t) = self.post(
+            "/api/v1/tickets",
+            json!({"kind": "desktop", "resource_id": id}),
+        );
+        assert_eq!(st, 201, "{t}");
+        let ticket = t["ticket"].as_str().expect("ticket");
+        let url = format!(
+            "ws://{}/api/v1/sessions/{id}/desktop?ticket={ticket}",
+            self.addr
+        );
+        let stream = std::net::TcpStream::connect(&self.addr).expect("connect API");
+        stream.set_read_timeout(Some(Duration::from_secs(120))).ok();
+        let (ws, resp) = tungstenite::client::client(url, stream).expect("desktop WebSocket");
+        assert_eq!(resp.status(), 101);
+        rfb::Session::handshake(WsStream::new(ws)).expect("RFB handshake over the desktop stream")
+    }
+}
+
+/// A box's centre.
+fn centre((x, y, w, h): (usize, usize, usize, usize)) -> (usize, usize) {
+    (x + w / 2, y + h / 2)
+}
+
+/// Capture frames until `found` holds for one (saved as `png`), reloading
+/// the page now and then as a person would when it shows an error.
+fn wait_screen<T>(
+    desk: &mut rfb::Session<WsStream>,
+    what: &str,
+    png: &str,
+    deadline: Duration,
+    reload: bool,
+    found: impl Fn(&Frame) -> Option<T>,
+) -> (Frame, T) {
+    let path = artifacts().join(png);
+    let until = Instant::now() + deadline;
+    let mut reload_at = Instant::now() + Duration::from_secs(45);
+    loop {
+        let f = desk.frame().expect("capture the desktop");
+        if let Some(v) = found(&f) {
+            f.save_png(&path).expect("save screenshot");
+            eprintln!("{what}: {}", path.display());
+            return (f, v);
+        }
+        if reload && Instant::now() > reload_at {
+            desk.tap(F5).expect("reload");
+            reload_at = Instant::now() + Duration::from_secs(45);
+        }
+        if Instant::now() > until {
+            f.save_png(&path).expect("save screenshot");
+            panic!("{what} never showed; last screen: {}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The sign-in page fills the screen (the window is maximised): its
+/// background spans nearly the whole width.
+fn signin_page(f: &Frame) -> Option<()> {
+    let (_, _, w, h) = f.find_colour(colour("login_background"), 6, 200_000)?;
+    (w * 10 >= f.width * 9 && h * 2 >= f.height).then_some(())
+}
+
+/// Click into the field filled with `fill` and type `text`, then look at
+/// the screen until the field shows it (a page still settling can swallow
+/// the first keys: a person looks and types again).
+fn fill_field(desk: &mut rfb::Session<WsStream>, fill: [u8; 3], text: &str, what: &str) {
+    for attempt in 0..4 {
+        let f = desk.frame().expect("capture the desktop");
+        let Some(field) = f.find_colour(fill, 8, 500) else {
+            panic!("no {what} field on the screen (attempt {attempt})");
+        };
+        let (x, y) = centre(field);
+        desk.click(x, y).expect("click the field");
+        desk.ctrl('a').expect("select all");
+        desk.tap(rfb::keysym::BACKSPACE).expect("clear");
+        desk.type_text(text).expect("type");
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until {
+            let f = desk.frame().expect("capture the desktop");
+            if let Some((fx, fy, fw, fh)) = f.find_colour(fill, 8, 500) {
+                // Typed characters (or a password's dots) are dark pixels
+                // inside the field's box.
+                let dark = (fy..fy + fh)
+                    .flat_map(|yy| (fx..fx + fw).map(move |xx| (xx, yy)))
+                    .filter(|&(xx, yy)| f.at(xx, yy).iter().all(|c| *c < 90))
+                    .count();
+                if dark >= 40 * text.len().min(8) {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        eprintln!("the {what} field did not show the typed text; typing again");
+    }
+    panic!("could not type into the {what} field");
+}
+
+/// Sign in on the page shown: name, then password, then Enter.
+fn type_credentials(desk: &mut rfb::Session<WsStream>, user: &str, password: &str) {
+    fill_field(desk, colour("username_input"), user, "user name");
+    fill_field(desk, colour("password_input"), password, "password");
+    desk.tap(rfb::keysym::RETURN).expect("Enter");
+}
+
+/// `polydev up` with the test provider, the run's CA and test CLI
+/// provisioned into VMs, one upstream provider (the user's proxy).
+struct World {
+    // Dropped first: the processes go before their directory.
+    _reaper: polydev_e2e::Reaper,
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    up: ApiProcess,
+    api: Api,
+    server: SigninServer,
+    upstream_log: ProxyLog,
+    upstream_auth: String,
+    user: String,
+    password: String,
+}
+
+fn world() -> World {
+    browser_image_built();
+    let testcli = testcli_bin();
+    let dir = tempfile::Builder::new()
+        .prefix("pdsi")
+        .tempdir_in("/tmp")
+        .expect("temp dir");
+    let data = dir.path().join("data");
+    let conf = dir.path().join("conf");
+    std::fs::create_dir_all(data.join("providers")).expect("providers dir");
+    std::fs::create_dir_all(&conf).expect("conf dir");
+
+    let pki = Pki::generate(&conf, ISSUER_HOST);
+    let user = "alice".to_string();
+    let password = random_hex(8);
+    let server = SigninServer::start(&conf, &pki, &[(&user, &password)]);
+
+    // The user's upstream: maps the provider's name to the loopback server
+    // and refuses everything else.
+    let proxy_user = "acct";
+    let proxy_password = unique("up");
+    let (uport, upstream_log) = start_http_upstream_only(
+        UPSTREAM_SOURCE,
+        Some(basic(proxy_user, &proxy_password)),
+        vec![(
+            format!("{ISSUER_HOST}:443"),
+            SocketAddr::from((Ipv4Addr::LOCALHOST, server.port)),
+        )],
+    );
+    write_upstreams(&data, &uport.to_string(), proxy_user, &proxy_password);
+
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../providers/testcli.toml"),
+        data.join("providers/testcli.toml"),
+    )
+    .expect("install the test CLI's provider definition");
+    let policy = conf.join("ca-policy.json");
+    std::fs::write(&policy, ca_policy(&pki.ca_pem)).expect("write policy");
+    // Production defaults for everything but the providers, the polling
+    // pace and what tests must put into VMs: the test CLI, and the run's CA
+    // for it (the system bundle) and for Chromium (its CA policy).
+    std::fs::write(
+        data.join("driver.toml"),
+        format!(
+            r#"providers_dir = "{providers}"
+poll_ms = 200
+idle_poll_ms = 500
+vm_setup = ["sh", "-c", "cat /usr/local/share/ca-certificates/polydev-test.crt >> /etc/ssl/certs/ca-certificates.crt"]
+
+[[vm_files]]
+source = "{testcli}"
+path = "/usr/local/bin/polydev-testcli"
+mode = "0755"
+
+[[vm_files]]
+source = "{ca}"
+path = "/usr/local/share/ca-certificates/polydev-test.crt"
+
+[[vm_files]]
+source = "{policy}"
+path = "/etc/chromium/policies/managed/polydev-test-ca.json"
+kinds = ["browser"]
+"#,
+            providers = data.join("providers").display(),
+            testcli = testcli.display(),
+            ca = pki.ca_pem.display(),
+            policy = policy.display(),
+        ),
+    )
+    .expect("write driver.toml");
+
+    let (up, addr, link) = start_up(&data, "up-signin.log");
+    let link = link.unwrap_or_else(|| panic!("no login link: {}", up.text()));
+    let cookie = redeem_link(&addr, &link);
+    let token = make_token(
+        &addr,
+        &cookie,
+        "signin",
+        &[
+            "sessions:read",
+            "sessions:write",
+            "vms:read",
+            "credentials:read",
+            "streams:connect",
+        ],
+    );
+    World {
+        _reaper: polydev_e2e::Reaper(data.clone()),
+        _dir: dir,
+        data,
+        up,
+        api: Api {
+            addr,
+            auth: format!("Bearer {token}"),
+        },
+        server,
+        upstream_log,
+        upstream_auth: basic(proxy_user, &proxy_password),
+        user,
+        password,
+    }
+}
+
+/// Run `script` in the user's CLI VM as its user through the terminal
+/// WebSocket; the output up to the shell's exit.
+fn in_cli_vm(w: &World, vm: &str, script: &str) -> String {
+    let (st, t) = w.api.post(
+        "/api/v1/tickets",
+        json!({"kind": "terminal", "resource_id": vm}),
+    );
+    assert_eq!(st, 201, "{t}");
+    let url = format!(
+        "ws://{}/api/v1/vms/{vm}/terminal?ticket={}&cols=200&rows=50",
+        w.api.addr,
+        t["ticket"].as_str().expect("ticket")
+    );
+    let stream = std::net::TcpStream::connect(&w.api.addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(300))).ok();
+    let (mut ws, _) = tungstenite::client::client(url, stream).expect("terminal WebSocket");
+    ws.send(tungstenite::Message::Binary(
+        format!("{script}; exit\n").into_bytes().into(),
+    ))
+    .expect("type into the terminal");
+    let mut out = Vec::new();
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Binary(b)) => out.extend_from_slice(&b),
+            Ok(tungstenite::Message::Text(t)) if t.contains("\"exit\"") => break,
+            Ok(tungstenite::Message::Close(_)) => break,
+            Ok(_) => {}
+            Err(e) => panic!("terminal: {e}: {}", String::from_utf8_lossy(&out)),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn a_person_signs_in_through_the_desktop_and_the_cli_vm_uses_the_credential() {
+    let w = world();
+    let api = &w.api;
+
+    // 1. Connect: the browser VM boots, the login starts in its desktop.
+    let (st, s) = api.post("/api/v1/sessions", json!({"provider": "testcli"}));
+    assert_eq!(st, 201, "{s}");
+    let id = s["id"].as_str().expect("id").to_string();
+    let created = Instant::now();
+    api.wait_session(
+        &id,
+        "the login to await the person",
+        DESKTOP_DEADLINE,
+        &["awaiting_user"],
+    );
+    let events = api.get(&format!("/api/v1/sessions/{id}/events"));
+    let url = events
+        .as_array()
+        .and_then(|e| e.iter().find_map(|e| e["detail"]["auth_url"].as_str()))
+        .unwrap_or_else(|| panic!("no auth URL in the timeline: {events}"))
+        .to_string();
+    assert!(url.starts_with("https://auth.polydev.test/auth?"), "{url}");
+    for part in [
+        "client_id=polydev-testcli",
+        "code_challenge_method=S256",
+        "state=",
+        "redirect_uri=http%3A%2F%2F127.0.0.1%3A",
+    ] {
+        assert!(url.contains(part), "{part} in {url}");
+    }
+
+    // 2. The sign-in page, full screen, in the desktop the person sees.
+    let mut desk = api.desktop(&id);
+    wait_screen(
+        &mut desk,
+        "sign-in page",
+        "signin-1-page.png",
+        DESKTOP_DEADLINE,
+        true,
+        signin_page,
+    );
+    let visible = created.elapsed();
+    eprintln!("MEASURE session create -> sign-in page visible: {visible:.1?}");
+
+    // 3. A wrong password: the page says so and the flow goes on.
+    type_credentials(&mut desk, &w.user, "not-the-password");
+    wait_screen(
+        &mut desk,
+        "wrong password banner",
+        "signin-2-wrong-password.png",
+        Duration::from_secs(180),
+        false,
+        |f| {
+            f.find_colour(colour("error_banner"), 6, 2000)?;
+            f.find_colour(colour("password_input"), 8, 500).map(|_| ())
+        },
+    );
+    w.server
+        .wait_event("login_failed", |e| e["user"] == w.user.as_str());
+
+    // 4. The right one, then consent.
+    type_credentials(&mut desk, &w.user, &w.password);
+    let submitted = Instant::now();
+    let (consent, allow) = wait_screen(
+        &mut desk,
+        "consent page",
+        "signin-3-consent.png",
+        Duration::from_secs(180),
+        false,
+        |f| {
+            f.find_colour(colour("consent_background"), 6, 100_000)?;
+            f.find_colour(colour("allow_button"), 8, 500)
+        },
+    );
+    assert!(consent.find_colour(colour("deny_button"), 8, 500).is_some());
+    let (x, y) = centre(allow);
+    desk.click(x, y).expect("click Allow");
+    let allowed = Instant::now();
+
+    // 5. The CLI's callback, capture, seal, delivery, and the check.
+    let done = api.wait_session(&id, "completion", Duration::from_secs(900), &["completed"]);
+    eprintln!(
+        "MEASURE password submit -> delivered: {:.1?} (Allow click -> delivered: {:.1?})",
+        submitted.elapsed(),
+        allowed.elapsed()
+    );
+    let _ = desk
+        .frame()
+        .map(|f| f.save_png(&artifacts().join("signin-4-after-allow.png")));
+    drop(desk);
+    let browser_vm = done["browser_vm_id"]
+        .as_str()
+        .expect("browser VM")
+        .to_string();
+
+    // The person's sign-in went through their upstream, as did the token
+    // exchange and the check's userinfo call from the CLI VM.
+    for event in [
+        "login_failed",
+        "login_ok",
+        "consent_ok",
+        "token",
+        "userinfo",
+    ] {
+        let e = w.server.wait_event(event, |_| true);
+        assert_eq!(
+            e["peer"].as_str().map(|p| p.trim_start_matches("::ffff:")),
+            Some(UPSTREAM_SOURCE.to_string().as_str()),
+            "{event} must arrive from the user's upstream: {e}"
+        );
+    }
+    let seen = w
+        .upstream_log
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    assert!(
+        seen.iter()
+            .any(|p| p.target == format!("{ISSUER_HOST}:443")),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|p| p.auth == w.upstream_auth), "{seen:?}");
+
+    // The credential is sealed; the browser VM is gone; the CLI VM holds it.
+    let creds = api.get("/api/v1/credentials");
+    assert!(
+        creds
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["provider"] == "testcli")),
+        "{creds}"
+    );
+    api.wait_destroyed(&browser_vm);
+    let vms = api.get("/api/v1/vms");
+    let cli_vm = vms
+        .as_array()
+        .and_then(|v| {
+            v.iter()
+                .find(|v| v["kind"] == "cli" && v["state"] == "running")
+        })
+        .and_then(|v| v["id"].as_str())
+        .unwrap_or_else(|| panic!("no running CLI VM: {vms}"))
+        .to_string();
+    let userinfo_before = w
+        .server
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "userinfo")
+        .count();
+    let out = in_cli_vm(
+        &w,
+        &cli_vm,
+        "polydev-testcli whoami; stat -c 'mode=%a owner=%U' ~/.testcli/auth.json ~/.testcli",
+    );
+    assert!(out.contains("signed in as alice"), "{out}");
+    assert!(out.contains("mode=600 owner=user"), "{out}");
+    assert!(out.contains("mode=700 owner=user"), "{out}");
+    let userinfo_after = w
+        .server
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "userinfo")
+        .count();
+    assert!(userinfo_after > userinfo_before, "whoami reached userinfo");
+
+    // 6. Consent denied: a second connect of the same provider (a new
+    // browser VM); the CLI exits non-zero and its words are the reason.
+    let (st, s) = api.post("/api/v1/sessions", json!({"provider": "testcli"}));
+    assert_eq!(st, 201, "{s}");
+    let id2 = s["id"].as_str().expect("id").to_string();
+    api.wait_session(
+        &id2,
+        "the second login",
+        DESKTOP_DEADLINE,
+        &["awaiting_user"],
+    );
+    let mut desk = api.desktop(&id2);
+    wait_screen(
+        &mut desk,
+        "sign-in page (second session)",
+        "signin-5-page-again.png",
+        DESKTOP_DEADLINE,
+        true,
+        signin_page,
+    );
+    type_credentials(&mut desk, &w.user, &w.password);
+    let (_, deny) = wait_screen(
+        &mut desk,
+        "consent page (second session)",
+        "signin-6-consent-again.png",
+        Duration::from_secs(180),
+        false,
+        |f| {
+            f.find_colour(colour("consent_background"), 6, 100_000)?;
+            f.find_colour(colour("deny_button"), 8, 500)
+        },
+    );
+    let (x, y) = centre(deny);
+    desk.click(x, y).expect("click Deny");
+    drop(desk);
+    let until = Instant::now() + Duration::from_secs(600);
+    let failed = loop {
+        let s = api.get(&format!("/api/v1/sessions/{id2}"));
+        if s["done"].as_bool().unwrap_or(false) {
+            break s;
+        }
+        assert!(Instant::now() < until, "denied session did not end: {s}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert_eq!(failed["failure"]["reason"], "login_failed", "{failed}");
+    let detail = failed["failure"]["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("exited with status 1") && detail.contains("access_denied"),
+        "the CLI's own message is the reason: {detail}"
+    );
+    w.server.wait_event("consent_denied", |_| true);
+    // Its browser VM is gone and its logs are kept.
+    let vm2 = failed["browser_vm_id"]
+        .as_str()
+        .expect("browser VM")
+        .to_string();
+    api.wait_destroyed(&vm2);
+    let kept = std::fs::read_dir(w.data.join("logs"))
+        .map(|d| {
+            d.flatten().any(|e| {
+                std::fs::read_to_string(e.path().join("vm.json")).is_ok_and(|t| t.contains(&vm2))
+                    && e.path().join("console.log").is_file()
+            })
+        })
+        .unwrap_or(false);
+    assert!(
+        kept,
+        "the denied session's browser VM logs are kept under {}/logs",
+        w.data.display()
+    );
+    // The first credential is untouched by the failed second session.
+    let creds = api.get("/api/v1/credentials");
+    assert!(
+        creds
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["provider"] == "testcli")),
+        "{creds}"
+    );
+    drop(w.up);
+}
