@@ -1,0 +1,291 @@
+//! What a VM may reach: the allow list, the deny list and the host's own
+//! addresses. Pure decisions; the proxy in `egress` applies them.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use super::EgressError;
+
+/// One allow-list entry: a network and a port (or every port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowRule {
+    net: IpAddr,
+    prefix: u8,
+    port: Option<u16>,
+}
+
+impl AllowRule {
+    /// Parse `ADDR[/PREFIX]:PORT` or `ADDR[/PREFIX]:*`; IPv6 in brackets.
+    pub fn parse(s: &str) -> Result<AllowRule, EgressError> {
+        let bad = || EgressError::BadAllow(s.to_string());
+        let (net, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (inner, tail) = rest.split_once(']').ok_or_else(bad)?;
+            // `[fd00::/8]:*` and `[fd00::]/8:*` both read naturally.
+            match tail.strip_prefix(':') {
+                Some(port) => (inner.to_string(), port),
+                None => {
+                    let (pfx, port) = tail.split_once(':').ok_or_else(bad)?;
+                    if !pfx.starts_with('/') {
+                        return Err(bad());
+                    }
+                    (format!("{inner}{pfx}"), port)
+                }
+            }
+        } else {
+            let (n, p) = s.rsplit_once(':').ok_or_else(bad)?;
+            // `::1:80` is ambiguous; IPv6 must come in brackets.
+            if n.contains(':') {
+                return Err(bad());
+            }
+            (n.to_string(), p)
+        };
+        let port = match port {
+            "*" => None,
+            p => Some(p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?),
+        };
+        let (addr, prefix) = match net.split_once('/') {
+            Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
+            None => (net.as_str(), None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(AllowRule {
+            net: addr,
+            prefix,
+            port,
+        })
+    }
+
+    /// Whether `addr` is inside this rule.
+    pub fn matches(&self, addr: SocketAddr) -> bool {
+        self.port.is_none_or(|p| p == addr.port())
+            && in_net(canonical(addr.ip()), self.net, self.prefix)
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are their IPv4 address for every check, so
+/// `::ffff:127.0.0.1` is loopback.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => ip,
+        },
+        v4 => v4,
+    }
+}
+
+fn in_net(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Ranges no VM may reach unless allowed: (network, prefix, why).
+const DENY_V4: &[(Ipv4Addr, u8, &str)] = &[
+    (Ipv4Addr::new(0, 0, 0, 0), 8, "\"this network\" (0.0.0.0/8)"),
+    (Ipv4Addr::new(10, 0, 0, 0), 8, "private range 10.0.0.0/8"),
+    (
+        Ipv4Addr::new(100, 64, 0, 0),
+        10,
+        "carrier-grade NAT range 100.64.0.0/10",
+    ),
+    (Ipv4Addr::new(127, 0, 0, 0), 8, "loopback 127.0.0.0/8"),
+    (
+        Ipv4Addr::new(169, 254, 169, 254),
+        32,
+        "cloud metadata endpoint 169.254.169.254",
+    ),
+    (
+        Ipv4Addr::new(169, 254, 0, 0),
+        16,
+        "link-local 169.254.0.0/16",
+    ),
+    (
+        Ipv4Addr::new(172, 16, 0, 0),
+        12,
+        "private range 172.16.0.0/12",
+    ),
+    (
+        Ipv4Addr::new(192, 0, 0, 0),
+        24,
+        "IETF protocol assignments 192.0.0.0/24",
+    ),
+    (
+        Ipv4Addr::new(192, 168, 0, 0),
+        16,
+        "private range 192.168.0.0/16",
+    ),
+    (
+        Ipv4Addr::new(198, 18, 0, 0),
+        15,
+        "benchmarking range 198.18.0.0/15",
+    ),
+    (Ipv4Addr::new(224, 0, 0, 0), 4, "multicast 224.0.0.0/4"),
+    (Ipv4Addr::new(240, 0, 0, 0), 4, "reserved 240.0.0.0/4"),
+];
+
+const DENY_V6: &[(Ipv6Addr, u8, &str)] = &[
+    (Ipv6Addr::UNSPECIFIED, 128, "the unspecified address ::"),
+    (Ipv6Addr::LOCALHOST, 128, "loopback ::1"),
+    (
+        Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0),
+        7,
+        "unique-local range fc00::/7",
+    ),
+    (
+        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
+        10,
+        "link-local fe80::/10",
+    ),
+    (
+        Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0),
+        8,
+        "multicast ff00::/8",
+    ),
+    (
+        Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254),
+        128,
+        "cloud metadata endpoint fd00:ec2::254",
+    ),
+];
+
+/// Why `ip` is denied by default, if it is. `own` are the host's addresses.
+pub fn deny_reason(ip: IpAddr, own: &[IpAddr]) -> Option<String> {
+    let ip = canonical(ip);
+    // Ranges first: "loopback" says more than "an address of this host".
+    let hit = match ip {
+        IpAddr::V4(_) => DENY_V4
+            .iter()
+            .find(|(n, p, _)| in_net(ip, IpAddr::V4(*n), *p))
+            .map(|(_, _, why)| *why),
+        IpAddr::V6(_) => DENY_V6
+            .iter()
+            .find(|(n, p, _)| in_net(ip, IpAddr::V6(*n), *p))
+            .map(|(_, _, why)| *why),
+    };
+    if let Some(why) = hit {
+        return Some(format!("{ip} is in the {why}"));
+    }
+    own.iter()
+        .any(|o| canonical(*o) == ip)
+        .then(|| format!("{ip} is an address of this host"))
+}
+
+/// The host's own interface addresses (a VM must not reach the host's
+/// services through a public address either).
+pub fn host_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills ifap with a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: cur is a valid node of the list until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr whose family tells its
+            // real type.
+            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+            if family == libc::AF_INET {
+                // SAFETY: family AF_INET means a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))));
+            } else if family == libc::AF_INET6 {
+                // SAFETY: family AF_INET6 means a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: ifap came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(ifap) };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn allow_rules_parse_and_match() {
+        let r = AllowRule::parse("127.0.0.1:8080").unwrap();
+        assert!(r.matches(sa("127.0.0.1:8080")));
+        assert!(!r.matches(sa("127.0.0.1:8081")));
+        assert!(!r.matches(sa("127.0.0.2:8080")));
+        let r = AllowRule::parse("127.0.0.0/8:*").unwrap();
+        assert!(r.matches(sa("127.9.9.9:1")));
+        assert!(r.matches(sa("[::ffff:127.0.0.1]:5")), "v4-mapped counts");
+        assert!(!r.matches(sa("128.0.0.1:1")));
+        let r = AllowRule::parse("[::1]:443").unwrap();
+        assert!(r.matches(sa("[::1]:443")));
+        let r = AllowRule::parse("[fd00::]/8:*").unwrap();
+        assert!(r.matches(sa("[fdff::1]:1")));
+        let r = AllowRule::parse("0.0.0.0/0:53").unwrap();
+        assert!(r.matches(sa("8.8.8.8:53")));
+        for bad in [
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1/33:*",
+            "host:80",
+            "[::1:80",
+            "::1:80",
+            "1.2.3.4:x",
+        ] {
+            assert!(AllowRule::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn deny_list_covers_private_loopback_link_local_metadata_and_own() {
+        let own = [IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7))];
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "169.254.1.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "::1",
+            "fe80::1",
+            "fc00::1",
+            "::ffff:10.0.0.1",
+            "203.0.113.7",
+        ] {
+            assert!(
+                deny_reason(ip.parse().unwrap(), &own).is_some(),
+                "{ip} must be denied"
+            );
+        }
+        for ip in ["1.1.1.1", "172.32.0.1", "2606:4700::1111", "203.0.113.8"] {
+            assert_eq!(deny_reason(ip.parse().unwrap(), &own), None, "{ip}");
+        }
+        let why = deny_reason("169.254.169.254".parse().unwrap(), &[]).unwrap();
+        assert!(why.contains("metadata"), "{why}");
+        let why = deny_reason("203.0.113.7".parse().unwrap(), &own).unwrap();
+        assert!(why.contains("address of this host"), "{why}");
+    }
+}
