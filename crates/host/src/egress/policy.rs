@@ -136,51 +136,142 @@ const DENY_V4: &[(Ipv4Addr, u8, &str)] = &[
     (Ipv4Addr::new(240, 0, 0, 0), 4, "reserved 240.0.0.0/4"),
 ];
 
-const DENY_V6: &[(Ipv6Addr, u8, &str)] = &[
-    (Ipv6Addr::UNSPECIFIED, 128, "the unspecified address ::"),
-    (Ipv6Addr::LOCALHOST, 128, "loopback ::1"),
+/// How an IPv6 range carries an IPv4 address, for the refusal's text.
+#[derive(Clone, Copy)]
+enum Embeds {
+    /// Nothing.
+    No,
+    /// In the low 32 bits (IPv4-compatible, IPv4-mapped, NAT64).
+    Low32,
+    /// In bits 16..48 (6to4).
+    SixToFour,
+}
+
+/// IPv6 ranges no VM may reach unless allowed: (network, prefix, why, how
+/// it embeds an IPv4 address). The first match names the reason, so the
+/// single addresses come before the ranges that contain them.
+///
+/// The ranges that embed an IPv4 address are refused whole, whatever that
+/// address is: each is a way to reach an IPv4 address the v4 list refuses
+/// (a NAT64 gateway, a 6to4 relay or a dual-stack socket translates it),
+/// and sign-in traffic never needs them.
+const DENY_V6: &[(Ipv6Addr, u8, &str, Embeds)] = &[
+    (
+        Ipv6Addr::UNSPECIFIED,
+        128,
+        "the unspecified address ::",
+        Embeds::No,
+    ),
+    (Ipv6Addr::LOCALHOST, 128, "loopback ::1", Embeds::No),
+    // Before fc00::/7, which contains it: "metadata" says more.
+    (
+        Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254),
+        128,
+        "cloud metadata endpoint fd00:ec2::254",
+        Embeds::No,
+    ),
+    // RFC 4291 §2.5.5.1, deprecated: `::a.b.c.d`; some stacks still route
+    // it to a.b.c.d.
+    (
+        Ipv6Addr::UNSPECIFIED,
+        96,
+        "IPv4-compatible range ::/96",
+        Embeds::Low32,
+    ),
+    // RFC 4291 §2.5.5.2: a dual-stack socket dials `::ffff:a.b.c.d` as
+    // a.b.c.d. The v4 list is applied to it first (so `::ffff:127.0.0.1`
+    // is refused as loopback); a public one is refused here, because a
+    // mapped address is never the honest way to name an IPv4 host.
+    (
+        Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0),
+        96,
+        "IPv4-mapped range ::ffff:0:0/96",
+        Embeds::Low32,
+    ),
+    // RFC 6052: a NAT64 gateway (the host's or the upstream's network may
+    // have one) turns 64:ff9b::a.b.c.d into a.b.c.d, internal ones included.
+    (
+        Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0),
+        96,
+        "NAT64 well-known prefix 64:ff9b::/96",
+        Embeds::Low32,
+    ),
+    // RFC 8215: the local-use NAT64 prefix, same risk as the well-known one.
+    (
+        Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0),
+        48,
+        "local-use NAT64 prefix 64:ff9b:1::/48",
+        Embeds::No,
+    ),
+    // RFC 3056: 2002:AABB:CCDD::/48 is the site behind IPv4 AA.BB.CC.DD,
+    // reached through a 6to4 relay.
+    (
+        Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0),
+        16,
+        "6to4 range 2002::/16",
+        Embeds::SixToFour,
+    ),
+    // RFC 4380: Teredo tunnels to an IPv4 server and client named inside
+    // the address.
+    (
+        Ipv6Addr::new(0x2001, 0, 0, 0, 0, 0, 0, 0),
+        32,
+        "Teredo range 2001::/32",
+        Embeds::No,
+    ),
     (
         Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0),
         7,
         "unique-local range fc00::/7",
+        Embeds::No,
     ),
     (
         Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
         10,
         "link-local fe80::/10",
+        Embeds::No,
     ),
     (
         Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0),
         8,
         "multicast ff00::/8",
-    ),
-    (
-        Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254),
-        128,
-        "cloud metadata endpoint fd00:ec2::254",
+        Embeds::No,
     ),
 ];
 
 /// Why `ip` is denied by default, if it is. `own` are the host's addresses.
 pub fn deny_reason(ip: IpAddr, own: &[IpAddr]) -> Option<String> {
-    let ip = canonical(ip);
+    let v4_view = canonical(ip);
     // Ranges first: "loopback" says more than "an address of this host".
-    let hit = match ip {
-        IpAddr::V4(_) => DENY_V4
+    // An IPv4-mapped address meets the v4 list first, for the same reason.
+    if v4_view.is_ipv4() {
+        if let Some((_, _, why)) = DENY_V4
             .iter()
-            .find(|(n, p, _)| in_net(ip, IpAddr::V4(*n), *p))
-            .map(|(_, _, why)| *why),
-        IpAddr::V6(_) => DENY_V6
+            .find(|(n, p, _)| in_net(v4_view, IpAddr::V4(*n), *p))
+        {
+            return Some(format!("{v4_view} is in the {why}"));
+        }
+    }
+    if let IpAddr::V6(v6) = ip {
+        if let Some((_, _, why, embeds)) = DENY_V6
             .iter()
-            .find(|(n, p, _)| in_net(ip, IpAddr::V6(*n), *p))
-            .map(|(_, _, why)| *why),
-    };
-    if let Some(why) = hit {
-        return Some(format!("{ip} is in the {why}"));
+            .find(|(n, p, _, _)| in_net(ip, IpAddr::V6(*n), *p))
+        {
+            let b = u128::from(v6);
+            let inner = match embeds {
+                Embeds::No => None,
+                Embeds::Low32 => Some(Ipv4Addr::from(b as u32)),
+                Embeds::SixToFour => Some(Ipv4Addr::from((b >> 80) as u32)),
+            };
+            return Some(match inner {
+                Some(v4) => format!("{ip} is in the {why} (it embeds IPv4 {v4})"),
+                None => format!("{ip} is in the {why}"),
+            });
+        }
     }
     own.iter()
-        .any(|o| canonical(*o) == ip)
-        .then(|| format!("{ip} is an address of this host"))
+        .any(|o| canonical(*o) == v4_view)
+        .then(|| format!("{v4_view} is an address of this host"))
 }
 
 /// The host's own interface addresses (a VM must not reach the host's
@@ -287,5 +378,48 @@ mod tests {
         assert!(why.contains("metadata"), "{why}");
         let why = deny_reason("203.0.113.7".parse().unwrap(), &own).unwrap();
         assert!(why.contains("address of this host"), "{why}");
+    }
+
+    /// Every IPv6 range that embeds an IPv4 address is refused whole, with
+    /// the embedded address named; mapped addresses meet the v4 list first.
+    #[test]
+    fn ipv6_ranges_that_embed_ipv4_are_denied() {
+        for (ip, says) in [
+            (
+                "::127.0.0.1",
+                "IPv4-compatible range ::/96 (it embeds IPv4 127.0.0.1)",
+            ),
+            (
+                "::8.8.8.8",
+                "IPv4-compatible range ::/96 (it embeds IPv4 8.8.8.8)",
+            ),
+            ("::ffff:127.0.0.1", "127.0.0.1 is in the loopback"),
+            (
+                "::ffff:8.8.8.8",
+                "IPv4-mapped range ::ffff:0:0/96 (it embeds IPv4 8.8.8.8)",
+            ),
+            (
+                "64:ff9b::7f00:1",
+                "NAT64 well-known prefix 64:ff9b::/96 (it embeds IPv4 127.0.0.1)",
+            ),
+            ("64:ff9b::a9fe:a9fe", "(it embeds IPv4 169.254.169.254)"),
+            ("64:ff9b:1::1", "local-use NAT64 prefix"),
+            (
+                "2002:7f00:1::",
+                "6to4 range 2002::/16 (it embeds IPv4 127.0.0.1)",
+            ),
+            ("2002:808:808::1", "(it embeds IPv4 8.8.8.8)"),
+            ("2001:0:4136:e378::1", "Teredo"),
+            ("::1", "loopback ::1"),
+            ("::", "unspecified"),
+            ("fd00:ec2::254", "metadata"),
+        ] {
+            let why = deny_reason(ip.parse().unwrap(), &[]).unwrap_or_default();
+            assert!(why.contains(says), "{ip}: {why}");
+        }
+        // Their neighbours stay open.
+        for ip in ["64:ff9c::1", "2003::1", "2001:4860::8888", "::1:0:0:1"] {
+            assert_eq!(deny_reason(ip.parse().unwrap(), &[]), None, "{ip}");
+        }
     }
 }
