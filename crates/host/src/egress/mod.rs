@@ -36,10 +36,12 @@ use tracing::info;
 
 use crate::metrics::{Direction, Outcome, Reason, EGRESS};
 
+mod host_addrs;
 mod policy;
 mod upstream;
 
-pub use policy::{deny_reason, host_addresses, AllowRule};
+pub use host_addrs::{host_addresses, AddressSource, HostAddresses};
+pub use policy::{deny_reason, AllowRule};
 use upstream::{http_connect, join_host_port, socks5_connect};
 
 #[cfg(doc)]
@@ -257,7 +259,8 @@ struct VmEgress {
     vm: String,
     policy: Compiled,
     limits: EgressLimits,
-    own: Vec<IpAddr>,
+    /// The host's own addresses, refreshed as they change.
+    own: HostAddresses,
     slots: Arc<Semaphore>,
     bucket: StdMutex<TokenBucket>,
     log: PathBuf,
@@ -287,7 +290,7 @@ pub fn start(
         vm: vm.to_string(),
         policy,
         limits,
-        own: host_addresses(),
+        own: HostAddresses::system(),
         slots: Arc::new(Semaphore::new(limits.max_connections)),
         bucket: StdMutex::new(TokenBucket::new(limits.bytes_per_sec, Instant::now())),
         log,
@@ -464,11 +467,12 @@ impl VmEgress {
         } else {
             resolve(&req.host, req.port).await?
         };
+        let own = self.own.get(Instant::now());
         for a in &addrs {
             if self.policy.allow.iter().any(|r| r.matches(*a)) {
                 continue;
             }
-            if let Some(why) = deny_reason(a.ip(), &self.own) {
+            if let Some(why) = deny_reason(a.ip(), &own) {
                 return Err(Refusal::denied(
                     Reason::DenyList,
                     format!(

@@ -1,5 +1,6 @@
-//! What a VM may reach: the allow list, the deny list and the host's own
-//! addresses. Pure decisions; the proxy in `egress` applies them.
+//! What a VM may reach: the allow list and the deny list (the host's own
+//! addresses come from `host_addrs`). Pure decisions, no I/O; the proxy in
+//! `egress` applies them.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -272,42 +273,6 @@ pub fn deny_reason(ip: IpAddr, own: &[IpAddr]) -> Option<String> {
     own.iter()
         .any(|o| canonical(*o) == v4_view)
         .then(|| format!("{v4_view} is an address of this host"))
-}
-
-/// The host's own interface addresses (a VM must not reach the host's
-/// services through a public address either).
-pub fn host_addresses() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills ifap with a list we free below.
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return out;
-    }
-    let mut cur = ifap;
-    while !cur.is_null() {
-        // SAFETY: cur is a valid node of the list until freeifaddrs.
-        let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points at a sockaddr whose family tells its
-            // real type.
-            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
-            if family == libc::AF_INET {
-                // SAFETY: family AF_INET means a sockaddr_in.
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                    sin.sin_addr.s_addr,
-                ))));
-            } else if family == libc::AF_INET6 {
-                // SAFETY: family AF_INET6 means a sockaddr_in6.
-                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
-            }
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: ifap came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(ifap) };
-    out
 }
 
 #[cfg(test)]
