@@ -6,9 +6,12 @@
 //! proxy knows which VM (and so which user) a connection is from without
 //! trusting anything the guest says.
 //!
-//! Per connection: read one [`EgressRequest`] line; for direct egress
-//! resolve the name here (the guest has no DNS; with an upstream the name
-//! goes to the upstream unresolved and only address literals are checked),
+//! Per connection: read one [`EgressRequest`] line; read its host as the
+//! most permissive resolver would (`policy`: `127.1` is 127.0.0.1,
+//! `localhost` is loopback); for direct egress resolve names here (the
+//! guest has no DNS; with an upstream a name goes to the upstream
+//! unresolved, and only addresses, in canonical form, and loopback names
+//! are checked),
 //! refuse addresses on the deny list (private,
 //! loopback, link-local including 169.254.169.254, multicast, the host's own
 //! addresses) unless the VM's allow list names them, then either chain to
@@ -19,7 +22,7 @@
 //! one `tracing` event and one JSON line in `<vmdir>/egress.log`, which name
 //! the upstream by address only — never its credentials.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
@@ -41,6 +44,7 @@ mod policy;
 mod upstream;
 
 pub use host_addrs::{host_addresses, AddressSource, HostAddresses};
+use policy::{decide, Refused, Resolver, Route, Rules};
 pub use policy::{deny_reason, AllowRule};
 use upstream::{http_connect, join_host_port, socks5_connect};
 
@@ -455,69 +459,33 @@ impl VmEgress {
                     .into(),
             ));
         }
-        let addrs = if self.policy.upstream.is_some() {
-            // The upstream resolves names where the request leaves.
-            // Resolving them here too would hand every guest-chosen name to
-            // the host's resolver: a way out around the user's upstream (DNS
-            // carries data). Address literals are checked.
-            match req.host.parse::<IpAddr>() {
-                Ok(ip) => vec![SocketAddr::new(ip, req.port)],
-                Err(_) => Vec::new(),
-            }
-        } else {
-            resolve(&req.host, req.port).await?
-        };
         let own = self.own.get(Instant::now());
-        for a in &addrs {
-            if self.policy.allow.iter().any(|r| r.matches(*a)) {
-                continue;
-            }
-            if let Some(why) = deny_reason(a.ip(), &own) {
-                return Err(Refusal::denied(
-                    Reason::DenyList,
-                    format!(
-                        "{} resolves to {a}: {why}; an operator can open it with --egress-allow",
-                        req.host
-                    ),
-                ));
-            }
-        }
-        let timeout = self.limits.connect_timeout;
-        if let Some(up) = &self.policy.upstream {
-            let mut s = dial(&up.addr, timeout).await.map_err(|e| {
-                Refusal::failed(
-                    Reason::UpstreamConnect,
-                    format!("upstream proxy {}: {e}", up.addr),
-                )
+        let rules = Rules {
+            upstream: self.policy.upstream.is_some(),
+            allow: &self.policy.allow,
+            own: &own,
+        };
+        let route = decide(&req.host, req.port, &rules, &SystemResolver)
+            .await
+            .map_err(|e| match e {
+                Refused::Target(_) => Refusal::failed(Reason::BadRequest, e.to_string()),
+                Refused::Denied { .. } => Refusal::denied(Reason::DenyList, e.to_string()),
+                Refused::Resolve { .. } => Refusal::failed(Reason::Resolve, e.to_string()),
             })?;
-            // The upstream gets the name, not our resolution: a residential
-            // provider resolves it where the request leaves.
-            let handshake = async {
-                match &up.proto {
-                    UpstreamProto::Http { auth } => {
-                        http_connect(&mut s, &req.host, req.port, auth.as_deref()).await
-                    }
-                    UpstreamProto::Socks5 { auth } => {
-                        socks5_connect(&mut s, &req.host, req.port, auth.as_ref()).await
-                    }
-                }
-            };
-            tokio::time::timeout(timeout, handshake)
-                .await
-                .map_err(|_| {
-                    Refusal::failed(
-                        Reason::UpstreamRefused,
-                        format!("upstream proxy {} did not answer", up.addr),
-                    )
-                })?
-                .map_err(|e| {
-                    Refusal::failed(
-                        Reason::UpstreamRefused,
-                        format!("upstream proxy {}: {e}", up.addr),
-                    )
-                })?;
-            return Ok(s);
-        }
+        let timeout = self.limits.connect_timeout;
+        let addrs = match (&self.policy.upstream, route) {
+            (Some(up), Route::Upstream(host)) => {
+                return self.tunnel(up, &host, req.port).await;
+            }
+            (None, Route::Direct(addrs)) => addrs,
+            // decide() answers in the mode it is given; no other pair occurs.
+            _ => {
+                return Err(Refusal::failed(
+                    Reason::Connect,
+                    "internal error: the egress route does not match the VM's policy".into(),
+                ))
+            }
+        };
         let mut last = None;
         for a in addrs {
             match tokio::time::timeout(timeout, TcpStream::connect(a)).await {
@@ -534,6 +502,44 @@ impl VmEgress {
                 last.unwrap_or_else(|| "no address".into())
             ),
         ))
+    }
+
+    /// Ask the upstream for a tunnel to `host:port`. `host` is a name as the
+    /// guest sent it (a residential provider resolves it where the request
+    /// leaves) or the canonical form of a checked address.
+    async fn tunnel(&self, up: &UpstreamCfg, host: &str, port: u16) -> Result<TcpStream, Refusal> {
+        let timeout = self.limits.connect_timeout;
+        let mut s = dial(&up.addr, timeout).await.map_err(|e| {
+            Refusal::failed(
+                Reason::UpstreamConnect,
+                format!("upstream proxy {}: {e}", up.addr),
+            )
+        })?;
+        let handshake = async {
+            match &up.proto {
+                UpstreamProto::Http { auth } => {
+                    http_connect(&mut s, host, port, auth.as_deref()).await
+                }
+                UpstreamProto::Socks5 { auth } => {
+                    socks5_connect(&mut s, host, port, auth.as_ref()).await
+                }
+            }
+        };
+        tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| {
+                Refusal::failed(
+                    Reason::UpstreamRefused,
+                    format!("upstream proxy {} did not answer", up.addr),
+                )
+            })?
+            .map_err(|e| {
+                Refusal::failed(
+                    Reason::UpstreamRefused,
+                    format!("upstream proxy {}: {e}", up.addr),
+                )
+            })?;
+        Ok(s)
     }
 
     /// Copy both ways under the VM's bucket and idle timeout; half-closes
@@ -670,14 +676,9 @@ async fn read_request(guest: &mut UnixStream) -> Result<EgressRequest, Refusal> 
     }
     let req: EgressRequest = serde_json::from_slice(&line)
         .map_err(|e| Refusal::failed(Reason::BadRequest, format!("bad egress request: {e}")))?;
-    if req.port == 0
-        || req.host.is_empty()
-        || req.host.len() > 253
-        || !req
-            .host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
-    {
+    // What the host may be (name, address in any form) is policy's call:
+    // Target::parse.
+    if req.port == 0 || req.host.is_empty() || req.host.len() > 253 {
         return Err(Refusal::failed(
             Reason::BadRequest,
             format!("bad egress target {:?}:{}", req.host, req.port),
@@ -686,21 +687,13 @@ async fn read_request(guest: &mut UnixStream) -> Result<EgressRequest, Refusal> 
     Ok(req)
 }
 
-async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Refusal> {
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(vec![SocketAddr::new(ip, port)]);
+/// The host's resolver (`getaddrinfo` via tokio), for direct egress.
+struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    async fn lookup(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        Ok(tokio::net::lookup_host((host, port)).await?.collect())
     }
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| Refusal::failed(Reason::Resolve, format!("cannot resolve {host}: {e}")))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(Refusal::failed(
-            Reason::Resolve,
-            format!("{host} has no addresses"),
-        ));
-    }
-    Ok(addrs)
 }
 
 async fn dial(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
@@ -874,22 +867,27 @@ mod tests {
     }
 
     /// With an upstream, names go to it unresolved (the host's resolver never
-    /// sees them) while address literals are still checked here.
+    /// sees them) while address literals, in every spelling, and loopback
+    /// names are checked here; an allowed literal goes out canonical.
     #[tokio::test]
     async fn with_an_upstream_names_pass_unresolved_and_literals_are_checked() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let upstream = tokio::spawn(async move {
-            let (mut c, _) = l.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).await.unwrap() == 1 {
-                head.push(b[0]);
+            let mut heads = Vec::new();
+            for _ in 0..2 {
+                let (mut c, _) = l.accept().await.unwrap();
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).await.unwrap() == 1 {
+                    head.push(b[0]);
+                }
+                c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .unwrap();
+                heads.push(String::from_utf8_lossy(&head).into_owned());
             }
-            c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                .await
-                .unwrap();
-            String::from_utf8_lossy(&head).into_owned()
+            heads
         });
         let policy = EgressPolicy {
             upstream: Some(Upstream {
@@ -901,13 +899,32 @@ mod tests {
         };
         let (reply, _) = ask(Some(&policy), "no-such-name.invalid").await;
         assert!(reply.ok, "{reply:?}");
-        let head = upstream.await.unwrap();
+        // Denied spellings never reach the upstream.
+        for host in [
+            "169.254.169.254",
+            "0251.0376.0251.0376",
+            "0x7f000001",
+            "localhost.",
+            "[::ffff:127.0.0.1]",
+        ] {
+            let (reply, log) = ask(Some(&policy), host).await;
+            assert!(!reply.ok && reply.denied, "{host}: {reply:?}");
+            assert!(log.contains(r#""outcome":"denied""#), "{log}");
+        }
+        let (reply, log) = ask(Some(&policy), "[::1%lo]").await;
+        assert!(!reply.ok && !reply.denied, "{reply:?}");
+        assert!(log.contains("zone id"), "{log}");
+        // An allowed address in another spelling goes out canonical.
+        let (reply, _) = ask(Some(&policy), "0xc6.51.0144.7").await;
+        assert!(reply.ok, "{reply:?}");
+        let heads = upstream.await.unwrap();
         assert!(
-            head.starts_with("CONNECT no-such-name.invalid:443 HTTP/1.1\r\n"),
-            "{head}"
+            heads[0].starts_with("CONNECT no-such-name.invalid:443 HTTP/1.1\r\n"),
+            "{heads:?}"
         );
-        let (reply, log) = ask(Some(&policy), "169.254.169.254").await;
-        assert!(!reply.ok && reply.denied, "{reply:?}");
-        assert!(log.contains("169.254.169.254"), "{log}");
+        assert!(
+            heads[1].starts_with("CONNECT 198.51.100.7:443 HTTP/1.1\r\n"),
+            "{heads:?}"
+        );
     }
 }

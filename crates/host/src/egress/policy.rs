@@ -1,7 +1,17 @@
-//! What a VM may reach: the allow list and the deny list (the host's own
-//! addresses come from `host_addrs`). Pure decisions, no I/O; the proxy in
-//! `egress` applies them.
+//! What a VM may reach: what a guest's target denotes, the allow list and
+//! the deny list (the host's own addresses come from `host_addrs`). No I/O
+//! of its own: names are resolved through a [`Resolver`] the proxy passes
+//! in, so every decision can be tested without DNS.
+//!
+//! Whoever is root in a VM chooses the target string, so it is read the way
+//! the most permissive resolver would read it: any `inet_aton` form
+//! (`127.1`, `0x7f000001`, `2130706433`, `0177.0.0.1`) is the IPv4 address
+//! it denotes, `localhost` and `*.localhost` are loopback, an IPv6 address
+//! may come in brackets. Upstream mode checks those and sends an upstream
+//! only the canonical form of an address (`127.1` never reaches a proxy
+//! that might read it its own way) or a name that is not numeric.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::EgressError;
@@ -275,6 +285,287 @@ pub fn deny_reason(ip: IpAddr, own: &[IpAddr]) -> Option<String> {
         .then(|| format!("{v4_view} is an address of this host"))
 }
 
+/// What a guest's target host denotes, before any DNS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An address literal in any form a resolver accepts: the address.
+    Addr(IpAddr),
+    /// A name that is this machine's loopback whatever DNS says
+    /// (`localhost`, `*.localhost`, RFC 6761 §6.3, and the loopback names
+    /// of stock `/etc/hosts` files), so an upstream would reach its own.
+    Loopback,
+    /// Any other name, to resolve (direct) or pass on (upstream).
+    Name,
+}
+
+/// A target string that is no name and no address.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum TargetError {
+    /// Not a DNS name, and not an address either.
+    #[error("bad egress target {0:?}: expected a DNS name (letters, digits, '-', '_', dot-separated labels), an IPv4 address or an IPv6 address (brackets optional)")]
+    Malformed(String),
+    /// Its last label is a number, so resolvers take it for an IPv4
+    /// address, but it is not a valid one (out of range, too many parts,
+    /// `8`/`9` in an octal part).
+    #[error("bad egress target {0:?}: it ends in a number, so resolvers read it as an IPv4 address, but it is not a valid one")]
+    BadNumber(String),
+    /// An IPv6 zone id (`fe80::1%eth0`) names an interface of the host.
+    #[error("bad egress target {0:?}: an IPv6 zone id names one of the host's interfaces, which a VM cannot use")]
+    ZoneId(String),
+}
+
+/// Names that are loopback on every stock system, besides `*.localhost`:
+/// Debian's and Red Hat's `/etc/hosts` map these to 127.0.0.1 or ::1.
+const LOOPBACK_NAMES: &[&str] = &[
+    "localhost",
+    "localhost.localdomain",
+    "localhost6",
+    "localhost6.localdomain6",
+    "ip6-localhost",
+    "ip6-loopback",
+];
+
+impl Target {
+    /// Read `host` the way the most permissive resolver would.
+    pub fn parse(host: &str) -> Result<Target, TargetError> {
+        let malformed = || TargetError::Malformed(host.to_string());
+        if let Some(inner) = host.strip_prefix('[') {
+            let inner = inner.strip_suffix(']').ok_or_else(malformed)?;
+            return parse_v6(host, inner);
+        }
+        if host.contains(':') {
+            return parse_v6(host, host);
+        }
+        if host.is_empty()
+            || !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            return Err(malformed());
+        }
+        // One trailing dot is the root: `127.0.0.1.` and `localhost.` mean
+        // what they mean without it.
+        let bare = host.strip_suffix('.').unwrap_or(host);
+        if bare.split('.').any(str::is_empty) {
+            return Err(malformed());
+        }
+        // WHATWG URL's rule: a host whose last label is a number is an IPv4
+        // address or nothing. A resolver that falls back to DNS for an
+        // invalid one would only fail, so refusing loses nothing.
+        let last = bare.rsplit('.').next().unwrap_or(bare);
+        if is_number(last) {
+            return inet_aton(bare)
+                .map(|v4| Target::Addr(IpAddr::V4(v4)))
+                .ok_or_else(|| TargetError::BadNumber(host.to_string()));
+        }
+        let lower = bare.to_ascii_lowercase();
+        if lower.ends_with(".localhost") || LOOPBACK_NAMES.contains(&lower.as_str()) {
+            return Ok(Target::Loopback);
+        }
+        Ok(Target::Name)
+    }
+}
+
+/// An IPv6 literal (`host` is the whole target, for errors).
+fn parse_v6(host: &str, s: &str) -> Result<Target, TargetError> {
+    if let Some((addr, _zone)) = s.split_once('%') {
+        return Err(if addr.parse::<Ipv6Addr>().is_ok() {
+            TargetError::ZoneId(host.to_string())
+        } else {
+            TargetError::Malformed(host.to_string())
+        });
+    }
+    s.parse::<Ipv6Addr>()
+        .map(|v6| Target::Addr(IpAddr::V6(v6)))
+        .map_err(|_| TargetError::Malformed(host.to_string()))
+}
+
+/// Whether a label reads as a number to `inet_aton`: decimal or octal
+/// digits, or `0x` and hex digits (none counts: `0x` is 0).
+fn is_number(label: &str) -> bool {
+    match label
+        .strip_prefix("0x")
+        .or_else(|| label.strip_prefix("0X"))
+    {
+        Some(hex) => hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        None => !label.is_empty() && label.bytes().all(|b| b.is_ascii_digit()),
+    }
+}
+
+/// One `inet_aton` part: `0x…` hex, `0…` octal, else decimal.
+fn inet_number(part: &str) -> Option<u32> {
+    let (digits, radix) =
+        if let Some(hex) = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+            if hex.is_empty() {
+                return Some(0);
+            }
+            (hex, 16)
+        } else if part.len() > 1 && part.starts_with('0') {
+            (&part[1..], 8)
+        } else {
+            (part, 10)
+        };
+    // from_str_radix alone would accept a leading '+'.
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    u32::from_str_radix(digits, radix).ok()
+}
+
+/// `inet_aton(3)`: 1 to 4 dot-separated numbers; all but the last are one
+/// byte each, the last fills the remaining bytes (`127.1` is 127.0.0.1,
+/// `10.1` is 10.0.0.1, `2130706433` is 127.0.0.1). Out of range: `None`.
+pub fn inet_aton(s: &str) -> Option<Ipv4Addr> {
+    let parts = s.split('.').collect::<Vec<_>>();
+    if parts.len() > 4 {
+        return None;
+    }
+    let mut nums = Vec::with_capacity(parts.len());
+    for p in parts {
+        nums.push(inet_number(p)?);
+    }
+    let (last, init) = nums.split_last()?;
+    if init.iter().any(|n| *n > 255) {
+        return None;
+    }
+    let rest_bits = 8 * (4 - init.len() as u32);
+    if u64::from(*last) >= 1u64 << rest_bits {
+        return None;
+    }
+    let high = init
+        .iter()
+        .enumerate()
+        .fold(0u32, |acc, (i, n)| acc | (n << (24 - 8 * i as u32)));
+    Some(Ipv4Addr::from(high | last))
+}
+
+/// Resolves names for direct egress: the host's resolver in the proxy, a
+/// table in tests.
+pub trait Resolver {
+    /// Every address of `host`.
+    fn lookup(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> impl Future<Output = std::io::Result<Vec<SocketAddr>>> + Send;
+}
+
+/// Where an allowed connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Ask the upstream for this host: the canonical form of an address,
+    /// or a name as the guest sent it.
+    Upstream(String),
+    /// Dial these addresses in turn; all of them passed.
+    Direct(Vec<SocketAddr>),
+}
+
+/// Why a target is refused.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum Refused {
+    /// The target is no name and no address.
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    /// An address it denotes or resolves to is on the deny list.
+    #[error("{host} {how} {addr}: {why}; an operator can open it with --egress-allow")]
+    Denied {
+        /// The target as the guest sent it.
+        host: String,
+        /// "is" for a literal or loopback name, "resolves to" for DNS.
+        how: &'static str,
+        /// The denied address.
+        addr: SocketAddr,
+        /// Which range or why.
+        why: String,
+    },
+    /// The host's resolver failed (direct egress only).
+    #[error("cannot resolve {host}: {why}")]
+    Resolve {
+        /// The name.
+        host: String,
+        /// The resolver's error.
+        why: String,
+    },
+}
+
+/// What the proxy knows when it decides.
+pub struct Rules<'a> {
+    /// Whether the VM goes through an upstream (else direct).
+    pub upstream: bool,
+    /// The VM's allow list, checked before the deny list.
+    pub allow: &'a [AllowRule],
+    /// The host's own addresses.
+    pub own: &'a [IpAddr],
+}
+
+/// Decide where `host:port` may go. Upstream mode resolves nothing: the
+/// upstream resolves names where the request leaves, and handing every
+/// guest-chosen name to the host's resolver would be a way out around it
+/// (DNS carries data). Addresses, in every form, and loopback names are
+/// checked in both modes; direct mode resolves other names through
+/// `resolver` and every address must pass.
+pub async fn decide<R: Resolver>(
+    host: &str,
+    port: u16,
+    rules: &Rules<'_>,
+    resolver: &R,
+) -> Result<Route, Refused> {
+    let target = Target::parse(host)?;
+    let allowed = |a: &SocketAddr| rules.allow.iter().any(|r| r.matches(*a));
+    let (addrs, how) = match target {
+        Target::Addr(ip) => (vec![SocketAddr::new(ip, port)], "is"),
+        Target::Loopback => {
+            // Fixed, never looked up. Only the loopback addresses an
+            // operator opened are used; none opened: refused as 127.0.0.1.
+            let lo = [
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
+            ];
+            let open = lo.iter().copied().filter(allowed).collect::<Vec<_>>();
+            (if open.is_empty() { lo.to_vec() } else { open }, "is")
+        }
+        Target::Name if rules.upstream => (Vec::new(), "resolves to"),
+        Target::Name => {
+            let addrs = resolver
+                .lookup(host, port)
+                .await
+                .map_err(|e| Refused::Resolve {
+                    host: host.to_string(),
+                    why: e.to_string(),
+                })?;
+            if addrs.is_empty() {
+                return Err(Refused::Resolve {
+                    host: host.to_string(),
+                    why: "no addresses".into(),
+                });
+            }
+            (addrs, "resolves to")
+        }
+    };
+    for a in &addrs {
+        if allowed(a) {
+            continue;
+        }
+        if let Some(why) = deny_reason(a.ip(), rules.own) {
+            return Err(Refused::Denied {
+                host: host.to_string(),
+                how,
+                addr: *a,
+                why,
+            });
+        }
+    }
+    if !rules.upstream {
+        return Ok(Route::Direct(addrs));
+    }
+    Ok(Route::Upstream(match addrs.first() {
+        // The canonical form of what was checked, never the guest's
+        // spelling of it.
+        Some(a) => a.ip().to_string(),
+        None => host.to_string(),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,6 +676,254 @@ mod tests {
         // Their neighbours stay open.
         for ip in ["64:ff9c::1", "2003::1", "2001:4860::8888", "::1:0:0:1"] {
             assert_eq!(deny_reason(ip.parse().unwrap(), &[]), None, "{ip}");
+        }
+    }
+
+    /// A resolver that knows one name and counts its lookups, so a test
+    /// proves which decisions asked DNS (none does real DNS).
+    struct Table(std::sync::atomic::AtomicUsize);
+
+    impl Resolver for Table {
+        async fn lookup(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match host {
+                "example.com" | "my_host-1.example." => {
+                    Ok(vec![SocketAddr::new("192.0.2.10".parse().unwrap(), port)])
+                }
+                "inside.example" => Ok(vec![
+                    SocketAddr::new("192.0.2.11".parse().unwrap(), port),
+                    SocketAddr::new("10.0.0.5".parse().unwrap(), port),
+                ]),
+                _ => Err(std::io::Error::other("no such name")),
+            }
+        }
+    }
+
+    /// What a decision should be.
+    #[derive(Debug)]
+    enum Want {
+        /// Allowed; upstream mode sends this host, direct mode dials this
+        /// address (port 443).
+        Open(&'static str),
+        /// Denied by the deny list; the reason says this.
+        Denied(&'static str),
+        /// Refused as no name and no address.
+        Bad,
+    }
+    use Want::{Bad, Denied, Open};
+
+    async fn run(
+        host: &str,
+        upstream: bool,
+        allow: &[AllowRule],
+    ) -> (Result<Route, Refused>, usize) {
+        let own = ["203.0.113.7".parse().unwrap()];
+        let rules = Rules {
+            upstream,
+            allow,
+            own: &own,
+        };
+        let dns = Table(std::sync::atomic::AtomicUsize::new(0));
+        let r = decide(host, 443, &rules, &dns).await;
+        (r, dns.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Every spelling of a denied address is denied with and without an
+    /// upstream; an allowed one reaches an upstream only in canonical form.
+    #[tokio::test]
+    async fn every_form_of_a_target_decides_the_same_with_and_without_an_upstream() {
+        let table: &[(&str, Want)] = &[
+            // inet_aton forms of 127.0.0.1.
+            ("127.1", Denied("127.0.0.1 is in the loopback")),
+            ("0x7f000001", Denied("127.0.0.1 is in the loopback")),
+            ("0X7F000001", Denied("127.0.0.1 is in the loopback")),
+            ("2130706433", Denied("127.0.0.1 is in the loopback")),
+            ("0177.0.0.1", Denied("127.0.0.1 is in the loopback")),
+            ("0x7f.1", Denied("127.0.0.1 is in the loopback")),
+            ("127.0.0.1", Denied("127.0.0.1 is in the loopback")),
+            ("127.0.0.1.", Denied("127.0.0.1 is in the loopback")),
+            // Loopback names, never looked up.
+            ("localhost", Denied("127.0.0.1 is in the loopback")),
+            ("LOCALHOST.", Denied("127.0.0.1 is in the loopback")),
+            ("a.localhost", Denied("127.0.0.1 is in the loopback")),
+            ("A.LocalHost.", Denied("127.0.0.1 is in the loopback")),
+            (
+                "localhost.localdomain",
+                Denied("127.0.0.1 is in the loopback"),
+            ),
+            ("ip6-localhost", Denied("127.0.0.1 is in the loopback")),
+            // IPv6, brackets or not, and the ranges that embed IPv4.
+            ("[::1]", Denied("loopback ::1")),
+            ("::1", Denied("loopback ::1")),
+            ("[::ffff:127.0.0.1]", Denied("127.0.0.1 is in the loopback")),
+            ("[::ffff:198.51.100.7]", Denied("IPv4-mapped")),
+            ("[::127.0.0.1]", Denied("IPv4-compatible")),
+            (
+                "[64:ff9b::7f00:1]",
+                Denied("NAT64 well-known prefix 64:ff9b::/96 (it embeds IPv4 127.0.0.1)"),
+            ),
+            (
+                "[2002:7f00:1::]",
+                Denied("6to4 range 2002::/16 (it embeds IPv4 127.0.0.1)"),
+            ),
+            ("[fe80::1]", Denied("link-local")),
+            // Short and octal forms of other denied ranges.
+            (
+                "10.1",
+                Denied("10.0.0.1 is in the private range 10.0.0.0/8"),
+            ),
+            ("169.254.169.254", Denied("metadata")),
+            (
+                "0251.0376.0251.0376",
+                Denied("169.254.169.254 is in the cloud metadata"),
+            ),
+            (
+                "0xa9fea9fe",
+                Denied("169.254.169.254 is in the cloud metadata"),
+            ),
+            ("0", Denied("0.0.0.0 is in the \"this network\"")),
+            ("203.0.113.7", Denied("address of this host")),
+            (
+                "0xcb.0.0x71.7",
+                Denied("203.0.113.7 is an address of this host"),
+            ),
+            // Allowed: upstream mode gets the canonical form.
+            ("example.com", Open("example.com")),
+            ("198.51.100.7", Open("198.51.100.7")),
+            ("0xc6.51.100.7", Open("198.51.100.7")),
+            ("3325256711", Open("198.51.100.7")),
+            ("0306.0063.0144.0007", Open("198.51.100.7")),
+            ("[2606:4700::1111]", Open("2606:4700::1111")),
+            ("2606:4700:0000::1111", Open("2606:4700::1111")),
+            ("my_host-1.example.", Open("my_host-1.example.")),
+            // Neither a name nor an address.
+            ("[::1%eth0]", Bad),
+            ("fe80::1%2", Bad),
+            ("256.0.0.1", Bad),
+            ("1.2.3.4.5", Bad),
+            ("08.0.0.1", Bad),
+            ("4294967296", Bad),
+            ("1.16777216", Bad),
+            ("example.123", Bad),
+            ("example.0x1", Bad),
+            ("a..b", Bad),
+            ("localhost..", Bad),
+            ("[::1", Bad),
+            ("foo:bar", Bad),
+            ("[example.com]", Bad),
+            ("a b", Bad),
+            ("", Bad),
+        ];
+        for (host, want) in table {
+            for upstream in [true, false] {
+                let mode = if upstream { "upstream" } else { "direct" };
+                let (got, lookups) = run(host, upstream, &[]).await;
+                match (want, &got) {
+                    (Open(sent), Ok(Route::Upstream(h))) if upstream => {
+                        assert_eq!(h, sent, "{host} ({mode})")
+                    }
+                    (Open(_), Ok(Route::Direct(addrs))) if !upstream => {
+                        let want_ip = if let Ok(Target::Name) = Target::parse(host) {
+                            "192.0.2.10".to_string()
+                        } else if let Ok(Target::Addr(ip)) = Target::parse(host) {
+                            ip.to_string()
+                        } else {
+                            panic!("{host}: no address to expect")
+                        };
+                        assert_eq!(addrs.len(), 1, "{host} ({mode}): {addrs:?}");
+                        assert_eq!(addrs[0].ip().to_string(), want_ip, "{host} ({mode})");
+                        assert_eq!(addrs[0].port(), 443);
+                    }
+                    (Denied(says), Err(e @ Refused::Denied { .. })) => {
+                        let text = e.to_string();
+                        assert!(text.contains(says), "{host} ({mode}): {text}");
+                        assert!(text.contains("--egress-allow"), "{text}");
+                    }
+                    (Bad, Err(Refused::Target(_))) => {}
+                    _ => panic!("{host} ({mode}): want {want:?}, got {got:?}"),
+                }
+                // Only a name in direct mode asks DNS.
+                let name = *host == "example.com" || *host == "my_host-1.example.";
+                assert_eq!(
+                    lookups,
+                    usize::from(name && !upstream),
+                    "{host} ({mode}) lookups"
+                );
+            }
+        }
+    }
+
+    /// Direct mode refuses a name if any of its addresses is denied, and
+    /// says the name resolved there; a resolver failure is not a denial.
+    #[tokio::test]
+    async fn direct_names_must_resolve_to_allowed_addresses_only() {
+        let (got, _) = run("inside.example", false, &[]).await;
+        let text = got.unwrap_err().to_string();
+        assert!(
+            text.contains(
+                "inside.example resolves to 10.0.0.5:443: 10.0.0.5 is in the private range"
+            ),
+            "{text}"
+        );
+        let (got, _) = run("nowhere.example", false, &[]).await;
+        assert!(matches!(got, Err(Refused::Resolve { .. })), "{got:?}");
+    }
+
+    /// The allow list opens a denied address in every spelling, loopback
+    /// names included, and the upstream still gets the canonical form.
+    #[tokio::test]
+    async fn allowed_loopback_is_reached_by_any_spelling_in_canonical_form() {
+        let allow = [AllowRule::parse("127.0.0.1:443").unwrap()];
+        for host in [
+            "127.1",
+            "0x7f000001",
+            "localhost",
+            "a.localhost.",
+            "[::ffff:127.0.0.1]",
+        ] {
+            let (got, _) = run(host, true, &allow).await;
+            let want = if host.contains("ffff") {
+                "::ffff:127.0.0.1"
+            } else {
+                "127.0.0.1"
+            };
+            assert_eq!(got, Ok(Route::Upstream(want.into())), "{host}");
+        }
+        let (got, _) = run("localhost", false, &allow).await;
+        assert_eq!(
+            got,
+            Ok(Route::Direct(vec![sa("127.0.0.1:443")])),
+            "only the opened one"
+        );
+        // Another port stays closed.
+        let other = [AllowRule::parse("127.0.0.1:80").unwrap()];
+        assert!(matches!(
+            run("localhost", true, &other).await.0,
+            Err(Refused::Denied { .. })
+        ));
+    }
+
+    #[test]
+    fn inet_aton_reads_every_form() {
+        for (s, want) in [
+            ("0", Some("0.0.0.0")),
+            ("0x", Some("0.0.0.0")),
+            ("1.2.3.4", Some("1.2.3.4")),
+            ("1.2.3", Some("1.2.0.3")),
+            ("1.65535", Some("1.0.255.255")),
+            ("1.2.65535", Some("1.2.255.255")),
+            ("1.2.65536", None),
+            ("4294967295", Some("255.255.255.255")),
+            ("4294967296", None),
+            ("0377.0xff.255.0", Some("255.255.255.0")),
+            ("0400.0.0.0", None),
+            ("09", None),
+            ("+1", None),
+            ("1.+2", None),
+            ("", None),
+            ("1.", None),
+        ] {
+            assert_eq!(inet_aton(s), want.map(|w| w.parse().unwrap()), "{s:?}");
         }
     }
 }

@@ -176,9 +176,10 @@ async fn read_status(s: &mut TcpStream) -> std::io::Result<(u16, String)> {
     Ok((code, line))
 }
 
-/// `host:port`, with IPv6 addresses in brackets.
+/// `host:port`, with IPv6 addresses in brackets (once: a guest may have
+/// sent them bracketed).
 pub(super) fn join_host_port(host: &str, port: u16) -> String {
-    if host.contains(':') {
+    if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
@@ -255,5 +256,6 @@ mod tests {
     fn ipv6_targets_are_bracketed() {
         assert_eq!(join_host_port("::1", 80), "[::1]:80");
         assert_eq!(join_host_port("a.b", 80), "a.b:80");
+        assert_eq!(join_host_port("[::1]", 80), "[::1]:80");
     }
 }
