@@ -6,9 +6,12 @@
 //! proxy knows which VM (and so which user) a connection is from without
 //! trusting anything the guest says.
 //!
-//! Per connection: read one [`EgressRequest`] line; for direct egress
-//! resolve the name here (the guest has no DNS; with an upstream the name
-//! goes to the upstream unresolved and only address literals are checked),
+//! Per connection: read one [`EgressRequest`] line; read its host as the
+//! most permissive resolver would (`policy`: `127.1` is 127.0.0.1,
+//! `localhost` is loopback); for direct egress resolve names here (the
+//! guest has no DNS; with an upstream a name goes to the upstream
+//! unresolved, and only addresses, in canonical form, and loopback names
+//! are checked),
 //! refuse addresses on the deny list (private,
 //! loopback, link-local including 169.254.169.254, multicast, the host's own
 //! addresses) unless the VM's allow list names them, then either chain to
@@ -19,7 +22,7 @@
 //! one `tracing` event and one JSON line in `<vmdir>/egress.log`, which name
 //! the upstream by address only — never its credentials.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
@@ -35,6 +38,15 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::metrics::{Direction, Outcome, Reason, EGRESS};
+
+mod host_addrs;
+mod policy;
+mod upstream;
+
+pub use host_addrs::{host_addresses, AddressSource, HostAddresses};
+use policy::{decide, Refused, Resolver, Route, Rules};
+pub use policy::{deny_reason, AllowRule};
+use upstream::{http_connect, join_host_port, socks5_connect};
 
 #[cfg(doc)]
 use polydev_api::agent::EGRESS_PORT;
@@ -86,220 +98,6 @@ pub enum EgressError {
     /// Both an upstream and `direct`.
     #[error("egress policy names an upstream and direct: choose one")]
     UpstreamAndDirect,
-}
-
-/// One allow-list entry: a network and a port (or every port).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AllowRule {
-    net: IpAddr,
-    prefix: u8,
-    port: Option<u16>,
-}
-
-impl AllowRule {
-    /// Parse `ADDR[/PREFIX]:PORT` or `ADDR[/PREFIX]:*`; IPv6 in brackets.
-    pub fn parse(s: &str) -> Result<AllowRule, EgressError> {
-        let bad = || EgressError::BadAllow(s.to_string());
-        let (net, port) = if let Some(rest) = s.strip_prefix('[') {
-            let (inner, tail) = rest.split_once(']').ok_or_else(bad)?;
-            // `[fd00::/8]:*` and `[fd00::]/8:*` both read naturally.
-            match tail.strip_prefix(':') {
-                Some(port) => (inner.to_string(), port),
-                None => {
-                    let (pfx, port) = tail.split_once(':').ok_or_else(bad)?;
-                    if !pfx.starts_with('/') {
-                        return Err(bad());
-                    }
-                    (format!("{inner}{pfx}"), port)
-                }
-            }
-        } else {
-            let (n, p) = s.rsplit_once(':').ok_or_else(bad)?;
-            // `::1:80` is ambiguous; IPv6 must come in brackets.
-            if n.contains(':') {
-                return Err(bad());
-            }
-            (n.to_string(), p)
-        };
-        let port = match port {
-            "*" => None,
-            p => Some(p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?),
-        };
-        let (addr, prefix) = match net.split_once('/') {
-            Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
-            None => (net.as_str(), None),
-        };
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = prefix.unwrap_or(max);
-        if prefix > max {
-            return Err(bad());
-        }
-        Ok(AllowRule {
-            net: addr,
-            prefix,
-            port,
-        })
-    }
-
-    /// Whether `addr` is inside this rule.
-    pub fn matches(&self, addr: SocketAddr) -> bool {
-        self.port.is_none_or(|p| p == addr.port())
-            && in_net(canonical(addr.ip()), self.net, self.prefix)
-    }
-}
-
-/// IPv4-mapped IPv6 addresses are their IPv4 address for every check, so
-/// `::ffff:127.0.0.1` is loopback.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => ip,
-        },
-        v4 => v4,
-    }
-}
-
-fn in_net(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
-    match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            u32::from(a) & mask == u32::from(n) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            u128::from(a) & mask == u128::from(n) & mask
-        }
-        _ => false,
-    }
-}
-
-/// Ranges no VM may reach unless allowed: (network, prefix, why).
-const DENY_V4: &[(Ipv4Addr, u8, &str)] = &[
-    (Ipv4Addr::new(0, 0, 0, 0), 8, "\"this network\" (0.0.0.0/8)"),
-    (Ipv4Addr::new(10, 0, 0, 0), 8, "private range 10.0.0.0/8"),
-    (
-        Ipv4Addr::new(100, 64, 0, 0),
-        10,
-        "carrier-grade NAT range 100.64.0.0/10",
-    ),
-    (Ipv4Addr::new(127, 0, 0, 0), 8, "loopback 127.0.0.0/8"),
-    (
-        Ipv4Addr::new(169, 254, 169, 254),
-        32,
-        "cloud metadata endpoint 169.254.169.254",
-    ),
-    (
-        Ipv4Addr::new(169, 254, 0, 0),
-        16,
-        "link-local 169.254.0.0/16",
-    ),
-    (
-        Ipv4Addr::new(172, 16, 0, 0),
-        12,
-        "private range 172.16.0.0/12",
-    ),
-    (
-        Ipv4Addr::new(192, 0, 0, 0),
-        24,
-        "IETF protocol assignments 192.0.0.0/24",
-    ),
-    (
-        Ipv4Addr::new(192, 168, 0, 0),
-        16,
-        "private range 192.168.0.0/16",
-    ),
-    (
-        Ipv4Addr::new(198, 18, 0, 0),
-        15,
-        "benchmarking range 198.18.0.0/15",
-    ),
-    (Ipv4Addr::new(224, 0, 0, 0), 4, "multicast 224.0.0.0/4"),
-    (Ipv4Addr::new(240, 0, 0, 0), 4, "reserved 240.0.0.0/4"),
-];
-
-const DENY_V6: &[(Ipv6Addr, u8, &str)] = &[
-    (Ipv6Addr::UNSPECIFIED, 128, "the unspecified address ::"),
-    (Ipv6Addr::LOCALHOST, 128, "loopback ::1"),
-    (
-        Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0),
-        7,
-        "unique-local range fc00::/7",
-    ),
-    (
-        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
-        10,
-        "link-local fe80::/10",
-    ),
-    (
-        Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0),
-        8,
-        "multicast ff00::/8",
-    ),
-    (
-        Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254),
-        128,
-        "cloud metadata endpoint fd00:ec2::254",
-    ),
-];
-
-/// Why `ip` is denied by default, if it is. `own` are the host's addresses.
-pub fn deny_reason(ip: IpAddr, own: &[IpAddr]) -> Option<String> {
-    let ip = canonical(ip);
-    // Ranges first: "loopback" says more than "an address of this host".
-    let hit = match ip {
-        IpAddr::V4(_) => DENY_V4
-            .iter()
-            .find(|(n, p, _)| in_net(ip, IpAddr::V4(*n), *p))
-            .map(|(_, _, why)| *why),
-        IpAddr::V6(_) => DENY_V6
-            .iter()
-            .find(|(n, p, _)| in_net(ip, IpAddr::V6(*n), *p))
-            .map(|(_, _, why)| *why),
-    };
-    if let Some(why) = hit {
-        return Some(format!("{ip} is in the {why}"));
-    }
-    own.iter()
-        .any(|o| canonical(*o) == ip)
-        .then(|| format!("{ip} is an address of this host"))
-}
-
-/// The host's own interface addresses (a VM must not reach the host's
-/// services through a public address either).
-pub fn host_addresses() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills ifap with a list we free below.
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return out;
-    }
-    let mut cur = ifap;
-    while !cur.is_null() {
-        // SAFETY: cur is a valid node of the list until freeifaddrs.
-        let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points at a sockaddr whose family tells its
-            // real type.
-            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
-            if family == libc::AF_INET {
-                // SAFETY: family AF_INET means a sockaddr_in.
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                    sin.sin_addr.s_addr,
-                ))));
-            } else if family == libc::AF_INET6 {
-                // SAFETY: family AF_INET6 means a sockaddr_in6.
-                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
-            }
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: ifap came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(ifap) };
-    out
 }
 
 /// A policy checked and ready to apply.
@@ -465,7 +263,8 @@ struct VmEgress {
     vm: String,
     policy: Compiled,
     limits: EgressLimits,
-    own: Vec<IpAddr>,
+    /// The host's own addresses, refreshed as they change.
+    own: HostAddresses,
     slots: Arc<Semaphore>,
     bucket: StdMutex<TokenBucket>,
     log: PathBuf,
@@ -495,7 +294,7 @@ pub fn start(
         vm: vm.to_string(),
         policy,
         limits,
-        own: host_addresses(),
+        own: HostAddresses::system(),
         slots: Arc::new(Semaphore::new(limits.max_connections)),
         bucket: StdMutex::new(TokenBucket::new(limits.bytes_per_sec, Instant::now())),
         log,
@@ -660,68 +459,33 @@ impl VmEgress {
                     .into(),
             ));
         }
-        let addrs = if self.policy.upstream.is_some() {
-            // The upstream resolves names where the request leaves.
-            // Resolving them here too would hand every guest-chosen name to
-            // the host's resolver: a way out around the user's upstream (DNS
-            // carries data). Address literals are checked.
-            match req.host.parse::<IpAddr>() {
-                Ok(ip) => vec![SocketAddr::new(ip, req.port)],
-                Err(_) => Vec::new(),
-            }
-        } else {
-            resolve(&req.host, req.port).await?
+        let own = self.own.get(Instant::now());
+        let rules = Rules {
+            upstream: self.policy.upstream.is_some(),
+            allow: &self.policy.allow,
+            own: &own,
         };
-        for a in &addrs {
-            if self.policy.allow.iter().any(|r| r.matches(*a)) {
-                continue;
-            }
-            if let Some(why) = deny_reason(a.ip(), &self.own) {
-                return Err(Refusal::denied(
-                    Reason::DenyList,
-                    format!(
-                        "{} resolves to {a}: {why}; an operator can open it with --egress-allow",
-                        req.host
-                    ),
-                ));
-            }
-        }
-        let timeout = self.limits.connect_timeout;
-        if let Some(up) = &self.policy.upstream {
-            let mut s = dial(&up.addr, timeout).await.map_err(|e| {
-                Refusal::failed(
-                    Reason::UpstreamConnect,
-                    format!("upstream proxy {}: {e}", up.addr),
-                )
+        let route = decide(&req.host, req.port, &rules, &SystemResolver)
+            .await
+            .map_err(|e| match e {
+                Refused::Target(_) => Refusal::failed(Reason::BadRequest, e.to_string()),
+                Refused::Denied { .. } => Refusal::denied(Reason::DenyList, e.to_string()),
+                Refused::Resolve { .. } => Refusal::failed(Reason::Resolve, e.to_string()),
             })?;
-            // The upstream gets the name, not our resolution: a residential
-            // provider resolves it where the request leaves.
-            let handshake = async {
-                match &up.proto {
-                    UpstreamProto::Http { auth } => {
-                        http_connect(&mut s, &req.host, req.port, auth.as_deref()).await
-                    }
-                    UpstreamProto::Socks5 { auth } => {
-                        socks5_connect(&mut s, &req.host, req.port, auth.as_ref()).await
-                    }
-                }
-            };
-            tokio::time::timeout(timeout, handshake)
-                .await
-                .map_err(|_| {
-                    Refusal::failed(
-                        Reason::UpstreamRefused,
-                        format!("upstream proxy {} did not answer", up.addr),
-                    )
-                })?
-                .map_err(|e| {
-                    Refusal::failed(
-                        Reason::UpstreamRefused,
-                        format!("upstream proxy {}: {e}", up.addr),
-                    )
-                })?;
-            return Ok(s);
-        }
+        let timeout = self.limits.connect_timeout;
+        let addrs = match (&self.policy.upstream, route) {
+            (Some(up), Route::Upstream(host)) => {
+                return self.tunnel(up, &host, req.port).await;
+            }
+            (None, Route::Direct(addrs)) => addrs,
+            // decide() answers in the mode it is given; no other pair occurs.
+            _ => {
+                return Err(Refusal::failed(
+                    Reason::Connect,
+                    "internal error: the egress route does not match the VM's policy".into(),
+                ))
+            }
+        };
         let mut last = None;
         for a in addrs {
             match tokio::time::timeout(timeout, TcpStream::connect(a)).await {
@@ -738,6 +502,44 @@ impl VmEgress {
                 last.unwrap_or_else(|| "no address".into())
             ),
         ))
+    }
+
+    /// Ask the upstream for a tunnel to `host:port`. `host` is a name as the
+    /// guest sent it (a residential provider resolves it where the request
+    /// leaves) or the canonical form of a checked address.
+    async fn tunnel(&self, up: &UpstreamCfg, host: &str, port: u16) -> Result<TcpStream, Refusal> {
+        let timeout = self.limits.connect_timeout;
+        let mut s = dial(&up.addr, timeout).await.map_err(|e| {
+            Refusal::failed(
+                Reason::UpstreamConnect,
+                format!("upstream proxy {}: {e}", up.addr),
+            )
+        })?;
+        let handshake = async {
+            match &up.proto {
+                UpstreamProto::Http { auth } => {
+                    http_connect(&mut s, host, port, auth.as_deref()).await
+                }
+                UpstreamProto::Socks5 { auth } => {
+                    socks5_connect(&mut s, host, port, auth.as_ref()).await
+                }
+            }
+        };
+        tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| {
+                Refusal::failed(
+                    Reason::UpstreamRefused,
+                    format!("upstream proxy {} did not answer", up.addr),
+                )
+            })?
+            .map_err(|e| {
+                Refusal::failed(
+                    Reason::UpstreamRefused,
+                    format!("upstream proxy {}: {e}", up.addr),
+                )
+            })?;
+        Ok(s)
     }
 
     /// Copy both ways under the VM's bucket and idle timeout; half-closes
@@ -827,142 +629,6 @@ impl Ended {
         }
     }
 }
-
-/// Ask an HTTP proxy for a tunnel: `CONNECT host:port` with
-/// `Proxy-Authorization` when configured; any 2xx opens it.
-async fn http_connect(
-    s: &mut TcpStream,
-    host: &str,
-    port: u16,
-    auth: Option<&str>,
-) -> std::io::Result<()> {
-    let target = join_host_port(host, port);
-    let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
-    if let Some(auth) = auth {
-        head.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).await?;
-    let (code, line) = read_status(s).await?;
-    if !(200..300).contains(&code) {
-        return Err(std::io::Error::other(format!(
-            "refused CONNECT {target}: {line}"
-        )));
-    }
-    Ok(())
-}
-
-/// SOCKS5 `CONNECT` (RFC 1928) with username/password authentication (RFC
-/// 1929) when configured — and then only that method is offered, so a
-/// proxy cannot silently skip authentication. Names go as names (ATYP 3),
-/// resolved by the proxy like the HTTP upstream's.
-async fn socks5_connect(
-    s: &mut TcpStream,
-    host: &str,
-    port: u16,
-    auth: Option<&(String, Secret)>,
-) -> std::io::Result<()> {
-    let proto = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
-    let method = if auth.is_some() { 0x02 } else { 0x00 };
-    s.write_all(&[0x05, 0x01, method]).await?;
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await?;
-    if choice[0] != 0x05 {
-        return Err(proto(format!(
-            "not a SOCKS5 proxy (version byte {})",
-            choice[0]
-        )));
-    }
-    if choice[1] != method {
-        return Err(std::io::Error::other(if auth.is_some() {
-            "SOCKS5 proxy does not accept username/password authentication"
-        } else {
-            "SOCKS5 proxy requires authentication, and this VM's upstream has no credentials"
-        }));
-    }
-    if let Some((user, pass)) = auth {
-        // Lengths were checked to fit one byte when the policy was compiled.
-        let (u, p) = (user.as_bytes(), pass.expose().as_bytes());
-        let mut msg = Vec::with_capacity(3 + u.len() + p.len());
-        msg.push(0x01);
-        msg.push(u.len() as u8);
-        msg.extend_from_slice(u);
-        msg.push(p.len() as u8);
-        msg.extend_from_slice(p);
-        s.write_all(&msg).await?;
-        let mut status = [0u8; 2];
-        s.read_exact(&mut status).await?;
-        if status[1] != 0x00 {
-            return Err(std::io::Error::other(
-                "SOCKS5 proxy rejected the upstream credentials",
-            ));
-        }
-    }
-    let mut req = vec![0x05, 0x01, 0x00];
-    match host.parse::<IpAddr>() {
-        Ok(IpAddr::V4(v4)) => {
-            req.push(0x01);
-            req.extend_from_slice(&v4.octets());
-        }
-        Ok(IpAddr::V6(v6)) => {
-            req.push(0x04);
-            req.extend_from_slice(&v6.octets());
-        }
-        Err(_) => {
-            // read_request caps names at 253 bytes.
-            let name = host.as_bytes();
-            let len = u8::try_from(name.len())
-                .map_err(|_| proto(format!("name {host} is too long for SOCKS5")))?;
-            req.push(0x03);
-            req.push(len);
-            req.extend_from_slice(name);
-        }
-    }
-    req.extend_from_slice(&port.to_be_bytes());
-    s.write_all(&req).await?;
-    let mut head = [0u8; 4];
-    s.read_exact(&mut head).await?;
-    if head[0] != 0x05 {
-        return Err(proto(format!("bad SOCKS5 reply version {}", head[0])));
-    }
-    if head[1] != 0x00 {
-        return Err(std::io::Error::other(format!(
-            "SOCKS5 CONNECT {} refused: {}",
-            join_host_port(host, port),
-            socks5_reply_text(head[1])
-        )));
-    }
-    // Skip the bound address; the tunnel's bytes follow it.
-    let skip = match head[3] {
-        0x01 => 4,
-        0x04 => 16,
-        0x03 => {
-            let mut len = [0u8; 1];
-            s.read_exact(&mut len).await?;
-            usize::from(len[0])
-        }
-        t => return Err(proto(format!("bad SOCKS5 address type {t}"))),
-    };
-    let mut rest = vec![0u8; skip + 2];
-    s.read_exact(&mut rest).await?;
-    Ok(())
-}
-
-/// RFC 1928 §6 reply codes.
-fn socks5_reply_text(code: u8) -> String {
-    match code {
-        0x01 => "general SOCKS server failure".into(),
-        0x02 => "connection not allowed by ruleset".into(),
-        0x03 => "network unreachable".into(),
-        0x04 => "host unreachable".into(),
-        0x05 => "connection refused".into(),
-        0x06 => "TTL expired".into(),
-        0x07 => "command not supported".into(),
-        0x08 => "address type not supported".into(),
-        c => format!("reply code {c}"),
-    }
-}
-
 async fn send_reply(guest: &mut UnixStream, reply: &EgressReply) -> std::io::Result<()> {
     let line = encode_line(reply).map_err(std::io::Error::other)?;
     guest.write_all(&line).await
@@ -1010,14 +676,9 @@ async fn read_request(guest: &mut UnixStream) -> Result<EgressRequest, Refusal> 
     }
     let req: EgressRequest = serde_json::from_slice(&line)
         .map_err(|e| Refusal::failed(Reason::BadRequest, format!("bad egress request: {e}")))?;
-    if req.port == 0
-        || req.host.is_empty()
-        || req.host.len() > 253
-        || !req
-            .host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
-    {
+    // What the host may be (name, address in any form) is policy's call:
+    // Target::parse.
+    if req.port == 0 || req.host.is_empty() || req.host.len() > 253 {
         return Err(Refusal::failed(
             Reason::BadRequest,
             format!("bad egress target {:?}:{}", req.host, req.port),
@@ -1026,21 +687,13 @@ async fn read_request(guest: &mut UnixStream) -> Result<EgressRequest, Refusal> 
     Ok(req)
 }
 
-async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Refusal> {
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(vec![SocketAddr::new(ip, port)]);
+/// The host's resolver (`getaddrinfo` via tokio), for direct egress.
+struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    async fn lookup(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        Ok(tokio::net::lookup_host((host, port)).await?.collect())
     }
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| Refusal::failed(Reason::Resolve, format!("cannot resolve {host}: {e}")))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(Refusal::failed(
-            Reason::Resolve,
-            format!("{host} has no addresses"),
-        ));
-    }
-    Ok(addrs)
 }
 
 async fn dial(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
@@ -1053,119 +706,10 @@ async fn dial(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
     }
 }
 
-/// Read an HTTP response head up to the blank line (byte by byte, so the
-/// tunnel's first bytes stay unread); returns the status code and line.
-async fn read_status(s: &mut TcpStream) -> std::io::Result<(u16, String)> {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut b).await? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "closed before answering CONNECT",
-            ));
-        }
-        head.push(b[0]);
-        if head.len() > 16 * 1024 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "response head too long",
-            ));
-        }
-    }
-    let text = String::from_utf8_lossy(&head);
-    let line = text.lines().next().unwrap_or_default().to_string();
-    let code = line
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("bad status line {line:?}"),
-            )
-        })?;
-    Ok((code, line))
-}
-
-fn join_host_port(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use polydev_api::vm::{Secret, Upstream};
-
-    fn sa(s: &str) -> SocketAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn allow_rules_parse_and_match() {
-        let r = AllowRule::parse("127.0.0.1:8080").unwrap();
-        assert!(r.matches(sa("127.0.0.1:8080")));
-        assert!(!r.matches(sa("127.0.0.1:8081")));
-        assert!(!r.matches(sa("127.0.0.2:8080")));
-        let r = AllowRule::parse("127.0.0.0/8:*").unwrap();
-        assert!(r.matches(sa("127.9.9.9:1")));
-        assert!(r.matches(sa("[::ffff:127.0.0.1]:5")), "v4-mapped counts");
-        assert!(!r.matches(sa("128.0.0.1:1")));
-        let r = AllowRule::parse("[::1]:443").unwrap();
-        assert!(r.matches(sa("[::1]:443")));
-        let r = AllowRule::parse("[fd00::]/8:*").unwrap();
-        assert!(r.matches(sa("[fdff::1]:1")));
-        let r = AllowRule::parse("0.0.0.0/0:53").unwrap();
-        assert!(r.matches(sa("8.8.8.8:53")));
-        for bad in [
-            "127.0.0.1",
-            "127.0.0.1:0",
-            "127.0.0.1/33:*",
-            "host:80",
-            "[::1:80",
-            "::1:80",
-            "1.2.3.4:x",
-        ] {
-            assert!(AllowRule::parse(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn deny_list_covers_private_loopback_link_local_metadata_and_own() {
-        let own = [IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7))];
-        for ip in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.31.255.255",
-            "192.168.1.1",
-            "169.254.169.254",
-            "169.254.1.1",
-            "100.64.0.1",
-            "0.0.0.0",
-            "224.0.0.1",
-            "::1",
-            "fe80::1",
-            "fc00::1",
-            "::ffff:10.0.0.1",
-            "203.0.113.7",
-        ] {
-            assert!(
-                deny_reason(ip.parse().unwrap(), &own).is_some(),
-                "{ip} must be denied"
-            );
-        }
-        for ip in ["1.1.1.1", "172.32.0.1", "2606:4700::1111", "203.0.113.8"] {
-            assert_eq!(deny_reason(ip.parse().unwrap(), &own), None, "{ip}");
-        }
-        let why = deny_reason("169.254.169.254".parse().unwrap(), &[]).unwrap();
-        assert!(why.contains("metadata"), "{why}");
-        let why = deny_reason("203.0.113.7".parse().unwrap(), &own).unwrap();
-        assert!(why.contains("address of this host"), "{why}");
-    }
 
     #[test]
     fn policies_validate() {
@@ -1271,67 +815,6 @@ mod tests {
         assert_eq!(unlimited.take(usize::MAX, t0), Duration::ZERO);
     }
 
-    /// A scripted SOCKS5 server: checks the client's bytes exactly and
-    /// answers with `rep`.
-    async fn socks5_server(rep: u8) -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let (mut c, _) = l.accept().await.unwrap();
-            let mut seen = Vec::new();
-            let mut greet = [0u8; 3];
-            c.read_exact(&mut greet).await.unwrap();
-            seen.extend_from_slice(&greet);
-            c.write_all(&[5, 2]).await.unwrap();
-            let mut auth = [0u8; 1 + 1 + 5 + 1 + 6];
-            c.read_exact(&mut auth).await.unwrap();
-            seen.extend_from_slice(&auth);
-            c.write_all(&[1, 0]).await.unwrap();
-            let mut req = [0u8; 4 + 1 + 11 + 2];
-            c.read_exact(&mut req).await.unwrap();
-            seen.extend_from_slice(&req);
-            // A domain-name bound address, to exercise that branch.
-            c.write_all(&[5, rep, 0, 3, 2, b'o', b'k', 0, 80])
-                .await
-                .unwrap();
-            if rep == 0 {
-                c.write_all(b"tunnel").await.unwrap();
-            }
-            seen
-        });
-        (addr, task)
-    }
-
-    #[tokio::test]
-    async fn socks5_handshake_is_rfc1928_with_rfc1929_auth() {
-        let creds = ("alice".to_string(), Secret::new("s3cret"));
-        let (addr, server) = socks5_server(0).await;
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        socks5_connect(&mut s, "example.com", 443, Some(&creds))
-            .await
-            .unwrap();
-        let mut rest = [0u8; 6];
-        s.read_exact(&mut rest).await.unwrap();
-        assert_eq!(&rest, b"tunnel", "the reply is consumed exactly");
-        let mut want = vec![5, 1, 2, 1, 5];
-        want.extend_from_slice(b"alice");
-        want.push(6);
-        want.extend_from_slice(b"s3cret");
-        want.extend_from_slice(&[5, 1, 0, 3, 11]);
-        want.extend_from_slice(b"example.com");
-        want.extend_from_slice(&443u16.to_be_bytes());
-        assert_eq!(server.await.unwrap(), want);
-
-        let (addr, _server) = socks5_server(5).await;
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        let e = socks5_connect(&mut s, "example.com", 443, Some(&creds))
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("connection refused"), "{e}");
-        assert!(!e.contains("s3cret"), "{e}");
-    }
-
     /// Ask the egress proxy of a VM with `policy` for `host:443`; its reply
     /// and the finished log line.
     async fn ask(policy: Option<&EgressPolicy>, host: &str) -> (EgressReply, String) {
@@ -1384,22 +867,27 @@ mod tests {
     }
 
     /// With an upstream, names go to it unresolved (the host's resolver never
-    /// sees them) while address literals are still checked here.
+    /// sees them) while address literals, in every spelling, and loopback
+    /// names are checked here; an allowed literal goes out canonical.
     #[tokio::test]
     async fn with_an_upstream_names_pass_unresolved_and_literals_are_checked() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let upstream = tokio::spawn(async move {
-            let (mut c, _) = l.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).await.unwrap() == 1 {
-                head.push(b[0]);
+            let mut heads = Vec::new();
+            for _ in 0..2 {
+                let (mut c, _) = l.accept().await.unwrap();
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).await.unwrap() == 1 {
+                    head.push(b[0]);
+                }
+                c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .unwrap();
+                heads.push(String::from_utf8_lossy(&head).into_owned());
             }
-            c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                .await
-                .unwrap();
-            String::from_utf8_lossy(&head).into_owned()
+            heads
         });
         let policy = EgressPolicy {
             upstream: Some(Upstream {
@@ -1411,19 +899,32 @@ mod tests {
         };
         let (reply, _) = ask(Some(&policy), "no-such-name.invalid").await;
         assert!(reply.ok, "{reply:?}");
-        let head = upstream.await.unwrap();
+        // Denied spellings never reach the upstream.
+        for host in [
+            "169.254.169.254",
+            "0251.0376.0251.0376",
+            "0x7f000001",
+            "localhost.",
+            "[::ffff:127.0.0.1]",
+        ] {
+            let (reply, log) = ask(Some(&policy), host).await;
+            assert!(!reply.ok && reply.denied, "{host}: {reply:?}");
+            assert!(log.contains(r#""outcome":"denied""#), "{log}");
+        }
+        let (reply, log) = ask(Some(&policy), "[::1%lo]").await;
+        assert!(!reply.ok && !reply.denied, "{reply:?}");
+        assert!(log.contains("zone id"), "{log}");
+        // An allowed address in another spelling goes out canonical.
+        let (reply, _) = ask(Some(&policy), "0xc6.51.0144.7").await;
+        assert!(reply.ok, "{reply:?}");
+        let heads = upstream.await.unwrap();
         assert!(
-            head.starts_with("CONNECT no-such-name.invalid:443 HTTP/1.1\r\n"),
-            "{head}"
+            heads[0].starts_with("CONNECT no-such-name.invalid:443 HTTP/1.1\r\n"),
+            "{heads:?}"
         );
-        let (reply, log) = ask(Some(&policy), "169.254.169.254").await;
-        assert!(!reply.ok && reply.denied, "{reply:?}");
-        assert!(log.contains("169.254.169.254"), "{log}");
-    }
-
-    #[test]
-    fn ipv6_targets_are_bracketed() {
-        assert_eq!(join_host_port("::1", 80), "[::1]:80");
-        assert_eq!(join_host_port("a.b", 80), "a.b:80");
+        assert!(
+            heads[1].starts_with("CONNECT 198.51.100.7:443 HTTP/1.1\r\n"),
+            "{heads:?}"
+        );
     }
 }
