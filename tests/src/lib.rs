@@ -315,3 +315,20 @@ impl Drop for Reaper {
         }
     }
 }
+
+/// Panics with the command to run unless each golden image in `names` is
+/// built (`polydev image inspect`).
+pub fn require_images(names: &[&str]) {
+    for image in names {
+        let out = std::process::Command::new(polydev_bin())
+            .args(["image", "inspect", image])
+            .output()
+            .expect("run polydev image inspect");
+        assert!(
+            out.status.success(),
+            "the {image} image is not built: run `./target/release/polydev image build {image}` \
+             (./polydev.sh setup does): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

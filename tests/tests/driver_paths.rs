@@ -6,6 +6,9 @@
 //! * a login that exits non-zero fails the session `login_failed`;
 //! * a login that exits 0 without an auth URL fails `auth_url_not_found`;
 //! * a cancelled session's browser VM is destroyed;
+//! * a login nobody finishes fails `timeout` after the provider's login
+//!   timeout; a browser VM that dies mid-login fails its session `vm_died`;
+//!   both VMs are gone and their logs kept;
 //! * a user's VM leaves through that user's upstream port (the egress policy
 //!   the host got names it; the password comes from a 0600 file), and when
 //!   the range is exhausted the next user's VMs fail `no_capacity` — never a
@@ -43,8 +46,21 @@ fn write_providers(dir: &Path) {
             "holds",
             "echo 'https://auth.test.invalid/authorize?state=h'; while :; do sleep 1; done",
         ),
+        (
+            "stalls",
+            "echo 'https://auth.test.invalid/authorize?state=s'; while :; do sleep 1; done",
+        ),
+        (
+            "dies",
+            "echo 'https://auth.test.invalid/authorize?state=d'; while :; do sleep 1; done",
+        ),
     ] {
-        std::fs::write(dir.join(format!("{id}.toml")), provider(id, script)).unwrap();
+        // Only `stalls` is meant to run out of time (the shortest login
+        // timeout a provider may have); the others wait for the test.
+        let timeout = if id == "stalls" { 30 } else { 900 };
+        let text =
+            provider(id, script).replace("timeout_secs = 60", &format!("timeout_secs = {timeout}"));
+        std::fs::write(dir.join(format!("{id}.toml")), text).unwrap();
     }
     // A CLI that only hands its URL to xdg-open ($BROWSER), printing nothing.
     std::fs::write(
@@ -53,7 +69,8 @@ fn write_providers(dir: &Path) {
             "opens",
             "\"$BROWSER\" 'https://auth.test.invalid/authorize?state=xdg'; while :; do sleep 1; done",
             "xdg-open",
-        ),
+        )
+        .replace("timeout_secs = 60", "timeout_secs = 900"),
     )
     .unwrap();
 }
@@ -110,6 +127,8 @@ fn failures_cancel_and_upstream_exhaustion() {
     let holds = ses(&ann, "holds");
     let starved = ses(&bob, "holds");
     let opens = ses(&ann, "opens");
+    let stalls = ses(&ann, "stalls");
+    let dies = ses(&ann, "dies");
     driver.notify();
 
     let wait = |what: &str, f: &dyn Fn() -> bool| {
@@ -124,6 +143,7 @@ fn failures_cancel_and_upstream_exhaustion() {
         }
     };
     let session = |id: &str| rt.block_on(store.session(id)).unwrap();
+    let reason = |id: &str| session(id).life.failure.map(|f| (f.reason, f.detail));
     wait(
         "the failing logins to end and the holding one to wait",
         &|| {
@@ -131,13 +151,37 @@ fn failures_cancel_and_upstream_exhaustion() {
                 && session(&nourl).life.state.is_final()
                 && session(&holds).life.state == SessionState::AwaitingUser
                 && session(&opens).life.state == SessionState::AwaitingUser
+                && session(&dies).life.state == SessionState::AwaitingUser
                 && session(&starved).life.state.is_final()
         },
     );
-    let reason = |id: &str| session(id).life.failure.map(|f| (f.reason, f.detail));
+    // The browser VM of `dies` dies mid-login (its hypervisor killed).
+    let dying_vm = rt
+        .block_on(store.vm(session(&dies).browser_vm_id.as_deref().unwrap()))
+        .unwrap()
+        .host_vm_id
+        .unwrap();
+    let qemu: Vec<(u32, String)> = polydev_e2e::processes_mentioning(&format!("vms/{dying_vm}"))
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("qemu"))
+        .collect();
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    // SAFETY: kill(2) on a process of this test's host agent.
+    unsafe { libc::kill(qemu[0].0 as i32, libc::SIGKILL) };
+    wait(
+        "the dead VM's session to fail and the stalled login to time out",
+        &|| session(&dies).life.state.is_final() && session(&stalls).life.state.is_final(),
+    );
+    let (r, d) = reason(&dies).unwrap();
+    assert_eq!(r, FailureReason::VmDied, "{d}");
+    let (r, d) = reason(&stalls).unwrap();
+    assert_eq!(r, FailureReason::Timeout, "{d}");
+    assert!(d.contains("within 30 s"), "{d}");
     let (r, d) = reason(&fails).unwrap();
     assert_eq!(r, FailureReason::LoginFailed, "{d}");
     assert!(d.contains("status 3"), "{d}");
+    // The CLI's own last words are in the detail.
+    assert!(d.contains("no network"), "{d}");
     assert_eq!(reason(&nourl).unwrap().0, FailureReason::AuthUrlNotFound);
 
     // The URL given to $BROWSER (xdg-open's fallback) is recognised.
@@ -208,13 +252,33 @@ fn failures_cancel_and_upstream_exhaustion() {
     }
     driver.notify();
     wait("every browser VM destroyed", &|| {
-        [&fails, &nourl, &holds, &opens].iter().all(|id| {
+        [&fails, &nourl, &holds, &opens, &stalls].iter().all(|id| {
             let b = session(id).browser_vm_id.unwrap();
             let st = rt.block_on(store.vm(&b)).unwrap().life.state;
             st == VmState::Destroyed
         })
     });
+    // The killed one is recorded as what it is: failed, having died.
+    let dead = rt
+        .block_on(store.vm(session(&dies).browser_vm_id.as_deref().unwrap()))
+        .unwrap();
+    assert_eq!(dead.life.state, VmState::Failed, "{:?}", dead.life);
+    assert_eq!(
+        dead.life.failure.map(|f| f.reason),
+        Some(FailureReason::VmDied)
+    );
     assert_eq!(host.vm_dirs(), 0, "no VM left at the host");
+    // The ended browser VMs' logs are kept, the dead one's included.
+    for id in [&stalls, &dies] {
+        let vm = rt
+            .block_on(store.vm(session(id).browser_vm_id.as_deref().unwrap()))
+            .unwrap();
+        let kept = data
+            .join("logs")
+            .join(vm.host_vm_id.unwrap())
+            .join("console.log");
+        assert!(kept.is_file(), "{}", kept.display());
+    }
 
     stop.send(true).unwrap();
     rt.block_on(running).unwrap().unwrap();

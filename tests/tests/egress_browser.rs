@@ -14,14 +14,13 @@
 mod egress_support;
 
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use egress_support::{
     basic, exec, seen_now, serve_one, start_http_upstream_routed, start_server, unique, SeenLog,
 };
-use polydev_e2e::{polydev_bin, Host};
+use polydev_e2e::Host;
 
 /// The "internet" address the upstream maps to the loopback servers.
 const PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -107,22 +106,9 @@ fn start_tls_server(config: Arc<rustls::ServerConfig>) -> (u16, SeenLog, Arc<Mut
     (port, seen, handshakes_failed)
 }
 
-fn browser_image_built() {
-    let out = Command::new(polydev_bin())
-        .args(["image", "inspect", "browser"])
-        .output()
-        .expect("run polydev image inspect");
-    assert!(
-        out.status.success(),
-        "the browser image is not built: run `./target/release/polydev image build browser` \
-         (./polydev.sh setup does): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn chromium_and_a_cli_in_a_browser_vm_leave_through_the_users_upstream() {
-    browser_image_built();
+    polydev_e2e::require_images(&["browser"]);
     let host = Host::start();
     let (sport, seen) = start_server();
     let (ca_pem, tls_config) = test_pki();

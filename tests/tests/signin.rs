@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use egress_support::{basic, start_http_upstream_only, unique, write_upstreams, ProxyLog};
 use polydev_e2e::http::{call, make_token, redeem_link, start_up, ApiProcess};
 use polydev_e2e::oauth::{colour, random_hex, Pki, SigninServer, ISSUER_HOST};
-use polydev_e2e::polydev_bin;
 use polydev_e2e::rfb::{self, Frame, WsStream};
 use serde_json::{json, Value};
 
@@ -52,20 +51,6 @@ fn testcli_bin() -> PathBuf {
         p.display()
     );
     p
-}
-
-fn browser_image_built() {
-    for image in ["browser", "cli"] {
-        let out = std::process::Command::new(polydev_bin())
-            .args(["image", "inspect", image])
-            .output()
-            .expect("run polydev image inspect");
-        assert!(
-            out.status.success(),
-            "the {image} image is not built: run ./polydev.sh setup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 }
 
 fn artifacts() -> PathBuf {
@@ -251,6 +236,26 @@ fn fill_field(desk: &mut rfb::Session<WsStream>, fill: [u8; 3], text: &str, what
     panic!("could not type into the {what} field");
 }
 
+/// Wait for the consent page (both buttons on it), save it as `png`, and
+/// click the button filled with colour `button`.
+fn consent(desk: &mut rfb::Session<WsStream>, png: &str, button: &str) {
+    let (_, target) = wait_screen(
+        desk,
+        "consent page",
+        png,
+        Duration::from_secs(180),
+        false,
+        |f| {
+            f.find_colour(colour("consent_background"), 6, 100_000)?;
+            f.find_colour(colour("deny_button"), 8, 500)?;
+            f.find_colour(colour("allow_button"), 8, 500)?;
+            f.find_colour(colour(button), 8, 500)
+        },
+    );
+    let (x, y) = centre(target);
+    desk.click(x, y).expect("click the button");
+}
+
 /// Sign in on the page shown: name, then password, then Enter.
 fn type_credentials(desk: &mut rfb::Session<WsStream>, user: &str, password: &str) {
     fill_field(desk, colour("username_input"), user, "user name");
@@ -275,7 +280,7 @@ struct World {
 }
 
 fn world() -> World {
-    browser_image_built();
+    polydev_e2e::require_images(&["browser", "cli"]);
     let testcli = testcli_bin();
     let dir = tempfile::Builder::new()
         .prefix("pdsi")
@@ -474,20 +479,7 @@ fn a_person_signs_in_through_the_desktop_and_the_cli_vm_uses_the_credential() {
     // 4. The right one, then consent.
     type_credentials(&mut desk, &w.user, &w.password);
     let submitted = Instant::now();
-    let (consent, allow) = wait_screen(
-        &mut desk,
-        "consent page",
-        "signin-3-consent.png",
-        Duration::from_secs(180),
-        false,
-        |f| {
-            f.find_colour(colour("consent_background"), 6, 100_000)?;
-            f.find_colour(colour("allow_button"), 8, 500)
-        },
-    );
-    assert!(consent.find_colour(colour("deny_button"), 8, 500).is_some());
-    let (x, y) = centre(allow);
-    desk.click(x, y).expect("click Allow");
+    consent(&mut desk, "signin-3-consent.png", "allow_button");
     let allowed = Instant::now();
 
     // 5. The CLI's callback, capture, seal, delivery, and the check.
@@ -596,19 +588,7 @@ fn a_person_signs_in_through_the_desktop_and_the_cli_vm_uses_the_credential() {
         signin_page,
     );
     type_credentials(&mut desk, &w.user, &w.password);
-    let (_, deny) = wait_screen(
-        &mut desk,
-        "consent page (second session)",
-        "signin-6-consent-again.png",
-        Duration::from_secs(180),
-        false,
-        |f| {
-            f.find_colour(colour("consent_background"), 6, 100_000)?;
-            f.find_colour(colour("deny_button"), 8, 500)
-        },
-    );
-    let (x, y) = centre(deny);
-    desk.click(x, y).expect("click Deny");
+    consent(&mut desk, "signin-6-consent-again.png", "deny_button");
     drop(desk);
     let until = Instant::now() + Duration::from_secs(600);
     let failed = loop {

@@ -278,6 +278,18 @@ async fn in_vm(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreEr
                 }
             }
             SessionState::AwaitingUser => {
+                let waited_ms = crate::util::now_ms().saturating_sub(s.life.state_since);
+                let limit_ms =
+                    i64::try_from(p.login_timeout_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+                if waited_ms > limit_ms {
+                    return Ok(Next::Fail(
+                        FailureReason::Timeout,
+                        format!(
+                            "nobody finished signing in within {} s (the provider's login timeout); start the connection again",
+                            p.login_timeout_secs
+                        ),
+                    ));
+                }
                 if let Some(why) = egress_refused(inner, s, r).await {
                     return Ok(Next::Fail(FailureReason::EgressFailed, why));
                 }
