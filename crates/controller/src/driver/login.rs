@@ -12,6 +12,11 @@ use polydev_api::agent::ExecRequest;
 use super::host::{HostApi, HostError};
 use crate::providers::{Provider, UrlSource};
 
+/// The terminal size a `tty` login gets.
+const TTY_ROWS: u16 = 50;
+/// See [`TTY_ROWS`].
+const TTY_COLS: u16 = 160;
+
 /// Where login state lives inside the VM (tmpfs in browser VMs).
 pub const LOGIN_DIR: &str = "/run/polydev-login";
 
@@ -262,8 +267,9 @@ pub async fn output_tail(
 pub const TAIL_BYTES: usize = 2048;
 
 /// Remove terminal control sequences (CSI/OSC escapes, carriage returns)
-/// that CLIs drawing on a terminal leave in their output.
-fn strip_terminal_codes(s: &str) -> String {
+/// that CLIs drawing on a terminal leave in their output; a hyperlink's
+/// target is kept as text.
+pub fn strip_terminal_codes(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut it = s.chars().peekable();
     while let Some(c) = it.next() {
@@ -281,6 +287,7 @@ fn strip_terminal_codes(s: &str) -> String {
                 Some(']') => {
                     it.next();
                     // Until BEL or ST (ESC \).
+                    let mut osc = String::new();
                     while let Some(c) = it.next() {
                         if c == '\u{7}' {
                             break;
@@ -289,6 +296,20 @@ fn strip_terminal_codes(s: &str) -> String {
                             it.next();
                             break;
                         }
+                        osc.push(c);
+                    }
+                    // A hyperlink (OSC 8 ; params ; target): keep its
+                    // target, which is the whole URL (the visible text may
+                    // be shortened), on a line of its own.
+                    if let Some(target) = osc
+                        .strip_prefix("8;")
+                        .and_then(|r| r.split_once(';'))
+                        .map(|(_, t)| t)
+                        .filter(|t| !t.is_empty())
+                    {
+                        out.push('\n');
+                        out.push_str(target);
+                        out.push('\n');
                     }
                 }
                 _ => {
@@ -387,14 +408,20 @@ pub async fn start(
     if p.login_tty {
         // The CLI draws an interactive prompt: give it a terminal
         // (util-linux `script`, output still to our file; `-e` keeps the
-        // command's exit status).
+        // command's exit status) with a real size: `script` copies the
+        // size of its standard input, which is no terminal here, and a TUI
+        // on a 0x0 terminal draws its header but none of its dialogs
+        // (measured with Gemini CLI 0.61).
         argv = vec![
             "script".into(),
             "-q".into(),
             "-f".into(),
             "-e".into(),
             "-c".into(),
-            shell_words(&argv),
+            format!(
+                "stty rows {TTY_ROWS} cols {TTY_COLS} 2>/dev/null; exec {}",
+                shell_words(&argv)
+            ),
             "/dev/null".into(),
         ];
     }
@@ -438,7 +465,8 @@ pub async fn output(
         if p.auth_url_sources.contains(&source) {
             let path = format!("{}/{file}", dir(session_id));
             if let Some(b) = host.read_file(vm, &path).await? {
-                text.push_str(&String::from_utf8_lossy(&b));
+                // A terminal's control codes would glue onto a URL.
+                text.push_str(&strip_terminal_codes(&String::from_utf8_lossy(&b)));
                 text.push('\n');
             }
         }
@@ -637,6 +665,15 @@ mod tests {
     fn terminal_codes_are_stripped() {
         let s = "\u{1b}[2J\u{1b}[1;31mError:\u{1b}[0m no\r\n\u{1b}]0;title\u{7}done";
         assert_eq!(strip_terminal_codes(s), "Error: no\ndone");
+        // Claude Code prints its URL as a hyperlink with shortened text.
+        let link = "visit:\n\u{1b}]8;;https://claude.ai/oauth/authorize?code=true&state=s\u{7}\u{1b}[94mhttps://claude.ai/oauth/authorize?z-Q5\u{1b}[39m\u{1b}]8;;\u{7}\n";
+        let out = strip_terminal_codes(link);
+        assert!(
+            out.lines()
+                .any(|l| l == "https://claude.ai/oauth/authorize?code=true&state=s"),
+            "{out:?}"
+        );
+        assert!(!out.contains('\u{7}') && !out.contains('\u{1b}'), "{out:?}");
     }
 
     #[test]

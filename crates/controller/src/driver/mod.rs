@@ -311,6 +311,9 @@ pub(crate) struct Inner {
     busy: Mutex<HashSet<String>>,
     /// Records resting after a step that changed nothing: id → (version, until).
     quiet: Mutex<std::collections::HashMap<String, (i64, std::time::Instant)>>,
+    /// Sessions whose login printed an auth URL before handing one to the
+    /// browser: session id → when the printed one was first seen.
+    pub(crate) printed_url_seen: Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// The driver; cheap to clone (the API keeps one to [`Driver::notify`]).
@@ -384,6 +387,7 @@ impl Driver {
                 wake: Notify::new(),
                 busy: Mutex::new(HashSet::new()),
                 quiet: Mutex::new(std::collections::HashMap::new()),
+                printed_url_seen: Mutex::new(std::collections::HashMap::new()),
             }),
         }
     }

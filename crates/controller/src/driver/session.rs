@@ -258,7 +258,11 @@ async fn in_vm(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreEr
                     return Ok(Next::Wait);
                 }
                 let out = login::output(host, r, &s.id, p).await?;
-                match (p.find_auth_url(&out), status) {
+                let found = p.find_auth_url(&out);
+                if found.is_some() && !url_settled(inner, s, p, host, r, status).await? {
+                    return Ok(Next::Wait);
+                }
+                match (found, status) {
                     (Some(url), _) => {
                         let callback = login::callback(host, r, &url).await;
                         Next::Go(
@@ -290,7 +294,7 @@ async fn in_vm(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreEr
                         ),
                     ));
                 }
-                if let Some(why) = egress_refused(inner, s, r).await {
+                if let Some(why) = egress_refused(inner, s, p, r).await {
                     return Ok(Next::Fail(FailureReason::EgressFailed, why));
                 }
                 let files = login::captured(host, r, p, home).await?;
@@ -349,21 +353,79 @@ async fn in_vm(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreEr
     }
 }
 
-/// Why the browser VM's egress refused the auth URL's host, if it did and
-/// nothing to that host went through (see `egress_check`).
-async fn egress_refused(inner: &Inner, s: &Session, vm: &str) -> Option<String> {
+/// How long a printed auth URL waits for the one the CLI hands to the
+/// browser: CLIs print a shortened or paste-code URL and open the full one
+/// (Claude Code 2.1 prints `…/authorize?z-<challenge>`), so the URL the
+/// person's browser shows wins when it comes soon after.
+const PRINTED_URL_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Whether the auth URL found now may be taken: one handed to the browser
+/// always; a printed one once the login has exited, when the provider does
+/// not hand URLs to the browser, or after [`PRINTED_URL_GRACE`].
+async fn url_settled(
+    inner: &Inner,
+    s: &Session,
+    p: &Provider,
+    host: &dyn HostApi,
+    vm: &str,
+    status: LoginStatus,
+) -> Result<bool, super::HostError> {
+    use crate::providers::UrlSource;
+    if !p.auth_url_sources.contains(&UrlSource::XdgOpen) || !matches!(status, LoginStatus::Running)
+    {
+        return Ok(true);
+    }
+    let opened = host
+        .read_file(vm, &format!("{}/opened", login::dir(&s.id)))
+        .await?
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let mut seen = inner
+        .printed_url_seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if p.find_auth_url(&opened).is_some() {
+        seen.remove(&s.id);
+        return Ok(true);
+    }
+    let first = *seen
+        .entry(s.id.clone())
+        .or_insert_with(std::time::Instant::now);
+    Ok(first.elapsed() >= PRINTED_URL_GRACE)
+}
+
+/// Why the browser VM's egress refused an auth URL's host, if it did and
+/// nothing to that host went through (see `egress_check`). The hosts are
+/// the recorded auth URL's and those of every auth URL the login printed or
+/// handed to the browser since (a CLI may print one URL and open another).
+async fn egress_refused(inner: &Inner, s: &Session, p: &Provider, vm: &str) -> Option<String> {
     let events = inner.store.events_for("session", &s.id).await.ok()?;
-    let url = events
+    let mut urls: Vec<String> = events
         .iter()
         .rev()
-        .find_map(|e| e.detail.get("auth_url")?.as_str().map(str::to_string))?;
-    let host = super::egress_check::url_host(&url)?.to_string();
+        .find_map(|e| e.detail.get("auth_url")?.as_str().map(str::to_string))
+        .into_iter()
+        .collect();
+    if let Ok(text) = login::output(&*inner.host, vm, &s.id, p).await {
+        urls.extend(p.auth_url.find_iter(&text).map(|m| m.as_str().to_string()));
+    }
+    let mut hosts: Vec<String> = urls
+        .iter()
+        .filter_map(|u| super::egress_check::url_host(u).map(str::to_string))
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    if hosts.is_empty() {
+        return None;
+    }
     let log = inner
         .host
         .logs(vm, polydev_api::vm::LogKind::Egress)
         .await
         .ok()?;
-    super::egress_check::refused(&log, &host)
+    hosts
+        .iter()
+        .find_map(|h| super::egress_check::refused(&log, h))
 }
 
 enum Next {
