@@ -316,19 +316,26 @@ impl Drop for Reaper {
     }
 }
 
+/// `polydev image inspect <name>` (the image's manifest), or a panic that
+/// says how to build it.
+pub fn image_manifest(name: &str) -> serde_json::Value {
+    let out = std::process::Command::new(polydev_bin())
+        .args(["image", "inspect", name])
+        .output()
+        .expect("run polydev image inspect");
+    assert!(
+        out.status.success(),
+        "the {name} image is not built: run `./target/release/polydev image build {name}` \
+         (./polydev.sh setup does): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("inspect prints the manifest")
+}
+
 /// Panics with the command to run unless each golden image in `names` is
-/// built (`polydev image inspect`).
+/// built.
 pub fn require_images(names: &[&str]) {
     for image in names {
-        let out = std::process::Command::new(polydev_bin())
-            .args(["image", "inspect", image])
-            .output()
-            .expect("run polydev image inspect");
-        assert!(
-            out.status.success(),
-            "the {image} image is not built: run `./target/release/polydev image build {image}` \
-             (./polydev.sh setup does): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        image_manifest(image);
     }
 }

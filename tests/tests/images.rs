@@ -19,17 +19,7 @@ const CLI_TIMEOUT: &str = "400";
 
 /// `polydev image inspect <name>`, or a panic that says how to build it.
 fn manifest(name: &str) -> serde_json::Value {
-    let out = Command::new(polydev_bin())
-        .args(["image", "inspect", name])
-        .output()
-        .expect("run polydev image inspect");
-    assert!(
-        out.status.success(),
-        "the {name} image is not built: run `./target/release/polydev image build {name}` \
-         (./polydev.sh setup does): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("inspect prints the manifest")
+    polydev_e2e::image_manifest(name)
 }
 
 fn cli_manifest() -> serde_json::Value {

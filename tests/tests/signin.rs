@@ -124,6 +124,17 @@ impl Api {
         }
     }
 
+    /// Asserts the caller has a sealed credential for `provider`.
+    fn has_credential(&self, provider: &str) {
+        let creds = self.get("/api/v1/credentials");
+        assert!(
+            creds
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["provider"] == provider)),
+            "no {provider} credential: {creds}"
+        );
+    }
+
     /// Wait until the VM `id` is destroyed.
     fn wait_destroyed(&self, id: &str) {
         let until = Instant::now() + Duration::from_secs(300);
@@ -527,13 +538,7 @@ fn a_person_signs_in_through_the_desktop_and_the_cli_vm_uses_the_credential() {
     assert!(seen.iter().all(|p| p.auth == w.upstream_auth), "{seen:?}");
 
     // The credential is sealed; the browser VM is gone; the CLI VM holds it.
-    let creds = api.get("/api/v1/credentials");
-    assert!(
-        creds
-            .as_array()
-            .is_some_and(|c| c.iter().any(|c| c["provider"] == "testcli")),
-        "{creds}"
-    );
+    api.has_credential("testcli");
     api.wait_destroyed(&browser_vm);
     let vms = api.get("/api/v1/vms");
     let cli_vm = vms
@@ -627,12 +632,6 @@ fn a_person_signs_in_through_the_desktop_and_the_cli_vm_uses_the_credential() {
         w.data.display()
     );
     // The first credential is untouched by the failed second session.
-    let creds = api.get("/api/v1/credentials");
-    assert!(
-        creds
-            .as_array()
-            .is_some_and(|c| c.iter().any(|c| c["provider"] == "testcli")),
-        "{creds}"
-    );
+    api.has_credential("testcli");
     drop(w.up);
 }
