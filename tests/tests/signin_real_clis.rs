@@ -1,0 +1,212 @@
+//! The real CLIs, as far as a closed network allows: for Claude Code and
+//! Codex a session starts the pinned CLI's real login in the
+//! desktop of the real browser image (production defaults), the auth URL is
+//! recognised and handed to the desktop's Chromium, and the URL is right:
+//! the provider's host, a client id, state, a PKCE S256 challenge, and a
+//! `redirect_uri` that is the CLI's own loopback callback, listening in the
+//! VM at that moment (or the provider's paste-code page).
+//!
+//! The page itself cannot load here: the user's upstream (a loopback test
+//! proxy) refuses every target, so nothing leaves the machine. That is
+//! also the egress failure path: each session then fails at once with
+//! `egress_failed`, naming the auth URL's host and the upstream, instead of
+//! waiting out its timeout; its browser VM is destroyed and its logs kept.
+
+mod egress_support;
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use egress_support::{basic, start_http_upstream_only, unique, write_upstreams};
+use polydev_e2e::http::{call, make_token, redeem_link, start_up};
+use serde_json::{json, Value};
+
+/// Per provider: the hosts its auth URL may have.
+///
+/// Gemini CLI is not here yet: its login reaches "Waiting for
+/// authentication" with its loopback callback listening, but only after the
+/// person answers two dialogs in its terminal (the first automatic attempt
+/// fails "Authentication consent could not be obtained"), and it opens the
+/// URL through xdg-open's MIME default (Chromium's desktop file), not
+/// `$BROWSER`, and never prints it, so the driver cannot see the URL.
+const PROVIDERS: &[(&str, &[&str])] = &[
+    (
+        "claude-code",
+        &["claude.ai", "claude.com", "console.anthropic.com"],
+    ),
+    ("codex", &["auth.openai.com"]),
+];
+
+fn query(url: &str, name: &str) -> Option<String> {
+    let q = url.split_once('?')?.1;
+    q.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| v.to_string())
+    })
+}
+
+#[test]
+fn each_real_cli_opens_its_real_auth_url_then_fails_on_egress() {
+    polydev_e2e::require_images(&["browser", "cli"]);
+    let dir = tempfile::Builder::new()
+        .prefix("pdrc")
+        .tempdir_in("/tmp")
+        .expect("temp dir");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let _reaper = polydev_e2e::Reaper(data.clone());
+    // The user's upstream refuses everything: no route, no resolving.
+    let password = unique("up");
+    let (uport, upstream_log) = start_http_upstream_only(
+        Ipv4Addr::new(127, 0, 0, 4),
+        Some(basic("acct", &password)),
+        Vec::new(),
+    );
+    write_upstreams(&data, &uport.to_string(), "acct", &password);
+
+    // Production defaults: built-in providers, images, user, memory.
+    let (up, addr, link) = start_up(&data, "up-real-clis.log");
+    let link = link.unwrap_or_else(|| panic!("no login link: {}", up.text()));
+    let cookie = redeem_link(&addr, &link);
+    let token = make_token(
+        &addr,
+        &cookie,
+        "clis",
+        &["sessions:read", "sessions:write", "vms:read"],
+    );
+    let auth = format!("Bearer {token}");
+    let h = [("authorization", auth.as_str())];
+
+    let mut ids = Vec::new();
+    for (provider, _) in PROVIDERS {
+        let r = call(
+            &addr,
+            "POST",
+            "/api/v1/sessions",
+            &h,
+            Some(&json!({"provider": provider})),
+        );
+        assert_eq!(r.status, 201, "{provider}: {:?}", r.json());
+        ids.push(r.json()["id"].as_str().expect("id").to_string());
+    }
+    let started = Instant::now();
+    let until = started + Duration::from_secs(900);
+    let mut finished: Vec<Option<Value>> = vec![None; ids.len()];
+    while finished.iter().any(Option::is_none) {
+        for (i, id) in ids.iter().enumerate() {
+            if finished[i].is_some() {
+                continue;
+            }
+            let s = call(&addr, "GET", &format!("/api/v1/sessions/{id}"), &h, None).json();
+            if s["done"].as_bool().unwrap_or(false) {
+                eprintln!(
+                    "{}: {} after {:.0?}",
+                    PROVIDERS[i].0,
+                    s["state"],
+                    started.elapsed()
+                );
+                finished[i] = Some(s);
+            }
+        }
+        assert!(
+            Instant::now() < until,
+            "sessions still running: {finished:?}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    for (i, id) in ids.iter().enumerate() {
+        let (provider, hosts) = PROVIDERS[i];
+        let s = finished[i].take().expect("finished");
+        let events = call(
+            &addr,
+            "GET",
+            &format!("/api/v1/sessions/{id}/events"),
+            &h,
+            None,
+        )
+        .json();
+        let awaiting = events
+            .as_array()
+            .and_then(|e| e.iter().find(|e| e["to_state"] == "awaiting_user"))
+            .unwrap_or_else(|| panic!("{provider} never reached awaiting_user: {s} {events}"));
+        let url = awaiting["detail"]["auth_url"].as_str().expect("auth_url");
+        eprintln!("{provider}: {url}");
+        let host = url
+            .strip_prefix("https://")
+            .and_then(|r| r.split('/').next())
+            .unwrap_or_default();
+        assert!(hosts.contains(&host), "{provider}: host {host} in {url}");
+        let client = query(url, "client_id").unwrap_or_default();
+        assert!(!client.is_empty(), "{provider}: client_id in {url}");
+        assert!(
+            query(url, "state").is_some_and(|s| !s.is_empty()),
+            "{provider}: state in {url}"
+        );
+        assert!(
+            query(url, "code_challenge").is_some_and(|s| s.len() >= 43),
+            "{provider}: PKCE challenge in {url}"
+        );
+        assert_eq!(
+            query(url, "code_challenge_method").as_deref(),
+            Some("S256"),
+            "{provider}: {url}"
+        );
+        let cb = &awaiting["detail"]["callback"];
+        let redirect = cb["redirect_uri"].as_str().unwrap_or_default();
+        if cb["loopback_port"].is_number() {
+            assert_eq!(
+                cb["listening"], true,
+                "{provider}: the loopback callback {redirect} must be listening in the VM: {cb}"
+            );
+        } else {
+            // Claude Code may send the browser to its paste-code page.
+            assert!(
+                provider == "claude-code" && redirect.starts_with("https://"),
+                "{provider}: redirect_uri {redirect} is neither a loopback callback nor a paste-code page"
+            );
+        }
+        // The page cannot load: every connection to the auth host went to
+        // the user's upstream and was refused there.
+        assert_eq!(s["state"], "failed", "{provider}: {s}");
+        assert_eq!(s["failure"]["reason"], "egress_failed", "{provider}: {s}");
+        let detail = s["failure"]["detail"].as_str().unwrap_or_default();
+        // (The host the browser tried: a CLI may print one URL and open
+        // another of the same provider.)
+        assert!(
+            hosts.iter().any(|h| detail.contains(&format!("{h}:443")))
+                && detail.contains(&format!("127.0.0.1:{uport}")),
+            "{provider}: the reason names the host and the upstream: {detail}"
+        );
+    }
+    let seen = upstream_log
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    for (_, hosts) in PROVIDERS {
+        assert!(
+            seen.iter()
+                .any(|p| hosts.iter().any(|h| p.target == format!("{h}:443"))),
+            "the upstream saw a CONNECT to one of {hosts:?}: {seen:?}"
+        );
+    }
+    // The browser VMs are gone; nothing of them runs.
+    let until = Instant::now() + Duration::from_secs(300);
+    loop {
+        let vms = call(&addr, "GET", "/api/v1/vms", &h, None).json();
+        let live: Vec<&Value> = vms
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .filter(|v| v["kind"] == "browser" && v["done"] != true)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if live.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < until, "browser VMs left: {live:?}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    drop(up);
+}
