@@ -56,8 +56,9 @@ fn a_vm_leaves_through_its_socks5_upstream_with_username_and_password() {
         &format!("wget -q -O - http://127.0.0.1:{sport}/by-address"),
     );
     assert_eq!(r.stdout, "hello GET /by-address body=0\n", "{}", r.stderr);
-    // CONNECT by name (ATYP 3): the upstream gets `localhost`, not an
-    // address the host resolved.
+    // CONNECT to `localhost`: a loopback name is the loopback address to
+    // the host's policy (never something an upstream may resolve its own
+    // way), so the upstream gets the address the allow rule opened.
     let script = format!(
         "printf 'CONNECT localhost:{sport} HTTP/1.1\\r\\nHost: x\\r\\n\\r\\nGET /by-name HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' | nc 127.0.0.1 3128"
     );
@@ -95,7 +96,7 @@ fn a_vm_leaves_through_its_socks5_upstream_with_username_and_password() {
                 auth: creds.clone()
             },
             ProxySeen {
-                target: format!("localhost:{sport}"),
+                target: format!("127.0.0.1:{sport}"),
                 auth: creds.clone()
             },
         ]

@@ -216,11 +216,16 @@ fn signin_page(f: &Frame) -> Option<()> {
 /// the screen until the field shows it (a page still settling can swallow
 /// the first keys: a person looks and types again).
 fn fill_field(desk: &mut rfb::Session<WsStream>, fill: [u8; 3], text: &str, what: &str) {
-    for attempt in 0..4 {
-        let f = desk.frame().expect("capture the desktop");
-        let Some(field) = f.find_colour(fill, 8, 500) else {
-            panic!("no {what} field on the screen (attempt {attempt})");
-        };
+    for _ in 0..4 {
+        // The page may be covered a moment (a window opening over it).
+        let (_, field) = wait_screen(
+            desk,
+            &format!("the {what} field"),
+            "signin-field.png",
+            Duration::from_secs(120),
+            false,
+            |f| f.find_colour(fill, 8, 500),
+        );
         let (x, y) = centre(field);
         desk.click(x, y).expect("click the field");
         desk.ctrl('a').expect("select all");

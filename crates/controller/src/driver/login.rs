@@ -46,13 +46,13 @@ command -v wmctrl >/dev/null 2>&1 || exec $POLYDEV_REAL_BROWSER "$@"
 before=" $(wmctrl -l 2>/dev/null | cut -d' ' -f1 | tr '\n' ' ') "
 # A browser that is still starting can drop a URL handed over to it
 # (measured under TCG right after its first window appeared): hand it over
-# again when no window came within 30 s, up to three times.
+# again when no window came within 60 s, up to three times.
 tries=0
 while [ "$tries" -lt 3 ]; do
   tries=$((tries + 1))
   $POLYDEV_REAL_BROWSER "$@" >>"$POLYDEV_OPENED.log" 2>&1
   i=0
-  while [ "$i" -lt 120 ]; do
+  while [ "$i" -lt 240 ]; do
     for w in $(wmctrl -lx 2>/dev/null | awk '$3 ~ /[Cc]hromium/ {print $1}'); do
       case "$before" in *" $w "*) continue ;; esac
       wmctrl -i -r "$w" -b add,maximized_vert,maximized_horz

@@ -354,10 +354,10 @@ async fn in_vm(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreEr
 }
 
 /// How long a printed auth URL waits for the one the CLI hands to the
-/// browser: CLIs print a shortened or paste-code URL and open the full one
+/// browser (minutes apart under TCG on a loaded host): CLIs print a shortened or paste-code URL and open the full one
 /// (Claude Code 2.1 prints `…/authorize?z-<challenge>`), so the URL the
 /// person's browser shows wins when it comes soon after.
-const PRINTED_URL_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+const PRINTED_URL_GRACE: std::time::Duration = std::time::Duration::from_secs(90);
 
 /// Whether the auth URL found now may be taken: one handed to the browser
 /// always; a printed one once the login has exited, when the provider does

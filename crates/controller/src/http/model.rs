@@ -205,7 +205,11 @@ pub struct SessionCreate {
 #[serde(deny_unknown_fields)]
 pub struct SessionInput {
     /// The text (1-4096 characters, no control characters).
-    #[schema(min_length = 1, max_length = 4096)]
+    #[schema(
+        min_length = 1,
+        max_length = 4096,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"
+    )]
     pub text: String,
     /// Press Enter after the text (default true).
     #[serde(default = "default_true")]
