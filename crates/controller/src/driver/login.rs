@@ -214,7 +214,7 @@ pub enum WriteError {
 }
 
 /// `argv` run as `user` (util-linux `runuser`), or as is.
-fn as_user(user: Option<&str>, argv: Vec<String>) -> Vec<String> {
+pub(super) fn as_user(user: Option<&str>, argv: Vec<String>) -> Vec<String> {
     match user {
         Some(u) => ["runuser", "-u", u, "--"]
             .into_iter()
@@ -400,11 +400,7 @@ pub async fn start(
         })?;
     }
     let d = dir(session_id);
-    let mut argv: Vec<String> = Vec::new();
-    if let Some(u) = &place.user {
-        argv.extend(["runuser", "-u", u.as_str(), "--"].map(String::from));
-    }
-    argv.extend(p.login_command.iter().cloned());
+    let mut argv = as_user(place.user.as_deref(), p.login_command.clone());
     if p.login_tty {
         // The CLI draws an interactive prompt: give it a terminal
         // (util-linux `script`, output still to our file; `-e` keeps the

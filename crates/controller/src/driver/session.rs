@@ -622,11 +622,7 @@ async fn run_check(
     check: &crate::providers::Check,
     user: Option<&str>,
 ) -> Result<Option<String>, super::HostError> {
-    let mut argv: Vec<String> = Vec::new();
-    if let Some(u) = user {
-        argv.extend(["runuser", "-u", u, "--"].map(String::from));
-    }
-    argv.extend(check.command.iter().cloned());
+    let argv = login::as_user(user, check.command.clone());
     let out = inner
         .host
         .exec(
