@@ -62,6 +62,20 @@ fn write_providers(dir: &Path) {
             provider(id, script).replace("timeout_secs = 60", &format!("timeout_secs = {timeout}"));
         std::fs::write(dir.join(format!("{id}.toml")), text).unwrap();
     }
+    // A CLI that asks before it shows its URL: the provider's answer is
+    // typed once (a second would be echoed back).
+    std::fs::write(
+        dir.join("asks.toml"),
+        provider(
+            "asks",
+            "printf 'Do you want to continue? [y/n] '; read a; [ \"$a\" = y ] || exit 5; \
+             echo 'https://auth.test.invalid/authorize?state=asked'; \
+             while read b; do echo \"typed again: $b\"; done; while :; do sleep 1; done",
+        )
+        .replace("timeout_secs = 60", "timeout_secs = 900")
+            + "\n[[login.respond]]\nwhen = 'continue\\? \\[y/n\\]'\nsend = \"y\\n\"\n",
+    )
+    .unwrap();
     // A CLI that only hands its URL to xdg-open ($BROWSER), printing nothing.
     std::fs::write(
         dir.join("opens.toml"),
@@ -127,6 +141,7 @@ fn failures_cancel_and_upstream_exhaustion() {
     let holds = ses(&ann, "holds");
     let starved = ses(&bob, "holds");
     let opens = ses(&ann, "opens");
+    let asks = ses(&ann, "asks");
     let stalls = ses(&ann, "stalls");
     let dies = ses(&ann, "dies");
     driver.notify();
@@ -151,6 +166,7 @@ fn failures_cancel_and_upstream_exhaustion() {
                 && session(&nourl).life.state.is_final()
                 && session(&holds).life.state == SessionState::AwaitingUser
                 && session(&opens).life.state == SessionState::AwaitingUser
+                && session(&asks).life.state == SessionState::AwaitingUser
                 && session(&dies).life.state == SessionState::AwaitingUser
                 && session(&starved).life.state.is_final()
         },
@@ -183,6 +199,46 @@ fn failures_cancel_and_upstream_exhaustion() {
     // The CLI's own last words are in the detail.
     assert!(d.contains("no network"), "{d}");
     assert_eq!(reason(&nourl).unwrap().0, FailureReason::AuthUrlNotFound);
+    // …and in the VM's console log, kept after the VM is gone.
+    let fails_vm = rt
+        .block_on(store.vm(session(&fails).browser_vm_id.as_deref().unwrap()))
+        .unwrap()
+        .host_vm_id
+        .unwrap();
+    wait("the failed login's VM destroyed", &|| {
+        data.join("logs")
+            .join(&fails_vm)
+            .join("console.log")
+            .is_file()
+    });
+    let console =
+        std::fs::read_to_string(data.join("logs").join(&fails_vm).join("console.log")).unwrap();
+    assert!(
+        console.contains(&format!(
+            "the login of session {fails} ended (exit status 3)"
+        )) && console.contains("no network"),
+        "{console}"
+    );
+
+    // The question was answered, once: the URL came, nothing typed twice.
+    let ev = rt.block_on(store.events_for("session", &asks)).unwrap();
+    assert!(
+        ev.iter()
+            .any(|e| e.detail.get("auth_url").and_then(|u| u.as_str())
+                == Some("https://auth.test.invalid/authorize?state=asked")),
+        "{ev:?}"
+    );
+    let asks_vm = rt
+        .block_on(store.vm(session(&asks).browser_vm_id.as_deref().unwrap()))
+        .unwrap()
+        .host_vm_id
+        .unwrap();
+    let out = host.sh(&asks_vm, "cat /run/polydev-login/*/output");
+    assert!(
+        out.stdout.contains("state=asked") && !out.stdout.contains("typed again"),
+        "{}",
+        out.stdout
+    );
 
     // The URL given to $BROWSER (xdg-open's fallback) is recognised.
     let ev = rt.block_on(store.events_for("session", &opens)).unwrap();
@@ -245,18 +301,20 @@ fn failures_cancel_and_upstream_exhaustion() {
 
     // The failed sessions' VMs are gone; cancelling the waiting one (what
     // the API does) destroys its VM too.
-    for id in [&holds, &opens] {
+    for id in [&holds, &opens, &asks] {
         let s = session(id);
         rt.block_on(store.transition_session(&s, SessionState::Cancelled, None, Also::default()))
             .unwrap();
     }
     driver.notify();
     wait("every browser VM destroyed", &|| {
-        [&fails, &nourl, &holds, &opens, &stalls].iter().all(|id| {
-            let b = session(id).browser_vm_id.unwrap();
-            let st = rt.block_on(store.vm(&b)).unwrap().life.state;
-            st == VmState::Destroyed
-        })
+        [&fails, &nourl, &holds, &opens, &asks, &stalls]
+            .iter()
+            .all(|id| {
+                let b = session(id).browser_vm_id.unwrap();
+                let st = rt.block_on(store.vm(&b)).unwrap().life.state;
+                st == VmState::Destroyed
+            })
     });
     // The killed one is recorded as what it is: failed, having died.
     let dead = rt

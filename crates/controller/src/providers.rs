@@ -130,6 +130,8 @@ pub struct Provider {
     pub login_env: BTreeMap<String, String>,
     /// Files written into the home directory before the login starts.
     pub login_write: Vec<WriteFile>,
+    /// Answers typed into the login when its output shows a question.
+    pub login_respond: Vec<Respond>,
     /// Whether the login needs a terminal.
     pub login_tty: bool,
     /// How long the login may take.
@@ -184,6 +186,26 @@ pub struct WriteFile {
     pub content: String,
 }
 
+/// An answer to a question the login asks before it reaches its auth URL
+/// (`[[login.respond]]`): a CLI that draws a dialog ("Do you want to
+/// continue?") waits for a key nobody would otherwise press.
+#[derive(Clone, Debug)]
+pub struct Respond {
+    /// Recognises the question in the login's output (terminal codes
+    /// removed).
+    pub when: Regex,
+    /// What is typed, once, the first time `when` matches (`"\r"` is Enter
+    /// on a terminal).
+    pub send: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRespond {
+    when: String,
+    send: String,
+}
+
 /// A file to capture after login.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -195,6 +217,11 @@ pub struct CaptureFile {
     /// Dotted JSON keys that must be present and non-empty.
     #[serde(default)]
     pub json_keys: Vec<String>,
+    /// The credential's fields (dotted JSON keys): only these are sealed
+    /// and delivered, merged into the CLI VM's own file (see
+    /// `driver::fields`). Empty: the file is a credential as a whole.
+    #[serde(default)]
+    pub deliver_keys: Vec<String>,
 }
 
 // ---- the file schema --------------------------------------------------
@@ -224,6 +251,8 @@ struct RawLogin {
     env: BTreeMap<String, String>,
     #[serde(default)]
     write: Vec<WriteFile>,
+    #[serde(default)]
+    respond: Vec<RawRespond>,
     auth_url: RawAuthUrl,
     callback: RawCallback,
 }
@@ -386,6 +415,25 @@ impl Provider {
                 ));
             }
         }
+        let mut respond = Vec::with_capacity(l.respond.len());
+        for r in &l.respond {
+            let when = Regex::new(&r.when).map_err(|e| {
+                bad(
+                    "login.respond.when",
+                    format!("{:?} is not a valid regex: {e}", r.when),
+                )
+            })?;
+            if r.send.is_empty() || r.send.len() > 256 {
+                return Err(bad(
+                    "login.respond.send",
+                    "must be 1-256 bytes (what a person would type, e.g. \"\\r\" for Enter)".into(),
+                ));
+            }
+            respond.push(Respond {
+                when,
+                send: r.send.clone(),
+            });
+        }
         let sources: BTreeSet<UrlSource> = l.auth_url.sources.iter().copied().collect();
         if sources.is_empty() {
             return Err(bad(
@@ -474,13 +522,31 @@ impl Provider {
                     format!("required file {:?} must name the JSON keys that prove it holds a credential", f.path),
                 ));
             }
-            for k in &f.json_keys {
+            for k in f.json_keys.iter().chain(&f.deliver_keys) {
                 if k.split('.').any(str::is_empty) {
                     return Err(bad(
                         "capture.json_keys",
                         format!("{k:?} must be dotted names like \"tokens.refresh_token\""),
                     ));
                 }
+            }
+            // What proves the file a credential must be delivered.
+            let covered = |k: &str| {
+                f.deliver_keys
+                    .iter()
+                    .any(|d| k == d || k.starts_with(&format!("{d}.")))
+            };
+            if let Some(k) = f
+                .json_keys
+                .iter()
+                .find(|k| !f.deliver_keys.is_empty() && !covered(k))
+            {
+                return Err(bad(
+                    "capture.deliver_keys",
+                    format!(
+                        "must include {k:?} (or a parent of it): it is one of the file's json_keys"
+                    ),
+                ));
             }
         }
         let p = raw.prompt;
@@ -512,6 +578,7 @@ impl Provider {
             login_command: l.command,
             login_env: l.env,
             login_write: l.write,
+            login_respond: respond,
             login_tty: l.tty,
             login_timeout_secs: l.timeout_secs,
             auth_url_sources: sources,
@@ -717,6 +784,12 @@ mod tests {
             None
         );
         let g = set.get("gemini-cli").unwrap();
+        // Its two questions are answered with Enter.
+        assert_eq!(g.login_respond.len(), 2);
+        assert!(g.login_respond.iter().all(|r| r.send == "\r"));
+        assert!(g.login_respond[1]
+            .when
+            .is_match("Opening authentication page in your browser. Do you want to continue?"));
         assert!(g
             .find_auth_url(
                 "xdg-open 'https://accounts.google.com/o/oauth2/v2/auth?client_id=1&state=2'"
@@ -802,6 +875,10 @@ mod tests {
             ("json_keys = [\"tokens.access_token\",", "json_keys = [\"tokens..access_token\",", "dotted"),
             ("\"--skip-git-repo-check\", \"{prompt}\"]", "\"--skip-git-repo-check\"]", "{prompt}"),
             ("\"--skip-git-repo-check\", \"{prompt}\"]", "\"--skip-git-repo-check\", \"say {prompt}\"]", "{prompt}"),
+            ("output = \"jsonl\"", "output = \"jsonl\"\n[[login.respond]]\nwhen = '('\nsend = \"y\"", "login.respond.when"),
+            ("output = \"jsonl\"", "output = \"jsonl\"\n[[login.respond]]\nwhen = 'continue'\nsend = \"\"", "login.respond.send"),
+            ("deliver_keys = [\"auth_mode\", \"OPENAI_API_KEY\", \"tokens\", \"last_refresh\"]", "deliver_keys = [\"auth_mode\"]", "must include \"tokens.access_token\""),
+            ("deliver_keys = [\"auth_mode\", \"OPENAI_API_KEY\", \"tokens\", \"last_refresh\"]", "deliver_keys = [\"tokens.\"]", "dotted"),
             ("output = \"jsonl\"", "output = \"xml\"", "unknown variant"),
             ("output = \"jsonl\"", "output = \"jsonl\"\nshell = true", "unknown field"),
             ("rotates_refresh_token = true", "", "missing field `rotates_refresh_token`"),

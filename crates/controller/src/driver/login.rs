@@ -23,15 +23,22 @@ pub const LOGIN_DIR: &str = "/run/polydev-login";
 /// Start the login unless a previous driver already did.
 ///
 /// `$d/browser` ([`BROWSER_WRAPPER`]) is what the login gets as `$BROWSER`
-/// (xdg-open uses it outside a full desktop).
+/// (xdg-open uses it outside a full desktop), and `$d/bin/xdg-open`, first
+/// on the login's `PATH`, hands every URL to it too: a CLI that calls
+/// xdg-open (Gemini CLI, through the `open` package) would otherwise reach
+/// the desktop's default browser directly, unseen and unmaximised.
 const START: &str = r#"inner="$1"; d="$2"; wrapper="$3"; shift 3
 mkdir -p "${d%/*}" || exit 1
 mkdir "$d" 2>/dev/null || exit 0
 : >"$d/opened" && : >"$d/opened.log" && chmod 0666 "$d/opened" "$d/opened.log"
 printf '%s' "$wrapper" >"$d/browser"
-chmod 0755 "$d" "$d/browser"
+mkdir "$d/bin" && printf '#!/bin/sh\nexec "%s/browser" "$@"\n' "$d" >"$d/bin/xdg-open"
+chmod 0755 "$d" "$d/browser" "$d/bin" "$d/bin/xdg-open"
 setsid sh -c "$inner" sh "$d" "$@" >/dev/null 2>&1 </dev/null &
 exit 0"#;
+
+/// The `PATH` of a login, after its own `bin` (see [`START`]).
+const LOGIN_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The login's `$BROWSER`: appends the URL it is asked to open to
 /// `$POLYDEV_OPENED` (so an auth URL handed to xdg-open is seen as well as
@@ -82,6 +89,17 @@ echo $? >"$d/exit.tmp" && mv "$d/exit.tmp" "$d/exit""#;
 const INPUT: &str = r#"d="$1"
 [ -p "$d/input" ] && [ ! -f "$d/exit" ] || { echo "the login is not running" >&2; exit 3; }
 cat >"$d/input""#;
+
+/// Type stdin into a running login once per answer: each `$@` names an
+/// answer, recorded by an atomic `mkdir`, so a driver that resumes after a
+/// crash never types an answer twice.
+const RESPOND: &str = r#"d="$1"; shift
+[ -p "$d/input" ] && [ ! -f "$d/exit" ] || { echo "the login is not running" >&2; exit 3; }
+text=$(cat; echo .); text=${text%.}
+for a in "$@"; do
+  mkdir "$d/answered-$a" 2>/dev/null || continue
+  printf '%s' "$text" >"$d/input"
+done"#;
 
 const STATUS: &str = r#"d="$1"
 [ -d "$d" ] || { echo absent; exit 0; }
@@ -201,6 +219,49 @@ pub async fn write_file(
     }
 }
 
+/// The largest home-directory file [`read_as`] reads back.
+const READ_MAX: usize = 1 << 20;
+
+/// The file at the absolute `path` in `vm`, read as `user` (so a symlink
+/// the user planted leads only where they could read anyway); `None` when
+/// there is none. Larger than 1 MiB is refused.
+pub async fn read_as(
+    host: &dyn HostApi,
+    vm: &str,
+    path: &str,
+    user: Option<&str>,
+) -> Result<Option<Vec<u8>>, WriteError> {
+    let out = host
+        .exec(
+            vm,
+            ExecRequest {
+                argv: as_user(
+                    user,
+                    sh(
+                        r#"[ -e "$1" ] || exit 3; head -c "$2" "$1""#,
+                        &[path, &(READ_MAX + 1).to_string()],
+                    ),
+                ),
+                timeout_ms: Some(30_000),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(WriteError::Host)?;
+    match out.status.and_then(|s| s.code) {
+        Some(0) if out.stdout.len() > READ_MAX => Err(WriteError::Refused(format!(
+            "{path} in the VM is larger than {READ_MAX} bytes; it is not a credential file"
+        ))),
+        Some(0) => Ok(Some(out.stdout)),
+        Some(3) => Ok(None),
+        _ => Err(WriteError::Refused(format!(
+            "reading {path} in the VM{} failed: {}",
+            user.map(|u| format!(" as {u}")).unwrap_or_default(),
+            redact(String::from_utf8_lossy(&out.stderr).trim())
+        ))),
+    }
+}
+
 /// Why [`write_file`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -261,6 +322,23 @@ pub async fn output_tail(
     let start = b.len().saturating_sub(TAIL_BYTES);
     let text = String::from_utf8_lossy(&b[start..]);
     Ok(redact(&strip_terminal_codes(&text)).trim().to_string())
+}
+
+/// Write `text` to the VM's console, which the host records in the VM's
+/// console log and keeps after the VM is destroyed: a failed login's last
+/// words outlive the browser VM's memory-only filesystem. Best effort (a
+/// VM that does not answer loses only this copy; the failure detail has
+/// the same text).
+pub async fn to_console(host: &dyn HostApi, vm: &str, text: &str) {
+    let req = ExecRequest {
+        argv: sh(r#"cat >/dev/console"#, &[]),
+        stdin: Some(text.as_bytes().to_vec()),
+        timeout_ms: Some(10_000),
+        ..Default::default()
+    };
+    if let Err(e) = host.exec(vm, req).await {
+        tracing::debug!(vm, error = %e, "cannot copy the login's output to the console log");
+    }
 }
 
 /// How much of a failed login's output its failure detail keeps.
@@ -426,6 +504,8 @@ pub async fn start(
     let mut env: BTreeMap<String, String> = place.env.clone();
     env.extend(p.login_env.clone());
     env.insert("HOME".into(), place.home.clone());
+    let path = env.get("PATH").map_or(LOGIN_PATH, String::as_str);
+    env.insert("PATH".into(), format!("{d}/bin:{path}"));
     env.insert("BROWSER".into(), format!("{d}/browser"));
     env.insert("POLYDEV_OPENED".into(), format!("{d}/opened"));
     if let Some(b) = &place.browser {
@@ -445,29 +525,88 @@ pub async fn start(
     .await
 }
 
-/// The login's output so far (empty before it wrote any), and the URLs it
-/// handed to `$BROWSER`, for the sources the provider names.
-pub async fn output(
+/// What a login has said so far: its output and the URLs it handed to
+/// `$BROWSER` (each empty before it wrote any), terminal codes removed.
+#[derive(Clone, Debug, Default)]
+pub struct LoginText {
+    /// URLs handed to `$BROWSER` or xdg-open, one per line.
+    pub opened: String,
+    /// The login's output (standard output and error, or its terminal).
+    pub printed: String,
+}
+
+impl LoginText {
+    /// The text the provider's auth URL is looked for in: its sources'.
+    pub fn for_sources(&self, p: &Provider) -> String {
+        let mut text = String::new();
+        if p.auth_url_sources.contains(&UrlSource::XdgOpen) {
+            text.push_str(&self.opened);
+            text.push('\n');
+        }
+        if p.auth_url_sources.contains(&UrlSource::Output) {
+            text.push_str(&self.printed);
+            text.push('\n');
+        }
+        text
+    }
+}
+
+/// Read what the login has said so far (see [`LoginText`]).
+pub async fn read(host: &dyn HostApi, vm: &str, session_id: &str) -> Result<LoginText, HostError> {
+    async fn text(host: &dyn HostApi, vm: &str, path: &str) -> Result<String, HostError> {
+        // A terminal's control codes would glue onto a URL.
+        Ok(host
+            .read_file(vm, path)
+            .await?
+            .map(|b| strip_terminal_codes(&String::from_utf8_lossy(&b)))
+            .unwrap_or_default())
+    }
+    let d = dir(session_id);
+    Ok(LoginText {
+        opened: text(host, vm, &format!("{d}/opened")).await?,
+        printed: text(host, vm, &format!("{d}/output")).await?,
+    })
+}
+
+/// Answer the questions the login's output shows (the provider's
+/// `[[login.respond]]`), each once. `Ok(false)`: the login is not running.
+pub async fn respond(
     host: &dyn HostApi,
     vm: &str,
     session_id: &str,
     p: &Provider,
-) -> Result<String, HostError> {
-    let mut text = String::new();
-    for (source, file) in [
-        (UrlSource::XdgOpen, "opened"),
-        (UrlSource::Output, "output"),
-    ] {
-        if p.auth_url_sources.contains(&source) {
-            let path = format!("{}/{file}", dir(session_id));
-            if let Some(b) = host.read_file(vm, &path).await? {
-                // A terminal's control codes would glue onto a URL.
-                text.push_str(&strip_terminal_codes(&String::from_utf8_lossy(&b)));
-                text.push('\n');
-            }
+    printed: &str,
+) -> Result<bool, HostError> {
+    // One exec per distinct answer text; rules with the same text share it.
+    let mut by_text: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (i, r) in p.login_respond.iter().enumerate() {
+        if r.when.is_match(printed) {
+            by_text
+                .entry(r.send.as_str())
+                .or_default()
+                .push(i.to_string());
         }
     }
-    Ok(text)
+    let d = dir(session_id);
+    for (text, answers) in by_text {
+        let mut args: Vec<&str> = vec![&d];
+        args.extend(answers.iter().map(String::as_str));
+        let out = host
+            .exec(
+                vm,
+                ExecRequest {
+                    argv: sh(RESPOND, &args),
+                    stdin: Some(text.as_bytes().to_vec()),
+                    timeout_ms: Some(30_000),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        if !out.success() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Where the auth URL sends the browser back (`redirect_uri`), and for a

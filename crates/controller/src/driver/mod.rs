@@ -19,6 +19,7 @@
 //! [`crate::recovery::fail_overdue`] on every pass.
 
 mod egress_check;
+pub mod fields;
 pub mod host;
 pub mod login;
 pub mod provision;

@@ -211,6 +211,15 @@ async fn exit_failure(
     let said = if tail.is_empty() {
         "; it printed nothing".to_string()
     } else {
+        login::to_console(
+            host,
+            vm,
+            &format!(
+                "\npolydev: the login of session {session_id} ended ({}); its last output (secrets redacted):\n{tail}\npolydev: end of the login's output\n",
+                code.map_or("no exit status".to_string(), |c| format!("exit status {c}"))
+            ),
+        )
+        .await;
         format!("; its last output:\n{tail}")
     };
     match code {
@@ -257,9 +266,12 @@ async fn in_vm(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreEr
                     login::start(host, r, &s.id, p, &place(inner)).await?;
                     return Ok(Next::Wait);
                 }
-                let out = login::output(host, r, &s.id, p).await?;
-                let found = p.find_auth_url(&out);
-                if found.is_some() && !url_settled(inner, s, p, host, r, status).await? {
+                let said = login::read(host, r, &s.id).await?;
+                let found = p.find_auth_url(&said.for_sources(p));
+                if found.is_none() && status == LoginStatus::Running {
+                    login::respond(host, r, &s.id, p, &said.printed).await?;
+                }
+                if found.is_some() && !url_settled(inner, s, p, &said.opened, status) {
                     return Ok(Next::Wait);
                 }
                 match (found, status) {
@@ -334,22 +346,34 @@ async fn in_vm(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, StoreEr
         Ok(Next::Wait) => Ok(false),
         Ok(Next::Go(to, detail)) => go(inner, s, to, detail).await,
         Ok(Next::Fail(reason, detail)) => fail(inner, s, reason, detail).await,
-        Ok(Next::Seal(files)) => match seal(inner, s, &files).await {
-            Ok(version) => {
-                go(
-                    inner,
-                    s,
-                    SessionState::Delivering,
-                    Some(json!({ "credential_version": version })),
-                )
-                .await
-            }
-            Err(e) => fail(inner, s, FailureReason::VaultError, e.to_string()).await,
+        Ok(Next::Seal(files)) => match super::fields::credential_only(p, files) {
+            Ok(files) => seal_and_go(inner, s, &files).await,
+            Err(e) => fail(inner, s, FailureReason::CredentialInvalid, e.to_string()).await,
         },
         Err(e) => {
             tracing::debug!(session = %s.id, error = %e, "VM not answering; retrying");
             Ok(false)
         }
+    }
+}
+
+/// Seal the credential and move on to delivery.
+async fn seal_and_go(
+    inner: &Inner,
+    s: &Session,
+    files: &BTreeMap<String, Vec<u8>>,
+) -> Result<bool, StoreError> {
+    match seal(inner, s, files).await {
+        Ok(version) => {
+            go(
+                inner,
+                s,
+                SessionState::Delivering,
+                Some(json!({ "credential_version": version })),
+            )
+            .await
+        }
+        Err(e) => fail(inner, s, FailureReason::VaultError, e.to_string()).await,
     }
 }
 
@@ -362,36 +386,29 @@ const PRINTED_URL_GRACE: std::time::Duration = std::time::Duration::from_secs(90
 /// Whether the auth URL found now may be taken: one handed to the browser
 /// always; a printed one once the login has exited, when the provider does
 /// not hand URLs to the browser, or after [`PRINTED_URL_GRACE`].
-async fn url_settled(
+fn url_settled(
     inner: &Inner,
     s: &Session,
     p: &Provider,
-    host: &dyn HostApi,
-    vm: &str,
+    opened: &str,
     status: LoginStatus,
-) -> Result<bool, super::HostError> {
+) -> bool {
     use crate::providers::UrlSource;
-    if !p.auth_url_sources.contains(&UrlSource::XdgOpen) || !matches!(status, LoginStatus::Running)
-    {
-        return Ok(true);
-    }
-    let opened = host
-        .read_file(vm, &format!("{}/opened", login::dir(&s.id)))
-        .await?
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
     let mut seen = inner
         .printed_url_seen
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    if p.find_auth_url(&opened).is_some() {
+    if !p.auth_url_sources.contains(&UrlSource::XdgOpen)
+        || !matches!(status, LoginStatus::Running)
+        || p.find_auth_url(opened).is_some()
+    {
         seen.remove(&s.id);
-        return Ok(true);
+        return true;
     }
     let first = *seen
         .entry(s.id.clone())
         .or_insert_with(std::time::Instant::now);
-    Ok(first.elapsed() >= PRINTED_URL_GRACE)
+    first.elapsed() >= PRINTED_URL_GRACE
 }
 
 /// Why the browser VM's egress refused an auth URL's host, if it did and
@@ -406,7 +423,8 @@ async fn egress_refused(inner: &Inner, s: &Session, p: &Provider, vm: &str) -> O
         .find_map(|e| e.detail.get("auth_url")?.as_str().map(str::to_string))
         .into_iter()
         .collect();
-    if let Ok(text) = login::output(&*inner.host, vm, &s.id, p).await {
+    if let Ok(said) = login::read(&*inner.host, vm, &s.id).await {
+        let text = said.for_sources(p);
         urls.extend(p.auth_url.find_iter(&text).map(|m| m.as_str().to_string()));
     }
     let mut hosts: Vec<String> = urls
@@ -565,11 +583,27 @@ async fn delivering(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, St
     let home = &inner.cfg.cli_home;
     let owner = inner.cfg.cli_owner.as_deref().and_then(owner_user);
     for (path, data) in &files {
-        if !p.capture.iter().any(|f| &f.path == path) {
+        let Some(spec) = p.capture.iter().find(|f| &f.path == path) else {
             continue;
-        }
+        };
         let full = format!("{home}/{path}");
-        match login::write_file(host, r, &full, data.to_vec(), owner).await {
+        let merged = if spec.deliver_keys.is_empty() {
+            Ok(data.to_vec())
+        } else {
+            // Only the credential's fields, into the holder's own file.
+            match login::read_as(host, r, &full, owner).await {
+                Ok(existing) => {
+                    super::fields::merge(path, existing.as_deref(), data, &spec.deliver_keys)
+                        .map_err(|e| login::WriteError::Refused(e.to_string()))
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let written = match merged {
+            Ok(content) => login::write_file(host, r, &full, content, owner).await,
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(()) => {}
             Err(login::WriteError::Host(e)) => {
                 tracing::warn!(session = %s.id, error = %e, "delivery write failed; retrying");
