@@ -1,8 +1,9 @@
-//! The real CLIs, as far as a closed network allows: for Claude Code and
-//! Codex a session starts the pinned CLI's real login in the
+//! The real CLIs, as far as a closed network allows: for Claude Code,
+//! Codex and Gemini CLI a session starts the pinned CLI's real login in the
 //! desktop of the real browser image (production defaults), the auth URL is
 //! recognised and handed to the desktop's Chromium, and the URL is right:
-//! the provider's host, a client id, state, a PKCE S256 challenge, and a
+//! the provider's host, a client id, state, a PKCE S256 challenge (where
+//! the CLI sends one), and a
 //! `redirect_uri` that is the CLI's own loopback callback, listening in the
 //! VM at that moment (or the provider's paste-code page).
 //!
@@ -17,24 +18,27 @@ mod egress_support;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use egress_support::{basic, start_http_upstream_only, unique, write_upstreams};
+use egress_support::{
+    basic, consecutive_listeners, start_http_upstream_only_on, unique, write_upstreams, ProxyLog,
+};
 use polydev_e2e::http::{call, make_token, redeem_link, start_up};
 use serde_json::{json, Value};
 
-/// Per provider: the hosts its auth URL may have.
-///
-/// Gemini CLI is not here yet: its login reaches "Waiting for
-/// authentication" with its loopback callback listening, but only after the
-/// person answers two dialogs in its terminal (the first automatic attempt
-/// fails "Authentication consent could not be obtained"), and it opens the
-/// URL through xdg-open's MIME default (Chromium's desktop file), not
-/// `$BROWSER`, and never prints it, so the driver cannot see the URL.
-const PROVIDERS: &[(&str, &[&str])] = &[
+/// Per provider: the hosts its auth URL may have, and whether it carries a
+/// PKCE challenge. Gemini CLI 0.61's web login sends none (Google's
+/// installed-app flow: a client secret in the CLI, and `state`); the test
+/// asserts what the pinned CLI does, so a CLI that drops PKCE is noticed.
+/// Gemini CLI also asks twice in its terminal before it opens the page,
+/// which its definition answers (`[[login.respond]]`), and opens the URL
+/// with xdg-open without printing it (the login's own xdg-open sees it).
+const PROVIDERS: &[(&str, &[&str], bool)] = &[
     (
         "claude-code",
         &["claude.ai", "claude.com", "console.anthropic.com"],
+        true,
     ),
-    ("codex", &["auth.openai.com"]),
+    ("codex", &["auth.openai.com"], true),
+    ("gemini-cli", &["accounts.google.com"], false),
 ];
 
 fn query(url: &str, name: &str) -> Option<String> {
@@ -55,35 +59,73 @@ fn each_real_cli_opens_its_real_auth_url_then_fails_on_egress() {
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).expect("data dir");
     let _reaper = polydev_e2e::Reaper(data.clone());
-    // The user's upstream refuses everything: no route, no resolving.
+    // One person per CLI (a person connects one provider at a time), each
+    // with their own upstream port; every upstream refuses everything: no
+    // route, no resolving.
     let password = unique("up");
-    let (uport, upstream_log) = start_http_upstream_only(
-        Ipv4Addr::new(127, 0, 0, 4),
-        Some(basic("acct", &password)),
-        Vec::new(),
+    let upstreams: Vec<(u16, ProxyLog)> = consecutive_listeners(PROVIDERS.len() as u16)
+        .into_iter()
+        .map(|l| {
+            start_http_upstream_only_on(
+                l,
+                Ipv4Addr::new(127, 0, 0, 4),
+                Some(basic("acct", &password)),
+                Vec::new(),
+            )
+        })
+        .collect();
+    let ports: Vec<u16> = upstreams.iter().map(|(p, _)| *p).collect();
+    write_upstreams(
+        &data,
+        &format!("{}-{}", ports[0], ports[ports.len() - 1]),
+        "acct",
+        &password,
     );
-    write_upstreams(&data, &uport.to_string(), "acct", &password);
 
     // Production defaults: built-in providers, images, user, memory.
     let (up, addr, link) = start_up(&data, "up-real-clis.log");
     let link = link.unwrap_or_else(|| panic!("no login link: {}", up.text()));
-    let cookie = redeem_link(&addr, &link);
-    let token = make_token(
-        &addr,
-        &cookie,
-        "clis",
-        &["sessions:read", "sessions:write", "vms:read"],
-    );
-    let auth = format!("Bearer {token}");
-    let h = [("authorization", auth.as_str())];
+    let admin = redeem_link(&addr, &link);
+    let scopes = ["sessions:read", "sessions:write", "vms:read"];
+    let auths: Vec<String> = (0..PROVIDERS.len())
+        .map(|i| {
+            let cookie = if i == 0 {
+                admin.clone()
+            } else {
+                let name = format!("person{i}");
+                let pw = unique("login");
+                let r = call(
+                    &addr,
+                    "POST",
+                    "/api/v1/admin/users",
+                    &[("cookie", &admin)],
+                    Some(&json!({"name": name, "password": pw})),
+                );
+                assert_eq!(r.status, 201, "create {name}: {:?}", r.json());
+                let r = call(
+                    &addr,
+                    "POST",
+                    "/api/v1/auth/login",
+                    &[],
+                    Some(&json!({"name": name, "password": pw})),
+                );
+                assert_eq!(r.status, 200, "log in as {name}: {:?}", r.json());
+                r.header("set-cookie")
+                    .and_then(|c| c.split(';').next())
+                    .expect("session cookie")
+                    .to_string()
+            };
+            format!("Bearer {}", make_token(&addr, &cookie, "clis", &scopes))
+        })
+        .collect();
 
     let mut ids = Vec::new();
-    for (provider, _) in PROVIDERS {
+    for (i, (provider, _, _)) in PROVIDERS.iter().enumerate() {
         let r = call(
             &addr,
             "POST",
             "/api/v1/sessions",
-            &h,
+            &[("authorization", auths[i].as_str())],
             Some(&json!({"provider": provider})),
         );
         assert_eq!(r.status, 201, "{provider}: {:?}", r.json());
@@ -97,6 +139,7 @@ fn each_real_cli_opens_its_real_auth_url_then_fails_on_egress() {
             if finished[i].is_some() {
                 continue;
             }
+            let h = [("authorization", auths[i].as_str())];
             let s = call(&addr, "GET", &format!("/api/v1/sessions/{id}"), &h, None).json();
             if s["done"].as_bool().unwrap_or(false) {
                 eprintln!(
@@ -116,8 +159,9 @@ fn each_real_cli_opens_its_real_auth_url_then_fails_on_egress() {
     }
 
     for (i, id) in ids.iter().enumerate() {
-        let (provider, hosts) = PROVIDERS[i];
+        let (provider, hosts, pkce) = PROVIDERS[i];
         let s = finished[i].take().expect("finished");
+        let h = [("authorization", auths[i].as_str())];
         let events = call(
             &addr,
             "GET",
@@ -143,15 +187,22 @@ fn each_real_cli_opens_its_real_auth_url_then_fails_on_egress() {
             query(url, "state").is_some_and(|s| !s.is_empty()),
             "{provider}: state in {url}"
         );
-        assert!(
-            query(url, "code_challenge").is_some_and(|s| s.len() >= 43),
-            "{provider}: PKCE challenge in {url}"
-        );
-        assert_eq!(
-            query(url, "code_challenge_method").as_deref(),
-            Some("S256"),
-            "{provider}: {url}"
-        );
+        if pkce {
+            assert!(
+                query(url, "code_challenge").is_some_and(|s| s.len() >= 43),
+                "{provider}: PKCE challenge in {url}"
+            );
+            assert_eq!(
+                query(url, "code_challenge_method").as_deref(),
+                Some("S256"),
+                "{provider}: {url}"
+            );
+        } else {
+            assert!(
+                query(url, "code_challenge").is_none(),
+                "{provider}: the pinned CLI sends no PKCE challenge; if it does now, assert it: {url}"
+            );
+        }
         let cb = &awaiting["detail"]["callback"];
         let redirect = cb["redirect_uri"].as_str().unwrap_or_default();
         if cb["loopback_port"].is_number() {
@@ -175,15 +226,17 @@ fn each_real_cli_opens_its_real_auth_url_then_fails_on_egress() {
         // another of the same provider.)
         assert!(
             hosts.iter().any(|h| detail.contains(&format!("{h}:443")))
-                && detail.contains(&format!("127.0.0.1:{uport}")),
+                && ports
+                    .iter()
+                    .any(|p| detail.contains(&format!("127.0.0.1:{p}"))),
             "{provider}: the reason names the host and the upstream: {detail}"
         );
     }
-    let seen = upstream_log
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    for (_, hosts) in PROVIDERS {
+    let seen: Vec<_> = upstreams
+        .iter()
+        .flat_map(|(_, log)| log.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .collect();
+    for (_, hosts, _) in PROVIDERS {
         assert!(
             seen.iter()
                 .any(|p| hosts.iter().any(|h| p.target == format!("{h}:443"))),
@@ -193,15 +246,20 @@ fn each_real_cli_opens_its_real_auth_url_then_fails_on_egress() {
     // The browser VMs are gone; nothing of them runs.
     let until = Instant::now() + Duration::from_secs(300);
     loop {
-        let vms = call(&addr, "GET", "/api/v1/vms", &h, None).json();
-        let live: Vec<&Value> = vms
-            .as_array()
-            .map(|v| {
-                v.iter()
-                    .filter(|v| v["kind"] == "browser" && v["done"] != true)
-                    .collect()
+        let live: Vec<Value> = auths
+            .iter()
+            .flat_map(|a| {
+                let vms = call(&addr, "GET", "/api/v1/vms", &[("authorization", a)], None).json();
+                vms.as_array()
+                    .map(|v| {
+                        v.iter()
+                            .filter(|v| v["kind"] == "browser" && v["done"] != true)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default()
             })
-            .unwrap_or_default();
+            .collect();
         if live.is_empty() {
             break;
         }

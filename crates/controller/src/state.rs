@@ -248,8 +248,9 @@ impl Lifecycle for SessionState {
             StartingVm => Some(Duration::from_secs(240)),
             // The provider's CLI starting up: Node.js CLIs take ≈45 s just
             // to print a version under TCG on an idle 2-core host, and a
-            // host running several VMs is slower still.
-            StartingLogin => Some(Duration::from_secs(180)),
+            // host running several VMs is slower still; Gemini CLI draws
+            // two dialogs (answered by its definition) before its URL.
+            StartingLogin => Some(Duration::from_secs(480)),
             // A person signs in; long enough for 2FA, short enough that an
             // abandoned browser VM does not linger.
             AwaitingUser => Some(Duration::from_secs(15 * 60)),

@@ -260,6 +260,44 @@ pub fn start_http_upstream_only(
     upstream(source, expected, routes, false)
 }
 
+/// [`start_http_upstream_only`] on a listener the caller bound (several
+/// upstreams on consecutive ports, as a provider's port range).
+pub fn start_http_upstream_only_on(
+    l: TcpListener,
+    source: Ipv4Addr,
+    expected: Option<String>,
+    routes: Vec<(String, SocketAddr)>,
+) -> (u16, ProxyLog) {
+    upstream_on(l, source, expected, routes, false)
+}
+
+/// `n` listeners on consecutive loopback ports (a free range found by
+/// trying).
+pub fn consecutive_listeners(n: u16) -> Vec<TcpListener> {
+    for _ in 0..200 {
+        let Ok(first) = TcpListener::bind("127.0.0.1:0") else {
+            continue;
+        };
+        let Ok(base) = first.local_addr().map(|a| a.port()) else {
+            continue;
+        };
+        if base.checked_add(n).is_none() {
+            continue;
+        }
+        let mut all = vec![first];
+        for i in 1..n {
+            match TcpListener::bind(("127.0.0.1", base + i)) {
+                Ok(l) => all.push(l),
+                Err(_) => break,
+            }
+        }
+        if all.len() == usize::from(n) {
+            return all;
+        }
+    }
+    panic!("no {n} consecutive free loopback ports");
+}
+
 fn upstream(
     source: Ipv4Addr,
     expected: Option<String>,
@@ -267,6 +305,16 @@ fn upstream(
     resolve: bool,
 ) -> (u16, ProxyLog) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    upstream_on(l, source, expected, routes, resolve)
+}
+
+fn upstream_on(
+    l: TcpListener,
+    source: Ipv4Addr,
+    expected: Option<String>,
+    routes: Vec<(String, SocketAddr)>,
+    resolve: bool,
+) -> (u16, ProxyLog) {
     let port = l.local_addr().expect("addr").port();
     let seen: ProxyLog = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
