@@ -322,3 +322,31 @@ pub fn make_token(addr: &str, cookie: &str, name: &str, scopes: &[&str]) -> Stri
     assert_eq!(r.status, 201, "token: {:?}", r.json());
     r.json()["token"].as_str().expect("token").to_string()
 }
+
+/// An account `name` made by the administrator (session `admin_cookie`),
+/// logged in: its session cookie (`name=value`).
+pub fn new_user(addr: &str, admin_cookie: &str, name: &str) -> String {
+    let pw = format!(
+        "pw-{name}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let body = serde_json::json!({ "name": name, "password": pw });
+    let r = call(
+        addr,
+        "POST",
+        "/api/v1/admin/users",
+        &[("cookie", admin_cookie)],
+        Some(&body),
+    );
+    assert_eq!(r.status, 201, "create {name}: {:?}", r.json());
+    let r = call(addr, "POST", "/api/v1/auth/login", &[], Some(&body));
+    assert_eq!(r.status, 200, "log in as {name}: {:?}", r.json());
+    r.header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .expect("session cookie")
+        .to_string()
+}

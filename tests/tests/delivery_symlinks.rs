@@ -13,11 +13,11 @@
 //! here, only where its files go).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use polydev_controller::driver::{Driver, DriverConfig, KeySource, RemoteHost, LOCAL_HOST_ID};
 use polydev_controller::providers::Providers;
-use polydev_controller::state::{FailureReason, Lifecycle, SessionState};
+use polydev_controller::state::{FailureReason, SessionState};
 use polydev_controller::store::Store;
 use polydev_controller::upstream::UpstreamConfig;
 use polydev_controller::vault::Keyring;
@@ -68,22 +68,7 @@ fn a_delivery_never_follows_the_users_symlinks_as_root() {
     let running = rt.spawn(driver.clone().run(stop_rx));
     let user = rt.block_on(store.create_user("sym", "user")).unwrap();
 
-    let finish = |id: &str| {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let s = rt.block_on(store.session(id)).unwrap();
-            if s.life.state.is_final() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "session stuck in {}\nhost agent:\n{}",
-                s.life.state,
-                host.agent_log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
+    let finish = |id: &str| driver_support::wait_final(&rt, &store, id, Duration::from_secs(600));
 
     // A first delivery makes the CLI VM and puts the files there, as the
     // user, 0600.

@@ -16,7 +16,7 @@ use polydev_controller::driver::{
 };
 use polydev_controller::providers::Providers;
 use polydev_controller::recovery::LocalHost;
-use polydev_controller::state::{Lifecycle, SessionState, VmState};
+use polydev_controller::state::{SessionState, VmState};
 use polydev_controller::store::Store;
 use polydev_controller::upstream::UpstreamConfig;
 use polydev_controller::vault::{Keyring, Vault};
@@ -103,19 +103,7 @@ fn connect_flow_completes_on_an_in_process_host() {
         .block_on(store.create_session(&user.id, "quick"))
         .unwrap();
     driver.notify();
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let fin = loop {
-        let now = rt.block_on(store.session(&s.id)).unwrap();
-        if now.life.state.is_final() {
-            break now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "session stuck in {}",
-            now.life.state
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let fin = driver_support::wait_final(&rt, &store, &s.id, Duration::from_secs(240));
     assert_eq!(
         fin.life.state,
         SessionState::Completed,
@@ -197,19 +185,7 @@ fn connect_flow_completes_on_an_in_process_host() {
         .block_on(store.create_session(&user.id, "planted"))
         .unwrap();
     driver.notify();
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let fin2 = loop {
-        let now = rt.block_on(store.session(&s2.id)).unwrap();
-        if now.life.state.is_final() {
-            break now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "session stuck in {}",
-            now.life.state
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let fin2 = driver_support::wait_final(&rt, &store, &s2.id, Duration::from_secs(240));
     assert_eq!(
         fin2.life.state,
         SessionState::Completed,

@@ -1,6 +1,35 @@
 //! The test provider definition shared by the controller's end-to-end
 //! tests: a login script instead of a real CLI (no internet), its auth URL
-//! under `https://auth.test.invalid/`, and one captured JSON file.
+//! under `https://auth.test.invalid/`, and one captured JSON file; and the
+//! wait for a session to end.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use polydev_controller::state::Lifecycle;
+use polydev_controller::store::{Session, Store};
+
+/// Poll the store until session `id` is final (at most `limit`).
+pub fn wait_final(
+    rt: &tokio::runtime::Runtime,
+    store: &Store,
+    id: &str,
+    limit: Duration,
+) -> Session {
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = rt.block_on(store.session(id)).expect("read the session");
+        if now.life.state.is_final() {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "session {id} stuck in {}",
+            now.life.state
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
 
 /// Provider `id` whose login runs `script` with `sh -c`, whose auth URL is
 /// recognised in `source` (`output` or `xdg-open`), and which captures
