@@ -1,6 +1,7 @@
 //! The VM runtime end to end: real QEMU VMs booting our kernel, initramfs
 //! and guest agent, driven through the real `polydev` CLI and host agent.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use polydev_api::vm::VmState;
@@ -34,9 +35,13 @@ fn boot_exec_destroy_leaves_only_logs() {
 
     let vm_dir = host.data().join("vms").join(&vm.id);
     assert!(vm_dir.join("vsock.sock").exists());
+    let cgroups = assert_confined(&host, &vm_dir, vm.pid.expect("pid"));
     host.ok(&["vm", "rm", &vm.id]);
 
     assert!(!vm_dir.exists(), "state directory removed");
+    for g in &cgroups {
+        assert!(!g.exists(), "cgroup {} removed with the VM", g.display());
+    }
     let leftovers = host.processes();
     assert!(
         leftovers.is_empty(),
@@ -53,6 +58,55 @@ fn boot_exec_destroy_leaves_only_logs() {
     assert!(agent.contains("[agent/"), "agent log kept: {agent}");
     let ls = host.ok(&["vm", "ls", "--json"]).stdout;
     assert_eq!(ls.trim(), "[]");
+}
+
+/// QEMU runs under its seccomp filter, and it and its vsock bridge run in
+/// the VM's own cgroups with the limits the host agent's defaults give a
+/// 1-vCPU, 256 MiB VM under TCG. Returns the cgroup directories.
+fn assert_confined(host: &Host, vm_dir: &Path, qemu: u32) -> Vec<PathBuf> {
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).expect("status");
+    assert!(
+        status.lines().any(|l| l == "Seccomp:\t2"),
+        "QEMU runs in seccomp filter mode: {status}"
+    );
+    let listed = std::fs::read_to_string(vm_dir.join("cgroup")).unwrap_or_else(|e| {
+        panic!(
+            "the VM has no cgroups ({e}); the host agent said: {}",
+            host.agent_log()
+        )
+    });
+    let groups: Vec<PathBuf> = listed.lines().map(PathBuf::from).collect();
+    assert!(!groups.is_empty());
+    let bridge: Vec<u32> = polydev_e2e::processes_mentioning(&vm_dir.display().to_string())
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("vsock-bridge"))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(bridge.len(), 1, "one vsock bridge");
+    let (mut memory, mut cpu, mut pids) = (None, None, None);
+    for g in &groups {
+        let id = vm_dir.file_name().expect("id");
+        assert_eq!(g.file_name(), Some(id), "a cgroup of the VM's own: {g:?}");
+        let procs = std::fs::read_to_string(g.join("cgroup.procs")).expect("cgroup.procs");
+        let members: Vec<u32> = procs.lines().filter_map(|l| l.parse().ok()).collect();
+        for pid in [qemu, bridge[0]] {
+            assert!(members.contains(&pid), "{pid} in {g:?}: {members:?}");
+        }
+        let read = |f: &str| std::fs::read_to_string(g.join(f)).ok();
+        memory = memory.or(read("memory.max").or(read("memory.limit_in_bytes")));
+        cpu = cpu.or(read("cpu.max").or(read("cpu.cfs_quota_us")));
+        pids = pids.or(read("pids.max"));
+    }
+    // 256 MiB guest + 256 MiB translation cache + 256 MiB overhead.
+    assert_eq!(memory.as_deref().map(str::trim), Some("805306368"));
+    // 150% of one CPU per vCPU.
+    let cpu = cpu.expect("a cpu limit");
+    assert!(
+        cpu.trim() == "150000 100000" || cpu.trim() == "150000",
+        "{cpu}"
+    );
+    assert_eq!(pids.as_deref().map(str::trim), Some("512"));
+    groups
 }
 
 #[test]
@@ -181,6 +235,9 @@ fn four_vms_run_at_once_and_survive_a_host_agent_restart() {
         console.contains("polydev-guest"),
         "logs of the dead VM kept"
     );
+    // Adopted VMs keep their cgroups, and removing one removes them.
+    let adopted_dir = host.data().join("vms").join(&vms[1].id);
+    let cgroups = assert_confined(&host, &adopted_dir, vms[1].pid.expect("pid"));
     for (i, vm) in vms.iter().enumerate() {
         assert_eq!(host.inspect(&vm.id).state, VmState::Running);
         let r = host.ok(&["vm", "exec", &vm.id, "--", "cat", "/tmp/who"]);
@@ -199,6 +256,13 @@ fn four_vms_run_at_once_and_survive_a_host_agent_restart() {
         host.ok(&["vm", "rm", &vm.id]);
     }
     assert!(host.processes().is_empty(), "{:?}", host.processes());
+    for g in &cgroups {
+        assert!(
+            !g.exists(),
+            "cgroup {} removed with the adopted VM",
+            g.display()
+        );
+    }
 }
 
 /// The per-VM vsock bridge is not a single point of failure: when it dies

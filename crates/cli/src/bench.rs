@@ -94,6 +94,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
         egress_max_connections: 256,
         egress_idle_timeout_s: 300,
         egress_bytes_per_sec: 25 * 1024 * 1024,
+        confinement: Default::default(),
     };
     let cfg = hostd::config(tmp.path().to_path_buf(), &args).await?;
     println!(

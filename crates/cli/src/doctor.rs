@@ -103,6 +103,19 @@ pub async fn run(data_dir: PathBuf, a: DoctorArgs) -> anyhow::Result<i32> {
             format!("{e} (VMs will use TCG software emulation)"),
         ),
     }
+    // Detection with the host agent's defaults: what `polydev host` would get.
+    match polydev_host::cgroup::Cgroups::detect(polydev_host::cgroup::CgroupMode::Auto, None) {
+        Ok(c) if c.available() => r.ok("vm cgroups", c.describe()),
+        Ok(c) => r.warn(
+            "vm cgroups",
+            format!(
+                "{} — VMs would run without memory/CPU/pids limits; run the host agent \
+                 with systemd's Delegate=yes (deploy/systemd) or --cgroup-parent",
+                c.describe()
+            ),
+        ),
+        Err(e) => r.warn("vm cgroups", e.to_string()),
+    }
     match free_space(&data_dir) {
         Some(free) if free >= 2 << 30 => r.ok(
             "disk space",

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use polydev_api::vm::{Accel, HypervisorKind};
+use polydev_host::cgroup::CgroupMode;
 use polydev_host::config::QemuVsock;
 use polydev_host::{HostConfig, Manager};
 
@@ -69,6 +70,59 @@ pub struct HostArgs {
     /// together (0: unlimited).
     #[arg(long, default_value_t = 25 * 1024 * 1024)]
     pub egress_bytes_per_sec: u64,
+    /// How each VM's processes are confined.
+    #[command(flatten)]
+    pub confinement: ConfinementArgs,
+}
+
+/// Options of the host agent that confine each VM's processes.
+#[derive(Args, Clone, Debug)]
+pub struct ConfinementArgs {
+    /// Run QEMU without its seccomp sandbox (`-sandbox on,…`; for
+    /// debugging a QEMU that dies with SIGSYS).
+    #[arg(long)]
+    pub no_qemu_sandbox: bool,
+    /// Per-VM cgroups with memory, CPU and pids limits: auto (when the
+    /// host offers them, else a warning), required, or off.
+    #[arg(long, default_value = "auto", value_parser = parse_cgroup_mode)]
+    pub vm_cgroups: CgroupMode,
+    /// cgroup v2 path (relative to the cgroup2 mount) under which VM
+    /// cgroups go; default: the host agent's own, delegated cgroup.
+    #[arg(long)]
+    pub cgroup_parent: Option<PathBuf>,
+    /// Host memory (MiB) a VM's processes may use beyond its guest memory
+    /// and TCG translation cache, before the kernel reclaims or kills.
+    #[arg(long, default_value_t = 256)]
+    pub vm_memory_overhead_mib: u32,
+    /// CPU per vCPU a VM's processes may use, in percent of one host CPU.
+    #[arg(long, default_value_t = 150, value_parser = clap::value_parser!(u32).range(10..=10_000))]
+    pub vm_cpu_percent: u32,
+    /// Threads and processes one VM's processes may have.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(16..))]
+    pub vm_pids_max: u64,
+}
+
+impl Default for ConfinementArgs {
+    fn default() -> Self {
+        let d = polydev_host::config::Confinement::default();
+        ConfinementArgs {
+            no_qemu_sandbox: false,
+            vm_cgroups: d.cgroups,
+            cgroup_parent: d.cgroup_parent,
+            vm_memory_overhead_mib: d.memory_overhead_mib,
+            vm_cpu_percent: d.cpu_percent_per_vcpu,
+            vm_pids_max: d.pids_max,
+        }
+    }
+}
+
+fn parse_cgroup_mode(s: &str) -> Result<CgroupMode, String> {
+    match s {
+        "auto" => Ok(CgroupMode::Auto),
+        "required" => Ok(CgroupMode::Required),
+        "off" => Ok(CgroupMode::Off),
+        _ => Err("use auto, required or off".into()),
+    }
 }
 
 fn parse_qemu_vsock(s: &str) -> Result<QemuVsock, String> {
@@ -113,6 +167,13 @@ pub async fn config(data_dir: PathBuf, a: &HostArgs) -> anyhow::Result<HostConfi
     cfg.egress.bytes_per_sec = a.egress_bytes_per_sec;
     cfg.boot_timeout = std::time::Duration::from_secs(a.boot_timeout_s);
     cfg.tcg_tb_mib = a.tcg_tb_size_mib;
+    let c = &a.confinement;
+    cfg.qemu_sandbox = !c.no_qemu_sandbox;
+    cfg.confinement.cgroups = c.vm_cgroups;
+    cfg.confinement.cgroup_parent = c.cgroup_parent.clone();
+    cfg.confinement.memory_overhead_mib = c.vm_memory_overhead_mib;
+    cfg.confinement.cpu_percent_per_vcpu = c.vm_cpu_percent;
+    cfg.confinement.pids_max = c.vm_pids_max;
     cfg.accel = match a.accel {
         AccelArg::Kvm => Accel::Kvm,
         AccelArg::Tcg => Accel::Tcg,
@@ -152,6 +213,7 @@ pub async fn run(
     let mgr = Manager::start(cfg)
         .await
         .context("starting the host agent")?;
+    eprintln!("confinement: {}", mgr.cgroups().describe());
     let adopted = mgr.list(false).await.len();
     if adopted > 0 {
         eprintln!("adopted {adopted} running VM(s) from a previous run");

@@ -66,6 +66,44 @@ pub struct HostConfig {
     /// recipe does not define (e.g. built with `--recipe`) gets the host's
     /// default and bounds.
     pub image_memory: BTreeMap<String, ImageMemory>,
+    /// Run QEMU under its seccomp filter (`-sandbox`, see
+    /// [`crate::hypervisor::qemu::SANDBOX`]).
+    pub qemu_sandbox: bool,
+    /// Confinement of each VM's processes: cgroups, jailer.
+    pub confinement: Confinement,
+}
+
+/// How each VM's host processes are confined (see [`crate::cgroup`]).
+#[derive(Debug, Clone)]
+pub struct Confinement {
+    /// Whether VMs get cgroups of their own.
+    pub cgroups: crate::cgroup::CgroupMode,
+    /// cgroup v2 path (relative to the cgroup2 mount) under which VM
+    /// cgroups go, instead of the host agent's own (delegated) cgroup.
+    pub cgroup_parent: Option<PathBuf>,
+    /// Host memory a VM's processes may use beyond its guest memory (and,
+    /// under TCG, its translation cache): QEMU itself, device buffers, the
+    /// vsock bridge.
+    pub memory_overhead_mib: u32,
+    /// CPU a VM's processes may use per vCPU, in percent of one host CPU.
+    /// Above 100 so the I/O threads and the vsock bridge do not take
+    /// their time from the vCPU.
+    pub cpu_percent_per_vcpu: u32,
+    /// Threads and processes of one VM (QEMU's I/O thread pool alone may
+    /// grow to 64 per disk).
+    pub pids_max: u64,
+}
+
+impl Default for Confinement {
+    fn default() -> Self {
+        Confinement {
+            cgroups: crate::cgroup::CgroupMode::Auto,
+            cgroup_parent: None,
+            memory_overhead_mib: 256,
+            cpu_percent_per_vcpu: 150,
+            pids_max: 512,
+        }
+    }
 }
 
 /// The vsock transport of QEMU VMs.
@@ -139,6 +177,26 @@ impl HostConfig {
                         .collect()
                 })
                 .unwrap_or_default(),
+            qemu_sandbox: true,
+            confinement: Confinement::default(),
+        }
+    }
+
+    /// The cgroup limits of a VM of `spec` under this configuration.
+    pub fn cgroup_limits(&self, spec: &ResolvedSpec) -> crate::cgroup::Limits {
+        let tb = match (spec.hypervisor, self.accel) {
+            (HypervisorKind::Qemu, Accel::Tcg) => u64::from(self.tcg_tb_mib),
+            _ => 0,
+        };
+        let c = &self.confinement;
+        let mib = u64::from(spec.memory_mib) + tb + u64::from(c.memory_overhead_mib);
+        crate::cgroup::Limits {
+            memory_bytes: mib * 1024 * 1024,
+            cpu_quota_us: u64::from(spec.vcpus)
+                * u64::from(c.cpu_percent_per_vcpu)
+                * crate::cgroup::CPU_PERIOD_US
+                / 100,
+            pids_max: c.pids_max,
         }
     }
 

@@ -6,6 +6,7 @@
 //! agent over the hybrid vsock socket that both hypervisors expose.
 
 pub mod agent_client;
+pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod egress;

@@ -70,6 +70,9 @@ pub enum ManagerError {
     /// The data directory is too deep for Unix socket paths.
     #[error("socket path {0} is longer than 107 bytes: choose a shorter --data-dir")]
     PathTooLong(String),
+    /// Per-VM cgroups could not be set up.
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ManagerError + '_ {
@@ -134,6 +137,8 @@ async fn kill_processes(vm: &Vm, hv_pid: Option<u32>, be_pid: Option<u32>) {
         }
     }
     vm.stop_listeners();
+    // After the processes: an emptied cgroup can be removed at once.
+    crate::cgroup::remove(&vm.dir).await;
 }
 
 /// A VM's vsock backend process as the manager knows it.
@@ -176,6 +181,7 @@ pub struct Manager {
     cfg: Arc<HostConfig>,
     drivers: HashMap<HypervisorKind, Arc<dyn Hypervisor>>,
     vms: StdMutex<HashMap<String, Arc<Vm>>>,
+    cgroups: crate::cgroup::Cgroups,
 }
 
 impl Manager {
@@ -184,6 +190,18 @@ impl Manager {
     pub async fn start(cfg: HostConfig) -> Result<Arc<Self>, ManagerError> {
         for d in [cfg.vms_dir(), cfg.logs_dir(), cfg.snapshots_dir()] {
             std::fs::create_dir_all(&d).map_err(io_err(&d))?;
+        }
+        let cgroups = crate::cgroup::Cgroups::detect(
+            cfg.confinement.cgroups,
+            cfg.confinement.cgroup_parent.as_deref(),
+        )?;
+        if cgroups.available() {
+            info!("{}", cgroups.describe());
+        } else {
+            warn!(
+                "{}; VMs run without memory, CPU and pids limits (`polydev doctor`)",
+                cgroups.describe()
+            );
         }
         let mut drivers: HashMap<HypervisorKind, Arc<dyn Hypervisor>> = HashMap::new();
         drivers.insert(
@@ -195,6 +213,7 @@ impl Manager {
                 vsock: cfg.qemu_vsock,
                 bridge_bin: cfg.bridge_bin.clone(),
                 tcg_tb_mib: cfg.tcg_tb_mib,
+                sandbox: cfg.qemu_sandbox,
             }),
         );
         if let Some(bin) = &cfg.firecracker_bin {
@@ -209,6 +228,7 @@ impl Manager {
             cfg: Arc::new(cfg),
             drivers,
             vms: StdMutex::new(HashMap::new()),
+            cgroups,
         });
         mgr.reconcile().await?;
         Ok(mgr)
@@ -217,6 +237,11 @@ impl Manager {
     /// The configuration in force.
     pub fn config(&self) -> &HostConfig {
         &self.cfg
+    }
+
+    /// The per-VM cgroups this host offers.
+    pub fn cgroups(&self) -> &crate::cgroup::Cgroups {
+        &self.cgroups
     }
 
     fn live(&self, id: &str) -> Result<Arc<Vm>, ManagerError> {
@@ -386,6 +411,8 @@ impl Manager {
         }
         self.start_log_listener(vm)?;
         self.start_egress(vm, spec)?;
+        self.cgroups
+            .create(&vm.id, dir, self.cfg.cgroup_limits(spec))?;
         let plan = LaunchPlan {
             id: vm.id.clone(),
             dir: dir.clone(),

@@ -27,6 +27,18 @@ pub fn spawn_logged(
     cmd.spawn()
 }
 
+/// [`spawn_logged`] for a process of the VM in `dir`: it joins the VM's
+/// cgroups (recorded by [`crate::cgroup::Cgroups::create`]) before it
+/// execs, and the spawn fails if it cannot.
+pub fn spawn_logged_in(
+    cmd: &mut tokio::process::Command,
+    log: &Path,
+    dir: &crate::vmdir::VmDir,
+) -> std::io::Result<tokio::process::Child> {
+    crate::cgroup::join_in_child(cmd, crate::cgroup::open_procs(dir)?);
+    spawn_logged(cmd, log)
+}
+
 /// Whether `pid` is alive and its command line mentions `needle` (a VM's
 /// state directory), so that a recycled pid is never mistaken for our VM.
 pub fn alive_with(pid: u32, needle: &str) -> bool {

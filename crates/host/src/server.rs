@@ -55,6 +55,7 @@ impl From<ManagerError> for ApiError {
             ManagerError::Hypervisor(_) => (502, "hypervisor", "Hypervisor error"),
             ManagerError::Agent(_) => (502, "guest-agent", "Guest agent error"),
             ManagerError::Io { .. } => (500, "host-io", "Host I/O error"),
+            ManagerError::Cgroup(_) => (500, "host-cgroup", "Host cgroup error"),
         };
         ApiError(Problem::new(status, slug, title, e.to_string()))
     }

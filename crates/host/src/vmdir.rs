@@ -95,6 +95,11 @@ impl VmDir {
         self.root.join("data.img")
     }
 
+    /// The VM's cgroup directories, one a line (see [`crate::cgroup`]).
+    pub fn cgroup(&self) -> PathBuf {
+        self.root.join("cgroup")
+    }
+
     /// Check that every socket path fits in `sun_path`.
     pub fn check_socket_paths(&self) -> Result<(), PathBuf> {
         for p in [

@@ -18,7 +18,7 @@
 //! - `hypervisor.log`: Firecracker's own log (`--log-path`).
 //!
 //! The guest serial console is Firecracker's stdout, which goes to
-//! `console.log` through [`spawn_logged`]; Firecracker's stderr lands there
+//! `console.log` through [`spawn_logged_in`]; Firecracker's stderr lands there
 //! too, but it only prints a copy of a fatal error that its logger has
 //! already written to `hypervisor.log`.
 //!
@@ -60,7 +60,7 @@ use serde_json::{json, Value};
 use tokio::net::UnixStream;
 
 use super::{wait_for_socket, Hypervisor, HypervisorError, LaunchPlan, Launched};
-use crate::process::spawn_logged;
+use crate::process::spawn_logged_in;
 use crate::vmdir::VmDir;
 
 /// Guest CID given to every Firecracker VM. Each VM has its own vsock
@@ -227,12 +227,13 @@ impl Hypervisor for Firecracker {
         let mut cmd = tokio::process::Command::new(&self.bin);
         cmd.args(self.args(plan)?).current_dir(d.root());
         // stdout is the guest serial console.
-        let mut child =
-            spawn_logged(&mut cmd, &d.console_log()).map_err(|source| HypervisorError::Spawn {
+        let mut child = spawn_logged_in(&mut cmd, &d.console_log(), d).map_err(|source| {
+            HypervisorError::Spawn {
                 what: "firecracker",
                 path: self.bin.display().to_string(),
                 source,
-            })?;
+            }
+        })?;
         let ready = async {
             // Firecracker's logger may never start (argument errors go to
             // stdout), so fall back to the console log.

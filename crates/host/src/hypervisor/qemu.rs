@@ -17,7 +17,7 @@ use tokio::net::UnixStream;
 
 use super::{wait_for_socket, Hypervisor, HypervisorError, LaunchPlan, Launched};
 use crate::config::QemuVsock;
-use crate::process::spawn_logged;
+use crate::process::spawn_logged_in;
 use crate::vmdir::VmDir;
 
 /// Guest CID given to every QEMU VM. Each VM has its own vsock backend and
@@ -43,7 +43,17 @@ pub struct Qemu {
     /// TCG translation cache per VM in MiB (QEMU's default is 1 GiB, which
     /// a browser fills: it would be most of an idle VM's host memory).
     pub tcg_tb_mib: u32,
+    /// Run QEMU under its seccomp filter ([`SANDBOX`]).
+    pub sandbox: bool,
 }
+
+/// QEMU's seccomp filter (`-sandbox`): besides QEMU's default deny list,
+/// no obsolete syscalls, no set*id (QEMU never needs to change user; we
+/// start it as the user it should run as), no fork/exec (nothing in our
+/// use of QEMU spawns: snapshots migrate to a `file:` URI, not `exec:`),
+/// no changes of scheduling or resource limits. A guest that escapes into
+/// QEMU is then confined to the syscalls a running VM needs.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 impl Qemu {
     /// The QEMU command line for a plan (without the binary).
@@ -144,6 +154,10 @@ impl Qemu {
         // disks, so they keep their virtio-mmio slots (vda, vdb).
         a.push("-device".into());
         a.push("virtio-balloon-device,free-page-reporting=on".into());
+        if self.sandbox {
+            a.push("-sandbox".into());
+            a.push(SANDBOX.into());
+        }
         if plan.restore_from.is_some() {
             a.push("-incoming".into());
             a.push("defer".into());
@@ -164,12 +178,13 @@ impl Qemu {
             // A group of its own: VMs in one group can reach each other.
             plan.id
         ));
-        let mut child =
-            spawn_logged(&mut cmd, &d.backend_log()).map_err(|source| HypervisorError::Spawn {
+        let mut child = spawn_logged_in(&mut cmd, &d.backend_log(), d).map_err(|source| {
+            HypervisorError::Spawn {
                 what: "vhost-device-vsock",
                 path: self.vhost_vsock_bin.display().to_string(),
                 source,
-            })?;
+            }
+        })?;
         wait_for_socket(
             &d.vhost(),
             &mut child,
@@ -196,12 +211,13 @@ impl Qemu {
         if let Some(pid) = qemu_pid {
             cmd.arg("--watch-pid").arg(pid.to_string());
         }
-        let mut child =
-            spawn_logged(&mut cmd, &d.backend_log()).map_err(|source| HypervisorError::Spawn {
+        let mut child = spawn_logged_in(&mut cmd, &d.backend_log(), d).map_err(|source| {
+            HypervisorError::Spawn {
                 what: "polydev vsock-bridge",
                 path: self.bridge_bin.display().to_string(),
                 source,
-            })?;
+            }
+        })?;
         wait_for_socket(&d.vsock(), &mut child, "vsock-bridge", &[d.backend_log()]).await?;
         Ok(child)
     }
@@ -224,7 +240,7 @@ impl Hypervisor for Qemu {
         };
         let mut cmd = tokio::process::Command::new(&self.qemu_bin);
         cmd.args(self.args(plan));
-        let mut qemu = match spawn_logged(&mut cmd, &d.hypervisor_log()) {
+        let mut qemu = match spawn_logged_in(&mut cmd, &d.hypervisor_log(), d) {
             Ok(c) => c,
             Err(source) => {
                 if let Some(mut b) = backend {
