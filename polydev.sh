@@ -42,8 +42,9 @@ setup_apt() {
     fi
     target=(-t bookworm-backports)
   fi
-  # debootstrap and erofs-utils build the golden images (`polydev image build`).
-  local pkgs=(qemu-system-x86 qemu-system-data qemu-utils e2fsprogs dpkg cpio postgresql debootstrap erofs-utils)
+  # debootstrap and erofs-utils build the golden images (`polydev image build`);
+  # systemd brings systemd-analyze, which checks deploy/systemd in the tests.
+  local pkgs=(qemu-system-x86 qemu-system-data qemu-utils e2fsprogs dpkg cpio postgresql debootstrap erofs-utils systemd)
   mapfile -t missing < <(need_apt "${pkgs[@]}")
   if [ "${#missing[@]}" -gt 0 ] && [ -n "${missing[0]}" ]; then
     echo "installing: ${missing[*]}"
