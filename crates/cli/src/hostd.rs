@@ -100,6 +100,17 @@ pub struct ConfinementArgs {
     /// Threads and processes one VM's processes may have.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(16..))]
     pub vm_pids_max: u64,
+    /// Start Firecracker VMs through this `jailer` binary (chroot, mount
+    /// namespace, --jailer-uid/--jailer-gid); without it Firecracker runs
+    /// as the host agent's user (development only).
+    #[arg(long, env = "POLYDEV_JAILER", requires_all = ["jailer_uid", "jailer_gid"])]
+    pub jailer: Option<PathBuf>,
+    /// uid jailed Firecracker processes run as (a dedicated, unused one).
+    #[arg(long)]
+    pub jailer_uid: Option<u32>,
+    /// gid jailed Firecracker processes run as.
+    #[arg(long)]
+    pub jailer_gid: Option<u32>,
 }
 
 impl Default for ConfinementArgs {
@@ -112,6 +123,9 @@ impl Default for ConfinementArgs {
             vm_memory_overhead_mib: d.memory_overhead_mib,
             vm_cpu_percent: d.cpu_percent_per_vcpu,
             vm_pids_max: d.pids_max,
+            jailer: None,
+            jailer_uid: None,
+            jailer_gid: None,
         }
     }
 }
@@ -174,6 +188,19 @@ pub async fn config(data_dir: PathBuf, a: &HostArgs) -> anyhow::Result<HostConfi
     cfg.confinement.memory_overhead_mib = c.vm_memory_overhead_mib;
     cfg.confinement.cpu_percent_per_vcpu = c.vm_cpu_percent;
     cfg.confinement.pids_max = c.vm_pids_max;
+    cfg.confinement.jailer = match (&c.jailer, c.jailer_uid, c.jailer_gid) {
+        (Some(bin), Some(uid), Some(gid)) => {
+            if uid == 0 || gid == 0 {
+                anyhow::bail!("--jailer-uid and --jailer-gid must not be 0: the jail's point is an unprivileged user");
+            }
+            Some(polydev_host::hypervisor::jailer::Jailer {
+                bin: bin.clone(),
+                uid,
+                gid,
+            })
+        }
+        _ => None,
+    };
     cfg.accel = match a.accel {
         AccelArg::Kvm => Accel::Kvm,
         AccelArg::Tcg => Accel::Tcg,

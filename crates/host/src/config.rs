@@ -92,6 +92,9 @@ pub struct Confinement {
     /// Threads and processes of one VM (QEMU's I/O thread pool alone may
     /// grow to 64 per disk).
     pub pids_max: u64,
+    /// Start Firecracker through this jailer (`None`: directly, for tests
+    /// and development).
+    pub jailer: Option<crate::hypervisor::jailer::Jailer>,
 }
 
 impl Default for Confinement {
@@ -102,6 +105,7 @@ impl Default for Confinement {
             memory_overhead_mib: 256,
             cpu_percent_per_vcpu: 150,
             pids_max: 512,
+            jailer: None,
         }
     }
 }

@@ -219,9 +219,10 @@ impl Manager {
         if let Some(bin) = &cfg.firecracker_bin {
             drivers.insert(
                 HypervisorKind::Firecracker,
-                Arc::new(crate::hypervisor::firecracker::Firecracker::new(
-                    bin.clone(),
-                )),
+                Arc::new(
+                    crate::hypervisor::firecracker::Firecracker::new(bin.clone())
+                        .with_jailer(cfg.confinement.jailer.clone()),
+                ),
             );
         }
         let mgr = Arc::new(Manager {

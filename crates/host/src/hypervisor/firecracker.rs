@@ -31,15 +31,11 @@
 //!
 //! # Under the jailer
 //!
-//! Because the VM's own files are relative to the working directory, the
-//! driver is ready to be wrapped by `jailer`: run
-//! `jailer --id <id> --exec-file <firecracker> --uid <u> --gid <g>
-//! --chroot-base-dir <base> -- --api-sock /control.sock --log-path
-//! hypervisor.log` with the VM's state directory as the chroot
-//! (`<base>/firecracker/<id>/root`, which the jailer also makes the working
-//! directory), hard-link the kernel, initramfs and any snapshot files into
-//! it and pass them by their chroot-relative names. `vsock.sock`, `data.img`
-//! and the logs then need no change at all.
+//! With [`Firecracker::jailer`] set, the process is started by `jailer`
+//! (chroot, mount namespace, unprivileged uid/gid); the relative layout
+//! above is what makes that work. See [`super::jailer`] for what crosses
+//! the chroot boundary. Without it (tests, development) Firecracker runs
+//! as the host agent's user.
 //!
 //! # Memory of restored VMs
 //!
@@ -59,6 +55,7 @@ use polydev_api::vm::{Accel, HypervisorKind};
 use serde_json::{json, Value};
 use tokio::net::UnixStream;
 
+use super::jailer::{self, Jailer};
 use super::{wait_for_socket, Hypervisor, HypervisorError, LaunchPlan, Launched};
 use crate::process::spawn_logged_in;
 use crate::vmdir::VmDir;
@@ -87,12 +84,40 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 pub struct Firecracker {
     /// The `firecracker` binary.
     pub bin: PathBuf,
+    /// Start it through this jailer (`None`: directly, as our own user).
+    pub jailer: Option<Jailer>,
 }
+
+/// Snapshot files as Firecracker writes them inside a jail, before they
+/// are moved out (distinct from a restore's hard-linked inputs).
+const JAILED_SNAPSHOT: (&str, &str) = ("snapshot.vmstate", "snapshot.memory");
 
 impl Firecracker {
     /// A driver running the `firecracker` binary at `bin`.
     pub fn new(bin: impl Into<PathBuf>) -> Self {
-        Firecracker { bin: bin.into() }
+        Firecracker {
+            bin: bin.into(),
+            jailer: None,
+        }
+    }
+
+    /// The same driver, started through `jailer` when given.
+    pub fn with_jailer(mut self, jailer: Option<Jailer>) -> Self {
+        self.jailer = jailer;
+        self
+    }
+
+    /// The jail's root for the VM in `dir`, when jailed.
+    fn jail_root(&self, dir: &VmDir) -> Result<Option<PathBuf>, HypervisorError> {
+        if self.jailer.is_none() {
+            return Ok(None);
+        }
+        let id = dir
+            .root()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| HypervisorError::Unsupported("VM directory without a name".into()))?;
+        Jailer::root(dir, &self.bin, id).map(Some)
     }
 
     /// The command line for a plan (without the binary).
@@ -112,7 +137,8 @@ impl Firecracker {
         ];
         // Firecracker refuses ids it considers invalid; the id only labels
         // log lines, so an unusual one is left out rather than fail the VM.
-        if valid_instance_id(&plan.id) {
+        // The jailer passes its own --id.
+        if valid_instance_id(&plan.id) && self.jailer.is_none() {
             a.push("--id".to_string());
             a.push(plan.id.clone());
         }
@@ -124,7 +150,17 @@ impl Firecracker {
         &self,
         plan: &LaunchPlan,
         api: &Api,
+        jailed: bool,
     ) -> Result<(), HypervisorError> {
+        // In a jail, the copies `Jailer::prepare` made at its root.
+        let (kernel, initrd) = if jailed {
+            (jailer::KERNEL.to_string(), jailer::INITRAMFS.to_string())
+        } else {
+            (
+                path_string(&std::path::absolute(&plan.spec.kernel)?)?,
+                path_string(&std::path::absolute(&plan.spec.initramfs)?)?,
+            )
+        };
         let d = &plan.dir;
         api.call(
             Method::PUT,
@@ -141,8 +177,8 @@ impl Firecracker {
             Method::PUT,
             "/boot-source",
             Some(json!({
-                "kernel_image_path": path_string(&std::path::absolute(&plan.spec.kernel)?)?,
-                "initrd_path": path_string(&std::path::absolute(&plan.spec.initramfs)?)?,
+                "kernel_image_path": kernel,
+                "initrd_path": initrd,
                 "boot_args": plan.cmdline,
             })),
             "boot source",
@@ -190,16 +226,25 @@ impl Firecracker {
     }
 
     /// Load a snapshot into a freshly spawned Firecracker and resume it.
-    async fn restore(&self, snap: &Path, api: &Api) -> Result<(), HypervisorError> {
-        let snap = std::path::absolute(snap)?;
+    async fn restore(&self, snap: &Path, api: &Api, jailed: bool) -> Result<(), HypervisorError> {
+        // In a jail, the hard links `launch` made at its root.
+        let (state, memory) = if jailed {
+            (STATE_FILE.to_string(), MEMORY_FILE.to_string())
+        } else {
+            let snap = std::path::absolute(snap)?;
+            (
+                path_string(&snap.join(STATE_FILE))?,
+                path_string(&snap.join(MEMORY_FILE))?,
+            )
+        };
         api.call(
             Method::PUT,
             "/snapshot/load",
             Some(json!({
-                "snapshot_path": path_string(&snap.join(STATE_FILE))?,
+                "snapshot_path": state,
                 "mem_backend": {
                     "backend_type": "File",
-                    "backend_path": path_string(&snap.join(MEMORY_FILE))?,
+                    "backend_path": memory,
                 },
                 "resume_vm": true,
             })),
@@ -224,31 +269,71 @@ impl Hypervisor for Firecracker {
             ));
         }
         let d = &plan.dir;
-        let mut cmd = tokio::process::Command::new(&self.bin);
-        cmd.args(self.args(plan)?).current_dir(d.root());
+        let jail = self.jail_root(d)?;
+        let mut cmd = match (&self.jailer, &jail) {
+            (Some(j), Some(root)) => {
+                if !valid_instance_id(&plan.id) {
+                    return Err(HypervisorError::Unsupported(format!(
+                        "the jailer refuses the id {:?}",
+                        plan.id
+                    )));
+                }
+                j.prepare(d, root, &plan.spec.kernel, &plan.spec.initramfs)?;
+                if let Some(snap) = &plan.restore_from {
+                    for f in [STATE_FILE, MEMORY_FILE] {
+                        j.link_snapshot(&snap.join(f), &root.join(f))?;
+                    }
+                }
+                let mut c = tokio::process::Command::new(&j.bin);
+                c.args(j.args(d, &self.bin, &plan.id, &self.args(plan)?));
+                c
+            }
+            _ => {
+                let mut c = tokio::process::Command::new(&self.bin);
+                c.args(self.args(plan)?);
+                c
+            }
+        };
+        cmd.current_dir(d.root());
         // stdout is the guest serial console.
         let mut child = spawn_logged_in(&mut cmd, &d.console_log(), d).map_err(|source| {
             HypervisorError::Spawn {
-                what: "firecracker",
+                what: if jail.is_some() {
+                    "jailer"
+                } else {
+                    "firecracker"
+                },
                 path: self.bin.display().to_string(),
                 source,
             }
         })?;
+        let logs = [d.hypervisor_log(), d.console_log()];
         let ready = async {
             // Firecracker's logger may never start (argument errors go to
             // stdout), so fall back to the console log.
-            wait_for_socket(
-                &d.control(),
-                &mut child,
-                "firecracker",
-                &[d.hypervisor_log(), d.console_log()],
-            )
-            .await?;
+            match &jail {
+                Some(root) => {
+                    let inner = root.join(d.control().strip_prefix("/").unwrap_or(&d.control()));
+                    jailer::link_out_socket(&inner, &d.control(), &mut child, &logs).await?;
+                }
+                None => wait_for_socket(&d.control(), &mut child, "firecracker", &logs).await?,
+            }
             let api = Api::new(d.control());
             match &plan.restore_from {
-                Some(snap) => self.restore(snap, &api).await,
-                None => self.configure_and_start(plan, &api).await,
+                Some(snap) => self.restore(snap, &api, jail.is_some()).await?,
+                None => self.configure_and_start(plan, &api, jail.is_some()).await?,
             }
+            // The vsock device bound its socket inside the jail.
+            if let Some(root) = &jail {
+                jailer::link_out_socket(
+                    &root.join(file_name(&d.vsock())?),
+                    &d.vsock(),
+                    &mut child,
+                    &logs,
+                )
+                .await?;
+            }
+            Ok::<(), HypervisorError>(())
         };
         if let Err(e) = ready.await {
             // Nothing half-started: a process that failed any step is gone.
@@ -290,19 +375,33 @@ impl Hypervisor for Firecracker {
             api.set_state("Paused", "pause").await?;
         }
         let dest = std::path::absolute(dest)?;
+        let jail = self.jail_root(dir)?;
         let result = async {
+            // A jailed Firecracker writes inside its jail; the files move out.
+            let (state, memory) = match &jail {
+                Some(_) => (JAILED_SNAPSHOT.0.to_string(), JAILED_SNAPSHOT.1.to_string()),
+                None => (
+                    path_string(&dest.join(STATE_FILE))?,
+                    path_string(&dest.join(MEMORY_FILE))?,
+                ),
+            };
             api.call(
                 Method::PUT,
                 "/snapshot/create",
                 Some(json!({
                     "snapshot_type": "Full",
-                    "snapshot_path": path_string(&dest.join(STATE_FILE))?,
-                    "mem_file_path": path_string(&dest.join(MEMORY_FILE))?,
+                    "snapshot_path": state,
+                    "mem_file_path": memory,
                 })),
                 "snapshot create",
                 SNAPSHOT_TIMEOUT,
             )
-            .await
+            .await?;
+            if let Some(root) = &jail {
+                jailer::move_out_file(&root.join(JAILED_SNAPSHOT.0), &dest.join(STATE_FILE))?;
+                jailer::move_out_file(&root.join(JAILED_SNAPSHOT.1), &dest.join(MEMORY_FILE))?;
+            }
+            Ok::<_, HypervisorError>(())
         }
         .await;
         // Leave the VM as it was even when the snapshot failed; the

@@ -7,6 +7,7 @@
 //! socket at [`VmDir::vsock`].
 
 pub mod firecracker;
+pub mod jailer;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
