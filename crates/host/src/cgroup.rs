@@ -145,47 +145,53 @@ impl Cgroups {
     /// VM's directory, where [`spawn_in`](crate::process::spawn_logged_in)
     /// and [`remove`] find them. Nothing happens when unavailable.
     pub fn create(&self, id: &str, dir: &VmDir, limits: Limits) -> Result<(), CgroupError> {
-        let made: Vec<PathBuf> = match self {
+        let groups: Vec<PathBuf> = match self {
             Cgroups::Unavailable(_) => return Ok(()),
-            Cgroups::V2 { vms } => {
-                let g = vms.join(id);
-                make_dir(&g)?;
-                let files = [
-                    ("memory.max", limits.memory_bytes.to_string()),
-                    (
-                        "cpu.max",
-                        format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us),
-                    ),
-                    ("pids.max", limits.pids_max.to_string()),
-                ];
-                write_all(&g, &files)?;
+            Cgroups::V2 { vms } => vec![vms.join(id)],
+            Cgroups::V1 { memory, cpu, pids } => vec![memory.join(id), cpu.join(id), pids.join(id)],
+        };
+        // Listed before they exist, so a start that fails half-way leaves
+        // nothing [`remove`] does not know about.
+        let list: String = groups
+            .iter()
+            .map(|p| format!("{}\n", p.display()))
+            .collect();
+        std::fs::write(dir.cgroup(), list).map_err(io(&dir.cgroup()))?;
+        for g in &groups {
+            make_dir(g)?;
+        }
+        let cpu_max = format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us);
+        match groups.as_slice() {
+            [g] => {
+                write_all(
+                    g,
+                    &[
+                        ("memory.max", limits.memory_bytes.to_string()),
+                        ("cpu.max", cpu_max),
+                        ("pids.max", limits.pids_max.to_string()),
+                    ],
+                )?;
                 // Swap would let the VM exceed memory.max; absent without
                 // swap accounting, which is fine.
                 let _ = std::fs::write(g.join("memory.swap.max"), "0");
-                vec![g]
             }
-            Cgroups::V1 { memory, cpu, pids } => {
-                let (m, c, p) = (memory.join(id), cpu.join(id), pids.join(id));
-                for g in [&m, &c, &p] {
-                    make_dir(g)?;
-                }
+            [m, c, p] => {
                 write_all(
-                    &m,
+                    m,
                     &[("memory.limit_in_bytes", limits.memory_bytes.to_string())],
                 )?;
                 write_all(
-                    &c,
+                    c,
                     &[
                         ("cpu.cfs_period_us", CPU_PERIOD_US.to_string()),
                         ("cpu.cfs_quota_us", limits.cpu_quota_us.to_string()),
                     ],
                 )?;
-                write_all(&p, &[("pids.max", limits.pids_max.to_string())])?;
-                vec![m, c, p]
+                write_all(p, &[("pids.max", limits.pids_max.to_string())])?;
             }
-        };
-        let list: String = made.iter().map(|p| format!("{}\n", p.display())).collect();
-        std::fs::write(dir.cgroup(), list).map_err(io(&dir.cgroup()))
+            _ => {}
+        }
+        Ok(())
     }
 }
 
