@@ -3,8 +3,9 @@
 //! directory, a snapshot moves out of the jail and restores into another
 //! VM's jail, and the state directory stays root's.
 //!
-//! Ignored unless run on purpose, because it needs `FIRECRACKER_BIN`,
-//! `JAILER_BIN` (the same release), a usable `/dev/kvm` and root:
+//! Ignored unless run on purpose, because it needs `FIRECRACKER_BIN`
+//! (statically linked: the jail holds no libraries), `JAILER_BIN` (the
+//! same release), a usable `/dev/kvm` and root:
 //! `FIRECRACKER_BIN=… JAILER_BIN=… cargo nextest run -p polydev-host
 //! --test firecracker_jailer --run-ignored all`. Run that way without them,
 //! it fails and says what is missing.
