@@ -181,7 +181,16 @@ fn the_api_conforms_to_its_openapi_document() {
     // exists; then the API answers.
     let (server, (addr, link)) = ApiProcess::start(
         dir.path(),
-        &["server", "--no-driver", "--listen", "127.0.0.1:0"],
+        // Many sessions of the one admin user: the stateful phase follows
+        // each create (the per-user limit has its own test).
+        &[
+            "server",
+            "--no-driver",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-sessions-per-user",
+            "100000",
+        ],
         "server.log",
         Duration::from_secs(60),
         |text| match startup_lines(text) {

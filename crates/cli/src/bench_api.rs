@@ -31,7 +31,7 @@ use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use polydev_controller::auth::{Auth, AuthConfig, Role, Scope};
-use polydev_controller::http::{self, AppState, HttpConfig, RateLimits};
+use polydev_controller::http::{self, AppState, HttpConfig};
 use polydev_controller::pgtemp::{PgTemp, PgTempError};
 use polydev_controller::store::Store;
 use tokio::net::{TcpListener, TcpStream};
@@ -322,10 +322,8 @@ async fn run_db(db: &str, store: Store, a: &ApiBenchArgs) -> anyhow::Result<()> 
         .await?;
     let token: Arc<str> = token.into();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let cfg = HttpConfig {
-        rate: RateLimits::unlimited(),
-        ..Default::default()
-    };
+    // One user creates every session: no rate limit, no per-user quota.
+    let cfg = HttpConfig::unlimited();
     let state = AppState::new(auth, None, cfg, stop_rx)?;
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;

@@ -44,6 +44,38 @@ pub struct ControllerArgs {
     /// Rate limits off (benchmarks on loopback).
     #[arg(long, hide = true)]
     pub no_rate_limits: bool,
+    /// Connect sessions one user may have in progress at once (on top of
+    /// the driver's `max_active_sessions` for everyone).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..), env = "POLYDEV_MAX_SESSIONS_PER_USER")]
+    pub max_sessions_per_user: u64,
+    /// Session event streams (SSE) one user may have open at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..), env = "POLYDEV_MAX_EVENT_STREAMS_PER_USER")]
+    pub max_event_streams_per_user: u64,
+    /// Desktop and terminal WebSockets one user may have open at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..), env = "POLYDEV_MAX_WEBSOCKETS_PER_USER")]
+    pub max_websockets_per_user: u64,
+    /// A reverse proxy in front of the API, as an address or network
+    /// (repeat, or comma-separate in the variable): only a request from one
+    /// of these may name its client in the forwarding header.
+    #[arg(
+        long = "trusted-proxy",
+        value_name = "CIDR",
+        env = "POLYDEV_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<http::Cidr>,
+    /// The header the trusted proxies append the client's address to:
+    /// `x-forwarded-for` or `forwarded` (RFC 7239). Only this one is read.
+    #[arg(
+        long,
+        default_value = "x-forwarded-for",
+        env = "POLYDEV_CLIENT_IP_HEADER"
+    )]
+    pub client_ip_header: http::ForwardedHeader,
+    /// Seconds between purges of expired login sessions, stream tickets,
+    /// login links and login backoff records.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..), env = "POLYDEV_PURGE_INTERVAL_S")]
+    pub purge_interval_s: u64,
 }
 
 /// Options of `polydev server`.
@@ -110,6 +142,15 @@ pub async fn run_controller(
             RateLimits::unlimited()
         } else {
             RateLimits::default()
+        },
+        max_sessions_per_user: usize::try_from(a.max_sessions_per_user).unwrap_or(usize::MAX),
+        max_event_streams_per_user: usize::try_from(a.max_event_streams_per_user)
+            .unwrap_or(usize::MAX),
+        max_websockets_per_user: usize::try_from(a.max_websockets_per_user).unwrap_or(usize::MAX),
+        purge_interval: std::time::Duration::from_secs(a.purge_interval_s),
+        proxies: http::ProxyConfig {
+            trusted: a.trusted_proxies.clone(),
+            header: a.client_ip_header,
         },
         ..HttpConfig::default()
     };

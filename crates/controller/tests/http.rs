@@ -57,16 +57,10 @@ impl Api {
         }
     }
 
-    /// An API without rate limits (for tests that are not about them).
+    /// An API without rate limits or per-user quotas (for tests that are
+    /// not about them; alice's one live session must not stop her second).
     async fn unlimited(db: &common::TestDb) -> Api {
-        Api::start(
-            db,
-            HttpConfig {
-                rate: RateLimits::unlimited(),
-                ..HttpConfig::default()
-            },
-        )
-        .await
+        Api::start(db, HttpConfig::unlimited()).await
     }
 
     /// A WebSocket handshake (complete, as a browser sends it) to `path`.

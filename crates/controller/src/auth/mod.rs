@@ -2,7 +2,8 @@
 //!
 //! Who is calling, and what may they do:
 //!
-//! * users with argon2id passwords ([`passwords`]) and an admin role;
+//! * users with argon2id passwords ([`passwords`]) and an admin role, with
+//!   a per-account backoff after failed password logins ([`backoff`]);
 //! * dashboard login sessions carried by the [`SESSION_COOKIE`] cookie
 //!   ([`sessions`]): random 256-bit values, stored only as SHA-256, with an
 //!   absolute and an idle expiry;
@@ -18,6 +19,7 @@
 //! Secrets never appear in logs or `Debug` output: the types that carry one
 //! print `<redacted>` and wipe it on drop.
 
+pub mod backoff;
 pub mod bootstrap;
 pub mod jwt;
 pub mod passwords;
@@ -38,6 +40,7 @@ use crate::store::{Store, StoreError};
 use crate::util::RandomError;
 
 pub use crate::store::User;
+pub use backoff::LoginBackoff;
 pub use jwt::{JwtConfig, JwtVerifier};
 
 /// Name of the dashboard login-session cookie.
@@ -71,6 +74,13 @@ pub enum AuthError {
     /// Invalid input, with what to change (HTTP 422).
     #[error("invalid: {0}")]
     Invalid(String),
+    /// Too many failed password logins for this name lately: no password
+    /// is checked for it until the backoff ends (HTTP 429, `Retry-After`).
+    #[error("too many failed logins for this account: wait {retry_after_secs} s before trying again (other clients' attempts count too)")]
+    Backoff {
+        /// Seconds until a password is checked again.
+        retry_after_secs: u64,
+    },
     /// The configured JWKS could not be fetched or used (HTTP 503).
     #[error("JWT keys unavailable: {0}")]
     Jwks(String),
@@ -91,6 +101,7 @@ impl AuthError {
             AuthError::NotFound => 404,
             AuthError::Conflict(_) => 409,
             AuthError::Invalid(_) => 422,
+            AuthError::Backoff { .. } => 429,
             AuthError::Jwks(_) => 503,
             AuthError::Store(_) | AuthError::Internal(_) => 500,
         }
@@ -494,6 +505,8 @@ pub struct AuthConfig {
     /// Cached JWKS older than this is refetched before use (picks up removed
     /// keys); if that fetch fails the cached keys keep working.
     pub jwks_max_age: Duration,
+    /// How failed password logins slow down the next ones per account.
+    pub login_backoff: LoginBackoff,
 }
 
 impl Default for AuthConfig {
@@ -507,6 +520,7 @@ impl Default for AuthConfig {
             jwt_leeway: Duration::from_secs(30),
             jwks_min_refetch: Duration::from_secs(30),
             jwks_max_age: Duration::from_secs(15 * 60),
+            login_backoff: LoginBackoff::default(),
         }
     }
 }
@@ -619,8 +633,10 @@ impl Auth {
         }
     }
 
-    /// Delete expired login sessions, stream tickets and login links; returns
-    /// how many rows went. Call it now and then (the checks do not depend on it).
+    /// Delete expired login sessions, stream tickets, login links and
+    /// login backoff records that ended long ago; returns how many rows
+    /// went. The HTTP server runs it periodically (the checks do not
+    /// depend on it).
     pub async fn purge_expired(&self) -> Result<u64, AuthError> {
         let now = crate::util::now_ms();
         let idle = ms(self.cfg.session_idle);
@@ -647,6 +663,17 @@ impl Auth {
                 .await?
                 .rows_affected();
         }
+        // A record whose last failure is forgotten counts nothing any more.
+        let forget = ms(self.cfg.login_backoff.forget_after);
+        n += self
+            .store
+            .write_one(
+                sqlx::query("DELETE FROM login_backoff WHERE until_at <= $1 AND updated_at <= $2")
+                    .bind(now)
+                    .bind(now.saturating_sub(forget)),
+            )
+            .await?
+            .rows_affected();
         Ok(n)
     }
 }

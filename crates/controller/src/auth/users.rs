@@ -167,7 +167,8 @@ impl Auth {
     /// Password login for the dashboard: a new login session on success,
     /// [`AuthError::Unauthenticated`] otherwise (same answer and about the
     /// same time for an unknown name, a wrong password, or an account
-    /// without a password).
+    /// without a password), [`AuthError::Backoff`] while the name is
+    /// closed after failed logins (see [`super::backoff`]).
     pub async fn login(
         &self,
         name: &str,
@@ -176,6 +177,7 @@ impl Auth {
         if password.len() > MAX_PASSWORD_BYTES {
             return Err(AuthError::Unauthenticated);
         }
+        self.take_login_attempt(name).await?;
         let row: Option<(String, String, String, Option<String>)> =
             sqlx::query_as("SELECT id, name, role, password_hash FROM users WHERE name = $1")
                 .bind(name)
@@ -203,6 +205,7 @@ impl Auth {
                 .await?;
             tracing::info!(user_id = %id, "re-hashed a password with the current argon2id parameters");
         }
+        self.clear_login_failures(&name).await?;
         let p = Principal::from_row(id, name, &role, None, AuthMethod::Cookie)?;
         let s = self.create_login_session(&p.user_id).await?;
         Ok((p, s))

@@ -544,9 +544,16 @@ async fn delivering(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, St
         .into_iter()
         .rfind(|v| v.user_id == s.user_id && v.kind == VmKind::Cli);
     let Some(cli) = cli else {
-        let vm = inner.store.create_vm(&s.user_id, VmKind::Cli).await?;
-        tracing::info!(session = %s.id, vm = %vm.id, "creating the user's CLI VM for delivery");
-        return Ok(true);
+        return match inner.store.create_vm(&s.user_id, VmKind::Cli).await {
+            Ok(vm) => {
+                tracing::info!(session = %s.id, vm = %vm.id, "creating the user's CLI VM for delivery");
+                Ok(true)
+            }
+            // The user's own create (or another session's) won the race for
+            // the one CLI VM: deliver into that one, next pass.
+            Err(StoreError::Duplicate { .. }) => Ok(true),
+            Err(e) => Err(e),
+        };
     };
     match cli.life.state {
         VmState::Running => {}

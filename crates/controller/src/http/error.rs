@@ -86,6 +86,12 @@ impl From<AuthError> for ApiError {
             ),
             AuthError::Conflict(_) => ApiError::conflict(e.to_string()),
             AuthError::Invalid(_) => ApiError::invalid(e.to_string()),
+            AuthError::Backoff { .. } => ApiError::new(
+                429,
+                "login-backoff",
+                "Too many failed logins",
+                e.to_string(),
+            ),
             AuthError::Jwks(_) => ApiError::new(
                 503,
                 "jwks-unavailable",

@@ -1,7 +1,7 @@
 //! The layers every request passes (see [`super`] for the order), the
 //! fallbacks, and the body limit.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -48,9 +48,33 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// The client's address of a request (put there by [`client_addr`]): the
+/// TCP peer, or the address a trusted reverse proxy reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
+/// Work out the client's address (see [`super::client_addr`]) for the
+/// access log and the per-address rate limit.
+pub async fn client_addr(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    if let Some(peer) = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+    {
+        let ip = st.cfg.proxies.client_ip(peer, req.headers());
+        req.extensions_mut().insert(ClientAddr(ip));
+    }
+    next.run(req).await
+}
+
 /// Log one line per request and count it by route template.
 pub async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
+    let client = req
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_default();
     let method = req.method().to_string();
     let route = req
         .extensions()
@@ -64,6 +88,7 @@ pub async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Re
     let rid = REQUEST_ID.try_with(Clone::clone).unwrap_or_default();
     tracing::info!(
         request_id = %rid,
+        %client,
         %method,
         %route,
         status,
@@ -77,7 +102,7 @@ pub async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Re
 fn buckets(
     st: &AppState,
     who: &Result<Principal, Arc<crate::auth::AuthError>>,
-    peer: Option<SocketAddr>,
+    client: Option<IpAddr>,
 ) -> Vec<(&'static str, String, super::Rate)> {
     let r = &st.cfg.rate;
     match who {
@@ -96,7 +121,7 @@ fn buckets(
             "anonymous",
             format!(
                 "ip:{}",
-                peer.map(|a| a.ip().to_string()).unwrap_or_default()
+                client.map(super::client_addr::rate_key).unwrap_or_default()
             ),
             r.anonymous,
         )],
@@ -120,13 +145,10 @@ fn set_rate_headers(resp: &mut Response, v: &Verdict) {
 /// caller, [`super::Caller`] rejects), then apply the rate limits.
 pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let who = st.auth.authenticate(req.headers()).await.map_err(Arc::new);
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+    let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
     let now = Instant::now();
     let mut verdicts = Vec::new();
-    for (bucket, key, rate) in buckets(&st, &who, peer) {
+    for (bucket, key, rate) in buckets(&st, &who, client) {
         let v = st.limiter.check(&key, rate, now);
         if !v.allowed {
             st.metrics.rate_limited(bucket);
@@ -193,6 +215,7 @@ pub fn wrap(routes: Router<AppState>, st: AppState) -> Router {
         .layer(DefaultBodyLimit::max(st.cfg.body_limit))
         .layer(middleware::from_fn_with_state(st.clone(), authenticate))
         .layer(middleware::from_fn_with_state(st.clone(), observe))
+        .layer(middleware::from_fn_with_state(st.clone(), client_addr))
         .layer(middleware::from_fn(request_id))
         .with_state(st)
 }

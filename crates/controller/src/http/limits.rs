@@ -1,12 +1,16 @@
 //! Rate limits: token buckets per API token, per user and, for requests
-//! without valid credentials, per client address. A request draws from
+//! without valid credentials, per client address (an IPv6 client by its
+//! /64, see [`super::client_addr::rate_key`]). A request draws from
 //! every bucket that applies; the tightest one is reported in the
 //! `RateLimit-Limit` / `RateLimit-Remaining` / `RateLimit-Reset` headers
 //! (IETF draft "RateLimit header fields"), and a refusal is 429 with
 //! `Retry-After`.
+//!
+//! Also the per-user caps on long-lived streams ([`StreamSlots`]): a
+//! stream holds a slot for as long as it is open.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// One bucket's parameters.
@@ -141,9 +145,99 @@ pub fn tightest(vs: &[Verdict]) -> Option<Verdict> {
     refused.or_else(|| vs.iter().min_by_key(|v| v.remaining).copied())
 }
 
+/// The kinds of long-lived stream a user's open count is kept for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StreamClass {
+    /// Server-Sent Events (`/api/v1/sessions/{id}/events`).
+    EventStream,
+    /// WebSocket streams (desktops and terminals together).
+    WebSocket,
+}
+
+impl StreamClass {
+    /// How the API names it in problems.
+    pub fn noun(self) -> &'static str {
+        match self {
+            StreamClass::EventStream => "event streams",
+            StreamClass::WebSocket => "desktop and terminal WebSockets",
+        }
+    }
+}
+
+type OpenStreams = Arc<Mutex<HashMap<(String, StreamClass), usize>>>;
+
+/// Open streams per (user, class).
+#[derive(Debug, Default)]
+pub struct StreamSlots {
+    open: OpenStreams,
+}
+
+/// One open stream; the slot is given back when this is dropped (when
+/// the stream ends, however it ends).
+#[derive(Debug)]
+pub struct StreamSlot {
+    open: OpenStreams,
+    key: (String, StreamClass),
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl StreamSlots {
+    /// Take a slot for one more `class` stream of `user`, unless `max` are
+    /// open already (`Err` with how many are).
+    pub fn try_open(
+        &self,
+        user: &str,
+        class: StreamClass,
+        max: usize,
+    ) -> Result<StreamSlot, usize> {
+        let key = (user.to_string(), class);
+        let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(StreamSlot {
+            open: Arc::clone(&self.open),
+            key,
+        })
+    }
+
+    /// How many `class` streams `user` has open.
+    pub fn open(&self, user: &str, class: StreamClass) -> usize {
+        let m = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&(user.to_string(), class)).copied().unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_slots_are_capped_per_user_and_class_and_given_back() {
+        let s = StreamSlots::default();
+        let a1 = s.try_open("a", StreamClass::WebSocket, 2).unwrap();
+        let _a2 = s.try_open("a", StreamClass::WebSocket, 2).unwrap();
+        assert_eq!(s.try_open("a", StreamClass::WebSocket, 2).unwrap_err(), 2);
+        // Other users and the other class have their own count.
+        let _b = s.try_open("b", StreamClass::WebSocket, 2).unwrap();
+        let _e = s.try_open("a", StreamClass::EventStream, 2).unwrap();
+        drop(a1);
+        assert_eq!(s.open("a", StreamClass::WebSocket), 1);
+        assert!(s.try_open("a", StreamClass::WebSocket, 2).is_ok());
+    }
 
     #[test]
     fn a_bucket_allows_its_burst_then_refuses_then_refills() {

@@ -3,19 +3,28 @@
 //!
 //! A request passes, outermost first: the request id ([`layers::request_id`]:
 //! taken from a well-formed `X-Request-Id` or generated, echoed, and put on
-//! every problem body), the access log and counters ([`layers::observe`]),
-//! authentication and rate limits ([`layers::authenticate`]: the principal
-//! or the reason there is none goes into the request; buckets per
-//! credential, per user and per client address), the body limit, then the
-//! route. Handlers take the principal with the [`Caller`] extractor, check
+//! every problem body),
+//! the client's address ([`layers::client_addr`]: the TCP peer, or what a
+//! trusted reverse proxy says, see [`client_addr`]), the access log and
+//! counters ([`layers::observe`]), authentication and rate limits
+//! ([`layers::authenticate`]: the principal or the reason there is none
+//! goes into the request; buckets per credential, per user and per client
+//! address), the body limit, then the route. Handlers take the principal with the [`Caller`] extractor, check
 //! the scope, and look records up *by owner* — another user's record is
 //! answered exactly like a missing one (404). Every rejection, axum's own
 //! included, is an RFC 7807 problem ([`error`]).
+//!
+//! Per-user quotas: active connect sessions ([`HttpConfig::max_sessions_per_user`],
+//! counted by the store in the creating transaction), open event streams
+//! and WebSockets ([`limits::StreamSlots`]). [`serve`] also purges expired
+//! login sessions, stream tickets, login links and login backoff records
+//! every [`HttpConfig::purge_interval`].
 //!
 //! The OpenAPI document is derived from the handlers' annotations
 //! ([`openapi`]), served at `/api/v1/openapi.json`, and checked in as
 //! `docs/openapi.json` (a test compares them).
 
+pub mod client_addr;
 pub mod error;
 pub mod layers;
 pub mod limits;
@@ -38,8 +47,9 @@ use crate::driver::Driver;
 use crate::providers::Providers;
 use crate::store::Store;
 use crate::upstream::UpstreamConfig;
+pub use client_addr::{Cidr, ForwardedHeader, ProxyConfig};
 pub use error::{ApiError, ApiJson, ApiPath, ApiQuery};
-pub use limits::{Rate, RateLimits};
+pub use limits::{Rate, RateLimits, StreamClass};
 
 /// Settings of the HTTP API.
 #[derive(Clone, Debug)]
@@ -52,6 +62,18 @@ pub struct HttpConfig {
     pub secure_cookies: bool,
     /// How often a session event stream looks for new events.
     pub sse_poll: Duration,
+    /// Connect sessions one user may have that are not final (on top of
+    /// the driver's global admission limit, so one user cannot fill it).
+    pub max_sessions_per_user: usize,
+    /// Event streams (SSE) one user may have open at once.
+    pub max_event_streams_per_user: usize,
+    /// Desktop and terminal WebSockets one user may have open at once.
+    pub max_websockets_per_user: usize,
+    /// How often expired login sessions, stream tickets, login links and
+    /// login backoff records are deleted.
+    pub purge_interval: Duration,
+    /// Reverse proxies whose forwarding header names the client.
+    pub proxies: ProxyConfig,
 }
 
 impl Default for HttpConfig {
@@ -61,6 +83,27 @@ impl Default for HttpConfig {
             rate: RateLimits::default(),
             secure_cookies: false,
             sse_poll: Duration::from_millis(250),
+            max_sessions_per_user: 1,
+            // A dashboard tab follows one session; a few tabs and a CLI.
+            max_event_streams_per_user: 8,
+            // A desktop and a terminal, in a few tabs.
+            max_websockets_per_user: 8,
+            purge_interval: Duration::from_secs(600),
+            proxies: ProxyConfig::default(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Quotas high enough to never bind (benchmarks, and tests that are
+    /// not about quotas), with the rate limits off.
+    pub fn unlimited() -> Self {
+        HttpConfig {
+            rate: RateLimits::unlimited(),
+            max_sessions_per_user: usize::MAX,
+            max_event_streams_per_user: usize::MAX,
+            max_websockets_per_user: usize::MAX,
+            ..HttpConfig::default()
         }
     }
 }
@@ -89,6 +132,8 @@ pub struct AppInner {
     pub cfg: HttpConfig,
     /// Rate-limit buckets.
     pub limiter: limits::Limiter,
+    /// Open streams per user.
+    pub streams: limits::StreamSlots,
     /// Request counters.
     pub metrics: metrics::HttpMetrics,
     /// Becomes true when the server shuts down (ends event streams).
@@ -126,9 +171,38 @@ impl AppState {
                 driver,
                 cfg,
                 limiter: limits::Limiter::default(),
+                streams: limits::StreamSlots::default(),
                 metrics: metrics::HttpMetrics::default(),
                 shutdown,
             }),
+        })
+    }
+
+    /// Hold one of `user`'s `class` stream slots for as long as the stream
+    /// is open; a 429 problem when they are all taken.
+    pub fn open_stream(
+        &self,
+        user: &str,
+        class: StreamClass,
+    ) -> Result<limits::StreamSlot, ApiError> {
+        let max = match class {
+            StreamClass::EventStream => self.cfg.max_event_streams_per_user,
+            StreamClass::WebSocket => self.cfg.max_websockets_per_user,
+        };
+        self.streams.try_open(user, class, max).map_err(|open| {
+            self.metrics.rate_limited(match class {
+                StreamClass::EventStream => "event_streams",
+                StreamClass::WebSocket => "websockets",
+            });
+            ApiError::new(
+                429,
+                "too-many-streams",
+                "Too many open streams",
+                format!(
+                    "you have {open} {} open, the most one user may have at once: close one (another tab or window) and retry",
+                    class.noun()
+                ),
+            )
         })
     }
 
@@ -179,6 +253,7 @@ pub async fn serve(
     state: AppState,
 ) -> Result<(), std::io::Error> {
     let mut shutdown = state.shutdown.clone();
+    tokio::spawn(purge_expired(state.clone()));
     let app = app(state);
     axum::serve(
         listener,
@@ -188,4 +263,24 @@ pub async fn serve(
         let _ = shutdown.wait_for(|s| *s).await;
     })
     .await
+}
+
+/// Delete expired login sessions, stream tickets, login links and login
+/// backoff records every `purge_interval` until shutdown (the checks never
+/// depend on it: this only keeps the tables from growing).
+async fn purge_expired(st: AppState) {
+    let mut shutdown = st.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(st.cfg.purge_interval) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        match st.auth.purge_expired().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(rows = n, "purged expired logins, tickets and links"),
+            Err(e) => {
+                tracing::warn!(error = %e, "purging expired logins, tickets and links failed; retrying at the next interval")
+            }
+        }
+    }
 }

@@ -38,6 +38,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "upstreams",
         sql: include_str!("../../migrations/0003_upstreams.sql"),
     },
+    Migration {
+        version: 4,
+        name: "quotas",
+        sql: include_str!("../../migrations/0004_quotas.sql"),
+    },
 ];
 
 /// The schema version this binary brings a database to.

@@ -8,7 +8,9 @@
 
 mod listing;
 mod migrate;
+mod sessions;
 mod upstream;
+mod vms;
 mod write_tx;
 
 pub use write_tx::WriteTx;
@@ -132,6 +134,17 @@ pub enum StoreError {
     Duplicate {
         /// What was duplicated.
         what: String,
+    },
+    /// The user already has as many active (not final) connect sessions
+    /// as one user may have at once.
+    #[error("user {user_id} already has {} active connect session(s) ({}); at most {limit} may run at once: wait for one to finish, or cancel it", active.len(), active.join(", "))]
+    SessionLimit {
+        /// The user.
+        user_id: String,
+        /// Sessions one user may have at once.
+        limit: usize,
+        /// The user's active sessions, oldest first.
+        active: Vec<String>,
     },
     /// Random id generation failed.
     #[error(transparent)]
@@ -631,204 +644,7 @@ impl Store {
         })
     }
 
-    // ---- VMs and sessions ---------------------------------------------
-
-    /// Record a new VM in [`VmState::Pending`] (with its `created` event).
-    pub async fn create_vm(&self, user_id: &str, kind: VmKind) -> Result<Vm, StoreError> {
-        let now = now_ms();
-        let vm = Vm {
-            id: new_id("vm")?,
-            user_id: user_id.to_string(),
-            kind,
-            host_id: None,
-            host_vm_id: None,
-            created_at: now,
-            life: Life {
-                state: VmState::INITIAL,
-                state_since: now,
-                deadline_at: deadline_for(VmState::INITIAL, now),
-                attempts: 0,
-                failure: None,
-                version: 1,
-            },
-        };
-        let mut tx = self.begin_write().await?;
-        sqlx::query(&format!(
-            "INSERT INTO vms (id, user_id, kind, created_at, {LIFE_COLS})
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, NULL, NULL, 1)"
-        ))
-        .bind(&vm.id)
-        .bind(&vm.user_id)
-        .bind(kind.as_str())
-        .bind(now)
-        .bind(vm.life.state.as_str())
-        .bind(now)
-        .bind(vm.life.deadline_at)
-        .execute(&mut *tx)
-        .await?;
-        Self::append_event(
-            &mut tx,
-            now,
-            "vm",
-            &vm.id,
-            Some(user_id),
-            "created",
-            None,
-            json!({ "kind": kind.as_str(), "state": vm.life.state.as_str() }),
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(vm)
-    }
-
-    /// A VM by id.
-    pub async fn vm(&self, id: &str) -> Result<Vm, StoreError> {
-        self.vms_where("id = $1", Some(id))
-            .await?
-            .pop()
-            .ok_or_else(|| StoreError::NotFound {
-                kind: "vm",
-                id: id.to_string(),
-            })
-    }
-
-    /// Every VM not in a final state (what a restarting controller resumes).
-    pub async fn non_final_vms(&self) -> Result<Vec<Vm>, StoreError> {
-        let finals = final_list::<VmState>();
-        self.vms_where(&format!("state NOT IN ({finals})"), None)
-            .await
-    }
-
-    async fn vms_where(&self, cond: &str, arg: Option<&str>) -> Result<Vec<Vm>, StoreError> {
-        type Row = (String, String, String, Option<String>, Option<String>, i64);
-        let sql = format!(
-            "SELECT id, user_id, kind, host_id, host_vm_id, created_at, {LIFE_COLS} FROM vms WHERE {cond} ORDER BY created_at, id"
-        );
-        let mut q = sqlx::query(&sql);
-        if let Some(a) = arg {
-            q = q.bind(a);
-        }
-        let rows = q.fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                use sqlx::Row as _;
-                let head: Row = (
-                    r.try_get(0)?,
-                    r.try_get(1)?,
-                    r.try_get(2)?,
-                    r.try_get(3)?,
-                    r.try_get(4)?,
-                    r.try_get(5)?,
-                );
-                Ok(Vm {
-                    id: head.0,
-                    user_id: head.1,
-                    kind: VmKind::parse(&head.2)?,
-                    host_id: head.3,
-                    host_vm_id: head.4,
-                    created_at: head.5,
-                    life: life_from(life_row(r, 6)?)?,
-                })
-            })
-            .collect()
-    }
-
-    /// Record a new connect-provider session in [`SessionState::Requested`].
-    pub async fn create_session(
-        &self,
-        user_id: &str,
-        provider: &str,
-    ) -> Result<Session, StoreError> {
-        let now = now_ms();
-        let s = Session {
-            id: new_id("ses")?,
-            user_id: user_id.to_string(),
-            provider: provider.to_string(),
-            browser_vm_id: None,
-            created_at: now,
-            life: Life {
-                state: SessionState::INITIAL,
-                state_since: now,
-                deadline_at: deadline_for(SessionState::INITIAL, now),
-                attempts: 0,
-                failure: None,
-                version: 1,
-            },
-        };
-        let mut tx = self.begin_write().await?;
-        sqlx::query(&format!(
-            "INSERT INTO sessions (id, user_id, provider, created_at, {LIFE_COLS})
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, NULL, NULL, 1)"
-        ))
-        .bind(&s.id)
-        .bind(&s.user_id)
-        .bind(provider)
-        .bind(now)
-        .bind(s.life.state.as_str())
-        .bind(now)
-        .bind(s.life.deadline_at)
-        .execute(&mut *tx)
-        .await?;
-        Self::append_event(
-            &mut tx,
-            now,
-            "session",
-            &s.id,
-            Some(user_id),
-            "created",
-            None,
-            json!({ "provider": provider, "state": s.life.state.as_str() }),
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(s)
-    }
-
-    /// A session by id.
-    pub async fn session(&self, id: &str) -> Result<Session, StoreError> {
-        self.sessions_where("id = $1", Some(id))
-            .await?
-            .pop()
-            .ok_or_else(|| StoreError::NotFound {
-                kind: "session",
-                id: id.to_string(),
-            })
-    }
-
-    /// Every session not in a final state.
-    pub async fn non_final_sessions(&self) -> Result<Vec<Session>, StoreError> {
-        let finals = final_list::<SessionState>();
-        self.sessions_where(&format!("state NOT IN ({finals})"), None)
-            .await
-    }
-
-    async fn sessions_where(
-        &self,
-        cond: &str,
-        arg: Option<&str>,
-    ) -> Result<Vec<Session>, StoreError> {
-        let sql = format!(
-            "SELECT id, user_id, provider, browser_vm_id, created_at, {LIFE_COLS} FROM sessions WHERE {cond} ORDER BY created_at, id"
-        );
-        let mut q = sqlx::query(&sql);
-        if let Some(a) = arg {
-            q = q.bind(a);
-        }
-        let rows = q.fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                use sqlx::Row as _;
-                Ok(Session {
-                    id: r.try_get(0)?,
-                    user_id: r.try_get(1)?,
-                    provider: r.try_get(2)?,
-                    browser_vm_id: r.try_get(3)?,
-                    created_at: r.try_get(4)?,
-                    life: life_from(life_row(r, 5)?)?,
-                })
-            })
-            .collect()
-    }
+    // ---- state changes --------------------------------------------------
 
     /// Move a VM to `to` (see [`Store::transition`]); `also.placement` is
     /// written in the same transaction.

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod api;
+
 use std::path::{Path, PathBuf};
 
 use polydev_controller::pgtemp::PgTemp;

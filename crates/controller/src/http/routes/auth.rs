@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::auth::{
-    clear_session_cookie, session_cookie, ApiTokenInfo, LoginSession, Principal, Scope,
+    clear_session_cookie, session_cookie, ApiTokenInfo, AuthError, LoginSession, Principal, Scope,
 };
 use crate::http::error::check_id;
 use crate::http::model::*;
@@ -21,16 +21,31 @@ fn with_cookie(st: &AppState, p: &Principal, s: &LoginSession) -> Response {
     r
 }
 
-/// Log in with a password; sets the session cookie.
+/// A failed password check as an answer: a backoff is a 429 with
+/// `Retry-After`, the rest their usual problems.
+fn login_refused(e: AuthError) -> Response {
+    let retry = match &e {
+        AuthError::Backoff { retry_after_secs } => Some(*retry_after_secs),
+        _ => None,
+    };
+    let mut r = ApiError::from(e).into_response();
+    if let Some(v) = retry.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
+/// Log in with a password; sets the session cookie. After repeated
+/// failures for a name, its logins are refused for a growing while (429
+/// with `Retry-After`), whoever sends them.
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", security(()),
     request_body = LoginRequest,
     responses((status = 200, description = "Logged in; the `polydev_session` cookie is set", body = Me)))]
-pub async fn login(
-    State(st): State<AppState>,
-    ApiJson(req): ApiJson<LoginRequest>,
-) -> Result<Response, ApiError> {
-    let (p, s) = st.auth.login(&req.name, &req.password).await?;
-    Ok(with_cookie(&st, &p, &s))
+pub async fn login(State(st): State<AppState>, ApiJson(req): ApiJson<LoginRequest>) -> Response {
+    match st.auth.login(&req.name, &req.password).await {
+        Ok((p, s)) => with_cookie(&st, &p, &s),
+        Err(e) => login_refused(e),
+    }
 }
 
 /// End the cookie's login session (idempotent); clears the cookie.
@@ -104,8 +119,11 @@ pub async fn password(
                 "current_password is required: the account has a password",
             ));
         };
-        // A wrong current password is the same 401 as a failed login.
-        st.auth.login(&p.name, current).await?;
+        // A wrong current password is the same 401 as a failed login (and
+        // counts toward the account's backoff like one).
+        if let Err(e) = st.auth.login(&p.name, current).await {
+            return Ok(login_refused(e));
+        }
     }
     st.auth.set_password(&p.user_id, &req.new_password).await?;
     let mut r = StatusCode::NO_CONTENT.into_response();

@@ -32,11 +32,14 @@ pub async fn readyz(State(st): State<AppState>) -> Result<Json<Ready>, ApiError>
         ));
     }
     if let Err(e) = st.store.schema_version().await {
+        // The driver's words can name hosts, users and paths of the
+        // database: they go to the log, and anyone may call this route.
+        tracing::warn!(error = %e, "readiness: the database does not answer");
         return Err(ApiError::new(
             503,
             "database-unavailable",
             "Database unavailable",
-            format!("the database does not answer: {e}"),
+            "the database does not answer: the controller's log has the cause (search it for this request id); retry in a moment",
         ));
     }
     Ok(Json(Ready {

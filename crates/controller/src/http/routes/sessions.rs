@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::auth::Scope;
 use crate::http::error::{check_id, check_name};
 use crate::http::model::*;
-use crate::http::{ApiError, ApiJson, ApiPath, AppState, Caller};
+use crate::http::{ApiError, ApiJson, ApiPath, AppState, Caller, StreamClass};
 use crate::state::{Lifecycle, SessionState};
 use crate::store::{Also, Session, StoreError};
 
@@ -66,7 +66,27 @@ pub async fn create(
             known.join(", ")
         )));
     }
-    let s = st.store.create_session(&p.user_id, &req.provider).await?;
+    let s = match st
+        .store
+        .create_session_limited(&p.user_id, &req.provider, st.cfg.max_sessions_per_user)
+        .await
+    {
+        Ok(s) => s,
+        Err(StoreError::SessionLimit { limit, active, .. }) => {
+            let first = active.first().map(String::as_str).unwrap_or("");
+            return Err(ApiError::new(
+                409,
+                "session-limit",
+                "Too many connect sessions",
+                format!(
+                    "you have {} connect session(s) in progress ({}) and one user may have {limit} at once: wait for it to finish (GET /api/v1/sessions/{first}) or cancel it (POST /api/v1/sessions/{first}/cancel), then connect again",
+                    active.len(),
+                    active.join(", ")
+                ),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
     st.notify();
     let mut r = (StatusCode::CREATED, Json(SessionView::from(&s))).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/sessions/{}", s.id)) {
@@ -264,9 +284,12 @@ pub async fn events(
         let evs = st.store.events_for("session", &id).await?;
         return Ok(Json(evs.into_iter().map(EventView::from).collect::<Vec<_>>()).into_response());
     }
+    let slot = st.open_stream(&p.user_id, StreamClass::EventStream)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(32);
     let st2 = st.clone();
     tokio::spawn(async move {
+        // Held while the stream is fed; the task ends when the client goes.
+        let _slot = slot;
         let mut last = after;
         let mut shutdown = st2.shutdown.clone();
         loop {

@@ -7,7 +7,9 @@
 //! the RFB (VNC) bytes both ways in binary frames — what noVNC speaks —
 //! spliced with a connection to port 5900 in the browser VM through the
 //! host agent's forward. The terminal relays between WebSocket messages
-//! and the guest's terminal frames (`polydev_api::pty`).
+//! and the guest's terminal frames (`polydev_api::pty`). Each open stream
+//! holds one of its user's WebSocket slots
+//! ([`crate::http::HttpConfig::max_websockets_per_user`]).
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -20,10 +22,11 @@ use polydev_api::pty::{PtyDecoder, PtyFrame};
 
 use crate::driver::Duplex;
 use crate::http::error::check_id;
+use crate::http::limits::StreamSlot;
 use crate::http::model::{
     StreamQuery, TerminalControl, TerminalEvent, TerminalQuery, WebSocketHandshake,
 };
-use crate::http::{ApiError, ApiPath, ApiQuery, AppState};
+use crate::http::{ApiError, ApiPath, ApiQuery, AppState, StreamClass};
 use crate::state::Lifecycle;
 use crate::state::VmState;
 use crate::store::{Session, Vm, VmKind};
@@ -49,11 +52,14 @@ pub async fn desktop(
     let outcome = open_desktop(&st, &id, &q.ticket).await;
     st.metrics
         .stream_connect("desktop", outcome_label(&outcome));
-    let conn = outcome?;
+    let (conn, slot) = outcome?;
     let shutdown = st.shutdown.clone();
     Ok(ws
         .protocols(["binary"])
-        .on_upgrade(move |socket| splice(socket, conn, shutdown)))
+        .on_upgrade(move |socket| async move {
+            let _slot = slot;
+            splice(socket, conn, shutdown).await
+        }))
 }
 
 /// A stream URL opened without a WebSocket upgrade: 426; a WebSocket
@@ -106,10 +112,14 @@ pub(super) fn desktop_vm(s: &Session) -> Result<&str, ApiError> {
     }
 }
 
+/// An open stream's connection and the user's WebSocket slot it holds.
+type Opened = (Box<dyn Duplex>, StreamSlot);
+
 /// Redeem the ticket and connect to the session's desktop.
-async fn open_desktop(st: &AppState, id: &str, ticket: &str) -> Result<Box<dyn Duplex>, ApiError> {
+async fn open_desktop(st: &AppState, id: &str, ticket: &str) -> Result<Opened, ApiError> {
     let p = st.auth.redeem_ticket(ticket, "desktop", id).await?;
     let s = super::sessions::own_session(st, &p.user_id, id).await?;
+    let slot = st.open_stream(&p.user_id, StreamClass::WebSocket)?;
     let vm = st.store.vm(desktop_vm(&s)?).await?;
     let Some(host_vm) = vm.host_vm_id.as_deref() else {
         return Err(ApiError::conflict(format!(
@@ -119,7 +129,8 @@ async fn open_desktop(st: &AppState, id: &str, ticket: &str) -> Result<Box<dyn D
     let Some(host) = &st.host else {
         return Err(no_host("desktop"));
     };
-    host.forward(host_vm, ForwardTarget::Tcp { port: VNC_PORT })
+    let conn = host
+        .forward(host_vm, ForwardTarget::Tcp { port: VNC_PORT })
         .await
         .map_err(|e| {
             ApiError::new(
@@ -130,7 +141,8 @@ async fn open_desktop(st: &AppState, id: &str, ticket: &str) -> Result<Box<dyn D
                     "the desktop of session {id} does not answer: {e}; retry with a new ticket"
                 ),
             )
-        })
+        })?;
+    Ok((conn, slot))
 }
 
 /// Copy bytes both ways until either side ends or the server shuts down.
@@ -220,11 +232,14 @@ pub async fn terminal(
     let outcome = open_terminal(&st, &id, &q.ticket, cols, rows).await;
     st.metrics
         .stream_connect("terminal", outcome_label(&outcome));
-    let conn = outcome?;
+    let (conn, slot) = outcome?;
     let shutdown = st.shutdown.clone();
     Ok(ws
         .protocols(["binary"])
-        .on_upgrade(move |socket| relay_terminal(socket, conn, shutdown)))
+        .on_upgrade(move |socket| async move {
+            let _slot = slot;
+            relay_terminal(socket, conn, shutdown).await
+        }))
 }
 
 /// Redeem the ticket and open a terminal in the VM.
@@ -234,15 +249,17 @@ async fn open_terminal(
     ticket: &str,
     cols: u16,
     rows: u16,
-) -> Result<Box<dyn Duplex>, ApiError> {
+) -> Result<Opened, ApiError> {
     let p = st.auth.redeem_ticket(ticket, "terminal", id).await?;
     let vm = super::vms::own_vm(st, &p.user_id, id).await?;
     let host_vm = terminal_vm(&vm)?;
+    let slot = st.open_stream(&p.user_id, StreamClass::WebSocket)?;
     let Some(host) = &st.host else {
         return Err(no_host("terminal"));
     };
     let user = st.driver.as_ref().and_then(|d| d.terminal_user());
-    host.forward(host_vm, ForwardTarget::Pty(PtySpec { user, cols, rows }))
+    let conn = host
+        .forward(host_vm, ForwardTarget::Pty(PtySpec { user, cols, rows }))
         .await
         .map_err(|e| {
             ApiError::new(
@@ -251,7 +268,8 @@ async fn open_terminal(
                 "Terminal unavailable",
                 format!("cannot open a terminal in VM {id}: {e}; retry with a new ticket"),
             )
-        })
+        })?;
+    Ok((conn, slot))
 }
 
 /// Close `socket` with `code` and `reason`.

@@ -69,7 +69,17 @@ pub async fn create(
             v.life.state.as_str()
         )));
     }
-    let v = st.store.create_vm(&p.user_id, VmKind::Cli).await?;
+    // The check above names the VM; the database's unique index is what
+    // settles two creates that both passed it.
+    let v = match st.store.create_vm(&p.user_id, VmKind::Cli).await {
+        Ok(v) => v,
+        Err(StoreError::Duplicate { .. }) => {
+            return Err(ApiError::conflict(
+                "you already have a CLI VM (created a moment ago): use it (GET /api/v1/vms), or delete it first",
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
     st.notify();
     Ok((StatusCode::CREATED, Json(VmView::from(&v))))
 }
