@@ -94,11 +94,14 @@ fn stalled_reader_does_not_block_other_streams() {
     let mut a_w = a.try_clone().unwrap();
     let a_data = pattern(77, 4 << 20);
     let a_want = fnv(&a_data, FNV_INIT);
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     let a_writer = thread::spawn(move || {
+        tid_tx.send(thread_id()).unwrap();
         a_w.write_all(&a_data).unwrap();
         a_w.shutdown(Shutdown::Write).unwrap();
     });
-    thread::sleep(Duration::from_millis(200));
+    // The writer blocks once the window and the socket buffers are full.
+    wait_blocked(tid_rx.recv().unwrap());
     assert!(
         !a_writer.is_finished(),
         "4 MiB cannot fit in the window and buffers"
@@ -208,8 +211,7 @@ fn refused_ports_and_malformed_requests_close_the_connection() {
     ] {
         let mut s = UnixStream::connect(&rig.uds).unwrap();
         s.write_all(bad).unwrap();
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
+        let out = read_until_closed(&s);
         assert!(
             out.is_empty(),
             "{:?} got {:?}",
@@ -284,14 +286,14 @@ fn echo_roundtrip(rig: &Rig, port: u32, data: &[u8]) {
 fn broken_link_resets_streams_and_reconnects() {
     let rig = Rig::new(Mode::Direct);
     let l = rig.guest.listen(1024).unwrap();
-    let (g, mut h) = start_transfer(&rig, &l);
+    let (g, h) = start_transfer(&rig, &l);
     let sessions = rig.guest.stats().sessions;
 
     rig.qemu.disconnect();
     expect_reset(&g);
     // The host client sees its connection end early.
-    let mut sink = Vec::new();
-    let _ = h.read_to_end(&mut sink);
+    let got = read_until_closed(&h);
+    assert!(got.is_empty(), "the guest never wrote to this stream");
 
     // The bridge reconnects and a new session starts.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -404,7 +406,10 @@ fn bridge_watches_a_pid() {
         ..BridgeOptions::default()
     };
     let t = thread::spawn(move || run_bridge_with(&chardev, &uds, opts));
-    thread::sleep(Duration::from_millis(100));
+    assert!(
+        _guest.wait_connected(Duration::from_secs(10)),
+        "the bridge never connected"
+    );
     // Kill the link so the source has to look at the pid.
     _qemu.disconnect();
     child.wait().unwrap();

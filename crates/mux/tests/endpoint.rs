@@ -246,11 +246,16 @@ fn shutdown_fails_streams_with_aborted() {
     let l = p.guest.listen(1).unwrap();
     let _h = p.host.connect(1).unwrap();
     let g = l.accept().unwrap();
+    let (tid_tx, tid_rx) = mpsc::channel();
     let reader = {
         let g = g.try_clone().unwrap();
-        thread::spawn(move || (&g).read(&mut [0u8; 1]).map_err(|e| e.kind()))
+        thread::spawn(move || {
+            tid_tx.send(thread_id()).unwrap();
+            (&g).read(&mut [0u8; 1]).map_err(|e| e.kind())
+        })
     };
-    thread::sleep(Duration::from_millis(50));
+    // Shut down while the reader is blocked, not before it reads.
+    wait_blocked(tid_rx.recv().unwrap());
     p.guest.shutdown();
     assert_eq!(
         reader.join().unwrap(),
@@ -300,13 +305,14 @@ fn transport_trait_over_the_mux() {
 }
 
 #[test]
-fn vsock_loopback_when_available() {
+#[ignore = "needs AF_VSOCK loopback (the vsock_loopback module, absent in containers); \
+            polydev.sh runs it where /sys/module/vsock_loopback exists"]
+fn vsock_loopback() {
     use polydev_mux::VsockTransport;
     let t = VsockTransport::with_peer_cid(1);
-    let Ok(acceptor) = t.listen(52_000 + std::process::id() % 1000) else {
-        eprintln!("AF_VSOCK loopback unavailable here; skipping");
-        return;
-    };
+    let acceptor = t
+        .listen(52_000 + std::process::id() % 1000)
+        .expect("AF_VSOCK loopback listen");
     let port = 52_000 + std::process::id() % 1000;
     let server = thread::spawn(move || {
         let mut c = acceptor.accept().ok()?;
@@ -314,10 +320,7 @@ fn vsock_loopback_when_available() {
         c.read_to_string(&mut s).ok()?;
         Some(s)
     });
-    let Ok(mut c) = t.connect(port) else {
-        eprintln!("AF_VSOCK loopback connect failed here; skipping");
-        return;
-    };
+    let mut c = t.connect(port).expect("AF_VSOCK loopback connect");
     c.write_all(b"vsock").unwrap();
     c.shutdown_write().unwrap();
     assert_eq!(server.join().unwrap().as_deref(), Some("vsock"));

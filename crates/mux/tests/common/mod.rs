@@ -377,3 +377,52 @@ pub fn read_line<R: Read>(r: R) -> String {
     let _ = BufReader::new(r).read_line(&mut s);
     s
 }
+
+/// The calling thread's id, for [`wait_blocked`].
+pub fn thread_id() -> u32 {
+    let link = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+    link.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .expect("thread id")
+}
+
+/// Waits until thread `tid` of this process sleeps in the kernel (state
+/// `S`): the readiness signal for "it is blocked in its read or write".
+pub fn wait_blocked(tid: u32) {
+    let stat = format!("/proc/self/task/{tid}/stat");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = std::fs::read_to_string(&stat).expect("thread stat");
+        // The state follows the parenthesised command name.
+        let state = s
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.trim_start().chars().next());
+        if state == Some('S') {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "thread {tid} never blocked ({s})"
+        );
+        thread::yield_now();
+    }
+}
+
+/// Reads `s` to its end and asserts that it ended (EOF or a reset) rather
+/// than hanging; returns what arrived.
+pub fn read_until_closed(s: &UnixStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    let mut out = Vec::new();
+    match (&*s).read_to_end(&mut out) {
+        Ok(_) => {}
+        Err(e) => assert_eq!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset,
+            "the connection should have ended, got {e}"
+        ),
+    }
+    out
+}
