@@ -170,7 +170,7 @@ const DENY_V6: &[(Ipv6Addr, u8, &str, Embeds)] = &[
     (
         Ipv6Addr::UNSPECIFIED,
         128,
-        "the unspecified address ::",
+        "unspecified address ::",
         Embeds::No,
     ),
     (Ipv6Addr::LOCALHOST, 128, "loopback ::1", Embeds::No),
@@ -679,6 +679,41 @@ mod tests {
         }
     }
 
+    /// The edges of the ranges sign-in traffic never needs: the first and
+    /// last address of each is denied, the addresses just outside are not.
+    #[test]
+    fn deny_list_range_edges() {
+        for (ip, says) in [
+            ("198.18.0.0", "benchmarking range 198.18.0.0/15"),
+            ("198.19.255.255", "benchmarking range 198.18.0.0/15"),
+            ("240.0.0.0", "reserved 240.0.0.0/4"),
+            ("255.255.255.255", "reserved 240.0.0.0/4"),
+            ("239.255.255.255", "multicast 224.0.0.0/4"),
+            ("::", "is in the unspecified address ::"),
+            ("ff00::", "multicast ff00::/8"),
+            ("ff02::1", "multicast ff00::/8"),
+            (
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+                "multicast ff00::/8",
+            ),
+        ] {
+            let why = deny_reason(ip.parse().unwrap(), &[]).unwrap_or_default();
+            assert!(why.contains(says), "{ip}: {why:?}");
+        }
+        for ip in ["198.17.255.255", "198.20.0.0", "223.255.255.255", "feff::1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            // feff::1 sits between link-local (fe80::/10 ends at febf) and
+            // multicast; it is neither.
+            if ip == "feff::1".parse::<IpAddr>().unwrap() {
+                assert!(!deny_reason(ip, &[])
+                    .unwrap_or_default()
+                    .contains("multicast"));
+                continue;
+            }
+            assert_eq!(deny_reason(ip, &[]), None, "{ip}");
+        }
+    }
+
     /// A resolver that knows one name and counts its lookups, so a test
     /// proves which decisions asked DNS (none does real DNS).
     struct Table(std::sync::atomic::AtomicUsize);
@@ -690,6 +725,10 @@ mod tests {
                 "example.com" | "my_host-1.example." => {
                     Ok(vec![SocketAddr::new("192.0.2.10".parse().unwrap(), port)])
                 }
+                "bench.example" => Ok(vec![SocketAddr::new("198.19.0.1".parse().unwrap(), port)]),
+                "reserved.example" => Ok(vec![SocketAddr::new("240.0.0.1".parse().unwrap(), port)]),
+                "unspecified.example" => Ok(vec![SocketAddr::new("::".parse().unwrap(), port)]),
+                "multicast.example" => Ok(vec![SocketAddr::new("ff02::1".parse().unwrap(), port)]),
                 "inside.example" => Ok(vec![
                     SocketAddr::new("192.0.2.11".parse().unwrap(), port),
                     SocketAddr::new("10.0.0.5".parse().unwrap(), port),
@@ -867,6 +906,34 @@ mod tests {
         );
         let (got, _) = run("nowhere.example", false, &[]).await;
         assert!(matches!(got, Err(Refused::Resolve { .. })), "{got:?}");
+    }
+
+    /// A name is refused in direct mode when it resolves into any denied
+    /// range, the edge ranges included, and the reason names the address.
+    #[tokio::test]
+    async fn direct_names_resolving_into_edge_ranges_are_refused() {
+        for (name, says) in [
+            (
+                "bench.example",
+                "resolves to 198.19.0.1:443: 198.19.0.1 is in the benchmarking range",
+            ),
+            (
+                "reserved.example",
+                "resolves to 240.0.0.1:443: 240.0.0.1 is in the reserved",
+            ),
+            ("unspecified.example", ":: is in the unspecified address ::"),
+            ("multicast.example", "ff02::1 is in the multicast ff00::/8"),
+        ] {
+            let (got, lookups) = run(name, false, &[]).await;
+            let text = got.expect_err("a denied resolution").to_string();
+            assert!(text.contains(says), "{name}: {text}");
+            assert_eq!(lookups, 1, "{name}");
+            // With an upstream the name goes there unresolved: its DNS is
+            // the upstream's, and the host never dials the address.
+            let (got, lookups) = run(name, true, &[]).await;
+            assert!(got.is_ok(), "{name} via an upstream: {got:?}");
+            assert_eq!(lookups, 0, "{name}");
+        }
     }
 
     /// The allow list opens a denied address in every spelling, loopback
