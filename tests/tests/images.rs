@@ -392,17 +392,14 @@ fn assert_sealed(name: &str) {
 #[test]
 fn building_an_unchanged_recipe_again_is_a_cache_hit() {
     let manifest = cli_manifest();
-    let t = Instant::now();
     let out = Command::new(polydev_bin())
         .args(["image", "build", "cli"])
         .output()
         .expect("run polydev image build");
-    let took = t.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("cached"), "{stderr}");
     assert!(!stderr.contains("[1/7]"), "no step ran: {stderr}");
-    assert!(took < Duration::from_secs(10), "cache hit took {took:?}");
     let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert_eq!(PathBuf::from(path), rootfs_path(&manifest));
 }

@@ -18,41 +18,38 @@ fn a_restored_vm_has_the_state_written_before_the_snapshot() {
     // The source keeps running and diverges after the snapshot.
     host.sh(&vm.id, "echo after > /tmp/marker");
 
-    let restored = host.ok(&["vm", "restore", &snap.id, "--json"]).stdout;
-    let restored: polydev_api::vm::VmInfo = serde_json::from_str(restored.trim()).expect("vm json");
+    let restored = restore(&host, &snap.id);
     assert_ne!(restored.id, vm.id);
     assert_eq!(restored.state, VmState::Running);
     assert_eq!(restored.restored_from.as_deref(), Some(snap.id.as_str()));
+    let twin = restore(&host, &snap.id);
 
-    let r = host.ok(&["vm", "exec", &restored.id, "--", "cat", "/tmp/marker"]);
-    assert_eq!(r.stdout, "before-snapshot\n");
     let r = host.ok(&["vm", "exec", &vm.id, "--", "cat", "/tmp/marker"]);
     assert_eq!(r.stdout, "after\n");
 
-    // Fresh entropy was pushed: the two VMs' random streams differ.
-    let a = host
-        .ok(&[
+    // Fresh entropy was pushed: two restores of one snapshot start from the
+    // same memory, run the same commands, and still draw different bytes.
+    let draw = |id: &str| {
+        let r = host.ok(&["vm", "exec", id, "--", "cat", "/tmp/marker"]);
+        assert_eq!(r.stdout, "before-snapshot\n");
+        host.ok(&[
             "vm",
             "exec",
-            &vm.id,
+            id,
             "--",
             "sh",
             "-c",
             "head -c 16 /dev/urandom | od -An -tx1",
         ])
-        .stdout;
-    let b = host
-        .ok(&[
-            "vm",
-            "exec",
-            &restored.id,
-            "--",
-            "sh",
-            "-c",
-            "head -c 16 /dev/urandom | od -An -tx1",
-        ])
-        .stdout;
-    assert_ne!(a, b);
+        .stdout
+    };
+    let (a, b) = (draw(&restored.id), draw(&twin.id));
+    assert_eq!(a.split_whitespace().count(), 16, "{a}");
+    assert_ne!(
+        a, b,
+        "two restores of one snapshot drew the same random bytes"
+    );
+    host.ok(&["vm", "rm", &twin.id]);
 
     // Pause/resume on the restored VM.
     host.ok(&["vm", "pause", &restored.id]);
@@ -64,6 +61,11 @@ fn a_restored_vm_has_the_state_written_before_the_snapshot() {
 
     host.ok(&["vm", "rm", &vm.id, &restored.id]);
     assert!(host.processes().is_empty());
+}
+
+fn restore(host: &Host, snap: &str) -> polydev_api::vm::VmInfo {
+    let out = host.ok(&["vm", "restore", snap, "--json"]).stdout;
+    serde_json::from_str(out.trim()).expect("vm json")
 }
 
 #[test]
