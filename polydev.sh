@@ -43,8 +43,9 @@ setup_apt() {
     target=(-t bookworm-backports)
   fi
   # debootstrap and erofs-utils build the golden images (`polydev image build`);
-  # systemd brings systemd-analyze, which checks deploy/systemd in the tests.
-  local pkgs=(qemu-system-x86 qemu-system-data qemu-utils e2fsprogs dpkg cpio postgresql debootstrap erofs-utils systemd)
+  # systemd brings systemd-analyze, which checks deploy/systemd in the tests;
+  # g++: libfuzzer-sys (the fuzz targets, fuzz/) compiles libFuzzer's C++.
+  local pkgs=(qemu-system-x86 qemu-system-data qemu-utils e2fsprogs dpkg cpio postgresql debootstrap erofs-utils systemd g++)
   mapfile -t missing < <(need_apt "${pkgs[@]}")
   if [ "${#missing[@]}" -gt 0 ] && [ -n "${missing[0]}" ]; then
     echo "installing: ${missing[*]}"
@@ -67,6 +68,13 @@ setup_cargo_tools() {
     cargo install vhost-device-vsock --version "$VHOST_DEVICE_VSOCK_VERSION" --locked
   else
     echo "vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION present"
+  fi
+  # The fuzz targets (fuzz/) are built by cargo-fuzz.
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+  else
+    echo "cargo-fuzz present"
   fi
 }
 
@@ -148,6 +156,25 @@ setup() {
   ./target/release/polydev doctor || true
 }
 
+FUZZ_SECONDS="${POLYDEV_FUZZ_SECONDS:-20}"
+
+# Each fuzz target for a bounded time from its committed corpus (new inputs
+# go to a scratch copy, so the tree stays clean); a crash fails the run and
+# leaves its input under fuzz/artifacts/<target>/.
+run_fuzz() {
+  step "fuzz targets (${FUZZ_SECONDS} s each)"
+  # cargo-fuzz needs nightly flags (-Z sanitizer); the stable compiler
+  # accepts them with RUSTC_BOOTSTRAP.
+  local t scratch
+  for t in $(cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz list); do
+    scratch="$(mktemp -d)"
+    cp -r "fuzz/corpus/$t/." "$scratch/"
+    (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$t" "$scratch" -- \
+      -max_total_time="$FUZZ_SECONDS" -print_final_stats=1)
+    rm -rf "$scratch"
+  done
+}
+
 run_tests() {
   step "format and lint"
   cargo fmt --all -- --check
@@ -156,9 +183,14 @@ run_tests() {
   export POLYDEV_BIN="$PWD/target/release/polydev"
   if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast
+    # Ignored tests whose dependency this machine has after all.
+    if [ -d /sys/module/vsock_loopback ]; then
+      cargo nextest run -p polydev-mux --test endpoint --run-ignored only -E 'test(vsock_loopback)'
+    fi
   else
     cargo test --workspace --no-fail-fast
   fi
+  run_fuzz
 }
 
 case "${1:-up}" in

@@ -596,7 +596,13 @@ impl Provider {
 
     /// The first auth URL in `text` (a URL given to xdg-open, or CLI output).
     pub fn find_auth_url(&self, text: &str) -> Option<String> {
-        self.auth_url.find(text).map(|m| m.as_str().to_string())
+        // A URL never holds a control character, but a pattern like `\S+`
+        // matches NULs and BELs; without the split, terminal output could
+        // carry them into the URL handed to the browser (found by the
+        // auth_url fuzz target).
+        text.split(char::is_control)
+            .find_map(|piece| self.auth_url.find(piece))
+            .map(|m| m.as_str().to_string())
     }
 
     /// The prompt argv with `prompt` as one argument.
@@ -766,6 +772,23 @@ mod tests {
         assert_eq!(codex.callback_port, CallbackPort::Fixed(1455));
         assert!(set.get("claude-code").unwrap().rotates_refresh_token);
         assert!(!set.get("gemini-cli").unwrap().rotates_refresh_token);
+    }
+
+    /// A control character ends a URL (the auth_url fuzz target's crash:
+    /// NULs inside a printed URL came out as part of it).
+    #[test]
+    fn an_auth_url_ends_at_a_control_character() {
+        let set = Providers::builtin().unwrap();
+        let claude = set.get("claude-code").unwrap();
+        let out = "\u{1b}]8;;https://claude.ai/oauth/authorize?code=true\0\0&client_id=9d1c&state=xyz\u{7}";
+        let found = claude.find_auth_url(out).unwrap_or_default();
+        assert!(!found.chars().any(char::is_control), "{found:?}");
+        let codex = set.get("codex").unwrap();
+        let out = "https://auth.openai.com/oauth/authorize?response_type=code\u{7}&client_id=x";
+        assert_eq!(
+            codex.find_auth_url(out).as_deref(),
+            Some("https://auth.openai.com/oauth/authorize?response_type=code")
+        );
     }
 
     #[test]

@@ -45,7 +45,7 @@ mod upstream;
 
 pub use host_addrs::{host_addresses, AddressSource, HostAddresses};
 use policy::{decide, Refused, Resolver, Route, Rules};
-pub use policy::{deny_reason, AllowRule};
+pub use policy::{deny_reason, AllowRule, Target, TargetError};
 use upstream::{http_connect, join_host_port, socks5_connect};
 
 #[cfg(doc)]
@@ -674,15 +674,37 @@ async fn read_request(guest: &mut UnixStream) -> Result<EgressRequest, Refusal> 
             ))
         }
     }
-    let req: EgressRequest = serde_json::from_slice(&line)
-        .map_err(|e| Refusal::failed(Reason::BadRequest, format!("bad egress request: {e}")))?;
+    parse_request(&line).map_err(|e| Refusal::failed(Reason::BadRequest, e.to_string()))
+}
+
+/// A guest's egress request line that cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Not the JSON of an [`EgressRequest`].
+    #[error("bad egress request: {0}")]
+    Json(#[from] serde_json::Error),
+    /// Port 0, or a host that is empty or longer than a DNS name can be.
+    #[error("bad egress target {host:?}:{port}")]
+    Target {
+        /// The host as sent.
+        host: String,
+        /// The port as sent.
+        port: u16,
+    },
+}
+
+/// Decode one request line as the guest sent it (without its newline).
+/// Public so the fuzz targets exercise the parser the proxy uses; what the
+/// host may be is decided later by [`Target::parse`] and the policy.
+pub fn parse_request(line: &[u8]) -> Result<EgressRequest, RequestError> {
+    let req: EgressRequest = serde_json::from_slice(line)?;
     // What the host may be (name, address in any form) is policy's call:
     // Target::parse.
     if req.port == 0 || req.host.is_empty() || req.host.len() > 253 {
-        return Err(Refusal::failed(
-            Reason::BadRequest,
-            format!("bad egress target {:?}:{}", req.host, req.port),
-        ));
+        return Err(RequestError::Target {
+            host: req.host,
+            port: req.port,
+        });
     }
     Ok(req)
 }
