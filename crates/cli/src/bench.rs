@@ -30,6 +30,9 @@ pub enum BenchCmd {
     /// Controller HTTP API: session create/read req/s and latency under
     /// concurrent load, on SQLite and PostgreSQL.
     Api(crate::bench_api::ApiBenchArgs),
+    /// Create → exec → destroy cycles of the minimal image, then a leak
+    /// census; exits 1 on any failure or leak.
+    Soak(crate::bench_soak::SoakArgs),
 }
 
 /// Print min/median/max of `v`.
@@ -75,6 +78,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
         BenchCmd::Egress(a) => return crate::bench_egress::run(a).await,
         BenchCmd::Desktop(a) => return crate::bench_desktop::run(a).await,
         BenchCmd::Api(a) => return crate::bench_api::run(a).await,
+        BenchCmd::Soak(a) => return crate::bench_soak::run(a).await,
     };
     let runs = runs.max(1);
     let tmp = tempfile::Builder::new()

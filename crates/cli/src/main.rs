@@ -5,6 +5,7 @@ mod bench;
 mod bench_api;
 mod bench_desktop;
 mod bench_egress;
+mod bench_soak;
 mod controller_run;
 mod doctor;
 mod hostd;
