@@ -165,11 +165,13 @@ run_fuzz() {
   step "fuzz targets (${FUZZ_SECONDS} s each)"
   # cargo-fuzz needs nightly flags (-Z sanitizer); the stable compiler
   # accepts them with RUSTC_BOOTSTRAP.
-  local t scratch
+  # Their instrumented build is kept under the cache (it outlives a fresh
+  # checkout, so a second run only rebuilds what changed).
+  local t scratch target_dir="$HOME/.cache/polydev/fuzz-target"
   for t in $(cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz list); do
     scratch="$(mktemp -d)"
     cp -r "fuzz/corpus/$t/." "$scratch/"
-    (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$t" "$scratch" -- \
+    (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -O --target-dir "$target_dir" "$t" "$scratch" -- \
       -max_total_time="$FUZZ_SECONDS" -print_final_stats=1)
     rm -rf "$scratch"
   done

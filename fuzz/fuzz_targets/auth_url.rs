@@ -6,8 +6,8 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use polydev_controller::driver::login::strip_terminal_codes;
-use polydev_controller::providers::Providers;
+use polydev_providers::terminal::strip_terminal_codes;
+use polydev_providers::Providers;
 
 fn providers() -> &'static Providers {
     static P: OnceLock<Providers> = OnceLock::new();

@@ -17,7 +17,8 @@ pub mod driver;
 pub mod http;
 pub mod metrics;
 pub mod pgtemp;
-pub mod providers;
+/// Provider definitions: the `polydev-providers` crate.
+pub use polydev_providers as providers;
 pub mod recovery;
 pub mod state;
 pub mod store;

@@ -9,6 +9,8 @@
 //! file and the field. The repo's three files are also embedded in the
 //! binary ([`Providers::builtin`]) so a bare `polydev up` has them.
 
+pub mod terminal;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 
