@@ -25,6 +25,10 @@ pub struct Host {
     /// Temporary data directory (removed on drop).
     pub dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra `polydev host` options.
+    args: Vec<String>,
+    /// The umask the host agent starts with (`None`: the test's own).
+    umask: Option<u32>,
 }
 
 /// Result of a CLI invocation.
@@ -50,12 +54,23 @@ impl From<Output> for Run {
 impl Host {
     /// Start a host agent on a fresh data directory and wait until it serves.
     pub fn start() -> Host {
+        Host::start_with(&[], None)
+    }
+
+    /// Start a host agent with extra `polydev host` options, under `umask`
+    /// when given (set between fork and exec, so only the agent has it).
+    pub fn start_with(args: &[&str], umask: Option<u32>) -> Host {
         // Short paths: Unix socket paths must stay under 108 bytes.
         let dir = tempfile::Builder::new()
             .prefix("pd")
             .tempdir_in("/tmp")
             .expect("temp dir");
-        let mut h = Host { dir, child: None };
+        let mut h = Host {
+            dir,
+            child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            umask,
+        };
         h.spawn();
         h
     }
@@ -72,15 +87,26 @@ impl Host {
             .append(true)
             .open(self.data().join("host-agent.log"))
             .expect("log file");
-        let child = Command::new(polydev_bin())
-            .arg("--data-dir")
+        let mut cmd = Command::new(polydev_bin());
+        cmd.arg("--data-dir")
             .arg(self.data())
             .arg("host")
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn polydev host");
+            .stderr(log);
+        if let Some(mask) = self.umask {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: umask(2) is async-signal-safe and affects only the
+            // child between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask as libc::mode_t);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn polydev host");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(120);
         let sock = self.data().join("host.sock");

@@ -90,6 +90,8 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
         default_vcpus: 1,
         default_memory_mib: 256,
         log_retention: 50,
+        log_max_bytes: polydev_host::logfile::DEFAULT_LOG_MAX_BYTES,
+        logs_archive_max_bytes: polydev_host::config::DEFAULT_LOGS_ARCHIVE_MAX_BYTES,
         boot_timeout_s: 120,
         tcg_tb_size_mib: 256,
         qemu_vsock: polydev_host::config::QemuVsock::SerialMux,

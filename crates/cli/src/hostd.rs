@@ -43,6 +43,15 @@ pub struct HostArgs {
     /// Dead VMs whose logs are kept.
     #[arg(long, default_value_t = 200)]
     pub log_retention: usize,
+    /// Cap in bytes of each VM log file (console.log, agent.log,
+    /// egress.log); at the cap it rotates to <name>.1, keeping one old file.
+    #[arg(long, default_value_t = polydev_host::logfile::DEFAULT_LOG_MAX_BYTES,
+          value_parser = clap::value_parser!(u64).range(polydev_host::logfile::MIN_LOG_MAX_BYTES..))]
+    pub log_max_bytes: u64,
+    /// Cap in bytes of all ended VMs' kept logs together; the oldest go
+    /// first.
+    #[arg(long, default_value_t = polydev_host::config::DEFAULT_LOGS_ARCHIVE_MAX_BYTES)]
+    pub logs_archive_max_bytes: u64,
     /// Seconds a VM may take to boot to agent-ready.
     #[arg(long, default_value_t = 60)]
     pub boot_timeout_s: u64,
@@ -173,6 +182,8 @@ pub async fn config(data_dir: PathBuf, a: &HostArgs) -> anyhow::Result<HostConfi
     cfg.default_vcpus = a.default_vcpus;
     cfg.default_memory_mib = a.default_memory_mib;
     cfg.log_retention = a.log_retention;
+    cfg.log_max_bytes = a.log_max_bytes;
+    cfg.logs_archive_max_bytes = a.logs_archive_max_bytes;
     if a.egress_max_connections == 0 || a.egress_idle_timeout_s == 0 {
         anyhow::bail!("--egress-max-connections and --egress-idle-timeout-s must be at least 1");
     }
@@ -226,8 +237,12 @@ pub async fn run(
     controller: Option<crate::server::ControllerArgs>,
 ) -> anyhow::Result<i32> {
     let up = controller.is_some();
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    polydev_host::private::dir_all(&data_dir).with_context(|| {
+        format!(
+            "cannot create data directory {} (mode 0700)",
+            data_dir.display()
+        )
+    })?;
     let cfg = config(data_dir.clone(), &a).await?;
     let socket = cfg.socket_path();
     eprintln!(

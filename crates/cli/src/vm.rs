@@ -99,6 +99,13 @@ pub enum VmCmd {
         /// The host's record of the VM's egress connections (JSON lines).
         #[arg(long)]
         egress: bool,
+        /// At most this many bytes from the end of the log (the host serves
+        /// at most 16 MiB; default 1 MiB).
+        #[arg(long)]
+        tail_bytes: Option<u64>,
+        /// At most this many lines from the end of the log.
+        #[arg(long, short = 'n')]
+        lines: Option<usize>,
     },
     /// Show the VM's supervised services (pid, restarts, readiness).
     Services {
@@ -389,15 +396,22 @@ pub async fn run(data_dir: PathBuf, cmd: VmCmd) -> anyhow::Result<i32> {
             id,
             console,
             egress,
+            tail_bytes,
+            lines,
         } => {
             let kind = match (console, egress) {
                 (true, _) => "console",
                 (_, true) => "egress",
                 _ => "agent",
             };
-            let text = c
-                .text(&format!("/v1/vms/{}/logs?kind={kind}", path_seg(&id)?))
-                .await?;
+            let mut q = format!("/v1/vms/{}/logs?kind={kind}", path_seg(&id)?);
+            if let Some(b) = tail_bytes {
+                q.push_str(&format!("&tail_bytes={b}"));
+            }
+            if let Some(n) = lines {
+                q.push_str(&format!("&lines={n}"));
+            }
+            let text = c.text(&q).await?;
             print!("{text}");
             Ok(0)
         }

@@ -53,6 +53,13 @@ pub struct HostConfig {
     pub tcg_tb_mib: u32,
     /// How many dead VMs' logs to keep.
     pub log_retention: usize,
+    /// Cap of each of a VM's `console.log`, `agent.log` and `egress.log`;
+    /// at the cap the file rotates to `<name>.1` (one kept), see
+    /// [`crate::logfile`].
+    pub log_max_bytes: u64,
+    /// Cap of all ended VMs' kept logs together (`<data>/logs/`); the
+    /// oldest VMs' logs go first.
+    pub logs_archive_max_bytes: u64,
     /// Per-VM limits of the egress proxy.
     pub egress: crate::egress::EgressLimits,
     /// The artifact cache holding golden images (`polydev image build`);
@@ -122,6 +129,9 @@ pub enum QemuVsock {
     SerialMux,
 }
 
+/// Default cap of all ended VMs' kept logs together.
+pub const DEFAULT_LOGS_ARCHIVE_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+
 /// Lower bound of guest memory: the kernel plus agent need about this much.
 pub const MIN_MEMORY_MIB: u32 = 96;
 /// Longest allowed VM name.
@@ -168,6 +178,8 @@ impl HostConfig {
             stop_timeout: Duration::from_secs(30),
             tcg_tb_mib: 256,
             log_retention: 200,
+            log_max_bytes: crate::logfile::DEFAULT_LOG_MAX_BYTES,
+            logs_archive_max_bytes: DEFAULT_LOGS_ARCHIVE_MAX_BYTES,
             egress: crate::egress::EgressLimits::default(),
             image_cache: polydev_image::Cache::default_root().ok(),
             // The builtin recipe is checked by polydev-image's tests, so

@@ -6,32 +6,34 @@
 //! [`MAX_LOG_CONNECTIONS`] connections are served at once (further ones are
 //! closed as they arrive), and a line longer than [`MAX_LOG_LINE`] closes
 //! its connection (the agent reconnects and resends from its queue). Both
-//! are counted in [`crate::metrics::GUEST_LOG`]. The size of `agent.log`
-//! itself is not capped here.
+//! are counted in [`crate::metrics::GUEST_LOG`]. `agent.log` itself is a
+//! [`CappedLog`]: it rotates at the host's `--log-max-bytes`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use polydev_api::agent::{LogRecord, LOG_PORT, MAX_LOG_CONNECTIONS, MAX_LOG_LINE};
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::BufReader;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::warn;
 
-use crate::metrics::GUEST_LOG;
+use crate::logfile::{append, open_shared, SharedLog};
+use crate::metrics::{LogName, GUEST_LOG};
 use crate::vsock::{read_line_capped, Capped};
 
-/// Listen on `socket` (replacing a stale one) and append what VM `vm`
-/// sends to `log`, until the returned task is aborted; aborting it also
-/// ends every connection it serves.
-pub fn start(vm: &str, socket: &Path, log: PathBuf) -> std::io::Result<JoinHandle<()>> {
-    let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket)?;
+/// Listen on `socket` (replacing a stale one; mode 0600) and append what
+/// VM `vm` sends to `log` (capped at `max` bytes per file), until the
+/// returned task is aborted; aborting it also ends every connection it
+/// serves.
+pub fn start(vm: &str, socket: &Path, log: PathBuf, max: u64) -> std::io::Result<JoinHandle<()>> {
+    let log = open_shared(log, LogName::Agent, max)?;
+    let listener = crate::private::bind_tokio(socket)?;
     Ok(tokio::spawn(serve(vm.to_string(), listener, log)))
 }
 
-async fn serve(vm: String, listener: UnixListener, log: PathBuf) {
+async fn serve(vm: String, listener: UnixListener, log: SharedLog) {
     let slots = Arc::new(Semaphore::new(MAX_LOG_CONNECTIONS));
     let mut conns = JoinSet::new();
     loop {
@@ -60,15 +62,7 @@ async fn serve(vm: String, listener: UnixListener, log: PathBuf) {
 
 /// Append one connection's records to `log` until it ends, fails or sends
 /// a line that is too long.
-async fn receive(vm: &str, conn: UnixStream, log: &Path) {
-    let Ok(mut file) = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .await
-    else {
-        return;
-    };
+async fn receive(vm: &str, conn: UnixStream, log: &SharedLog) {
     let mut reader = BufReader::new(conn);
     let mut line = Vec::new();
     loop {
@@ -82,11 +76,11 @@ async fn receive(vm: &str, conn: UnixStream, log: &Path) {
                 let note = format!(
                     "[dropped] a log line longer than {MAX_LOG_LINE} bytes; the host closed that log connection\n"
                 );
-                let _ = file.write_all(note.as_bytes()).await;
+                let _ = append(log, note.as_bytes());
                 return;
             }
         };
-        if file.write_all(render(&line).as_bytes()).await.is_err() || last {
+        if append(log, render(&line).as_bytes()).is_err() || last {
             return;
         }
     }

@@ -8,7 +8,8 @@
 //! reason *kind*, never the free-text reason or a target), so a scrape stays
 //! small however many VMs and hosts come and go; per-connection detail is in
 //! each VM's `egress.log`. Guest log stream counters live in [`GUEST_LOG`],
-//! updated by [`crate::guest_log`].
+//! updated by [`crate::guest_log`]; what the log size caps dropped in
+//! [`LOG_CAPS`], updated by [`crate::logfile`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -235,6 +236,107 @@ impl GuestLogMetrics {
     }
 }
 
+/// Which of a VM's capped logs ([`crate::logfile::CappedLog`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogName {
+    /// `console.log`.
+    Console,
+    /// `agent.log`.
+    Agent,
+    /// `egress.log`.
+    Egress,
+}
+
+impl LogName {
+    const ALL: [LogName; 3] = [LogName::Console, LogName::Agent, LogName::Egress];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogName::Console => "console",
+            LogName::Agent => "agent",
+            LogName::Egress => "egress",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What the log caps dropped (all VMs together), and what pruning the
+/// archive of ended VMs' logs removed.
+pub struct LogCapMetrics {
+    lines: [AtomicU64; 3],
+    bytes: [AtomicU64; 3],
+    archives_pruned: AtomicU64,
+}
+
+/// The process-wide log cap counters (a static for the same reason as
+/// [`EGRESS`]).
+pub static LOG_CAPS: LogCapMetrics = LogCapMetrics {
+    lines: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+    bytes: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+    archives_pruned: AtomicU64::new(0),
+};
+
+impl LogCapMetrics {
+    /// Count lines and bytes a rotation dropped from a log.
+    pub fn dropped(&self, log: LogName, lines: u64, bytes: u64) {
+        self.lines[log.index()].fetch_add(lines, Ordering::Relaxed);
+        self.bytes[log.index()].fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Lines dropped from `log` so far.
+    pub fn lines_dropped(&self, log: LogName) -> u64 {
+        self.lines[log.index()].load(Ordering::Relaxed)
+    }
+
+    /// Ended VMs' logs removed so far.
+    pub fn archives_pruned_count(&self) -> u64 {
+        self.archives_pruned.load(Ordering::Relaxed)
+    }
+
+    /// Count an ended VM's logs removed to keep the archive under its cap.
+    pub fn archive_pruned(&self) {
+        self.archives_pruned.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String) {
+        out.push_str(
+            "# HELP polydev_log_lines_dropped_total Log lines dropped by the per-file size cap (polydev host --log-max-bytes), by log.\n\
+             # TYPE polydev_log_lines_dropped_total counter\n",
+        );
+        for l in LogName::ALL {
+            let _ = writeln!(
+                out,
+                "polydev_log_lines_dropped_total{{log=\"{}\"}} {}",
+                l.as_str(),
+                self.lines[l.index()].load(Ordering::Relaxed)
+            );
+        }
+        out.push_str(
+            "# HELP polydev_log_bytes_dropped_total Log bytes dropped by the per-file size cap, by log.\n\
+             # TYPE polydev_log_bytes_dropped_total counter\n",
+        );
+        for l in LogName::ALL {
+            let _ = writeln!(
+                out,
+                "polydev_log_bytes_dropped_total{{log=\"{}\"}} {}",
+                l.as_str(),
+                self.bytes[l.index()].load(Ordering::Relaxed)
+            );
+        }
+        let _ = write!(
+            out,
+            "# HELP polydev_log_archives_pruned_total Ended VMs' kept logs removed by retention (count or total size).\n\
+             # TYPE polydev_log_archives_pruned_total counter\n\
+             polydev_log_archives_pruned_total {}\n",
+            self.archives_pruned.load(Ordering::Relaxed)
+        );
+    }
+}
+
 /// Every VM state, so each series exists (at 0) from the first scrape.
 const STATES: [VmState; 7] = [
     VmState::Starting,
@@ -260,6 +362,7 @@ pub async fn render(mgr: &Manager) -> String {
     }
     EGRESS.render(&mut out);
     GUEST_LOG.render(&mut out);
+    LOG_CAPS.render(&mut out);
     out
 }
 
@@ -325,6 +428,28 @@ mod tests {
             "polydev_guest_log_connections_refused_total 2",
             "# TYPE polydev_guest_log_lines_dropped_total counter",
             "# TYPE polydev_guest_log_connections_refused_total counter",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} in\n{out}");
+        }
+    }
+
+    #[test]
+    fn log_cap_counters_render_as_prometheus_text() {
+        let m = LogCapMetrics {
+            lines: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+            bytes: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+            archives_pruned: AtomicU64::new(0),
+        };
+        m.dropped(LogName::Egress, 3, 300);
+        m.archive_pruned();
+        let mut out = String::new();
+        m.render(&mut out);
+        for line in [
+            "polydev_log_lines_dropped_total{log=\"egress\"} 3",
+            "polydev_log_lines_dropped_total{log=\"console\"} 0",
+            "polydev_log_bytes_dropped_total{log=\"egress\"} 300",
+            "polydev_log_archives_pruned_total 1",
+            "# TYPE polydev_log_lines_dropped_total counter",
         ] {
             assert!(out.lines().any(|l| l == line), "{line} in\n{out}");
         }

@@ -12,12 +12,19 @@ use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 
 /// Start `cmd` detached from our process group, with stdout and stderr
-/// appended to `log`.
+/// appended to `log` (mode 0600) and umask 0177, so that the sockets and
+/// files it creates (QMP, chardevs, snapshot state) are private.
 pub fn spawn_logged(
     cmd: &mut tokio::process::Command,
     log: &Path,
 ) -> std::io::Result<tokio::process::Child> {
-    let out = File::options().create(true).append(true).open(log)?;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let out = File::options()
+        .create(true)
+        .append(true)
+        .mode(crate::private::FILE_MODE)
+        .open(log)?;
+    crate::private::restrictive_umask(cmd);
     let err = out.try_clone()?;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::from(out))

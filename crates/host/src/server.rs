@@ -4,7 +4,6 @@
 //! JSON in and out; errors are RFC 7807 problems; exec output streams as
 //! newline-delimited JSON frames (`polydev_api::agent::Response`).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -19,7 +18,6 @@ use polydev_api::agent::{ExecRequest, Request};
 use polydev_api::vm::{LogKind, VmSpec};
 use polydev_api::Problem;
 use serde::Deserialize;
-use tokio::net::UnixListener;
 
 use crate::manager::{Manager, ManagerError};
 
@@ -131,8 +129,9 @@ pub async fn serve(
         }
         std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    // Bound with its final mode (never chmodded after bind): see
+    // crate::private::bind.
+    let listener = crate::private::bind_tokio(path)?;
     axum::serve(listener, router(mgr))
         .with_graceful_shutdown(shutdown)
         .await
@@ -388,6 +387,12 @@ where
 struct LogsQuery {
     #[serde(default = "default_kind")]
     kind: LogKind,
+    /// At most this many bytes from the end (default 1 MiB, at most 16 MiB).
+    #[serde(default)]
+    tail_bytes: Option<u64>,
+    /// At most this many lines from the end.
+    #[serde(default)]
+    lines: Option<usize>,
 }
 
 fn default_kind() -> LogKind {
@@ -405,12 +410,29 @@ async fn logs(
             "bad-query",
             "Bad query",
             format!(
-                "{}: use kind=console, kind=agent or kind=egress",
-                e.body_text()
+                "{}: use kind=console, kind=agent or kind=egress, tail_bytes=N (at most {}) and lines=N",
+                e.body_text(),
+                crate::logfile::MAX_TAIL_BYTES
             ),
         ))
     })?;
-    let text = m.logs(&id, q.kind).await?;
+    let tail_bytes = q.tail_bytes.unwrap_or(crate::logfile::DEFAULT_TAIL_BYTES);
+    if tail_bytes > crate::logfile::MAX_TAIL_BYTES {
+        return Err(ApiError(Problem::new(
+            400,
+            "bad-query",
+            "Bad query",
+            format!(
+                "tail_bytes={tail_bytes} is more than the {} bytes served at once; ask for less (the end of the log is what is served)",
+                crate::logfile::MAX_TAIL_BYTES
+            ),
+        )));
+    }
+    let tail = crate::manager::LogTail {
+        bytes: tail_bytes,
+        lines: q.lines,
+    };
+    let text = m.logs(&id, q.kind, tail).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text))
 }
 

@@ -65,6 +65,12 @@ impl VmDir {
         self.root.join("control.sock")
     }
 
+    /// Where QEMU's serial console connects (the host writes what arrives
+    /// to [`VmDir::console_log`]).
+    pub fn console_sock(&self) -> PathBuf {
+        self.root.join("console.sock")
+    }
+
     /// Serial console output.
     pub fn console_log(&self) -> PathBuf {
         self.root.join("console.log")
@@ -107,6 +113,7 @@ impl VmDir {
             self.vhost(),
             self.mux(),
             self.control(),
+            self.console_sock(),
         ] {
             if p.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(p);

@@ -29,8 +29,15 @@ impl Proxy {
             direct: true,
             ..Default::default()
         };
-        let task = egress::start("vm-limits", &sock, Some(&policy), limits, log.clone())
-            .expect("start egress proxy");
+        let task = egress::start(
+            "vm-limits",
+            &sock,
+            Some(&policy),
+            limits,
+            log.clone(),
+            polydev_host::logfile::DEFAULT_LOG_MAX_BYTES,
+        )
+        .expect("start egress proxy");
         Proxy {
             _dir: dir,
             sock,

@@ -298,7 +298,13 @@ async fn a_forward_that_is_never_answered_fails_at_the_call_deadline() {
 fn log_receiver(dir: &Path) -> (PathBuf, PathBuf, JoinHandle<()>) {
     let socket = dir.join(format!("vsock.sock_{}", agent::LOG_PORT));
     let log = dir.join("agent.log");
-    let task = polydev_host::guest_log::start("vm-test", &socket, log.clone()).expect("start");
+    let task = polydev_host::guest_log::start(
+        "vm-test",
+        &socket,
+        log.clone(),
+        polydev_host::logfile::DEFAULT_LOG_MAX_BYTES,
+    )
+    .expect("start");
     (socket, log, task)
 }
 
@@ -365,6 +371,40 @@ async fn an_endless_log_line_closes_only_its_connection() {
         .expect("write");
     let text = wait_for_log(&log, "a new connection").await;
     assert!(!text.contains("aaaa"), "the long line must not be logged");
+    assert!(!task.is_finished());
+}
+
+#[tokio::test]
+async fn a_guest_flooding_its_log_stream_leaves_agent_log_under_its_cap() {
+    use polydev_host::metrics::{LogName, LOG_CAPS};
+    const CAP: u64 = 8192;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join(format!("vsock.sock_{}", agent::LOG_PORT));
+    let log = dir.path().join("agent.log");
+    let task = polydev_host::guest_log::start("vm-test", &socket, log.clone(), CAP).expect("start");
+    let dropped = LOG_CAPS.lines_dropped(LogName::Agent);
+    let mut c = UnixStream::connect(&socket).await.expect("connect");
+    let n = 5000;
+    for i in 0..n {
+        c.write_all(&record(&format!("line {i}")))
+            .await
+            .expect("write");
+    }
+    c.write_all(&record("the last line")).await.expect("write");
+    let text = wait_for_log(&log, "the last line").await;
+    let old = log.with_file_name("agent.log.1");
+    for p in [&log, &old] {
+        let size = std::fs::metadata(p).expect("log file").len();
+        assert!(size <= CAP, "{} is {size} bytes", p.display());
+    }
+    let kept = |t: &str| t.lines().filter(|l| !l.starts_with("[polydev: ")).count() as u64;
+    let old_text = std::fs::read_to_string(&old).expect("agent.log.1");
+    let lost = LOG_CAPS.lines_dropped(LogName::Agent) - dropped;
+    assert_eq!(lost + kept(&text) + kept(&old_text), n + 1);
+    assert!(
+        text.starts_with(&format!("[polydev: {lost} lines")),
+        "{text}"
+    );
     assert!(!task.is_finished());
 }
 

@@ -89,7 +89,8 @@ pub trait HostApi: Send + Sync {
         vm: &'a str,
         target: polydev_api::agent::ForwardTarget,
     ) -> HostFuture<'a, Box<dyn Duplex>>;
-    /// One of the VM's logs kept by its host (live or archived).
+    /// The end of one of the VM's logs kept by its host (live or archived):
+    /// the host's default tail (1 MiB, whole lines), never the whole file.
     fn logs<'a>(&'a self, vm: &'a str, kind: polydev_api::vm::LogKind) -> HostFuture<'a, String>;
     /// A file's content from inside the VM; `None` when it does not exist.
     /// (One implementation for every host: `cat` through exec, so nothing
@@ -267,7 +268,12 @@ impl HostApi for LocalHost {
     }
 
     fn logs<'a>(&'a self, vm: &'a str, kind: polydev_api::vm::LogKind) -> HostFuture<'a, String> {
-        Box::pin(async move { self.manager.logs(vm, kind).await.map_err(from_manager) })
+        Box::pin(async move {
+            self.manager
+                .logs(vm, kind, polydev_host::manager::LogTail::default())
+                .await
+                .map_err(from_manager)
+        })
     }
 
     fn destroy<'a>(&'a self, vm: &'a str) -> HostFuture<'a, ()> {

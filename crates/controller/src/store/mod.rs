@@ -46,6 +46,15 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    /// The database's directory or file could not be made private.
+    #[error("cannot prepare {path} (mode 0700 for the directory, 0600 for the database): {source}; check that the data directory belongs to this user")]
+    Files {
+        /// The path involved.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The database was migrated by a newer controller.
     #[error("database schema version {database} is newer than this binary's {binary}: run the newer polydev, or restore a backup taken before the upgrade")]
     SchemaTooNew {
@@ -379,10 +388,51 @@ fn deadline_for<S: Lifecycle>(s: S, now: i64) -> Option<i64> {
         .map(|d| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
 }
 
+/// Create `dir` (0700) and `db` (0600) unless they exist, and make both
+/// private if they do.
+fn private_sqlite_files(dir: &Path, db: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let err = |p: &Path| {
+        let path = p.display().to_string();
+        move |source| StoreError::Files { path, source }
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(err(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err(dir))?;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(db)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(err(db)(e)),
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        let p = std::path::PathBuf::from(p);
+        match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(&p)(e)),
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Open the SQLite database `controller.db` in `data_dir` (created if missing).
+    /// The directory is made 0700 and the database 0600 whatever the umask
+    /// (SQLite gives its `-wal` and `-shm` files the database's mode): the
+    /// database holds sealed credentials and token hashes.
     pub async fn open_in_dir(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("controller.db");
+        private_sqlite_files(data_dir, &path)?;
         // Built from the path, not a formatted URL: a data dir may contain
         // spaces, `?` or `#`.
         let opts = SqliteConnectOptions::new().filename(&path);

@@ -19,7 +19,8 @@
 //! directly when the policy says `direct`; answer one [`EgressReply`] line
 //! and splice, under the VM's limits (concurrent connections, a shared
 //! bytes-per-second token bucket, an idle timeout). Each connection ends in
-//! one `tracing` event and one JSON line in `<vmdir>/egress.log`, which name
+//! one `tracing` event and one JSON line in `<vmdir>/egress.log` (a
+//! [`crate::logfile::CappedLog`], rotated at `--log-max-bytes`), which name
 //! the upstream by address only — never its credentials.
 
 use std::net::SocketAddr;
@@ -32,12 +33,13 @@ use polydev_api::agent::{encode_line, EgressReply, EgressRequest, MAX_EGRESS_LIN
 use polydev_api::vm::{EgressPolicy, Secret};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::metrics::{Direction, Outcome, Reason, EGRESS};
+use crate::logfile::{append, open_shared, SharedLog};
+use crate::metrics::{Direction, LogName, Outcome, Reason, EGRESS};
 
 mod host_addrs;
 mod policy;
@@ -267,7 +269,7 @@ struct VmEgress {
     own: HostAddresses,
     slots: Arc<Semaphore>,
     bucket: StdMutex<TokenBucket>,
-    log: PathBuf,
+    log: SharedLog,
 }
 
 /// Serve `<vmdir>/vsock.sock_1026` for one VM. `policy` `None` refuses
@@ -279,6 +281,7 @@ pub fn start(
     policy: Option<&EgressPolicy>,
     limits: EgressLimits,
     log: PathBuf,
+    log_max_bytes: u64,
 ) -> std::io::Result<JoinHandle<()>> {
     let policy = match policy {
         Some(p) => compile(p).map_err(std::io::Error::other)?,
@@ -288,8 +291,8 @@ pub fn start(
             direct: false,
         },
     };
-    let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket)?;
+    let log = open_shared(log, LogName::Egress, log_max_bytes)?;
+    let listener = crate::private::bind_tokio(socket)?;
     let shared = Arc::new(VmEgress {
         vm: vm.to_string(),
         policy,
@@ -437,14 +440,7 @@ impl VmEgress {
         );
         if let Ok(mut text) = serde_json::to_string(&line) {
             text.push('\n');
-            if let Ok(mut f) = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.log)
-                .await
-            {
-                let _ = f.write_all(text.as_bytes()).await;
-            }
+            let _ = append(&self.log, text.as_bytes());
         }
     }
 
@@ -848,6 +844,7 @@ mod tests {
             policy,
             EgressLimits::default(),
             dir.path().join("egress.log"),
+            crate::logfile::DEFAULT_LOG_MAX_BYTES,
         )
         .unwrap();
         let mut guest = UnixStream::connect(&sock).await.unwrap();

@@ -91,10 +91,13 @@ impl Qemu {
             plan.spec.initramfs.display().to_string(),
             "-append".into(),
             plan.cmdline.clone(),
+            // The console goes to the host agent, which caps console.log
+            // (crate::console); a file chardev would grow without bound.
+            // Reconnecting each second finds a restarted host agent.
             "-chardev".into(),
             format!(
-                "file,id=console,path={},append=on",
-                d.console_log().display()
+                "socket,id=console,path={},server=off,reconnect-ms=1000",
+                d.console_sock().display()
             ),
             "-serial".into(),
             "chardev:console".into(),

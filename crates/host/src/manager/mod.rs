@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use polydev_api::agent::{self, ExecRequest, GuestConfig, Request, Response};
-use polydev_api::vm::{HypervisorKind, LogKind, SnapshotInfo, VmInfo, VmSpec, VmState};
+use polydev_api::vm::{HypervisorKind, VmInfo, VmSpec, VmState};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -23,8 +23,15 @@ use crate::config::{HostConfig, ResolvedSpec, SpecError};
 use crate::hypervisor::qemu::Qemu;
 use crate::hypervisor::{Hypervisor, HypervisorError, LaunchPlan};
 use crate::process;
-use crate::vmdir::{write_atomic, VmDir, VmRecord};
+use crate::vmdir::{VmDir, VmRecord};
 use crate::{new_id, now_ms};
+use snapshots::copy_disk;
+
+mod logs;
+mod snapshots;
+mod watch;
+
+pub use logs::LogTail;
 
 /// Failures of VM operations, each mapping to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +100,8 @@ struct Vm {
     backend_task: StdMutex<Option<JoinHandle<()>>>,
     watcher: StdMutex<Option<JoinHandle<()>>>,
     log_task: StdMutex<Option<JoinHandle<()>>>,
+    /// Receives a QEMU VM's serial console (`console.sock`).
+    console_task: StdMutex<Option<JoinHandle<()>>>,
     /// The VM's egress proxy (`vsock.sock_1026`).
     egress_task: StdMutex<Option<JoinHandle<()>>>,
     exited: Arc<std::sync::atomic::AtomicBool>,
@@ -160,14 +169,16 @@ impl Vm {
             backend_task: StdMutex::new(None),
             watcher: StdMutex::new(None),
             log_task: StdMutex::new(None),
+            console_task: StdMutex::new(None),
             egress_task: StdMutex::new(None),
             exited: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
-    /// Stop receiving the guest's log and egress streams.
+    /// Stop receiving the guest's console, log and egress streams.
     fn stop_listeners(&self) {
         abort(&self.log_task);
+        abort(&self.console_task);
         abort(&self.egress_task);
     }
 
@@ -188,8 +199,15 @@ impl Manager {
     /// Create the data directories, adopt VMs still running from a previous
     /// run and clean up the remains of dead ones.
     pub async fn start(cfg: HostConfig) -> Result<Arc<Self>, ManagerError> {
-        for d in [cfg.vms_dir(), cfg.logs_dir(), cfg.snapshots_dir()] {
-            std::fs::create_dir_all(&d).map_err(io_err(&d))?;
+        // Private whatever the umask: VM directories hold disks with
+        // delivered credentials, and sockets that drive the VMs.
+        for d in [
+            cfg.data_dir.clone(),
+            cfg.vms_dir(),
+            cfg.logs_dir(),
+            cfg.snapshots_dir(),
+        ] {
+            crate::private::dir_all(&d).map_err(io_err(&d))?;
         }
         let cgroups = crate::cgroup::Cgroups::detect(
             cfg.confinement.cgroups,
@@ -362,7 +380,7 @@ impl Manager {
                 }
             }
             // create_dir (not _all): an existing directory is a collision.
-            std::fs::create_dir(dir.root()).map_err(io_err(dir.root()))?;
+            crate::private::create_dir(dir.root()).map_err(io_err(dir.root()))?;
             vms.insert(id.clone(), Vm::new(id.clone(), dir.clone(), record.clone()));
         }
         let vm = self.live(&id)?;
@@ -411,6 +429,7 @@ impl Manager {
             }
         }
         self.start_log_listener(vm)?;
+        self.start_console(vm, spec.hypervisor)?;
         self.start_egress(vm, spec)?;
         self.cgroups
             .create(&vm.id, dir, self.cfg.cgroup_limits(spec))?;
@@ -486,16 +505,6 @@ impl Manager {
         c
     }
 
-    /// Receive the guest's log stream into `agent.log`; see
-    /// [`crate::guest_log`].
-    fn start_log_listener(&self, vm: &Arc<Vm>) -> Result<(), ManagerError> {
-        let path = vm.dir.vsock_port(agent::LOG_PORT);
-        let task =
-            crate::guest_log::start(&vm.id, &path, vm.dir.agent_log()).map_err(io_err(&path))?;
-        *vm.log_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
-        Ok(())
-    }
-
     /// Serve the VM's egress connections (guest-initiated vsock to
     /// EGRESS_PORT) under its policy; see [`crate::egress`].
     fn start_egress(&self, vm: &Arc<Vm>, spec: &ResolvedSpec) -> Result<(), ManagerError> {
@@ -506,150 +515,11 @@ impl Manager {
             spec.egress.as_ref(),
             self.cfg.egress,
             vm.dir.egress_log(),
+            self.cfg.log_max_bytes,
         )
         .map_err(io_err(&path))?;
         *vm.egress_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         Ok(())
-    }
-
-    fn watch_child(self: &Arc<Self>, vm: &Arc<Vm>, mut child: tokio::process::Child) {
-        self.watch(vm, async move {
-            match child.wait().await {
-                Ok(status) => format!("hypervisor {}", process::describe_exit(&status)),
-                Err(e) => format!("hypervisor could not be waited for: {e}"),
-            }
-        });
-    }
-
-    fn watch_adopted(self: &Arc<Self>, vm: &Arc<Vm>, pid: u32) -> std::io::Result<()> {
-        let fd = process::pidfd_open(pid)?;
-        self.watch(vm, async move {
-            match process::wait_pidfd(fd).await {
-                Ok(()) => "hypervisor exited (adopted process; exit status unknown)".to_string(),
-                Err(e) => format!("hypervisor could not be watched: {e}"),
-            }
-        });
-        Ok(())
-    }
-
-    /// Watch the VM's vsock backend; when it dies while the hypervisor
-    /// lives, start a new one (with backoff) so the VM stays reachable.
-    fn watch_backend(self: &Arc<Self>, vm: &Arc<Vm>, first: BackendProc) {
-        let mgr = Arc::downgrade(self);
-        let vm2 = vm.clone();
-        let needle = vm.dir.root().display().to_string();
-        let task = tokio::spawn(async move {
-            let mut proc = first;
-            loop {
-                let how = match proc {
-                    BackendProc::Child(mut c) => match c.wait().await {
-                        Ok(st) => process::describe_exit(&st),
-                        Err(e) => format!("could not be waited for: {e}"),
-                    },
-                    BackendProc::Adopted(pid) => {
-                        if process::alive_with(pid, &needle) {
-                            if let Ok(fd) = process::pidfd_open(pid) {
-                                let _ = process::wait_pidfd(fd).await;
-                            }
-                        }
-                        "exited (adopted process)".to_string()
-                    }
-                };
-                let mut backoff = Duration::from_millis(100);
-                proc = loop {
-                    let Some(mgr) = mgr.upgrade() else { return };
-                    let (state, hv_pid) = {
-                        let r = vm2.record.lock().await;
-                        (r.info.state, r.hypervisor_pid)
-                    };
-                    let live = matches!(
-                        state,
-                        VmState::Starting | VmState::Running | VmState::Paused
-                    );
-                    let (true, false, Some(hv_pid)) = (
-                        live,
-                        vm2.exited.load(std::sync::atomic::Ordering::SeqCst),
-                        hv_pid,
-                    ) else {
-                        return;
-                    };
-                    warn!(vm = %vm2.id, %how, "vsock backend died; starting a new one");
-                    let driver = match mgr.driver(&vm2).await {
-                        Ok(d) => d,
-                        Err(_) => return,
-                    };
-                    match driver.restart_backend(&vm2.dir, hv_pid).await {
-                        Ok(Some(child)) => {
-                            let mut r = vm2.record.lock().await;
-                            r.backend_pid = child.id();
-                            if let Err(e) = r.save(&vm2.dir.record()) {
-                                warn!(vm = %vm2.id, error = %e, "cannot record the new backend pid");
-                            }
-                            info!(vm = %vm2.id, pid = child.id(), "vsock backend restarted");
-                            break BackendProc::Child(child);
-                        }
-                        Ok(None) => {
-                            warn!(vm = %vm2.id, "this vsock backend cannot be restarted; the VM is unreachable until it is removed");
-                            return;
-                        }
-                        Err(e) => {
-                            warn!(vm = %vm2.id, error = %e, "restarting the vsock backend failed; retrying in {backoff:?}");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(30));
-                        }
-                    }
-                };
-            }
-        });
-        *vm.backend_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
-    }
-
-    /// Run `exit` (which resolves with a reason when the hypervisor is gone)
-    /// as the VM's watcher, then fail the VM unless it was being stopped.
-    fn watch(
-        self: &Arc<Self>,
-        vm: &Arc<Vm>,
-        exit: impl std::future::Future<Output = String> + Send + 'static,
-    ) {
-        let mgr = Arc::downgrade(self);
-        let vm2 = vm.clone();
-        let task = tokio::spawn(async move {
-            let reason = exit.await;
-            vm2.exited.store(true, std::sync::atomic::Ordering::SeqCst);
-            if let Some(mgr) = mgr.upgrade() {
-                mgr.on_exit(&vm2, reason).await;
-            }
-        });
-        *vm.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
-    }
-
-    async fn on_exit(self: &Arc<Self>, vm: &Arc<Vm>, reason: String) {
-        let (state, keeps_disk) = {
-            let r = vm.record.lock().await;
-            (r.info.state, r.spec.data_disk_mib > 0)
-        };
-        // Starting: the boot path sees `exited` and settles the VM itself.
-        if matches!(state, VmState::Starting | VmState::Stopping | VmState::Off) || state.is_final()
-        {
-            return;
-        }
-        warn!(vm = %vm.id, %reason, "vm died");
-        let me = self.clone();
-        let vm = vm.clone();
-        // From a separate task: both paths await this watcher task.
-        tokio::spawn(async move {
-            if keeps_disk {
-                // A VM with a persistent disk holds the user's files: a crash
-                // powers it off with the reason instead of deleting them.
-                me.settle_off(
-                    &vm,
-                    Some(format!("{reason}; its disk is kept, start it again")),
-                )
-                .await;
-            } else {
-                me.finish(&vm, VmState::Failed, Some(reason)).await;
-            }
-        });
     }
 
     /// Leave a VM powered off with its state directory and disks: kill
@@ -800,56 +670,6 @@ impl Manager {
         self.prune_logs();
     }
 
-    fn archive(&self, vm: &Vm, record: &VmRecord) -> std::io::Result<()> {
-        let dest = self.cfg.logs_dir().join(&vm.id);
-        std::fs::create_dir_all(&dest)?;
-        for src in [
-            vm.dir.console_log(),
-            vm.dir.agent_log(),
-            vm.dir.hypervisor_log(),
-            vm.dir.backend_log(),
-            vm.dir.egress_log(),
-        ] {
-            if let Some(name) = src.file_name() {
-                if src.exists() {
-                    std::fs::rename(&src, dest.join(name))?;
-                }
-            }
-        }
-        // Logs outlive the VM; its upstream password must not.
-        let kept = VmRecord {
-            spec: record.spec.without_secrets(),
-            ..record.clone()
-        };
-        write_atomic(
-            &dest.join("vm.json"),
-            &serde_json::to_vec_pretty(&kept).map_err(std::io::Error::other)?,
-        )
-    }
-
-    fn prune_logs(&self) {
-        let Ok(rd) = std::fs::read_dir(self.cfg.logs_dir()) else {
-            return;
-        };
-        let mut dirs: Vec<(u64, PathBuf)> = rd
-            .flatten()
-            .map(|e| {
-                let created = VmRecord::load(&e.path().join("vm.json"))
-                    .map(|r| r.info.created_ms)
-                    .unwrap_or(0);
-                (created, e.path())
-            })
-            .collect();
-        if dirs.len() <= self.cfg.log_retention {
-            return;
-        }
-        dirs.sort();
-        let excess = dirs.len() - self.cfg.log_retention;
-        for (_, p) in dirs.into_iter().take(excess) {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
-
     async fn reconcile(self: &Arc<Self>) -> Result<(), ManagerError> {
         let vms_dir = self.cfg.vms_dir();
         let rd = std::fs::read_dir(&vms_dir).map_err(io_err(&vms_dir))?;
@@ -916,6 +736,7 @@ impl Manager {
             }
             let adopted = async {
                 self.start_log_listener(&vm)?;
+                self.start_console(&vm, record.spec.hypervisor)?;
                 self.start_egress(&vm, &record.spec)?;
                 if let Some(pid) = record.hypervisor_pid {
                     self.watch_adopted(&vm, pid).map_err(io_err(dir.root()))?;
@@ -1032,164 +853,6 @@ impl Manager {
             .ok_or(ManagerError::Invalid(SpecError::NoFirecracker))
     }
 
-    /// Save a running or paused VM to a new snapshot.
-    pub async fn snapshot(&self, id: &str) -> Result<SnapshotInfo, ManagerError> {
-        let vm = self.live(id)?;
-        let driver = self.driver(&vm).await?;
-        let r = vm.record.lock().await;
-        if !matches!(r.info.state, VmState::Running | VmState::Paused) {
-            return Err(ManagerError::Conflict(format!(
-                "VM {} is {}; only running or paused VMs can be snapshotted",
-                vm.id, r.info.state
-            )));
-        }
-        let snap_id = new_id("snap-");
-        let dest = self.cfg.snapshots_dir().join(&snap_id);
-        std::fs::create_dir(&dest).map_err(io_err(&dest))?;
-        let result = async {
-            driver.snapshot(&vm.dir, &dest).await?;
-            if vm.dir.data_disk().exists() {
-                copy_disk(&vm.dir.data_disk(), &dest.join("data.img")).await?;
-            }
-            let info = SnapshotInfo {
-                id: snap_id.clone(),
-                source_vm: vm.id.clone(),
-                hypervisor: r.info.hypervisor,
-                memory_mib: r.spec.memory_mib,
-                vcpus: r.spec.vcpus,
-                size_bytes: dir_size(&dest),
-                created_ms: now_ms(),
-            };
-            // Egress policy belongs to a VM (its user), not to a snapshot:
-            // a restored VM gets none until one is given for it.
-            let meta = SnapshotMeta {
-                info: info.clone(),
-                spec: ResolvedSpec {
-                    egress: None,
-                    ..r.spec.clone()
-                },
-            };
-            let path = dest.join("snapshot.json");
-            write_atomic(
-                &path,
-                &serde_json::to_vec_pretty(&meta)
-                    .map_err(std::io::Error::other)
-                    .map_err(io_err(&path))?,
-            )
-            .map_err(io_err(&path))?;
-            Ok::<SnapshotInfo, ManagerError>(info)
-        }
-        .await;
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&dest);
-        }
-        result
-    }
-
-    /// Snapshots on this host.
-    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
-        let mut out: Vec<SnapshotInfo> = std::fs::read_dir(self.cfg.snapshots_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| load_snapshot(&e.path()).ok())
-            .map(|m| m.info)
-            .collect();
-        out.sort_by_key(|s| s.created_ms);
-        out
-    }
-
-    fn snapshot_dir(&self, snap_id: &str) -> Result<PathBuf, ManagerError> {
-        let dir = self.cfg.snapshots_dir().join(snap_id);
-        if !valid_id(snap_id) || !dir.join("snapshot.json").is_file() {
-            return Err(ManagerError::NotFound {
-                what: "snapshot",
-                id: snap_id.to_string(),
-                hint: " (`polydev vm snapshots` lists them)".into(),
-            });
-        }
-        Ok(dir)
-    }
-
-    /// Start a new VM from a snapshot.
-    pub async fn restore(
-        self: &Arc<Self>,
-        snap_id: &str,
-        name: Option<String>,
-    ) -> Result<VmInfo, ManagerError> {
-        let dir = self.snapshot_dir(snap_id)?;
-        let meta = load_snapshot(&dir).map_err(io_err(&dir))?;
-        let mut spec = meta.spec;
-        if let Some(n) = &name {
-            self.cfg.resolve(&VmSpec {
-                name: Some(n.clone()),
-                ..Default::default()
-            })?;
-        }
-        spec.name = name;
-        for f in [&spec.kernel, &spec.initramfs] {
-            if !f.is_file() {
-                return Err(ManagerError::Invalid(SpecError::MissingFile {
-                    what: "snapshot's boot file",
-                    path: f.clone(),
-                }));
-            }
-        }
-        self.launch(spec, Some((dir, snap_id.to_string()))).await
-    }
-
-    /// Delete a snapshot.
-    pub async fn delete_snapshot(&self, snap_id: &str) -> Result<(), ManagerError> {
-        let dir = self.snapshot_dir(snap_id)?;
-        // Firecracker maps a restored VM's memory from the snapshot file for
-        // as long as the VM runs; QEMU reads it once.
-        let vms: Vec<Arc<Vm>> = self
-            .vms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for vm in vms {
-            let r = vm.record.lock().await;
-            if r.info.hypervisor == HypervisorKind::Firecracker
-                && r.info.restored_from.as_deref() == Some(snap_id)
-            {
-                return Err(ManagerError::Conflict(format!(
-                    "snapshot {snap_id} backs the memory of running VM {}; remove that VM first",
-                    vm.id
-                )));
-            }
-        }
-        std::fs::remove_dir_all(&dir).map_err(io_err(&dir))
-    }
-
-    /// A VM's console, agent or egress log, live or preserved.
-    pub async fn logs(&self, id: &str, kind: LogKind) -> Result<String, ManagerError> {
-        let file = match kind {
-            LogKind::Console => "console.log",
-            LogKind::Agent => "agent.log",
-            LogKind::Egress => "egress.log",
-        };
-        let path = match self.live(id) {
-            Ok(vm) => vm.dir.root().join(file),
-            Err(e) => {
-                if self.archived_record(id).is_none() {
-                    return Err(e);
-                }
-                self.cfg.logs_dir().join(id).join(file)
-            }
-        };
-        match std::fs::read(&path) {
-            Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-            Err(e) => Err(ManagerError::Io {
-                path: path.display().to_string(),
-                source: e,
-            }),
-        }
-    }
-
     /// Stop watching VMs without touching them (they keep running and are
     /// adopted by the next host agent).
     pub fn detach(&self) {
@@ -1201,25 +864,7 @@ impl Manager {
     }
 }
 
-/// What a snapshot directory records besides the hypervisor's state.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct SnapshotMeta {
-    info: SnapshotInfo,
-    spec: ResolvedSpec,
-}
-
-fn load_snapshot(dir: &Path) -> std::io::Result<SnapshotMeta> {
-    let bytes = std::fs::read(dir.join("snapshot.json"))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-}
-
-/// Ids are generated by us; anything else (say `../x`) is not one.
-pub fn valid_id(id: &str) -> bool {
-    let rest = id.strip_prefix("vm-").or_else(|| id.strip_prefix("snap-"));
-    rest.is_some_and(|r| r.len() == 12 && r.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
+/// Bytes of the files directly in `dir`.
 fn dir_size(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .into_iter()
@@ -1230,8 +875,21 @@ fn dir_size(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Ids are generated by us; anything else (say `../x`) is not one.
+pub fn valid_id(id: &str) -> bool {
+    let rest = id.strip_prefix("vm-").or_else(|| id.strip_prefix("snap-"));
+    rest.is_some_and(|r| r.len() == 12 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 async fn create_data_disk(path: &Path, mib: u32) -> Result<(), ManagerError> {
-    let f = std::fs::File::create(path).map_err(io_err(path))?;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // 0600: the disk will hold the user's files and delivered tokens.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(crate::private::FILE_MODE)
+        .open(path)
+        .map_err(io_err(path))?;
     f.set_len(u64::from(mib) * 1024 * 1024)
         .map_err(io_err(path))?;
     run_tool(
@@ -1243,21 +901,9 @@ async fn create_data_disk(path: &Path, mib: u32) -> Result<(), ManagerError> {
     .await
 }
 
-async fn copy_disk(src: &Path, dst: &Path) -> Result<(), ManagerError> {
-    // --reflink=auto: instant on file systems that share extents, a plain
-    // sparse copy elsewhere.
-    run_tool(
-        tokio::process::Command::new("cp")
-            .args(["--reflink=auto", "--sparse=always"])
-            .arg(src)
-            .arg(dst),
-        src,
-    )
-    .await
-}
-
 /// Run a host tool on `path`; its stderr becomes the error.
 async fn run_tool(cmd: &mut tokio::process::Command, path: &Path) -> Result<(), ManagerError> {
+    crate::private::restrictive_umask(cmd);
     let out = cmd.output().await.map_err(io_err(path))?;
     if !out.status.success() {
         return Err(ManagerError::Io {
@@ -1284,81 +930,6 @@ fn now_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn record(id: &str, created_ms: u64, dir: &Path) -> VmRecord {
-        let cfg = HostConfig::with_defaults(dir.to_path_buf(), dir.join("k"), dir.join("i"));
-        VmRecord {
-            info: VmInfo {
-                id: id.into(),
-                name: None,
-                state: VmState::Stopped,
-                failure: None,
-                vcpus: 1,
-                memory_mib: 128,
-                image: "minimal".into(),
-                hypervisor: HypervisorKind::Qemu,
-                accel: cfg.accel,
-                pid: None,
-                created_ms,
-                boot_ms: None,
-                restored_from: None,
-            },
-            spec: ResolvedSpec {
-                name: None,
-                vcpus: 1,
-                memory_mib: 128,
-                image: "minimal".into(),
-                kernel: cfg.kernel.clone(),
-                initramfs: cfg.initramfs.clone(),
-                hypervisor: HypervisorKind::Qemu,
-                env: Default::default(),
-                services: vec![],
-                data_disk_mib: 0,
-                egress: None,
-                rootfs: None,
-            },
-            hypervisor_pid: None,
-            backend_pid: None,
-        }
-    }
-
-    #[tokio::test]
-    async fn log_retention_keeps_the_newest() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut cfg = HostConfig::with_defaults(
-            tmp.path().to_path_buf(),
-            tmp.path().join("k"),
-            tmp.path().join("i"),
-        );
-        cfg.log_retention = 3;
-        let mgr = Manager::start(cfg).await.unwrap();
-        for n in 0..5u64 {
-            let id = format!("vm-00000000000{n}");
-            let d = tmp.path().join("logs").join(&id);
-            std::fs::create_dir_all(&d).unwrap();
-            record(&id, 1000 + n, tmp.path())
-                .save(&d.join("vm.json"))
-                .unwrap();
-        }
-        mgr.prune_logs();
-        let mut left: Vec<String> = std::fs::read_dir(tmp.path().join("logs"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(
-            left,
-            ["vm-000000000002", "vm-000000000003", "vm-000000000004"]
-        );
-        // Ended VMs stay readable until pruned.
-        let all = mgr.list(true).await;
-        assert_eq!(all.len(), 3);
-        assert!(mgr.get("vm-000000000004").await.is_ok());
-        assert!(matches!(
-            mgr.get("vm-000000000000").await,
-            Err(ManagerError::NotFound { .. })
-        ));
-    }
 
     #[test]
     fn ids_are_strict() {
