@@ -55,9 +55,13 @@ impl Manager {
             return Ok(());
         }
         let path = vm.dir.console_sock();
-        let task = crate::console::start(&path, vm.dir.console_log(), self.cfg.log_max_bytes)
-            .map_err(io_err(&path))?;
+        let (task, connected) =
+            crate::console::start(&path, vm.dir.console_log(), self.cfg.log_max_bytes)
+                .map_err(io_err(&path))?;
         *vm.console_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        *vm.console_connected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(connected);
         Ok(())
     }
 

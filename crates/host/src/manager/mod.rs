@@ -102,6 +102,8 @@ struct Vm {
     log_task: StdMutex<Option<JoinHandle<()>>>,
     /// Receives a QEMU VM's serial console (`console.sock`).
     console_task: StdMutex<Option<JoinHandle<()>>>,
+    /// Whether the console is connected (see [`crate::console::start`]).
+    console_connected: StdMutex<Option<tokio::sync::watch::Receiver<bool>>>,
     /// The VM's egress proxy (`vsock.sock_1026`).
     egress_task: StdMutex<Option<JoinHandle<()>>>,
     exited: Arc<std::sync::atomic::AtomicBool>,
@@ -126,6 +128,16 @@ async fn kill_processes(vm: &Vm, hv_pid: Option<u32>, be_pid: Option<u32>) {
         // The watcher reaps our own child; for an adopted one it returns
         // once the pidfd fires.
         let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
+    }
+    // The hypervisor is gone: let the console receiver write what QEMU had
+    // already sent before it is stopped (its last words are often why).
+    let connected = vm
+        .console_connected
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(mut c) = connected {
+        let _ = tokio::time::timeout(Duration::from_secs(2), c.wait_for(|up| !up)).await;
     }
     if let Some(pid) = be_pid {
         process::kill_matching(pid, &needle).await;
@@ -170,6 +182,7 @@ impl Vm {
             watcher: StdMutex::new(None),
             log_task: StdMutex::new(None),
             console_task: StdMutex::new(None),
+            console_connected: StdMutex::new(None),
             egress_task: StdMutex::new(None),
             exited: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
