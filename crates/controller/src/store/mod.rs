@@ -388,19 +388,17 @@ fn deadline_for<S: Lifecycle>(s: S, now: i64) -> Option<i64> {
         .map(|d| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
 }
 
-/// Create `dir` (0700) and `db` (0600) unless they exist, and make both
-/// private if they do.
+/// Make `dir` 0700 and create `db` 0600 unless it exists (then make it
+/// 0600). A missing `dir` is left for SQLite to report.
 fn private_sqlite_files(dir: &Path, db: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let err = |p: &Path| {
         let path = p.display().to_string();
         move |source| StoreError::Files { path, source }
     };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(err(dir))?;
+    if !dir.is_dir() {
+        return Ok(());
+    }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err(dir))?;
     match std::fs::OpenOptions::new()
         .write(true)
@@ -427,7 +425,8 @@ fn private_sqlite_files(dir: &Path, db: &Path) -> Result<(), StoreError> {
 
 impl Store {
     /// Open the SQLite database `controller.db` in `data_dir` (created if missing).
-    /// The directory is made 0700 and the database 0600 whatever the umask
+    /// The directory (which must exist) is made 0700 and the database 0600
+    /// whatever the umask
     /// (SQLite gives its `-wal` and `-shm` files the database's mode): the
     /// database holds sealed credentials and token hashes.
     pub async fn open_in_dir(data_dir: &Path) -> Result<Self, StoreError> {
