@@ -21,6 +21,10 @@ pub const DIR_MODE: u32 = 0o700;
 /// Mode of private files and sockets.
 pub const FILE_MODE: u32 = 0o600;
 
+/// Bytes [`bind`] adds to a socket's path while it is staged
+/// (`/.b<8 hex>`), which must fit in `sun_path` as well.
+pub const BIND_STAGING_LEN: usize = 11;
+
 /// Create `path` and its missing parents as 0700, and make `path` itself
 /// 0700 if it already existed.
 pub fn dir_all(path: &Path) -> std::io::Result<()> {
@@ -48,7 +52,9 @@ pub fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     let parent = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().unwrap_or(path.as_os_str());
-    let staging = parent.join(format!(".bind-{}", crate::new_id("")));
+    // Short: the staged path must fit in sun_path too.
+    let id = crate::new_id("");
+    let staging = parent.join(format!(".b{}", &id[..BIND_STAGING_LEN - 3]));
     create_dir(&staging)?;
     let result = (|| {
         let tmp = staging.join(name);

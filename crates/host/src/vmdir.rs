@@ -106,16 +106,18 @@ impl VmDir {
         self.root.join("cgroup")
     }
 
-    /// Check that every socket path fits in `sun_path`.
+    /// Check that every socket path fits in `sun_path`, including the
+    /// staging directory the host's own listeners are bound in
+    /// ([`crate::private::bind`]).
     pub fn check_socket_paths(&self) -> Result<(), PathBuf> {
-        for p in [
-            self.vsock_port(65535),
-            self.vhost(),
-            self.mux(),
-            self.control(),
-            self.console_sock(),
+        for (p, extra) in [
+            (self.vsock_port(65535), crate::private::BIND_STAGING_LEN),
+            (self.console_sock(), crate::private::BIND_STAGING_LEN),
+            (self.vhost(), 0),
+            (self.mux(), 0),
+            (self.control(), 0),
         ] {
-            if p.as_os_str().len() > MAX_SOCKET_PATH {
+            if p.as_os_str().len() + extra > MAX_SOCKET_PATH {
                 return Err(p);
             }
         }
