@@ -156,7 +156,8 @@ impl Cgroups {
             .iter()
             .map(|p| format!("{}\n", p.display()))
             .collect();
-        std::fs::write(dir.cgroup(), list).map_err(io(&dir.cgroup()))?;
+        // 0600 whatever the umask, like everything in the VM directory.
+        crate::vmdir::write_atomic(&dir.cgroup(), list.as_bytes()).map_err(io(&dir.cgroup()))?;
         for g in &groups {
             make_dir(g)?;
         }
