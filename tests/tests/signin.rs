@@ -14,9 +14,16 @@
 //! the browser and CLI images, their unprivileged user, delivery as that
 //! user, memory.
 //!
-//! One controller serves both sessions of the test (each session boots its
-//! own browser VM): a wrong password then the right one, consent, and
-//! completion; then consent denied, which fails with the CLI's own message.
+//! One controller serves the whole test. Three people connect, each
+//! through their own upstream (its own port of the provider's range,
+//! leaving from its own address), their sessions live at the same time
+//! (one browser VM boots at a time while the earlier ones wait; all three
+//! are signed in on their consent pages before any allows): the authorization server sees each
+//! person's sign-in, token exchange and check arrive from that person's
+//! upstream, and each CLI VM holds its own person's credential only. The
+//! first mistypes their password once (the page says so, the flow goes
+//! on). Then the first connects again and denies consent, which fails with
+//! the CLI's own message, kept in the browser VM's archived console log.
 
 mod egress_support;
 
@@ -24,15 +31,14 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use egress_support::{basic, start_http_upstream_only, unique, write_upstreams, ProxyLog};
-use polydev_e2e::http::{call, make_token, redeem_link, start_up, ApiProcess};
+use egress_support::{
+    basic, consecutive_listeners, start_http_upstream_only_on, unique, write_upstreams, ProxyLog,
+};
+use polydev_e2e::http::{call, make_token, new_user, redeem_link, start_up, ApiProcess};
 use polydev_e2e::oauth::{colour, random_hex, Pki, SigninServer, ISSUER_HOST};
 use polydev_e2e::rfb::{self, Frame, WsStream};
 use serde_json::{json, Value};
 
-/// Where the user's upstream leaves from: the authorization server sees
-/// this address for everything that came through it.
-const UPSTREAM_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 /// A desktop under TCG on a loaded 2-core host takes minutes.
 const DESKTOP_DEADLINE: Duration = Duration::from_secs(600);
 /// F5: reload. A person reloads a page that loaded before the browser
@@ -185,7 +191,7 @@ fn wait_screen<T>(
 ) -> (Frame, T) {
     let path = artifacts().join(png);
     let until = Instant::now() + deadline;
-    let mut reload_at = Instant::now() + Duration::from_secs(45);
+    let mut reload_at = Instant::now() + Duration::from_secs(90);
     loop {
         let f = desk.frame().expect("capture the desktop");
         if let Some(v) = found(&f) {
@@ -195,7 +201,7 @@ fn wait_screen<T>(
         }
         if reload && Instant::now() > reload_at {
             desk.tap(F5).expect("reload");
-            reload_at = Instant::now() + Duration::from_secs(45);
+            reload_at = Instant::now() + Duration::from_secs(90);
         }
         if Instant::now() > until {
             f.save_png(&path).expect("save screenshot");
@@ -215,13 +221,16 @@ fn signin_page(f: &Frame) -> Option<()> {
 /// Click into the field filled with `fill` and type `text`, then look at
 /// the screen until the field shows it (a page still settling can swallow
 /// the first keys: a person looks and types again).
-fn fill_field(desk: &mut rfb::Session<WsStream>, fill: [u8; 3], text: &str, what: &str) {
-    for _ in 0..4 {
+fn fill_field(desk: &mut rfb::Session<WsStream>, tag: &str, fill: [u8; 3], text: &str, what: &str) {
+    // A page still loading on a busy host takes keys late: a person
+    // looks, and types again, for a few minutes.
+    let until = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < until {
         // The page may be covered a moment (a window opening over it).
         let (_, field) = wait_screen(
             desk,
-            &format!("the {what} field"),
-            "signin-field.png",
+            &format!("{tag}: the {what} field"),
+            &format!("signin-{tag}-field.png"),
             Duration::from_secs(120),
             false,
             |f| f.find_colour(fill, 8, 500),
@@ -247,55 +256,79 @@ fn fill_field(desk: &mut rfb::Session<WsStream>, fill: [u8; 3], text: &str, what
             }
             std::thread::sleep(Duration::from_millis(300));
         }
-        eprintln!("the {what} field did not show the typed text; typing again");
+        eprintln!("{tag}: the {what} field did not show the typed text; typing again");
     }
-    panic!("could not type into the {what} field");
+    panic!("{tag}: could not type into the {what} field");
 }
 
-/// Wait for the consent page (both buttons on it), save it as `png`, and
-/// click the button filled with colour `button`.
+/// The consent page (both buttons on it): where the button filled with
+/// colour `button` is.
+fn consent_page(button: &str) -> impl Fn(&Frame) -> Option<(usize, usize, usize, usize)> + '_ {
+    move |f| {
+        f.find_colour(colour("consent_background"), 6, 100_000)?;
+        f.find_colour(colour("deny_button"), 8, 500)?;
+        f.find_colour(colour("allow_button"), 8, 500)?;
+        f.find_colour(colour(button), 8, 500)
+    }
+}
+
+/// Wait for the consent page, save it as `png`, and click the button
+/// filled with colour `button`.
 fn consent(desk: &mut rfb::Session<WsStream>, png: &str, button: &str) {
     let (_, target) = wait_screen(
         desk,
         "consent page",
         png,
-        Duration::from_secs(180),
+        Duration::from_secs(300),
         false,
-        |f| {
-            f.find_colour(colour("consent_background"), 6, 100_000)?;
-            f.find_colour(colour("deny_button"), 8, 500)?;
-            f.find_colour(colour("allow_button"), 8, 500)?;
-            f.find_colour(colour(button), 8, 500)
-        },
+        consent_page(button),
     );
     let (x, y) = centre(target);
     desk.click(x, y).expect("click the button");
 }
 
 /// Sign in on the page shown: name, then password, then Enter.
-fn type_credentials(desk: &mut rfb::Session<WsStream>, user: &str, password: &str) {
-    fill_field(desk, colour("username_input"), user, "user name");
-    fill_field(desk, colour("password_input"), password, "password");
+fn type_credentials(desk: &mut rfb::Session<WsStream>, tag: &str, user: &str, password: &str) {
+    fill_field(desk, tag, colour("username_input"), user, "user name");
+    fill_field(desk, tag, colour("password_input"), password, "password");
     desk.tap(rfb::keysym::RETURN).expect("Enter");
 }
 
+/// One person: their account at the authorization server, the API as
+/// them, and the upstream their VMs leave through.
+struct Person {
+    name: String,
+    password: String,
+    api: Api,
+    user_id: String,
+}
+
+/// One of the users' upstreams: its port (in the provider's range) and
+/// the source address the authorization server sees for it.
+struct Upstream {
+    port: u16,
+    source: Ipv4Addr,
+    log: ProxyLog,
+}
+
 /// `polydev up` with the test provider, the run's CA and test CLI
-/// provisioned into VMs, one upstream provider (the user's proxy).
+/// provisioned into VMs, one upstream provider with a port per person
+/// (each port its own proxy, leaving from its own address).
 struct World {
     // Dropped first: the processes go before their directory.
     _reaper: polydev_e2e::Reaper,
     _dir: tempfile::TempDir,
     data: PathBuf,
     up: ApiProcess,
-    api: Api,
     server: SigninServer,
-    upstream_log: ProxyLog,
+    upstreams: Vec<Upstream>,
     upstream_auth: String,
-    user: String,
-    password: String,
+    people: Vec<Person>,
+    /// The first person's login session (the administrator's cookie).
+    admin_cookie: String,
 }
 
-fn world() -> World {
+fn world(names: &[&str]) -> World {
     polydev_e2e::require_images(&["browser", "cli"]);
     let testcli = testcli_bin();
     let dir = tempfile::Builder::new()
@@ -308,23 +341,47 @@ fn world() -> World {
     std::fs::create_dir_all(&conf).expect("conf dir");
 
     let pki = Pki::generate(&conf, ISSUER_HOST);
-    let user = "alice".to_string();
-    let password = random_hex(8);
-    let server = SigninServer::start(&conf, &pki, &[(&user, &password)]);
+    let accounts: Vec<(String, String)> = names
+        .iter()
+        .map(|n| (n.to_string(), random_hex(8)))
+        .collect();
+    let pairs: Vec<(&str, &str)> = accounts
+        .iter()
+        .map(|(n, p)| (n.as_str(), p.as_str()))
+        .collect();
+    let server = SigninServer::start(&conf, &pki, &pairs);
 
-    // The user's upstream: maps the provider's name to the loopback server
-    // and refuses everything else.
+    // The users' upstreams: one port each, each leaving from its own
+    // address; each maps the provider's name to the loopback server and
+    // refuses everything else.
     let proxy_user = "acct";
     let proxy_password = unique("up");
-    let (uport, upstream_log) = start_http_upstream_only(
-        UPSTREAM_SOURCE,
-        Some(basic(proxy_user, &proxy_password)),
-        vec![(
-            format!("{ISSUER_HOST}:443"),
-            SocketAddr::from((Ipv4Addr::LOCALHOST, server.port)),
-        )],
+    let count = u16::try_from(names.len()).expect("a few people");
+    let upstreams: Vec<Upstream> = consecutive_listeners(count)
+        .into_iter()
+        .zip(3u8..)
+        .map(|(l, i)| {
+            let source = Ipv4Addr::new(127, 0, 0, i);
+            let (port, log) = start_http_upstream_only_on(
+                l,
+                source,
+                Some(basic(proxy_user, &proxy_password)),
+                vec![(
+                    format!("{ISSUER_HOST}:443"),
+                    SocketAddr::from((Ipv4Addr::LOCALHOST, server.port)),
+                )],
+            );
+            Upstream { port, source, log }
+        })
+        .collect();
+    let first = upstreams.first().expect("one upstream").port;
+    let last = upstreams.last().expect("one upstream").port;
+    write_upstreams(
+        &data,
+        &format!("{first}-{last}"),
+        proxy_user,
+        &proxy_password,
     );
-    write_upstreams(&data, &uport.to_string(), proxy_user, &proxy_password);
 
     std::fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../providers/testcli.toml"),
@@ -368,50 +425,69 @@ kinds = ["browser"]
 
     let (up, addr, link) = start_up(&data, "up-signin.log");
     let link = link.unwrap_or_else(|| panic!("no login link: {}", up.text()));
-    let cookie = redeem_link(&addr, &link);
-    let token = make_token(
-        &addr,
-        &cookie,
-        "signin",
-        &[
-            "sessions:read",
-            "sessions:write",
-            "vms:read",
-            "credentials:read",
-            "streams:connect",
-        ],
-    );
+    let scopes = [
+        "sessions:read",
+        "sessions:write",
+        "vms:read",
+        "credentials:read",
+        "streams:connect",
+    ];
+    // The first person is the administrator the first start makes; the
+    // others are accounts the administrator creates.
+    let admin_cookie = redeem_link(&addr, &link);
+    let people = accounts
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, password))| {
+            let cookie = if i == 0 {
+                admin_cookie.clone()
+            } else {
+                new_user(&addr, &admin_cookie, &name)
+            };
+            let token = make_token(&addr, &cookie, "signin", &scopes);
+            let api = Api {
+                addr: addr.clone(),
+                auth: format!("Bearer {token}"),
+            };
+            let user_id = api.get("/api/v1/me")["id"]
+                .as_str()
+                .expect("user id")
+                .to_string();
+            Person {
+                name,
+                password,
+                api,
+                user_id,
+            }
+        })
+        .collect();
     World {
         _reaper: polydev_e2e::Reaper(data.clone()),
         _dir: dir,
         data,
         up,
-        api: Api {
-            addr,
-            auth: format!("Bearer {token}"),
-        },
         server,
-        upstream_log,
+        upstreams,
         upstream_auth: basic(proxy_user, &proxy_password),
-        user,
-        password,
+        people,
+        admin_cookie,
     }
 }
 
 /// Run `script` in the user's CLI VM as its user through the terminal
 /// WebSocket; the output up to the shell's exit.
-fn in_cli_vm(w: &World, vm: &str, script: &str) -> String {
-    let (st, t) = w.api.post(
+fn in_cli_vm(api: &Api, vm: &str, script: &str) -> String {
+    let (st, t) = api.post(
         "/api/v1/tickets",
         json!({"kind": "terminal", "resource_id": vm}),
     );
     assert_eq!(st, 201, "{t}");
     let url = format!(
         "ws://{}/api/v1/vms/{vm}/terminal?ticket={}&cols=200&rows=50",
-        w.api.addr,
+        api.addr,
         t["ticket"].as_str().expect("ticket")
     );
-    let stream = std::net::TcpStream::connect(&w.api.addr).expect("connect");
+    let stream = std::net::TcpStream::connect(&api.addr).expect("connect");
     stream.set_read_timeout(Some(Duration::from_secs(300))).ok();
     let (mut ws, _) = tungstenite::client::client(url, stream).expect("terminal WebSocket");
     ws.send(tungstenite::Message::Binary(
@@ -431,27 +507,102 @@ fn in_cli_vm(w: &World, vm: &str, script: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-#[test]
-fn a_person_signs_in_through_the_desktop_and_the_cli_vm_uses_the_credential() {
-    let w = world();
-    let api = &w.api;
+/// Counts people who reached a step; others wait for a count (bounded:
+/// a person who failed makes the others fail at the deadline, not hang).
+#[derive(Default)]
+struct Gate {
+    /// People arrived, and whether someone gave up (panicked).
+    count: std::sync::Mutex<(usize, bool)>,
+    changed: std::sync::Condvar,
+}
 
+impl Gate {
+    fn arrive(&self) {
+        self.count.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
+        self.changed.notify_all();
+    }
+
+    fn give_up(&self) {
+        self.count.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.changed.notify_all();
+    }
+
+    fn wait_for(&self, n: usize, what: &str) {
+        let until = Instant::now() + DESKTOP_DEADLINE * 2;
+        let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        while count.0 < n {
+            assert!(!count.1, "someone else failed while waiting for {what}");
+            let left = until.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "waited too long for {what}");
+            count = self
+                .changed
+                .wait_timeout(count, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Where the people of the test stand: whose turn it is to connect (one
+/// browser VM boots at a time, the others' sessions already waiting), and
+/// who reached the consent page (all Allow together, so the three
+/// sign-ins are live at once).
+#[derive(Default)]
+struct Together {
+    connected: Gate,
+    at_consent: Gate,
+}
+
+/// Held by each person's thread: a person who fails releases the others
+/// from waiting for them.
+struct GiveUpOnPanic<'a>(&'a Together);
+
+impl Drop for GiveUpOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.connected.give_up();
+            self.0.at_consent.give_up();
+        }
+    }
+}
+
+/// What one person's sign-in left to check.
+struct SignedIn {
+    session: Value,
+    visible: Duration,
+}
+
+/// One person connects the test provider through their desktop: the
+/// sign-in page, optionally a wrong password first, the right one,
+/// consent, and completion.
+fn sign_in(w: &World, i: usize, together: &Together) -> SignedIn {
+    let _give_up = GiveUpOnPanic(together);
+    let who = &w.people[i];
+    let wrong_first = i == 0;
+    let api = &who.api;
+    let tag = who.name.as_str();
     // 1. Connect: the browser VM boots, the login starts in its desktop.
+    // One boot at a time (a desktop under TCG is the heaviest step); the
+    // earlier people's sessions keep waiting for them meanwhile.
+    together
+        .connected
+        .wait_for(i, &format!("{tag}'s turn to connect"));
     let (st, s) = api.post("/api/v1/sessions", json!({"provider": "testcli"}));
-    assert_eq!(st, 201, "{s}");
+    assert_eq!(st, 201, "{tag}: {s}");
     let id = s["id"].as_str().expect("id").to_string();
     let created = Instant::now();
     api.wait_session(
         &id,
-        "the login to await the person",
+        &format!("{tag}: the login to await the person"),
         DESKTOP_DEADLINE,
         &["awaiting_user"],
     );
+    together.connected.arrive();
     let events = api.get(&format!("/api/v1/sessions/{id}/events"));
     let url = events
         .as_array()
         .and_then(|e| e.iter().find_map(|e| e["detail"]["auth_url"].as_str()))
-        .unwrap_or_else(|| panic!("no auth URL in the timeline: {events}"))
+        .unwrap_or_else(|| panic!("{tag}: no auth URL in the timeline: {events}"))
         .to_string();
     assert!(url.starts_with("https://auth.polydev.test/auth?"), "{url}");
     for part in [
@@ -467,118 +618,211 @@ fn a_person_signs_in_through_the_desktop_and_the_cli_vm_uses_the_credential() {
     let mut desk = api.desktop(&id);
     wait_screen(
         &mut desk,
-        "sign-in page",
-        "signin-1-page.png",
+        &format!("{tag}: sign-in page"),
+        &format!("signin-{tag}-1-page.png"),
         DESKTOP_DEADLINE,
         true,
         signin_page,
     );
     let visible = created.elapsed();
-    eprintln!("MEASURE session create -> sign-in page visible: {visible:.1?}");
 
     // 3. A wrong password: the page says so and the flow goes on.
-    type_credentials(&mut desk, &w.user, "not-the-password");
-    wait_screen(
-        &mut desk,
-        "wrong password banner",
-        "signin-2-wrong-password.png",
-        Duration::from_secs(180),
-        false,
-        |f| {
-            f.find_colour(colour("error_banner"), 6, 2000)?;
-            f.find_colour(colour("password_input"), 8, 500).map(|_| ())
-        },
-    );
-    w.server
-        .wait_event("login_failed", |e| e["user"] == w.user.as_str());
+    if wrong_first {
+        type_credentials(&mut desk, tag, &who.name, "not-the-password");
+        wait_screen(
+            &mut desk,
+            &format!("{tag}: wrong password banner"),
+            &format!("signin-{tag}-2-wrong-password.png"),
+            Duration::from_secs(180),
+            false,
+            |f| {
+                f.find_colour(colour("error_banner"), 6, 2000)?;
+                f.find_colour(colour("password_input"), 8, 500).map(|_| ())
+            },
+        );
+        w.server
+            .wait_event("login_failed", |e| e["user"] == who.name.as_str());
+    }
 
     // 4. The right one, then consent.
-    type_credentials(&mut desk, &w.user, &w.password);
+    type_credentials(&mut desk, tag, &who.name, &who.password);
     let submitted = Instant::now();
-    consent(&mut desk, "signin-3-consent.png", "allow_button");
+    let (_, allow) = wait_screen(
+        &mut desk,
+        &format!("{tag}: consent page"),
+        &format!("signin-{tag}-3-consent.png"),
+        Duration::from_secs(300),
+        false,
+        consent_page("allow_button"),
+    );
+    // Everyone is signed in and on their consent page: all sessions are
+    // live at once. Then each allows.
+    together.at_consent.arrive();
+    together
+        .at_consent
+        .wait_for(w.people.len(), "everyone at their consent page");
+    let (x, y) = centre(allow);
+    desk.click(x, y).expect("click Allow");
     let allowed = Instant::now();
 
     // 5. The CLI's callback, capture, seal, delivery, and the check.
-    let done = api.wait_session(&id, "completion", Duration::from_secs(900), &["completed"]);
+    let done = api.wait_session(
+        &id,
+        &format!("{tag}: completion"),
+        Duration::from_secs(900),
+        &["completed"],
+    );
     eprintln!(
-        "MEASURE password submit -> delivered: {:.1?} (Allow click -> delivered: {:.1?})",
+        "MEASURE {tag}: session create -> sign-in page visible: {visible:.1?}; password submit -> delivered: {:.1?} (Allow click -> delivered: {:.1?})",
         submitted.elapsed(),
         allowed.elapsed()
     );
     let _ = desk
         .frame()
-        .map(|f| f.save_png(&artifacts().join("signin-4-after-allow.png")));
-    drop(desk);
-    let browser_vm = done["browser_vm_id"]
-        .as_str()
-        .expect("browser VM")
-        .to_string();
+        .map(|f| f.save_png(&artifacts().join(format!("signin-{tag}-4-after-allow.png"))));
+    SignedIn {
+        session: done,
+        visible,
+    }
+}
 
-    // The person's sign-in went through their upstream, as did the token
-    // exchange and the check's userinfo call from the CLI VM.
-    for event in [
-        "login_failed",
-        "login_ok",
-        "consent_ok",
-        "token",
-        "userinfo",
-    ] {
-        let e = w.server.wait_event(event, |_| true);
-        assert_eq!(
-            e["peer"].as_str().map(|p| p.trim_start_matches("::ffff:")),
-            Some(UPSTREAM_SOURCE.to_string().as_str()),
-            "{event} must arrive from the user's upstream: {e}"
+#[test]
+fn three_people_sign_in_through_their_desktops_and_each_cli_vm_uses_only_its_own() {
+    let w = world(&["alice", "bob", "carol"]);
+
+    // Three people connect, each through their own desktop and upstream,
+    // all live at once; the first mistypes their password once.
+    let together = Together::default();
+    let done: Vec<SignedIn> = std::thread::scope(|scope| {
+        let running: Vec<_> = (0..w.people.len())
+            .map(|i| {
+                let (w, together) = (&w, &together);
+                scope.spawn(move || sign_in(w, i, together))
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    let slowest = done.iter().map(|d| d.visible).max().unwrap_or_default();
+    eprintln!("MEASURE slowest of three: session create -> sign-in page visible: {slowest:.1?}");
+
+    // Each person's upstream is their own port, and the authorization
+    // server saw everything of each person's sign-in, token exchange and
+    // check come from that person's upstream.
+    let r = call(
+        &w.people[0].api.addr,
+        "GET",
+        "/api/v1/admin/upstreams",
+        &[("cookie", &w.admin_cookie)],
+        None,
+    );
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let assigned = r.json();
+    let mut sources = Vec::new();
+    for who in &w.people {
+        let port = assigned["assignments"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["user_id"] == who.user_id.as_str()))
+            .and_then(|a| a["port"].as_u64())
+            .unwrap_or_else(|| panic!("{}: no upstream port: {assigned}", who.name));
+        let up = w
+            .upstreams
+            .iter()
+            .find(|u| u64::from(u.port) == port)
+            .unwrap_or_else(|| panic!("{}: port {port} is not one of the test's", who.name));
+        sources.push(up.source);
+        let mut events = vec!["login_ok", "consent_ok", "token", "userinfo"];
+        if who.name == w.people[0].name {
+            events.push("login_failed");
+        }
+        for event in events {
+            let e = w
+                .server
+                .wait_event(event, |e| e["user"] == who.name.as_str());
+            assert_eq!(
+                e["peer"].as_str().map(|p| p.trim_start_matches("::ffff:")),
+                Some(up.source.to_string().as_str()),
+                "{}: {event} must arrive from their upstream: {e}",
+                who.name
+            );
+        }
+        let seen = up.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert!(
+            seen.iter()
+                .any(|p| p.target == format!("{ISSUER_HOST}:443")),
+            "{}: {seen:?}",
+            who.name
+        );
+        assert!(seen.iter().all(|p| p.auth == w.upstream_auth), "{seen:?}");
+    }
+    sources.sort();
+    sources.dedup();
+    assert_eq!(sources.len(), w.people.len(), "one upstream per person");
+
+    // Each credential is sealed; each browser VM is gone; each CLI VM holds
+    // its own person's credential and nobody else's.
+    for (who, d) in w.people.iter().zip(&done) {
+        let api = &who.api;
+        api.has_credential("testcli");
+        api.wait_destroyed(d.session["browser_vm_id"].as_str().expect("browser VM"));
+        let vms = api.get("/api/v1/vms");
+        let cli_vm = vms
+            .as_array()
+            .and_then(|v| {
+                v.iter()
+                    .find(|v| v["kind"] == "cli" && v["state"] == "running")
+            })
+            .and_then(|v| v["id"].as_str())
+            .unwrap_or_else(|| panic!("{}: no running CLI VM: {vms}", who.name))
+            .to_string();
+        let userinfo_before = w
+            .server
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "userinfo" && e["user"] == who.name.as_str())
+            .count();
+        let out = in_cli_vm(
+            api,
+            &cli_vm,
+            "polydev-testcli whoami; stat -c 'mode=%a owner=%U' ~/.testcli/auth.json ~/.testcli; echo files: $(ls -A ~/.testcli)",
+        );
+        assert!(
+            out.contains(&format!("signed in as {}", who.name)),
+            "{}: {out}",
+            who.name
+        );
+        for other in &w.people {
+            assert!(
+                other.name == who.name || !out.contains(&format!("signed in as {}", other.name)),
+                "{}: {out}",
+                who.name
+            );
+        }
+        assert!(out.contains("mode=600 owner=user"), "{out}");
+        assert!(out.contains("mode=700 owner=user"), "{out}");
+        assert!(
+            out.contains("files: auth.json\r") || out.contains("files: auth.json\n"),
+            "{out}"
+        );
+        let userinfo_after = w
+            .server
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "userinfo" && e["user"] == who.name.as_str())
+            .count();
+        assert!(
+            userinfo_after > userinfo_before,
+            "whoami reached userinfo as {}",
+            who.name
         );
     }
-    let seen = w
-        .upstream_log
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    assert!(
-        seen.iter()
-            .any(|p| p.target == format!("{ISSUER_HOST}:443")),
-        "{seen:?}"
-    );
-    assert!(seen.iter().all(|p| p.auth == w.upstream_auth), "{seen:?}");
 
-    // The credential is sealed; the browser VM is gone; the CLI VM holds it.
-    api.has_credential("testcli");
-    api.wait_destroyed(&browser_vm);
-    let vms = api.get("/api/v1/vms");
-    let cli_vm = vms
-        .as_array()
-        .and_then(|v| {
-            v.iter()
-                .find(|v| v["kind"] == "cli" && v["state"] == "running")
-        })
-        .and_then(|v| v["id"].as_str())
-        .unwrap_or_else(|| panic!("no running CLI VM: {vms}"))
-        .to_string();
-    let userinfo_before = w
-        .server
-        .events()
-        .iter()
-        .filter(|e| e["event"] == "userinfo")
-        .count();
-    let out = in_cli_vm(
-        &w,
-        &cli_vm,
-        "polydev-testcli whoami; stat -c 'mode=%a owner=%U' ~/.testcli/auth.json ~/.testcli",
-    );
-    assert!(out.contains("signed in as alice"), "{out}");
-    assert!(out.contains("mode=600 owner=user"), "{out}");
-    assert!(out.contains("mode=700 owner=user"), "{out}");
-    let userinfo_after = w
-        .server
-        .events()
-        .iter()
-        .filter(|e| e["event"] == "userinfo")
-        .count();
-    assert!(userinfo_after > userinfo_before, "whoami reached userinfo");
-
-    // 6. Consent denied: a second connect of the same provider (a new
-    // browser VM); the CLI exits non-zero and its words are the reason.
+    // Consent denied: the first person connects again (a new browser VM);
+    // the CLI exits non-zero and its words are the reason.
+    let who = &w.people[0];
+    let api = &who.api;
     let (st, s) = api.post("/api/v1/sessions", json!({"provider": "testcli"}));
     assert_eq!(st, 201, "{s}");
     let id2 = s["id"].as_str().expect("id").to_string();
@@ -597,7 +841,7 @@ fn a_person_signs_in_through_the_desktop_and_the_cli_vm_uses_the_credential() {
         true,
         signin_page,
     );
-    type_credentials(&mut desk, &w.user, &w.password);
+    type_credentials(&mut desk, "again", &who.name, &who.password);
     consent(&mut desk, "signin-6-consent-again.png", "deny_button");
     drop(desk);
     let until = Instant::now() + Duration::from_secs(600);
@@ -617,23 +861,25 @@ fn a_person_signs_in_through_the_desktop_and_the_cli_vm_uses_the_credential() {
         "the CLI's own message is the reason: {detail}"
     );
     w.server.wait_event("consent_denied", |_| true);
-    // Its browser VM is gone and its logs are kept.
+    // Its browser VM is gone and its logs are kept, the CLI's last words
+    // among them.
     let vm2 = failed["browser_vm_id"]
         .as_str()
         .expect("browser VM")
         .to_string();
     api.wait_destroyed(&vm2);
     let kept = std::fs::read_dir(w.data.join("logs"))
-        .map(|d| {
-            d.flatten().any(|e| {
+        .ok()
+        .and_then(|d| {
+            d.flatten().find(|e| {
                 std::fs::read_to_string(e.path().join("vm.json")).is_ok_and(|t| t.contains(&vm2))
-                    && e.path().join("console.log").is_file()
             })
         })
-        .unwrap_or(false);
+        .map(|e| std::fs::read_to_string(e.path().join("console.log")).unwrap_or_default())
+        .unwrap_or_default();
     assert!(
-        kept,
-        "the denied session's browser VM logs are kept under {}/logs",
+        kept.contains("access_denied"),
+        "the denied session's browser VM console log under {}/logs keeps the CLI's output: {kept}",
         w.data.display()
     );
     // The first credential is untouched by the failed second session.

@@ -7,11 +7,13 @@
 //! `redirect_uri` that is the CLI's own loopback callback, listening in the
 //! VM at that moment (or the provider's paste-code page).
 //!
-//! The page itself cannot load here: the user's upstream (a loopback test
-//! proxy) refuses every target, so nothing leaves the machine. That is
+//! The page itself cannot load here: each person's upstream (a loopback
+//! test proxy) refuses every target, or, for the last person, is down
+//! (nothing listens on its port), so nothing leaves the machine. That is
 //! also the egress failure path: each session then fails at once with
-//! `egress_failed`, naming the auth URL's host and the upstream, instead of
-//! waiting out its timeout; its browser VM is destroyed and its logs kept.
+//! `egress_failed`, naming the auth URL's host and that person's upstream,
+//! instead of waiting out its timeout; its browser VM is destroyed and its
+//! logs kept.
 
 mod egress_support;
 
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 use egress_support::{
     basic, consecutive_listeners, start_http_upstream_only_on, unique, write_upstreams, ProxyLog,
 };
-use polydev_e2e::http::{call, make_token, redeem_link, start_up};
+use polydev_e2e::http::{call, make_token, new_user, redeem_link, start_up};
 use serde_json::{json, Value};
 
 /// Per provider: the hosts its auth URL may have, and whether it carries a
@@ -60,10 +62,17 @@ fn each_real_cli_opens_its_real_auth_url_then_fails_on_egress() {
     std::fs::create_dir_all(&data).expect("data dir");
     let _reaper = polydev_e2e::Reaper(data.clone());
     // One person per CLI (a person connects one provider at a time), each
-    // with their own upstream port; every upstream refuses everything: no
-    // route, no resolving.
+    // pinned to their own upstream port. The upstreams refuse everything
+    // (no route, no resolving); the last person's is down: nothing listens
+    // on its port.
     let password = unique("up");
-    let upstreams: Vec<(u16, ProxyLog)> = consecutive_listeners(PROVIDERS.len() as u16)
+    let mut listeners = consecutive_listeners(PROVIDERS.len() as u16);
+    let down = listeners
+        .pop()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.port())
+        .expect("a port for the upstream that is down");
+    let upstreams: Vec<(u16, ProxyLog)> = listeners
         .into_iter()
         .map(|l| {
             start_http_upstream_only_on(
@@ -74,7 +83,8 @@ fn each_real_cli_opens_its_real_auth_url_then_fails_on_egress() {
             )
         })
         .collect();
-    let ports: Vec<u16> = upstreams.iter().map(|(p, _)| *p).collect();
+    let mut ports: Vec<u16> = upstreams.iter().map(|(p, _)| *p).collect();
+    ports.push(down);
     write_upstreams(
         &data,
         &format!("{}-{}", ports[0], ports[ports.len() - 1]),
@@ -92,32 +102,24 @@ fn each_real_cli_opens_its_real_auth_url_then_fails_on_egress() {
             let cookie = if i == 0 {
                 admin.clone()
             } else {
-                let name = format!("person{i}");
-                let pw = unique("login");
-                let r = call(
-                    &addr,
-                    "POST",
-                    "/api/v1/admin/users",
-                    &[("cookie", &admin)],
-                    Some(&json!({"name": name, "password": pw})),
-                );
-                assert_eq!(r.status, 201, "create {name}: {:?}", r.json());
-                let r = call(
-                    &addr,
-                    "POST",
-                    "/api/v1/auth/login",
-                    &[],
-                    Some(&json!({"name": name, "password": pw})),
-                );
-                assert_eq!(r.status, 200, "log in as {name}: {:?}", r.json());
-                r.header("set-cookie")
-                    .and_then(|c| c.split(';').next())
-                    .expect("session cookie")
-                    .to_string()
+                new_user(&addr, &admin, &format!("person{i}"))
             };
             format!("Bearer {}", make_token(&addr, &cookie, "clis", &scopes))
         })
         .collect();
+
+    for (auth, port) in auths.iter().zip(&ports) {
+        let me = call(&addr, "GET", "/api/v1/me", &[("authorization", auth)], None).json();
+        let id = me["id"].as_str().expect("user id");
+        let r = call(
+            &addr,
+            "PUT",
+            &format!("/api/v1/admin/upstreams/{id}"),
+            &[("cookie", &admin)],
+            Some(&json!({"provider": "resi", "port": port})),
+        );
+        assert_eq!(r.status, 200, "pin {id} to {port}: {:?}", r.json());
+    }
 
     let mut ids = Vec::new();
     for (i, (provider, _, _)) in PROVIDERS.iter().enumerate() {
@@ -218,7 +220,7 @@ fn each_real_cli_opens_its_real_auth_url_then_fails_on_egress() {
             );
         }
         // The page cannot load: every connection to the auth host went to
-        // the user's upstream and was refused there.
+        // the user's upstream and was refused there, or found it down.
         assert_eq!(s["state"], "failed", "{provider}: {s}");
         assert_eq!(s["failure"]["reason"], "egress_failed", "{provider}: {s}");
         let detail = s["failure"]["detail"].as_str().unwrap_or_default();
@@ -226,17 +228,21 @@ fn each_real_cli_opens_its_real_auth_url_then_fails_on_egress() {
         // another of the same provider.)
         assert!(
             hosts.iter().any(|h| detail.contains(&format!("{h}:443")))
-                && ports
-                    .iter()
-                    .any(|p| detail.contains(&format!("127.0.0.1:{p}"))),
-            "{provider}: the reason names the host and the upstream: {detail}"
+                && detail.contains(&format!("127.0.0.1:{}", ports[i])),
+            "{provider}: the reason names the host and the person's upstream: {detail}"
         );
+        if ports[i] == down {
+            assert!(
+                detail.contains("refused"),
+                "{provider}: the reason says the upstream refused the connection: {detail}"
+            );
+        }
     }
     let seen: Vec<_> = upstreams
         .iter()
         .flat_map(|(_, log)| log.lock().unwrap_or_else(|p| p.into_inner()).clone())
         .collect();
-    for (_, hosts, _) in PROVIDERS {
+    for (_, hosts, _) in &PROVIDERS[..upstreams.len()] {
         assert!(
             seen.iter()
                 .any(|p| hosts.iter().any(|h| p.target == format!("{h}:443"))),
