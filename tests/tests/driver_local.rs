@@ -136,27 +136,6 @@ fn connect_flow_completes_on_an_in_process_host() {
     );
     let cli = rt.block_on(store.vm(&delivered_to)).unwrap();
     assert_eq!(cli.life.state, VmState::Running);
-    let got = rt.block_on(async {
-        let mut f = manager
-            .exec(
-                cli.host_vm_id.as_deref().unwrap(),
-                ExecRequest {
-                    argv: vec!["cat".into(), "/root/.quick/auth.json".into()],
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        while let Ok(Some(fr)) = f.next().await {
-            if let Response::Stdout { data } = fr {
-                out.extend(data);
-            }
-        }
-        out
-    });
-    assert_eq!(got, br#"{"token": "tok-local-42"}"#);
-
     let cli_exec = |script: &str| {
         rt.block_on(async {
             let mut f = manager
@@ -178,6 +157,11 @@ fn connect_flow_completes_on_an_in_process_host() {
             String::from_utf8_lossy(&out).into_owned()
         })
     };
+    assert_eq!(
+        cli_exec("cat /root/.quick/auth.json"),
+        r#"{"token": "tok-local-42"}"#
+    );
+
     // The CLI VM's own settings in its file, then a login whose file
     // carries an MCP server.
     cli_exec(r#"printf '{"theme": "dark", "token": "stale"}' > /root/.quick/auth.json"#);
