@@ -12,15 +12,12 @@
 //! the minimal image with a script login (what it runs does not matter
 //! here, only where its files go).
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use polydev_controller::driver::{Driver, DriverConfig, KeySource, RemoteHost, LOCAL_HOST_ID};
-use polydev_controller::providers::Providers;
+use polydev_controller::driver::DriverConfig;
 use polydev_controller::state::{FailureReason, SessionState};
 use polydev_controller::store::Store;
 use polydev_controller::upstream::UpstreamConfig;
-use polydev_controller::vault::Keyring;
 use polydev_e2e::Host;
 
 mod driver_support;
@@ -56,14 +53,7 @@ fn a_delivery_never_follows_the_users_symlinks_as_root() {
     .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store = rt.block_on(Store::open_in_dir(&data)).unwrap();
-    let driver = Driver::with_config(
-        store.clone(),
-        Arc::new(RemoteHost::new(LOCAL_HOST_ID, &data.join("host.sock"))),
-        Providers::load_dir(&data.join("providers")).unwrap(),
-        KeySource::fixed(Keyring::generate().unwrap()),
-        UpstreamConfig::none(),
-        cfg,
-    );
+    let driver = driver_support::driver_at_host(&store, &data, UpstreamConfig::none(), cfg);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let running = rt.spawn(driver.clone().run(stop_rx));
     let user = rt.block_on(store.create_user("sym", "user")).unwrap();

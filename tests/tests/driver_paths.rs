@@ -114,14 +114,7 @@ fn failures_cancel_and_upstream_exhaustion() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store = rt.block_on(Store::open_in_dir(&data)).unwrap();
-    let driver = Driver::with_config(
-        store.clone(),
-        Arc::new(RemoteHost::new(LOCAL_HOST_ID, &data.join("host.sock"))),
-        Providers::load_dir(&data.join("providers")).unwrap(),
-        KeySource::fixed(Keyring::generate().unwrap()),
-        upstreams.clone(),
-        cfg,
-    );
+    let driver = driver_support::driver_at_host(&store, &data, upstreams.clone(), cfg);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let running = rt.spawn(driver.clone().run(stop_rx));
 

@@ -6,8 +6,30 @@
 
 use std::time::{Duration, Instant};
 
+use polydev_controller::driver::{Driver, DriverConfig, KeySource, RemoteHost, LOCAL_HOST_ID};
+use polydev_controller::providers::Providers;
 use polydev_controller::state::Lifecycle;
 use polydev_controller::store::{Session, Store};
+use polydev_controller::upstream::UpstreamConfig;
+use polydev_controller::vault::Keyring;
+
+/// A driver over the host agent of data directory `data` (its
+/// `host.sock`), with the providers of `data/providers` and a fresh key.
+pub fn driver_at_host(
+    store: &Store,
+    data: &std::path::Path,
+    upstreams: UpstreamConfig,
+    cfg: DriverConfig,
+) -> Driver {
+    Driver::with_config(
+        store.clone(),
+        std::sync::Arc::new(RemoteHost::new(LOCAL_HOST_ID, &data.join("host.sock"))),
+        Providers::load_dir(&data.join("providers")).expect("the test's providers load"),
+        KeySource::fixed(Keyring::generate().expect("a vault key")),
+        upstreams,
+        cfg,
+    )
+}
 
 /// Poll the store until session `id` is final (at most `limit`).
 pub fn wait_final(
