@@ -594,22 +594,7 @@ async fn delivering(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, St
             continue;
         };
         let full = format!("{home}/{path}");
-        let merged = if spec.deliver_keys.is_empty() {
-            Ok(data.to_vec())
-        } else {
-            // Only the credential's fields, into the holder's own file.
-            match login::read_as(host, r, &full, owner).await {
-                Ok(existing) => {
-                    super::fields::merge(path, existing.as_deref(), data, &spec.deliver_keys)
-                        .map_err(|e| login::WriteError::Refused(e.to_string()))
-                }
-                Err(e) => Err(e),
-            }
-        };
-        let written = match merged {
-            Ok(content) => login::write_file(host, r, &full, content, owner).await,
-            Err(e) => Err(e),
-        };
+        let written = deliver_file(host, r, &full, path, data, &spec.deliver_keys, owner).await;
         match written {
             Ok(()) => {}
             Err(login::WriteError::Host(e)) => {
@@ -646,6 +631,28 @@ async fn delivering(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, St
         Some(json!({ "delivered_to": cli.id })),
     )
     .await
+}
+
+/// Write one captured file into the CLI VM at `full`, as `owner`: whole
+/// when its provider names no fields, else only the credential's fields
+/// (`deliver_keys`), merged into the file the CLI VM already has.
+async fn deliver_file(
+    host: &dyn HostApi,
+    vm: &str,
+    full: &str,
+    path: &str,
+    data: &[u8],
+    deliver_keys: &[String],
+    owner: Option<&str>,
+) -> Result<(), login::WriteError> {
+    let content = if deliver_keys.is_empty() {
+        data.to_vec()
+    } else {
+        let existing = login::read_as(host, vm, full, owner).await?;
+        super::fields::merge(path, existing.as_deref(), data, deliver_keys)
+            .map_err(|e| login::WriteError::Refused(e.to_string()))?
+    };
+    login::write_file(host, vm, full, content, owner).await
 }
 
 /// The user part of a `user[:group]` owner (`None` for an empty one).
