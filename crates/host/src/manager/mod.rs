@@ -304,15 +304,19 @@ impl Manager {
         VmRecord::load(&self.cfg.logs_dir().join(id).join("vm.json")).ok()
     }
 
-    /// Live VMs, and with `all` also ended ones whose logs are kept.
-    pub async fn list(&self, all: bool) -> Vec<VmInfo> {
-        let vms: Vec<Arc<Vm>> = self
-            .vms
+    /// The live VMs now (taken out of the lock, which no `await` may hold).
+    fn live_vms(&self) -> Vec<Arc<Vm>> {
+        self.vms
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Live VMs, and with `all` also ended ones whose logs are kept.
+    pub async fn list(&self, all: bool) -> Vec<VmInfo> {
+        let vms = self.live_vms();
         let mut out = Vec::new();
         for vm in vms {
             out.push(vm.record.lock().await.info.clone());

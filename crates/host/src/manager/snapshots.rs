@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use polydev_api::vm::{HypervisorKind, SnapshotInfo, VmInfo, VmSpec, VmState};
 
-use super::{dir_size, io_err, run_tool, valid_id, Manager, ManagerError, Vm};
+use super::{dir_size, io_err, run_tool, valid_id, Manager, ManagerError};
 use crate::config::{ResolvedSpec, SpecError};
 use crate::vmdir::write_atomic;
 use crate::{new_id, now_ms};
@@ -126,13 +126,7 @@ impl Manager {
         let dir = self.snapshot_dir(snap_id)?;
         // Firecracker maps a restored VM's memory from the snapshot file for
         // as long as the VM runs; QEMU reads it once.
-        let vms: Vec<Arc<Vm>> = self
-            .vms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let vms = self.live_vms();
         for vm in vms {
             let r = vm.record.lock().await;
             if r.info.hypervisor == HypervisorKind::Firecracker
