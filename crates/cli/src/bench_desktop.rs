@@ -9,13 +9,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser};
+use clap::Args;
 use polydev_api::agent::{Request, Response};
 use polydev_api::vm::VmSpec;
 use polydev_host::Manager;
 
 use crate::bench::{stats, status_kib};
-use crate::hostd::{self, HostArgs};
+use crate::hostd;
 
 /// Options of `polydev bench desktop`.
 #[derive(Args, Clone, Debug)]
@@ -46,13 +46,6 @@ pub struct DesktopBenchArgs {
     pub tcg_tb_size_mib: u32,
 }
 
-/// Host-agent options at their documented defaults.
-#[derive(Parser)]
-struct HostDefaults {
-    #[command(flatten)]
-    host: HostArgs,
-}
-
 /// Poll the agent until every probed service is ready; the probes' names
 /// when the deadline passes first.
 async fn wait_ready(mgr: &Manager, id: &str, deadline: Instant) -> anyhow::Result<()> {
@@ -81,8 +74,7 @@ pub async fn run(a: DesktopBenchArgs) -> anyhow::Result<i32> {
         .prefix("pdbench")
         .tempdir_in("/tmp")?;
     let tb = a.tcg_tb_size_mib.to_string();
-    let host = HostDefaults::try_parse_from([
-        "polydev-bench-desktop",
+    let host = hostd::host_args_with(&[
         "--accel",
         &a.accel,
         "--boot-timeout-s",
@@ -90,8 +82,7 @@ pub async fn run(a: DesktopBenchArgs) -> anyhow::Result<i32> {
         "--tcg-tb-size-mib",
         &tb,
     ])
-    .context("--accel must be auto, kvm or tcg; --tcg-tb-size-mib 32..=4096")?
-    .host;
+    .context("--accel must be auto, kvm or tcg; --tcg-tb-size-mib 32..=4096")?;
     let cfg = hostd::config(tmp.path().to_path_buf(), &host).await?;
     println!(
         "polydev bench desktop: image {} ({} vCPU, {} MiB) under {}, TCG cache {} MiB, {} runs",

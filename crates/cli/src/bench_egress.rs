@@ -21,14 +21,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser};
+use clap::Args;
 use polydev_api::agent::{encode_line, EgressReply, EgressRequest, ExecRequest, Response};
 use polydev_api::vm::{EgressPolicy, Secret, Upstream, VmSpec};
 use polydev_host::Manager;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
-use crate::hostd::{self, HostArgs};
+use crate::hostd;
 
 /// Options of `polydev bench egress`.
 #[derive(Args, Clone, Debug)]
@@ -49,14 +49,6 @@ pub struct EgressBenchArgs {
     /// Accelerator: auto, kvm or tcg.
     #[arg(long, default_value = "auto")]
     pub accel: String,
-}
-
-/// Host-agent options at their defaults (parsed, so new options get their
-/// documented defaults here too).
-#[derive(Parser)]
-struct HostDefaults {
-    #[command(flatten)]
-    host: HostArgs,
 }
 
 /// The origin's body: a repeating pattern, sent from one buffer.
@@ -303,15 +295,8 @@ pub async fn run(a: EgressBenchArgs) -> anyhow::Result<i32> {
     let tmp = tempfile::Builder::new()
         .prefix("pdbench")
         .tempdir_in("/tmp")?;
-    let host = HostDefaults::try_parse_from([
-        "polydev-bench-egress",
-        "--accel",
-        &a.accel,
-        "--boot-timeout-s",
-        "300",
-    ])
-    .context("--accel must be auto, kvm or tcg")?
-    .host;
+    let host = hostd::host_args_with(&["--accel", &a.accel, "--boot-timeout-s", "300"])
+        .context("--accel must be auto, kvm or tcg")?;
     let mut cfg = hostd::config(tmp.path().to_path_buf(), &host).await?;
     cfg.egress.bytes_per_sec = a.bytes_per_sec;
 

@@ -11,13 +11,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Parser};
+use clap::Args;
 use polydev_api::agent::{ExecRequest, Response as Frame};
 use polydev_api::vm::VmSpec;
 use polydev_host::Manager;
 
 use crate::bench::status_kib;
-use crate::hostd::{self, HostArgs};
+use crate::hostd;
 
 /// Options of `polydev bench soak`.
 #[derive(Args, Clone, Debug)]
@@ -31,13 +31,6 @@ pub struct SoakArgs {
     /// Accelerator: auto, kvm or tcg.
     #[arg(long, default_value = "auto")]
     pub accel: String,
-}
-
-/// Host-agent options at their documented defaults.
-#[derive(Parser)]
-struct HostDefaults {
-    #[command(flatten)]
-    host: HostArgs,
 }
 
 /// What can leak, counted at one moment.
@@ -166,9 +159,8 @@ pub async fn run(a: SoakArgs) -> anyhow::Result<i32> {
     let tmp = tempfile::Builder::new()
         .prefix("pdsoak")
         .tempdir_in("/tmp")?;
-    let host = HostDefaults::try_parse_from(["polydev-bench-soak", "--accel", &a.accel])
-        .map_err(|e| anyhow::anyhow!("--accel must be auto, kvm or tcg: {e}"))?
-        .host;
+    let host = hostd::host_args_with(&["--accel", &a.accel])
+        .map_err(|e| anyhow::anyhow!("--accel must be auto, kvm or tcg: {e}"))?;
     let cfg = hostd::config(tmp.path().to_path_buf(), &host).await?;
     println!(
         "polydev bench soak: up to {} create → exec → destroy cycles of the minimal image under {}, at most {} min",

@@ -24,6 +24,21 @@ pub enum AccelArg {
     Tcg,
 }
 
+/// The host agent's options at their documented defaults but for `args`
+/// (command-line style, e.g. `["--accel", "tcg"]`): what a benchmark's
+/// in-process host agent runs with, so a new option gets its default there
+/// too.
+pub fn host_args_with(args: &[&str]) -> Result<HostArgs, clap::Error> {
+    #[derive(clap::Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        host: HostArgs,
+    }
+    use clap::Parser;
+    Defaults::try_parse_from(std::iter::once("polydev-host").chain(args.iter().copied()))
+        .map(|d| d.host)
+}
+
 /// Options of the host agent.
 #[derive(Args, Clone, Debug)]
 pub struct HostArgs {
