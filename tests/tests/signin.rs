@@ -566,6 +566,14 @@ impl Drop for GiveUpOnPanic<'_> {
     }
 }
 
+/// The message a thread panicked with.
+fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// What one person's sign-in left to check.
 struct SignedIn {
     session: Value,
@@ -700,10 +708,14 @@ fn three_people_sign_in_through_their_desktops_and_each_cli_vm_uses_only_its_own
                 scope.spawn(move || sign_in(w, i, together))
             })
             .collect();
-        running
-            .into_iter()
-            .map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
+        let joined: Vec<_> = running.into_iter().map(|t| t.join()).collect();
+        // The person who failed first, not those released by their failure.
+        let mut failures: Vec<_> = joined.iter().filter_map(|r| r.as_ref().err()).collect();
+        failures.sort_by_key(|e| panic_text(e.as_ref()).contains("someone else failed"));
+        if let Some(first) = failures.first() {
+            panic!("{}", panic_text(first.as_ref()));
+        }
+        joined.into_iter().filter_map(Result::ok).collect()
     });
     let slowest = done.iter().map(|d| d.visible).max().unwrap_or_default();
     eprintln!("MEASURE slowest of three: session create -> sign-in page visible: {slowest:.1?}");

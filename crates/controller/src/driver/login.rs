@@ -108,8 +108,11 @@ const STATUS: &str = r#"d="$1"
 echo running"#;
 
 /// Write stdin to a file atomically, creating its directory (mode 0700/0600).
-const WRITE: &str =
-    r#"umask 077; mkdir -p "${1%/*}" && cat >"$1.polydev-tmp" && mv "$1.polydev-tmp" "$1""#;
+/// The temporary file is `mktemp`'s (created exclusively, never through a
+/// symlink, and unique: a write still running from a driver that was killed
+/// must not rename the temporary file of the write that replaced it).
+const WRITE: &str = r#"umask 077; mkdir -p "${1%/*}" && t=$(mktemp "$1.polydev-tmp.XXXXXX") || exit 1
+cat >"$t" && mv "$t" "$1" || { rm -f "$t"; exit 1; }"#;
 
 /// Where the login stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

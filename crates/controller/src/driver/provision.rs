@@ -15,8 +15,11 @@ use crate::store::VmKind;
 const MARKER: &str = "/run/polydev-provisioned";
 
 /// Write stdin to `$1` with mode `$2`, as root, into a root-owned place
-/// (the driver checks `path` is not under a home directory).
-const PLACE: &str = r#"umask 022; mkdir -p "${1%/*}" && cat >"$1.polydev-tmp" && chmod "$2" "$1.polydev-tmp" && mv "$1.polydev-tmp" "$1""#;
+/// (the driver checks `path` is not under a home directory). The temporary
+/// file is unique (`mktemp`) so that two placements never rename each
+/// other's.
+const PLACE: &str = r#"umask 022; mkdir -p "${1%/*}" && t=$(mktemp "$1.polydev-tmp.XXXXXX") || exit 1
+cat >"$t" && chmod "$2" "$t" && mv "$t" "$1" || { rm -f "$t"; exit 1; }"#;
 
 /// One file to place (`[[vm_files]]`).
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
