@@ -184,11 +184,9 @@ pub fn startup_lines(stderr: &str) -> (Option<String>, Option<String>) {
             .and_then(|r| r.split('/').next())
             .map(str::to_string)
     });
-    let link = stderr.lines().find_map(|l| {
-        l.split("/api/v1/auth/link?token=")
-            .nth(1)
-            .map(|t| t.trim().to_string())
-    });
+    let link = stderr
+        .lines()
+        .find_map(|l| l.split("/#/link/").nth(1).map(|t| t.trim().to_string()));
     (addr, link)
 }
 

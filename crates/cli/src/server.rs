@@ -160,13 +160,13 @@ pub async fn run_controller(
         .with_context(|| format!("cannot listen on {} for the API", a.listen))?;
     let addr = listener.local_addr()?;
     eprintln!(
-        "controller API on http://{addr}/api/v1 (database: {})",
+        "controller API on http://{addr}/api/v1, dashboard on http://{addr}/ (database: {})",
         store.dialect().name()
     );
     if let Some(link) = auth.bootstrap_admin().await? {
         // The one place the link is shown; it is never logged.
         eprintln!(
-            "first start: created the admin account {:?}. Log in once, within 24 hours, by opening\n  http://{addr}/api/v1/auth/link?token={}\nthen set a password (PUT /api/v1/me/password).",
+            "first start: created the admin account {:?}. Open this link in a browser once, within 24 hours, and set a password there:\n  http://{addr}/#/link/{}\n(without a browser: POST {{\"token\": …}} to /api/v1/auth/link, then PUT /api/v1/me/password)",
             link.user_name, link.token
         );
     }

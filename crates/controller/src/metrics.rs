@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 
-use crate::store::{Store, StoreError, UpstreamError};
+use crate::store::{Records, Store, StoreError, UpstreamError};
 use crate::upstream::UpstreamConfig;
 
 /// Why the metrics could not be read.
@@ -28,27 +28,19 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-async fn by_state(store: &Store, table: &str) -> Result<Vec<(String, i64)>, StoreError> {
-    let sql = format!("SELECT state, COUNT(*) FROM {table} GROUP BY state ORDER BY state");
-    sqlx::query_as::<_, (String, i64)>(&sql)
-        .fetch_all(store.pool())
-        .await
-        .map_err(StoreError::from)
-}
-
 /// Render every metric.
 pub async fn render(store: &Store, upstreams: &UpstreamConfig) -> Result<String, MetricsError> {
     let mut out = String::new();
-    for (table, name, help) in [
+    for (records, name, help) in [
         (
-            "sessions",
+            Records::Sessions,
             "polydev_sessions",
             "Connect-provider sessions by state.",
         ),
-        ("vms", "polydev_vms", "VM records by state."),
+        (Records::Vms, "polydev_vms", "VM records by state."),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for (state, n) in by_state(store, table).await? {
+        for (state, n) in store.count_by_state(records).await? {
             let _ = writeln!(out, "{name}{{state=\"{}\"}} {n}", label(&state));
         }
     }
@@ -95,26 +87,20 @@ const LOGIN_BUCKETS: [i64; 8] = [15, 30, 60, 120, 300, 600, 900, 1800];
 /// completed logins took (request to credential delivered). Derived from
 /// the records, so they survive restarts and agree across replicas.
 async fn lifecycle_metrics(store: &Store, out: &mut String) -> Result<(), StoreError> {
-    let (created,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM vms")
-        .fetch_one(store.pool())
-        .await?;
+    let created = store.vm_count().await?;
     let _ = writeln!(
         out,
         "# HELP polydev_vm_created_total VMs ever requested.\n# TYPE polydev_vm_created_total counter\npolydev_vm_created_total {created}"
     );
-    for (table, name, what) in [
-        ("vms", "polydev_vm_failures_total", "VMs"),
+    for (records, name, what) in [
+        (Records::Vms, "polydev_vm_failures_total", "VMs"),
         (
-            "sessions",
+            Records::Sessions,
             "polydev_session_failures_total",
             "Connect sessions",
         ),
     ] {
-        let rows: Vec<(Option<String>, i64)> = sqlx::query_as(&format!(
-            "SELECT failure_reason, COUNT(*) FROM {table} WHERE state = 'failed' GROUP BY failure_reason ORDER BY failure_reason"
-        ))
-        .fetch_all(store.pool())
-        .await?;
+        let rows = store.failures_by_reason(records).await?;
         let _ = writeln!(
             out,
             "# HELP {name} {what} that failed, by reason.\n# TYPE {name} counter"
@@ -127,20 +113,17 @@ async fn lifecycle_metrics(store: &Store, out: &mut String) -> Result<(), StoreE
             );
         }
     }
-    let took: Vec<(i64,)> =
-        sqlx::query_as("SELECT state_since - created_at FROM sessions WHERE state = 'completed'")
-            .fetch_all(store.pool())
-            .await?;
+    let took = store.completed_login_millis().await?;
     let name = "polydev_login_duration_seconds";
     let _ = writeln!(
         out,
         "# HELP {name} Completed connect sessions: from request to credential delivered.\n# TYPE {name} histogram"
     );
     for b in LOGIN_BUCKETS {
-        let n = took.iter().filter(|(ms,)| *ms <= b * 1000).count();
+        let n = took.iter().filter(|ms| **ms <= b * 1000).count();
         let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {n}");
     }
-    let sum: f64 = took.iter().map(|(ms,)| *ms as f64 / 1000.0).sum();
+    let sum: f64 = took.iter().map(|ms| *ms as f64 / 1000.0).sum();
     let _ = writeln!(
         out,
         "{name}_bucket{{le=\"+Inf\"}} {n}\n{name}_sum {sum}\n{name}_count {n}",

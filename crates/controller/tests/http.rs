@@ -476,6 +476,32 @@ fn routes(w: &World) -> Vec<Route> {
             false,
             404,
         ),
+        r(
+            M::GET,
+            "/api/v1/admin/vms",
+            None,
+            Some(Scope::Admin),
+            false,
+            200,
+        ),
+        r(
+            M::GET,
+            "/api/v1/admin/sessions/summary",
+            None,
+            Some(Scope::Admin),
+            false,
+            200,
+        ),
+        // No host agent in these tests: after the authorization check, a
+        // VM's logs are unavailable (503).
+        r(
+            M::GET,
+            "/api/v1/admin/vms/{vm}/logs/console",
+            None,
+            Some(Scope::Admin),
+            false,
+            503,
+        ),
         // The session is not awaiting the person here: after the
         // authorization check, input to its login is a conflict.
         r(
@@ -564,6 +590,7 @@ async fn authorization_matrix(db: common::TestDb) {
                             .replace("/upstreams/{usr}", "/upstreams/{user_id}")
                             .replace("{usr}", "{id}")
                             .replace("/credentials/codex", "/credentials/{provider}")
+                            .replace("/logs/console", "/logs/{log}")
                             == *path
                 });
             assert!(

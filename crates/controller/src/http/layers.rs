@@ -217,5 +217,6 @@ pub fn wrap(routes: Router<AppState>, st: AppState) -> Router {
         .layer(middleware::from_fn_with_state(st.clone(), observe))
         .layer(middleware::from_fn_with_state(st.clone(), client_addr))
         .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn(super::web::security_headers))
         .with_state(st)
 }

@@ -1,5 +1,6 @@
 //! The controller's HTTP API (axum): versioned REST + JSON under `/api/v1`,
-//! plus `/healthz`, `/readyz` and `/metrics`.
+//! plus `/healthz`, `/readyz` and `/metrics`, and the dashboard at `/`
+//! ([`web`]).
 //!
 //! A request passes, outermost first: the request id ([`layers::request_id`]:
 //! taken from a well-formed `X-Request-Id` or generated, echoed, and put on
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod model;
 pub mod openapi;
 mod routes;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -242,7 +244,7 @@ impl FromRequestParts<AppState> for Caller {
 /// The application: every route with its layers, and the OpenAPI document.
 pub fn app(state: AppState) -> Router {
     let (api, _) = openapi::router_and_document();
-    layers::wrap(api, state)
+    layers::wrap(api.merge(web::routes()), state)
 }
 
 /// Serve `state` on `listener` until `shutdown` becomes true, then stop

@@ -559,7 +559,8 @@ pub struct LoginLinkView {
     pub user_name: String,
     /// The `pdl_…` token: `POST /api/v1/auth/link` with it, once.
     pub token: String,
-    /// Path to open in a browser (relative to the server's address).
+    /// Where to open it in a browser (relative to the server's address): the
+    /// dashboard, which logs in with it and asks for a new password.
     pub path: String,
     /// Expiry (ms).
     pub expires_at: i64,
@@ -660,4 +661,29 @@ mod tests {
         );
         assert!(exp(r#"{"name":"n","scopes":[],"expires_at":0.5}"#).is_err());
     }
+}
+
+/// A VM as an administrator sees it: any user's, with its owner and shape.
+#[derive(Serialize, ToSchema)]
+pub struct AdminVmView {
+    /// The VM as its owner sees it.
+    #[serde(flatten)]
+    pub vm: VmView,
+    /// Owner (`usr-…`).
+    pub owner_id: String,
+    /// Owner's account name (`None` if the account is gone).
+    pub owner_name: Option<String>,
+    /// Memory (MiB), while the host has the VM.
+    pub memory_mib: Option<u32>,
+    /// vCPUs, while the host has the VM.
+    pub vcpus: Option<u32>,
+}
+
+/// Every user's connect sessions, counted.
+#[derive(Serialize, ToSchema)]
+pub struct SessionSummary {
+    /// Sessions per state (states with none are absent).
+    pub by_state: std::collections::BTreeMap<String, i64>,
+    /// Failed sessions per failure reason.
+    pub failures_by_reason: std::collections::BTreeMap<String, i64>,
 }

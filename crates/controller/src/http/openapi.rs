@@ -32,7 +32,7 @@ use super::AppState;
         (name = "vms", description = "The caller's VMs"),
         (name = "credentials", description = "Stored credentials (metadata only)"),
         (name = "streams", description = "Desktop and terminal stream tickets"),
-        (name = "admin", description = "Accounts and upstream ports (admin)"),
+        (name = "admin", description = "Accounts, upstream ports, every VM and session (admin)"),
         (name = "ops", description = "Health, readiness, metrics, this document"),
     )
 )]
@@ -172,6 +172,9 @@ pub fn router_and_document() -> (Router<AppState>, openapi::OpenApi) {
         .routes(routes!(admin::upstreams))
         .routes(routes!(admin::pin, admin::release))
         .routes(routes!(admin::rotate))
+        .routes(routes!(admin::vms))
+        .routes(routes!(admin::vm_log))
+        .routes(routes!(admin::session_summary))
         .split_for_parts();
     add_common_responses(&mut doc);
     (router, doc)

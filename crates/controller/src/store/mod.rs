@@ -6,6 +6,7 @@
 //! change of a VM or session is an optimistic compare-and-swap on the row's
 //! `version` plus an `events` row, in one transaction.
 
+mod census;
 mod listing;
 mod migrate;
 mod sessions;
@@ -27,6 +28,7 @@ use crate::state::{Failure, FailureReason, Lifecycle, SessionState, UnknownState
 use crate::util::{new_id, now_ms, RandomError};
 use crate::vault::SealedRecord;
 
+pub use census::Records;
 pub use listing::CredentialInfo;
 pub use migrate::latest_version;
 pub use upstream::{Assignment, Quarantined, UpstreamError, UpstreamStats};

@@ -1,4 +1,5 @@
-//! `/api/v1/admin/*`: accounts and upstream ports. Every route needs an
+//! `/api/v1/admin/*`: accounts, upstream ports, every user's VMs (with the
+//! logs of failed ones) and a census of sessions. Every route needs an
 //! admin acting with the `admin` scope.
 
 use axum::extract::State;
@@ -9,7 +10,7 @@ use crate::auth::{Principal, Role, Scope};
 use crate::http::error::check_id;
 use crate::http::model::*;
 use crate::http::{ApiError, ApiJson, ApiPath, AppState, Caller};
-use crate::store::Assignment;
+use crate::store::{Assignment, Records};
 
 fn admin(p: &Principal) -> Result<(), ApiError> {
     p.require(Scope::Admin)?;
@@ -66,7 +67,7 @@ pub async fn login_link(
         Json(LoginLinkView {
             user_name: l.user_name.clone(),
             token: l.token.clone(),
-            path: format!("/api/v1/auth/link?token={}", l.token),
+            path: format!("/#/link/{}", l.token),
             expires_at: l.expires_at,
         }),
     ))
@@ -144,4 +145,146 @@ pub async fn rotate(
         .rotate_upstream_port(&user_id, &st.upstreams)
         .await?;
     Ok(Json(a))
+}
+
+/// The most of a VM log [`vm_log`] answers with (its end).
+pub const LOG_TAIL_BYTES: usize = 64 * 1024;
+
+/// Every user's VMs, oldest first, with owner, state and age; memory and
+/// vCPUs as the host reports them for VMs it still has.
+#[utoipa::path(get, path = "/api/v1/admin/vms", tag = "admin",
+    responses((status = 200, body = [AdminVmView])))]
+pub async fn vms(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+) -> Result<Json<Vec<AdminVmView>>, ApiError> {
+    admin(&p)?;
+    let all = st.store.all_vms_with_owners().await?;
+    let mut out = Vec::with_capacity(all.len());
+    for (vm, owner_name) in all {
+        use crate::state::Lifecycle;
+        // Only live VMs are at the host; a slow host costs each one its
+        // shape, never the list.
+        let shape = match (&st.host, &vm.host_vm_id, vm.life.state.is_final()) {
+            (Some(host), Some(hid), false) => {
+                tokio::time::timeout(std::time::Duration::from_secs(2), host.inspect(hid))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|i| (i.memory_mib, i.vcpus))
+            }
+            _ => None,
+        };
+        out.push(AdminVmView {
+            vm: VmView::from(&vm),
+            owner_id: vm.user_id.clone(),
+            owner_name,
+            memory_mib: shape.map(|s| s.0),
+            vcpus: shape.map(|s| s.1),
+        });
+    }
+    Ok(Json(out))
+}
+
+/// The end of one of a VM's logs (at most 64 KiB, the newest lines):
+/// `console`, `agent` or `egress`. Kept after the VM is gone, so failed
+/// VMs can be looked into.
+#[utoipa::path(get, path = "/api/v1/admin/vms/{id}/logs/{log}", tag = "admin",
+    params(("id" = String, Path, description = "`vm-…`", pattern = "^vm-[0-9a-f]{1,64}$"),
+           ("log" = String, Path, description = "`console`, `agent` or `egress`", pattern = "^(console|agent|egress)$")),
+    responses((status = 200, content_type = "text/plain", body = String)))]
+pub async fn vm_log(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+    ApiPath((id, log)): ApiPath<(String, String)>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    use polydev_api::vm::LogKind;
+    admin(&p)?;
+    check_id("vm", "VM", &id)?;
+    let kind = match log.as_str() {
+        "console" => LogKind::Console,
+        "agent" => LogKind::Agent,
+        "egress" => LogKind::Egress,
+        other => {
+            return Err(ApiError::invalid(format!(
+                "there is no log {other:?}: ask for console, agent or egress"
+            )))
+        }
+    };
+    let vm = match st.store.vm(&id).await {
+        Ok(v) => v,
+        Err(crate::store::StoreError::NotFound { .. }) => {
+            return Err(ApiError::not_found("VM", &id))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Some(host) = &st.host else {
+        return Err(super::streams::no_host("VM's logs"));
+    };
+    let Some(hid) = &vm.host_vm_id else {
+        return Err(ApiError::conflict(format!(
+            "VM {id} never reached a host, so it has no logs; its failure, if any, is in GET /api/v1/admin/vms"
+        )));
+    };
+    let text = host.logs(hid, kind).await.map_err(|e| {
+        ApiError::new(
+            502,
+            "host-unavailable",
+            "Host unavailable",
+            format!("the host agent did not give VM {id}'s {log} log: {e}; check that it runs (polydev doctor)"),
+        )
+    })?;
+    let tail = tail_of(&text, LOG_TAIL_BYTES);
+    Ok((
+        StatusCode::OK,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        tail.to_string(),
+    )
+        .into_response())
+}
+
+/// The last `max` bytes of `text`, from a character boundary.
+fn tail_of(text: &str, max: usize) -> &str {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// Every user's connect sessions counted by state, and the failed ones
+/// by reason.
+#[utoipa::path(get, path = "/api/v1/admin/sessions/summary", tag = "admin",
+    responses((status = 200, body = SessionSummary)))]
+pub async fn session_summary(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+) -> Result<Json<SessionSummary>, ApiError> {
+    admin(&p)?;
+    let by_state = st.store.count_by_state(Records::Sessions).await?;
+    let failures = st.store.failures_by_reason(Records::Sessions).await?;
+    Ok(Json(SessionSummary {
+        by_state: by_state.into_iter().collect(),
+        failures_by_reason: failures
+            .into_iter()
+            .map(|(r, n)| (r.unwrap_or_else(|| "unknown".into()), n))
+            .collect(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tail_of;
+
+    #[test]
+    fn a_tail_starts_on_a_character_boundary() {
+        assert_eq!(tail_of("abcdef", 3), "def");
+        assert_eq!(tail_of("ab", 10), "ab");
+        // "é" is two bytes: a cut inside it moves forward.
+        assert_eq!(tail_of("aéb", 2), "b");
+    }
 }
