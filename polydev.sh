@@ -103,6 +103,40 @@ setup_oidc() {
   fi
 }
 
+# The dashboard (web/): its npm packages (Vite, Preact, noVNC, xterm.js, and
+# for its browser tests playwright-core and axe-core), then its build into
+# web/dist, which the release binary embeds. Chromium for those tests is
+# Debian's (nothing downloads browsers here).
+setup_web() {
+  step "dashboard (web/)"
+  mapfile -t missing < <(need_apt chromium)
+  if [ "${#missing[@]}" -gt 0 ] && [ -n "${missing[0]}" ]; then
+    echo "installing: ${missing[*]}"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+  local want have=""
+  want="$(sha256sum web/package-lock.json | cut -d' ' -f1)"
+  [ -f web/node_modules/.polydev-lock ] && have="$(cat web/node_modules/.polydev-lock)"
+  if [ "$want" != "$have" ]; then
+    npm ci --prefix web --no-audit --no-fund --cache "$HOME/.cache/polydev/npm"
+    echo "$want" > web/node_modules/.polydev-lock
+  else
+    echo "web/node_modules up to date"
+  fi
+  # Rebuilt when any source of the page changed (the stamp is the hash of
+  # every file under web/ but node_modules, dist and the browser tests).
+  want="$(cd web && find . -path ./node_modules -prune -o -path ./dist -prune -o -path ./e2e -prune -o -type f -print \
+    | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)"
+  have="$(cat web/node_modules/.polydev-build 2>/dev/null || true)"
+  if [ "$want" != "$have" ] || [ ! -f web/dist/index.html ]; then
+    npm run --prefix web build
+    echo "$want" > web/node_modules/.polydev-build
+  else
+    echo "web/dist up to date"
+  fi
+}
+
 SCHEMATHESIS_VERSION=4.32.5
 
 setup_schemathesis() {
@@ -150,6 +184,7 @@ setup() {
   setup_apt
   setup_cargo_tools
   setup_oidc
+  setup_web
   setup_schemathesis
   build
   step "doctor"
