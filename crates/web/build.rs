@@ -27,16 +27,23 @@ fn main() {
         collect(&dist, &dist, &mut files);
     }
     files.sort();
-    let mut out = String::from("/// Every built file: (path below `dist/`, bytes).\npub static FILES: &[(&str, &[u8])] = &[\n");
-    for (rel, abs) in &files {
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").unwrap_or_default());
+    let mut out = String::from(
+        "/// Every built file: (path below `dist/`, bytes, gzip-compressed bytes when that is smaller).\npub static FILES: &[Embedded] = &[\n",
+    );
+    for (i, (rel, abs)) in files.iter().enumerate() {
+        let gz = match gzip(abs, &out_dir.join(format!("{i}.gz"))) {
+            Some(p) => format!("Some(include_bytes!({:?}))", p.display().to_string()),
+            None => "None".into(),
+        };
         let _ = writeln!(
             out,
-            "    ({rel:?}, include_bytes!({:?})),",
+            "    ({rel:?}, include_bytes!({:?}), {gz}),",
             abs.display().to_string()
         );
     }
     out.push_str("];\n");
-    let target = PathBuf::from(std::env::var_os("OUT_DIR").unwrap_or_default()).join("files.rs");
+    let target = out_dir.join("files.rs");
     if let Err(e) = std::fs::write(&target, out) {
         panic!("writing {}: {e}", target.display());
     }
@@ -64,4 +71,18 @@ fn collect(root: &Path, dir: &Path, files: &mut Vec<(String, PathBuf)>) {
             }
         }
     }
+}
+
+/// `src` gzip-compressed into `dst`, when that saves at least a tenth.
+fn gzip(src: &Path, dst: &Path) -> Option<PathBuf> {
+    use std::io::Write as _;
+    let data = std::fs::read(src).ok()?;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(&data).ok()?;
+    let gz = enc.finish().ok()?;
+    if gz.len() * 10 > data.len() * 9 {
+        return None;
+    }
+    std::fs::write(dst, gz).ok()?;
+    Some(dst.to_path_buf())
 }

@@ -20,7 +20,7 @@ mod egress_support;
 mod signin_support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use polydev_e2e::oauth::random_hex;
 use signin_support::{artifacts, world_unclaimed};
@@ -29,7 +29,11 @@ use signin_support::{artifacts, world_unclaimed};
 /// present (the README's setup does both).
 fn web_dir() -> PathBuf {
     let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
-    for need in ["node_modules/playwright-core", "node_modules/@axe-core/playwright", "dist/index.html"] {
+    for need in [
+        "node_modules/playwright-core",
+        "node_modules/@axe-core/playwright",
+        "dist/index.html",
+    ] {
         assert!(
             web.join(need).exists(),
             "web/{need} is missing: run ./polydev.sh setup (it installs the web app's packages and builds it)"
@@ -38,21 +42,37 @@ fn web_dir() -> PathBuf {
     web
 }
 
-/// Run one browser script; its output is echoed, and returned.
+/// Run one browser script; its output is echoed as it comes, and returned.
 fn run_script(web: &Path, script: &str, env: &[(&str, String)]) -> String {
+    use std::io::BufRead as _;
     let mut cmd = Command::new("node");
-    cmd.arg(web.join("e2e").join(script)).current_dir(web);
+    cmd.arg(web.join("e2e").join(script))
+        .current_dir(web)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run node for {script}: {e} (./polydev.sh setup installs Node.js)"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("--- {script} ---\n{stdout}{stderr}");
-    assert!(out.status.success(), "{script} failed ({}):\n{stdout}\n{stderr}", out.status);
-    stdout
+    let mut child = cmd.spawn().unwrap_or_else(|e| {
+        panic!("cannot run node for {script}: {e} (./polydev.sh setup installs Node.js)")
+    });
+    let mut out = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            eprintln!("{script}: {line}");
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    let status = child.wait().expect("wait for node");
+    assert!(
+        status.success(),
+        "{script} failed ({status}); its output is above"
+    );
+    out
 }
 
 #[test]

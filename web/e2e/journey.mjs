@@ -28,12 +28,22 @@ try {
       problems.push(`CSP: ${m.text()}`);
     }
   });
-  // Every desktop WebSocket goes through here, so the test can cut one.
-  const desktops = [];
-  await page.routeWebSocket(/\/api\/v1\/sessions\/[^/]+\/desktop/, (ws) => {
-    ws.connectToServer();
-    desktops.push(ws);
+  page.on('console', (m) => step(`page ${m.type()}: ${m.text()}`));
+  // Every WebSocket the page opens is kept where the test can reach it,
+  // so that it can cut the desktop's (injected by the browser, so the
+  // page's own policy does not apply to it).
+  await context.addInitScript(() => {
+    const Native = window.WebSocket;
+    window.__sockets = [];
+    window.WebSocket = class extends Native {
+      constructor(...args) {
+        super(...args);
+        window.__sockets.push(this);
+      }
+    };
   });
+  const desktops = async () =>
+    page.evaluate(() => window.__sockets.filter((s) => /\/desktop\?/.test(s.url)).length);
 
   // 1. The first-start link, then a new password.
   step('1. first-start link');
@@ -90,12 +100,16 @@ try {
   // The desktop WebSocket is cut: the session goes on, the page reconnects
   // with a fresh ticket.
   step('cut the desktop WebSocket');
-  const before = desktops.length;
-  await desktops[desktops.length - 1].close({ code: 4000, reason: 'cut by the test' });
+  const before = await desktops();
+  await page.evaluate(() => {
+    const open = window.__sockets.filter((s) => /\/desktop\?/.test(s.url) && s.readyState === 1);
+    if (open.length !== 1) throw new Error(`${open.length} desktop WebSockets are open, not 1`);
+    open[0].close(4000, 'cut by the test');
+  });
   await until('the page notices the cut', 30, async () =>
-    (await page.getByTestId('desktop-state').textContent()) !== 'connected');
+    (await page.getByTestId('desktop-state').textContent()) !== 'connected', 50);
   await until('the page reconnects', 120, async () =>
-    desktops.length > before && (await page.getByTestId('desktop-state').textContent()) === 'connected');
+    (await desktops()) > before && (await page.getByTestId('desktop-state').textContent()) === 'connected');
   const still = await apiInPage(page, 'GET', `/api/v1/sessions/${session}`);
   if (still.status !== 200 || still.json.state !== 'awaiting_user') {
     throw new Error(`after the cut the session is ${JSON.stringify(still.json)}`);

@@ -4,6 +4,8 @@
 //! a build without it still works and serves a page that says so.
 
 mod files {
+    /// One embedded file: path below `dist/`, bytes, gzip-compressed bytes.
+    type Embedded = (&'static str, &'static [u8], Option<&'static [u8]>);
     include!(concat!(env!("OUT_DIR"), "/files.rs"));
 }
 
@@ -12,6 +14,8 @@ mod files {
 pub struct Asset {
     /// Its bytes.
     pub bytes: &'static [u8],
+    /// The same, gzip-compressed, when that is smaller.
+    pub gzip: Option<&'static [u8]>,
     /// Its media type (from the extension).
     pub content_type: &'static str,
     /// Whether its name carries a content hash (Vite's `assets/`), so a
@@ -23,9 +27,10 @@ pub struct Asset {
 pub fn asset(path: &str) -> Option<Asset> {
     files::FILES
         .iter()
-        .find(|(p, _)| *p == path)
-        .map(|(p, bytes)| Asset {
+        .find(|(p, _, _)| *p == path)
+        .map(|(p, bytes, gzip)| Asset {
             bytes,
+            gzip: *gzip,
             content_type: content_type(p),
             immutable: p.starts_with("assets/"),
         })
@@ -74,10 +79,25 @@ mod tests {
 
     #[test]
     fn only_hashed_assets_are_immutable() {
-        for (p, _) in files::FILES {
+        for (p, _, _) in files::FILES {
             let a = asset(p).map(|a| a.immutable);
             assert_eq!(a, Some(p.starts_with("assets/")), "{p}");
         }
         assert!(asset("../Cargo.toml").is_none());
+    }
+
+    #[test]
+    fn compressed_copies_hold_the_same_bytes() {
+        use std::io::Read as _;
+        for (p, bytes, gz) in files::FILES {
+            if let Some(gz) = gz {
+                let mut back = Vec::new();
+                flate2::read::GzDecoder::new(*gz)
+                    .read_to_end(&mut back)
+                    .unwrap_or_else(|e| panic!("{p}: {e}"));
+                assert_eq!(&back[..], *bytes, "{p}");
+                assert!(gz.len() < bytes.len(), "{p}");
+            }
+        }
     }
 }

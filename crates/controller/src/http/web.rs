@@ -3,14 +3,15 @@
 //!
 //! The app uses only the public `/api/v1`, so these routes are not part of
 //! the OpenAPI document: `/` (the page), `/assets/…` (Vite's hashed files,
-//! cacheable forever) and the few other top-level files of the build. The
+//! cacheable forever; gzip-compressed for clients that take it) and the
+//! few other top-level files of the build. The
 //! page's Content-Security-Policy allows scripts only from this origin (no
 //! inline script, no eval), connections only to this origin (the API and
 //! its WebSockets), and no framing; every other answer gets a policy that
 //! allows nothing at all.
 
 use axum::extract::Request;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -35,9 +36,9 @@ pub fn routes() -> Router<AppState> {
         .route("/{file}", get(top_level))
 }
 
-async fn index() -> Response {
+async fn index(headers: HeaderMap) -> Response {
     match polydev_web::asset("index.html") {
-        Some(a) => file(a),
+        Some(a) => file(a, &headers),
         None => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
@@ -48,21 +49,20 @@ async fn index() -> Response {
 }
 
 async fn asset(req: Request) -> Response {
-    serve(req.uri().path().trim_start_matches('/'))
+    serve(req.uri().path().trim_start_matches('/'), req.headers())
 }
 
 async fn top_level(req: Request) -> Response {
     let path = req.uri().path().trim_start_matches('/');
-    // `index.html` only at `/`: one URL for the page.
     if path == "index.html" {
-        return index().await;
+        return index(req.headers().clone()).await;
     }
-    serve(path)
+    serve(path, req.headers())
 }
 
-fn serve(path: &str) -> Response {
+fn serve(path: &str, headers: &HeaderMap) -> Response {
     match polydev_web::asset(path) {
-        Some(a) => file(a),
+        Some(a) => file(a, headers),
         None => ApiError::new(
             404,
             "no-such-route",
@@ -73,22 +73,57 @@ fn serve(path: &str) -> Response {
     }
 }
 
-fn file(a: polydev_web::Asset) -> Response {
+/// Whether the client takes gzip (`Accept-Encoding`, not refused by `q=0`).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or("");
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
+        })
+}
+
+fn file(a: polydev_web::Asset, headers: &HeaderMap) -> Response {
     let cache = if a.immutable {
         "public, max-age=31536000, immutable"
     } else {
         // The page names the current hashed assets: always ask again.
         "no-cache"
     };
-    (
-        StatusCode::OK,
-        [
-            (header::CONTENT_TYPE, a.content_type),
-            (header::CACHE_CONTROL, cache),
-        ],
-        a.bytes,
-    )
-        .into_response()
+    let mut resp = match a.gzip.filter(|_| accepts_gzip(headers)) {
+        Some(gz) => (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, a.content_type),
+                (header::CACHE_CONTROL, cache),
+                (header::CONTENT_ENCODING, "gzip"),
+            ],
+            gz,
+        )
+            .into_response(),
+        None => (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, a.content_type),
+                (header::CACHE_CONTROL, cache),
+            ],
+            a.bytes,
+        )
+            .into_response(),
+    };
+    // Caches must keep the two encodings apart.
+    resp.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    resp
 }
 
 /// Every answer: a Content-Security-Policy (the page's on HTML, none
@@ -121,4 +156,25 @@ pub async fn security_headers(req: Request, next: Next) -> Response {
         HeaderValue::from_static("same-origin"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn gzip_only_when_the_client_takes_it() {
+        assert!(accepts_gzip(&with("gzip, deflate, br, zstd")));
+        assert!(accepts_gzip(&with("br;q=1.0, GZIP;q=0.5")));
+        assert!(accepts_gzip(&with("*")));
+        assert!(!accepts_gzip(&with("gzip;q=0")));
+        assert!(!accepts_gzip(&with("br, identity")));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+    }
 }
