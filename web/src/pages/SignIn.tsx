@@ -31,7 +31,14 @@ export function SignIn() {
         }}
       >
         <label for="signin-name">Name</label>
-        <input id="signin-name" data-testid="signin-name" autocomplete="username" required value={name} onInput={(e) => setName(e.currentTarget.value)} />
+        <input
+          id="signin-name"
+          data-testid="signin-name"
+          autocomplete="username"
+          required
+          value={name}
+          onInput={(e) => setName(e.currentTarget.value)}
+        />
         <label for="signin-password">Password</label>
         <input
           id="signin-password"
