@@ -1,6 +1,6 @@
 import { useState } from 'preact/hooks';
 import { api, errorText } from '../api';
-import { navigate } from '../router';
+import { afterSignIn } from '../router';
 import { useAuth } from '../session';
 import { ErrorBox, usePageTitle } from '../ui';
 
@@ -22,7 +22,7 @@ export function SignIn() {
           setError(null);
           try {
             setMe(await api.login(name.trim(), password));
-            navigate('/providers');
+            afterSignIn();
           } catch (err) {
             setError(errorText(err));
           } finally {
