@@ -28,7 +28,13 @@ const STATUS: Record<string, string> = {
 export function SessionPage({ id }: { id: string }) {
   usePageTitle('Connect session');
   // SSE carries the steps; polling keeps the state right even without it.
-  const s = useAsync<Session>(() => api.session(id), [id], 2000);
+  const [polling, setPolling] = useState(true);
+  const s = useAsync<Session>(() => api.session(id), [id], polling ? 2000 : undefined);
+  const finished = s.data?.done ?? false;
+  useEffect(() => {
+    // A final state never changes: stop asking.
+    if (finished) setPolling(false);
+  }, [finished]);
   const { events } = useSessionEvents(id);
   const session = s.data;
   // The stream is live, the poll lags up to 2 s: the newer of the two wins.
