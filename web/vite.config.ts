@@ -3,9 +3,7 @@ import { fileURLToPath } from 'node:url';
 
 // noVNC's package exports only core/rfb.js; the keysym table (for the
 // layout-safe "paste text") lives beside it, so it gets an alias.
-const keysymdef = fileURLToPath(
-  new URL('./node_modules/@novnc/novnc/core/input/keysymdef.js', import.meta.url),
-);
+const keysymdef = fileURLToPath(new URL('./node_modules/@novnc/novnc/core/input/keysymdef.js', import.meta.url));
 
 export default defineConfig({
   base: '/',

@@ -207,29 +207,24 @@ const text = (p: string) => request<string>('GET', p, undefined, { accept: 'text
 /** The endpoints the dashboard uses, one function each. */
 export const api = {
   me: () => request<Me>('GET', '/api/v1/me', undefined, { silent401: true }),
-  login: (name: string, password: string) =>
-    request<Me>('POST', '/api/v1/auth/login', { name, password }, { silent401: true }),
-  redeemLink: (token: string) =>
-    request<Me>('POST', '/api/v1/auth/link', { token }, { silent401: true }),
+  login: (name: string, password: string) => request<Me>('POST', '/api/v1/auth/login', { name, password }, { silent401: true }),
+  redeemLink: (token: string) => request<Me>('POST', '/api/v1/auth/link', { token }, { silent401: true }),
   logout: () => request<void>('POST', '/api/v1/auth/logout', {}, { silent401: true }),
   setPassword: (new_password: string, current_password: string | null) =>
     request<void>('PUT', '/api/v1/me/password', { new_password, current_password }, { silent401: true }),
 
   providers: () => get<Provider[]>('/api/v1/providers'),
   credentials: () => get<Credential[]>('/api/v1/credentials'),
-  deleteCredential: (provider: string) =>
-    request<void>('DELETE', `/api/v1/credentials/${enc(provider)}`, {}),
+  deleteCredential: (provider: string) => request<void>('DELETE', `/api/v1/credentials/${enc(provider)}`, {}),
 
   sessions: () => get<Session[]>('/api/v1/sessions'),
   session: (id: string) => get<Session>(`/api/v1/sessions/${enc(id)}`),
   createSession: (provider: string) => request<Session>('POST', '/api/v1/sessions', { provider }),
   cancelSession: (id: string) => request<Session>('POST', `/api/v1/sessions/${enc(id)}/cancel`, {}),
-  sessionInput: (id: string, text: string, enter: boolean) =>
-    request<void>('POST', `/api/v1/sessions/${enc(id)}/input`, { text, enter }),
+  sessionInput: (id: string, text: string, enter: boolean) => request<void>('POST', `/api/v1/sessions/${enc(id)}/input`, { text, enter }),
   sessionEvents: (id: string) => get<SessionEvent[]>(`/api/v1/sessions/${enc(id)}/events`),
 
-  ticket: (kind: 'desktop' | 'terminal', resource_id: string) =>
-    request<Ticket>('POST', '/api/v1/tickets', { kind, resource_id }),
+  ticket: (kind: 'desktop' | 'terminal', resource_id: string) => request<Ticket>('POST', '/api/v1/tickets', { kind, resource_id }),
 
   vms: () => get<Vm[]>('/api/v1/vms'),
   vm: (id: string) => get<Vm>(`/api/v1/vms/${enc(id)}`),
@@ -243,12 +238,10 @@ export const api = {
   revokeToken: (id: string) => request<void>('DELETE', `/api/v1/tokens/${enc(id)}`, {}),
 
   users: () => get<User[]>('/api/v1/admin/users'),
-  createUser: (name: string, password: string | null, role: Role) =>
-    request<User>('POST', '/api/v1/admin/users', { name, password, role }),
+  createUser: (name: string, password: string | null, role: Role) => request<User>('POST', '/api/v1/admin/users', { name, password, role }),
   loginLink: (id: string) => request<LoginLink>('POST', `/api/v1/admin/users/${enc(id)}/login-link`, {}),
   adminVms: () => get<AdminVm[]>('/api/v1/admin/vms'),
-  adminVmLog: (id: string, which: 'console' | 'agent' | 'egress') =>
-    text(`/api/v1/admin/vms/${enc(id)}/logs/${which}`),
+  adminVmLog: (id: string, which: 'console' | 'agent' | 'egress') => text(`/api/v1/admin/vms/${enc(id)}/logs/${which}`),
   sessionSummary: () => get<SessionSummary>('/api/v1/admin/sessions/summary'),
   upstreams: () => get<Upstreams>('/api/v1/admin/upstreams'),
   metrics: () => text('/metrics'),

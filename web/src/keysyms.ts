@@ -15,7 +15,8 @@ export function textToKeysyms(text: string): number[] {
     if (cp === undefined) continue;
     if (ch === '\n') out.push(XK_RETURN);
     else if (ch === '\t') out.push(XK_TAB);
-    else if (cp < 0x20 || (cp >= 0x7f && cp < 0xa0)) continue; // other control characters type nothing
+    else if (cp < 0x20 || (cp >= 0x7f && cp < 0xa0))
+      continue; // other control characters type nothing
     else out.push(keysyms.lookup(cp));
   }
   return out;

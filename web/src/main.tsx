@@ -22,7 +22,7 @@ import { render } from 'preact';
 import { useEffect, useMemo, useState } from 'preact/hooks';
 import { api, setUnauthorizedHandler } from './api';
 import type { Me } from './api';
-import { match, navigate, useRoute } from './router';
+import { match, navigate, toSignIn, useRoute } from './router';
 import { AuthContext } from './session';
 import { Account } from './pages/Account';
 import { Admin } from './pages/Admin';
@@ -47,7 +47,7 @@ function App() {
   useEffect(() => {
     setUnauthorizedHandler(() => {
       setMe(null);
-      if (!PUBLIC.some((p) => match(p, location.hash.replace(/^#/, '')))) navigate('/signin');
+      if (!PUBLIC.some((p) => match(p, location.hash.replace(/^#/, '')))) toSignIn();
     });
     // The link page logs in by itself; elsewhere, ask who this is.
     if (match('/link/:token', path)) {
@@ -63,7 +63,7 @@ function App() {
 
   useEffect(() => {
     if (!checked) return;
-    if (!me && !isPublic) navigate('/signin');
+    if (!me && !isPublic) toSignIn();
     else if (me && (path === '/' || path === '/signin')) navigate('/providers');
   }, [checked, me, path]);
 

@@ -43,3 +43,19 @@ export function match(pattern: string, path: string): Record<string, string> | n
   }
   return out;
 }
+
+const RETURN_KEY = 'polydev.returnTo';
+
+/** Sends the page to sign-in, remembering where it was (to come back after). */
+export function toSignIn(): void {
+  const here = currentPath();
+  if (here !== '/' && here !== '/signin' && !here.startsWith('/link/')) sessionStorage.setItem(RETURN_KEY, here);
+  navigate('/signin');
+}
+
+/** After a login: the page sign-in interrupted, else Providers. */
+export function afterSignIn(): void {
+  const to = sessionStorage.getItem(RETURN_KEY);
+  sessionStorage.removeItem(RETURN_KEY);
+  navigate(to && to.startsWith('/') ? to : '/providers');
+}

@@ -18,8 +18,7 @@ export function useSessionEvents(sessionId: string): { events: SessionEvent[]; l
     let closed = false;
     let retry: number | undefined;
     let es: EventSource | null = null;
-    const add = (e: SessionEvent) =>
-      setEvents((xs) => (xs.some((x) => x.id === e.id) ? xs : [...xs, e].sort((a, b) => a.id - b.id)));
+    const add = (e: SessionEvent) => setEvents((xs) => (xs.some((x) => x.id === e.id) ? xs : [...xs, e].sort((a, b) => a.id - b.id)));
     const onEvent = (ev: MessageEvent<string>) => {
       try {
         add(JSON.parse(ev.data) as SessionEvent);

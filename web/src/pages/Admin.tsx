@@ -141,9 +141,24 @@ function Users() {
       >
         <h3>New user</h3>
         <label for="user-name">Name (a-z, 0-9, . _ -)</label>
-        <input id="user-name" data-testid="user-name" required pattern="[a-z0-9][a-z0-9._\-]*" maxLength={64} value={name} onInput={(e) => setName(e.currentTarget.value)} />
+        <input
+          id="user-name"
+          data-testid="user-name"
+          required
+          pattern="[a-z0-9][a-z0-9._\-]*"
+          maxLength={64}
+          value={name}
+          onInput={(e) => setName(e.currentTarget.value)}
+        />
         <label for="user-password">Initial password (optional, at least 15 characters)</label>
-        <input id="user-password" type="password" autocomplete="new-password" minLength={15} value={password} onInput={(e) => setPassword(e.currentTarget.value)} />
+        <input
+          id="user-password"
+          type="password"
+          autocomplete="new-password"
+          minLength={15}
+          value={password}
+          onInput={(e) => setPassword(e.currentTarget.value)}
+        />
         <label for="user-role">Role</label>
         <select id="user-role" value={role} onChange={(e) => setRole(e.currentTarget.value as Role)}>
           <option value="user">user</option>
@@ -238,7 +253,7 @@ function VmLogs({ id }: { id: string }) {
       {logs &&
         Object.entries(logs).map(([w, text]) => (
           <div key={w}>
-            <h4>{w}</h4>
+            <h3>{w}</h3>
             <pre class="log" tabIndex={0} aria-label={`${w} log of ${id}`}>
               {text || '(empty)'}
             </pre>

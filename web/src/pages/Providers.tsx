@@ -147,8 +147,7 @@ function CardDetail({ st }: { st: CardState }) {
     case 'connecting':
       return (
         <p>
-          {words(st.session.state)} since {ago(st.session.state_since)} —{' '}
-          <a href={`#/sessions/${st.session.id}`}>open the session</a>
+          {words(st.session.state)} since {ago(st.session.state_since)} — <a href={`#/sessions/${st.session.id}`}>open the session</a>
         </p>
       );
     case 'connected':
@@ -166,8 +165,7 @@ function CardDetail({ st }: { st: CardState }) {
       return (
         <p class="failure">
           <strong>{st.session.failure?.reason ?? 'failed'}</strong>
-          {st.session.failure?.detail ? `: ${st.session.failure.detail}` : ''}{' '}
-          <a href={`#/sessions/${st.session.id}`}>details</a>
+          {st.session.failure?.detail ? `: ${st.session.failure.detail}` : ''} <a href={`#/sessions/${st.session.id}`}>details</a>
         </p>
       );
     default:

@@ -28,7 +28,13 @@ const STATUS: Record<string, string> = {
 export function SessionPage({ id }: { id: string }) {
   usePageTitle('Connect session');
   // SSE carries the steps; polling keeps the state right even without it.
-  const s = useAsync<Session>(() => api.session(id), [id], 2000);
+  const [polling, setPolling] = useState(true);
+  const s = useAsync<Session>(() => api.session(id), [id], polling ? 2000 : undefined);
+  const finished = s.data?.done ?? false;
+  useEffect(() => {
+    // A final state never changes: stop asking.
+    if (finished) setPolling(false);
+  }, [finished]);
   const { events } = useSessionEvents(id);
   const session = s.data;
   // The stream is live, the poll lags up to 2 s: the newer of the two wins.
@@ -75,7 +81,7 @@ export function SessionPage({ id }: { id: string }) {
       <h1>Connect {session?.provider ?? 'session'}</h1>
       <div class="session-head">
         <p class={`session-status state-${state ?? 'loading'}`} data-testid="session-status" aria-live="polite">
-          {state ? STATUS[state] ?? words(state) : 'Loading…'}
+          {state ? (STATUS[state] ?? words(state)) : 'Loading…'}
         </p>
         {!done && session && (
           <button type="button" data-testid="cancel" onClick={() => void cancel()}>
@@ -113,7 +119,7 @@ export function SessionPage({ id }: { id: string }) {
           <DesktopPanel id={id} state={state} done={done} />
         </div>
         <aside class="side-col">
-          <LoginInput id={id} enabled={state === 'awaiting_user'} />
+          {!done && <LoginInput id={id} enabled={state === 'awaiting_user'} />}
           <Timeline events={events} createdAt={session?.created_at ?? null} />
         </aside>
       </div>
@@ -126,7 +132,7 @@ function DesktopPanel({ id, state, done }: { id: string; state: string | null; d
   const desk = useRef<Desktop | null>(null);
   const doneRef = useRef(done);
   doneRef.current = done;
-  const [dstate, setDstate] = useState<DesktopState>('disconnected');
+  const [dstate, setDstate] = useState<DesktopState>(done ? 'disconnected' : 'connecting');
   const [derr, setDerr] = useState<string | null>(null);
   const [paste, setPaste] = useState('');
   const [pasted, setPasted] = useState('');
@@ -155,10 +161,10 @@ function DesktopPanel({ id, state, done }: { id: string; state: string | null; d
     };
   }, [wanted, id]);
   useEffect(() => {
-    if (done && desk.current) {
-      desk.current.stop();
-      desk.current = null;
-    }
+    if (!done) return;
+    desk.current?.stop();
+    desk.current = null;
+    setDstate('disconnected');
   }, [done]);
   useEffect(
     () => () => {
@@ -182,33 +188,50 @@ function DesktopPanel({ id, state, done }: { id: string; state: string | null; d
       {!wanted && !done && <Status>Starting your browser VM…</Status>}
       {done && <p class="muted">The desktop closed with the session.</p>}
       <ErrorBox error={derr} />
+      {wanted && (
+        <p class="hint" id="desktop-help">
+          Click the desktop (or focus it and press Enter) to type into it; F6 leaves it.
+        </p>
+      )}
       <div
         class={`desktop ${wanted ? '' : 'hidden'}`}
         ref={box}
         data-testid="desktop"
         role="application"
         aria-label="Remote desktop"
+        aria-describedby={wanted ? 'desktop-help' : undefined}
         tabIndex={0}
-        onFocus={(e) => {
-          if (e.target === e.currentTarget) desk.current?.focus();
+        onKeyDownCapture={(e) => {
+          // The desktop takes every key (Tab too) once its canvas has focus:
+          // F6 is the way out, so the keyboard never gets trapped.
+          if (e.key === 'F6' && !e.ctrlKey && !e.altKey && !e.metaKey) {
+            e.preventDefault();
+            e.stopPropagation();
+            document.getElementById('paste-text')?.focus();
+          } else if (e.key === 'Enter' && e.target === e.currentTarget) {
+            e.preventDefault();
+            desk.current?.focus();
+          }
         }}
       />
-      <form
-        class="paste"
-        onSubmit={(e) => {
-          e.preventDefault();
-          const n = desk.current?.typeText(paste) ?? 0;
-          setPasted(n ? `Typed ${n} key${n === 1 ? '' : 's'} into the desktop.` : 'The desktop is not connected: nothing was typed.');
-          if (n) desk.current?.focus();
-        }}
-      >
-        <label for="paste-text">Paste text into the desktop (typed as keys, safe with any keyboard layout)</label>
-        <textarea id="paste-text" data-testid="paste-text" rows={2} value={paste} onInput={(e) => setPaste(e.currentTarget.value)} />
-        <button type="submit" data-testid="paste-send" disabled={dstate !== 'connected' || !paste}>
-          Type it
-        </button>
-        <Status>{pasted}</Status>
-      </form>
+      {!done && (
+        <form
+          class="paste"
+          onSubmit={(e) => {
+            e.preventDefault();
+            const n = desk.current?.typeText(paste) ?? 0;
+            setPasted(n ? `Typed ${n} key${n === 1 ? '' : 's'} into the desktop.` : 'The desktop is not connected: nothing was typed.');
+            if (n) desk.current?.focus();
+          }}
+        >
+          <label for="paste-text">Paste text into the desktop (typed as keys, safe with any keyboard layout)</label>
+          <textarea id="paste-text" data-testid="paste-text" rows={2} value={paste} onInput={(e) => setPaste(e.currentTarget.value)} />
+          <button type="submit" data-testid="paste-send" disabled={dstate !== 'connected' || !paste}>
+            Type it
+          </button>
+          <Status>{pasted}</Status>
+        </form>
+      )}
     </div>
   );
 }

@@ -1,6 +1,6 @@
 import { useState } from 'preact/hooks';
 import { api, errorText } from '../api';
-import { navigate } from '../router';
+import { afterSignIn } from '../router';
 import { useAuth } from '../session';
 import { ErrorBox, usePageTitle } from '../ui';
 
@@ -22,7 +22,7 @@ export function SignIn() {
           setError(null);
           try {
             setMe(await api.login(name.trim(), password));
-            navigate('/providers');
+            afterSignIn();
           } catch (err) {
             setError(errorText(err));
           } finally {
@@ -31,7 +31,14 @@ export function SignIn() {
         }}
       >
         <label for="signin-name">Name</label>
-        <input id="signin-name" data-testid="signin-name" autocomplete="username" required value={name} onInput={(e) => setName(e.currentTarget.value)} />
+        <input
+          id="signin-name"
+          data-testid="signin-name"
+          autocomplete="username"
+          required
+          value={name}
+          onInput={(e) => setName(e.currentTarget.value)}
+        />
         <label for="signin-password">Password</label>
         <input
           id="signin-password"

@@ -44,7 +44,14 @@ export function Tokens() {
       >
         <h2>New token</h2>
         <label for="token-name">Name</label>
-        <input id="token-name" data-testid="token-name" required maxLength={100} value={name} onInput={(e) => setName(e.currentTarget.value)} />
+        <input
+          id="token-name"
+          data-testid="token-name"
+          required
+          maxLength={100}
+          value={name}
+          onInput={(e) => setName(e.currentTarget.value)}
+        />
         <fieldset>
           <legend>Scopes</legend>
           {offered.map((s) => (

@@ -58,10 +58,20 @@ export function Workspace() {
               <span class="muted">since {ago(vm.state_since)}</span>
             </span>
             <span class="actions">
-              <button type="button" data-testid="vm-start" disabled={busy || vm.state !== 'hibernated'} onClick={() => void act(() => api.startVm(vm.id))}>
+              <button
+                type="button"
+                data-testid="vm-start"
+                disabled={busy || vm.state !== 'hibernated'}
+                onClick={() => void act(() => api.startVm(vm.id))}
+              >
                 Start
               </button>
-              <button type="button" data-testid="vm-stop" disabled={busy || vm.state !== 'running'} onClick={() => void act(() => api.stopVm(vm.id))}>
+              <button
+                type="button"
+                data-testid="vm-stop"
+                disabled={busy || vm.state !== 'running'}
+                onClick={() => void act(() => api.stopVm(vm.id))}
+              >
                 Stop
               </button>
             </span>
@@ -76,7 +86,9 @@ export function Workspace() {
           {vm.state === 'running' ? (
             <TerminalPanel vmId={vm.id} />
           ) : (
-            <Status>{vm.state === 'hibernated' ? 'The VM is stopped: Start it to open a terminal.' : `The VM is ${words(vm.state)}…`}</Status>
+            <Status>
+              {vm.state === 'hibernated' ? 'The VM is stopped: Start it to open a terminal.' : `The VM is ${words(vm.state)}…`}
+            </Status>
           )}
         </>
       )}
