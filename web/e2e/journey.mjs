@@ -22,25 +22,50 @@ try {
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   const page = await context.newPage();
   const problems = [];
-  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  page.on('pageerror', (e) => {
+    step(`page exception: ${e.stack ?? e.message}`);
+    problems.push(`page error: ${e.message}`);
+  });
   page.on('console', (m) => {
     if (m.type() === 'error' && /Content Security Policy|Refused to/.test(m.text())) {
       problems.push(`CSP: ${m.text()}`);
     }
   });
   page.on('console', (m) => step(`page ${m.type()}: ${m.text()}`));
+  // What crosses each desktop WebSocket first (for a failure's log).
+  page.on('websocket', (ws) => {
+    if (!/\/desktop\?/.test(ws.url())) return;
+    const id = ws.url().slice(-6);
+    let n = 0;
+    const show = (dir) => (f) => {
+      if (n++ < 12) {
+        const p = typeof f.payload === 'string' ? f.payload : f.payload.toString('latin1');
+        step(`desktop ws ${id} ${dir} ${p.length} bytes: ${JSON.stringify(p.slice(0, 40))}`);
+      }
+    };
+    step(`desktop ws ${id} opened`);
+    ws.on('framesent', show('sent'));
+    ws.on('framereceived', show('received'));
+    ws.on('socketerror', (e) => step(`desktop ws ${id} error: ${e}`));
+    ws.on('close', () => step(`desktop ws ${id} closed`));
+  });
   // Every WebSocket the page opens is kept where the test can reach it,
   // so that it can cut the desktop's (injected by the browser, so the
   // page's own policy does not apply to it).
   await context.addInitScript(() => {
+    // A function, not a subclass: noVNC checks the socket's prototype
+    // holds every WebSocket property, so the page must get the browser's
+    // own WebSocket objects.
     const Native = window.WebSocket;
     window.__sockets = [];
-    window.WebSocket = class extends Native {
-      constructor(...args) {
-        super(...args);
-        window.__sockets.push(this);
-      }
-    };
+    function Tracked(...args) {
+      const ws = new Native(...args);
+      window.__sockets.push(ws);
+      return ws;
+    }
+    Tracked.prototype = Native.prototype;
+    for (const k of ['CONNECTING', 'OPEN', 'CLOSING', 'CLOSED']) Tracked[k] = Native[k];
+    window.WebSocket = Tracked;
   });
   const desktops = async () =>
     page.evaluate(() => window.__sockets.filter((s) => /\/desktop\?/.test(s.url)).length);

@@ -493,14 +493,14 @@ fn routes(w: &World) -> Vec<Route> {
             200,
         ),
         // No host agent in these tests: after the authorization check, a
-        // VM's logs are unavailable (503).
+        // VM has no logs to give (409).
         r(
             M::GET,
             "/api/v1/admin/vms/{vm}/logs/console",
             None,
             Some(Scope::Admin),
             false,
-            503,
+            409,
         ),
         // The session is not awaiting the person here: after the
         // authorization check, input to its login is a conflict.

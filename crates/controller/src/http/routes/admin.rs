@@ -219,8 +219,12 @@ pub async fn vm_log(
         }
         Err(e) => return Err(e.into()),
     };
+    // Without a host agent (`--no-driver`) no VM ever ran here: nothing
+    // is wrong with the server, there is just nothing to read.
     let Some(host) = &st.host else {
-        return Err(super::streams::no_host("VM's logs"));
+        return Err(ApiError::conflict(format!(
+            "this controller runs without a host agent (--no-driver), so VM {id} never ran here and has no logs"
+        )));
     };
     let Some(hid) = &vm.host_vm_id else {
         return Err(ApiError::conflict(format!(

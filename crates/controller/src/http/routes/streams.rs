@@ -81,7 +81,7 @@ fn upgrade_required(r: WebSocketUpgradeRejection) -> ApiError {
 }
 
 /// The 503 of a controller that drives no VMs.
-pub(super) fn no_host(what: &str) -> ApiError {
+fn no_host(what: &str) -> ApiError {
     ApiError::new(
         503,
         "no-host",
