@@ -6,6 +6,9 @@
 //! Disconnect takes the delivered credential out of the running VM — the
 //! whole file removed, the fields merged into the user's own file taken
 //! out while the user's other key stays — and names the VM it did that in.
+//! A connect into the stopped VM starts it and delivers; a removal the VM
+//! refuses keeps the credential; a stop or start recorded by a controller
+//! that then died is finished by the next one.
 //!
 //! The API and the driver run in process over the real host agent; the
 //! browser VM is the minimal image with a script login (only where its
@@ -17,8 +20,8 @@ use polydev_api::vm::VmState as HostState;
 use polydev_controller::auth::{Auth, AuthConfig, Scope};
 use polydev_controller::driver::DriverConfig;
 use polydev_controller::http::{self, AppState, HttpConfig};
-use polydev_controller::state::SessionState;
-use polydev_controller::store::Store;
+use polydev_controller::state::{SessionState, VmState};
+use polydev_controller::store::{Also, Store};
 use polydev_controller::upstream::UpstreamConfig;
 use polydev_e2e::http::{call, Answer};
 use polydev_e2e::Host;
@@ -89,13 +92,14 @@ fn a_cli_vm_stops_and_starts_with_its_home_and_disconnect_removes_the_files() {
     let store = rt.block_on(Store::open_in_dir(&data)).unwrap();
     let driver = driver_support::driver_at_host(&store, &data, UpstreamConfig::none(), cfg);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let running = rt.spawn(driver.clone().run(stop_rx.clone()));
+    let running = rt.spawn(driver.clone().run(stop_rx));
+    let (api_stop, api_stop_rx) = tokio::sync::watch::channel(false);
     let auth = Auth::new(store.clone(), AuthConfig::default()).unwrap();
     let state = AppState::new(
         auth.clone(),
         Some(driver.clone()),
         HttpConfig::unlimited(),
-        stop_rx,
+        api_stop_rx,
     )
     .unwrap();
     let listener = rt
@@ -202,8 +206,72 @@ fn a_cli_vm_stops_and_starts_with_its_home_and_disconnect_removes_the_files() {
         .unwrap()
         .is_none());
 
+    // Stopped again, a connect starts the VM and delivers into it.
+    let r = api.call("POST", &format!("/api/v1/vms/{id}/stop"), Some(json!({})));
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    api.wait_vm(&id, "hibernated", Duration::from_secs(180));
+    let r = api.call("POST", "/api/v1/sessions", Some(json!({"provider": "pw"})));
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let ses = r.json()["id"].as_str().unwrap().to_string();
+    let done = driver_support::wait_final(&rt, &store, &ses, Duration::from_secs(600));
+    assert_eq!(done.life.state, SessionState::Completed, "{:?}", done.life);
+    api.wait_vm(&id, "running", Duration::from_secs(10));
+    let creds = api.call("GET", "/api/v1/credentials", None).json();
+    assert_eq!(
+        creds[0]["holder_vm_id"].as_str(),
+        Some(id.as_str()),
+        "{creds}"
+    );
+    assert!(as_user("cat ~/.t/creds.json").stdout.contains("tok-pw-1"));
+
+    // A removal the VM refuses (the user's file is not JSON): 502, and
+    // nothing is lost — the credential and the delivered file stay.
+    as_user("echo not-json > ~/.t.json");
+    let r = api.call("DELETE", "/api/v1/credentials/pw", None);
+    assert_eq!(r.status, 502, "{:?}", r.json());
+    let detail = r.json()["detail"].as_str().unwrap_or("").to_string();
+    assert!(
+        detail.contains("the credential is kept") && detail.contains(".t.json"),
+        "{detail}"
+    );
+    assert!(rt
+        .block_on(store.credential(&user.id, "pw"))
+        .unwrap()
+        .is_some());
+    assert!(as_user("cat ~/.t/creds.json").stdout.contains("tok-pw-1"));
+
+    // A controller that recorded a stop and died before its driver acted:
+    // the next one powers the VM off; likewise a start.
     stop.send(true).unwrap();
     rt.block_on(running).unwrap().unwrap();
+    let vm = rt.block_on(store.vm(&id)).unwrap();
+    rt.block_on(store.transition_vm(&vm, VmState::Hibernating, None, Also::default()))
+        .unwrap();
+    let restarted = |rt: &tokio::runtime::Runtime| {
+        let d = driver_support::driver_at_host(
+            &store,
+            &data,
+            UpstreamConfig::none(),
+            DriverConfig::parse("poll_ms = 200\nidle_poll_ms = 300\n", "driver.toml").unwrap(),
+        );
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (tx, rt.spawn(d.run(rx)))
+    };
+    let (tx, again) = restarted(&rt);
+    api.wait_vm(&id, "hibernated", Duration::from_secs(180));
+    assert_eq!(host.inspect(&host_vm()).state, HostState::Off);
+    tx.send(true).unwrap();
+    rt.block_on(again).unwrap().unwrap();
+    let vm = rt.block_on(store.vm(&id)).unwrap();
+    rt.block_on(store.transition_vm(&vm, VmState::Resuming, None, Also::default()))
+        .unwrap();
+    let (tx, again) = restarted(&rt);
+    api.wait_vm(&id, "running", Duration::from_secs(400));
+    assert_eq!(as_user("cat ~/mine.txt").stdout.trim(), "kept-across-stop");
+    tx.send(true).unwrap();
+    rt.block_on(again).unwrap().unwrap();
+
+    api_stop.send(true).unwrap();
     rt.block_on(served).unwrap().unwrap();
     host.cli(&["vm", "rm", &host_vm()]);
 }

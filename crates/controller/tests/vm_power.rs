@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 both_backends!(
     stop_and_start_follow_the_vm_state,
     the_credential_names_its_holder_until_disconnect,
+    a_disconnect_the_cli_vm_does_not_answer_keeps_the_credential,
 );
 
 fn user_scopes() -> Vec<Scope> {
@@ -273,4 +274,75 @@ async fn the_credential_names_its_holder_until_disconnect(db: common::TestDb) {
         )
         .await;
     assert_problem((st, &h, &v), 404, "not-found", "second disconnect");
+}
+
+/// The user's CLI VM runs but its host agent does not answer (a socket
+/// nobody serves): the disconnect is a 503 saying to try again, and the
+/// sealed credential is kept.
+async fn a_disconnect_the_cli_vm_does_not_answer_keeps_the_credential(db: common::TestDb) {
+    use polydev_controller::driver::{Driver, KeySource, RemoteHost, LOCAL_HOST_ID};
+    let s = &db.store;
+    host(s).await;
+    let dir = tempfile::tempdir().unwrap();
+    let driver = Driver::new(
+        s.clone(),
+        std::sync::Arc::new(RemoteHost::new(
+            LOCAL_HOST_ID,
+            &dir.path().join("host.sock"),
+        )),
+        polydev_controller::providers::Providers::builtin().unwrap(),
+        KeySource::fixed(Keyring::generate().unwrap()),
+        polydev_controller::upstream::UpstreamConfig::none(),
+    );
+    let auth = polydev_controller::auth::Auth::new(s.clone(), AuthConfig::default()).unwrap();
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let state = polydev_controller::http::AppState::new(
+        auth.clone(),
+        Some(driver),
+        HttpConfig::unlimited(),
+        rx,
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(polydev_controller::http::serve(listener, state));
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+
+    let alice = auth.create_user("alice", Role::User, None).await.unwrap();
+    let (_, t) = auth
+        .create_token(&alice.id, "all", &user_scopes(), None)
+        .await
+        .unwrap();
+    let cli = s.create_vm(&alice.id, VmKind::Cli).await.unwrap();
+    walk(s, &cli, &[VmState::Creating, VmState::Running]).await;
+    let vault = Vault::new(Keyring::generate().unwrap());
+    vault
+        .store(s, &alice.id, "codex", b"{\"k\":1}")
+        .await
+        .unwrap();
+
+    let got = common::api::call(
+        &client,
+        &base,
+        Method::DELETE,
+        "/api/v1/credentials/codex",
+        Some(&t),
+        &[],
+        None,
+    )
+    .await;
+    assert_problem(
+        (got.0, &got.1, &got.2),
+        503,
+        "cli-vm-unreachable",
+        "unreachable VM",
+    );
+    let detail = got.2["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&cli.id)
+            && detail.contains("the credential is kept")
+            && detail.contains("try"),
+        "{detail}"
+    );
+    assert!(s.credential(&alice.id, "codex").await.unwrap().is_some());
 }
