@@ -5,3 +5,6 @@
 -- new version is sealed (not delivered yet) and when that VM is destroyed
 -- or fails. NULL: held by no VM (the vault copy only).
 ALTER TABLE credentials ADD COLUMN holder_vm_id TEXT;
+
+-- Every VM that ends clears what it held: found by this index, not a scan.
+CREATE INDEX credentials_holder ON credentials (holder_vm_id);
