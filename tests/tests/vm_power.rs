@@ -8,7 +8,8 @@
 //! out while the user's other key stays — and names the VM it did that in.
 //! A connect into the stopped VM starts it and delivers; a removal the VM
 //! refuses keeps the credential; a stop or start recorded by a controller
-//! that then died is finished by the next one.
+//! that then died is finished by the next one; a stopped VM is deleted
+//! (gone at the host) and the credential it held is then held by nobody.
 //!
 //! The API and the driver run in process over the real host agent; the
 //! browser VM is the minimal image with a script login (only where its
@@ -268,10 +269,38 @@ fn a_cli_vm_stops_and_starts_with_its_home_and_disconnect_removes_the_files() {
     let (tx, again) = restarted(&rt);
     api.wait_vm(&id, "running", Duration::from_secs(400));
     assert_eq!(as_user("cat ~/mine.txt").stdout.trim(), "kept-across-stop");
+
+    // A stopped VM is deleted like any other: gone at the host, and the
+    // credential it held is held by nobody.
+    let r = api.call("POST", &format!("/api/v1/vms/{id}/stop"), Some(json!({})));
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    api.wait_vm(&id, "hibernated", Duration::from_secs(180));
+    let hv = host_vm();
+    let r = api.call("DELETE", &format!("/api/v1/vms/{id}"), None);
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v = api.call("GET", &format!("/api/v1/vms/{id}"), None).json();
+        if v["state"] == "destroyed" {
+            break;
+        }
+        assert!(v["state"] != "failed" && Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Gone, or only its archived record (final) is left.
+    let at_host = host.cli(&["vm", "inspect", &hv]);
+    if at_host.code == 0 {
+        let info: polydev_api::vm::VmInfo = serde_json::from_str(&at_host.stdout).unwrap();
+        assert!(
+            info.state.is_final(),
+            "the host still keeps the deleted VM: {info:?}"
+        );
+    }
+    let creds = api.call("GET", "/api/v1/credentials", None).json();
+    assert_eq!(creds[0]["holder_vm_id"], Value::Null, "{creds}");
+
     tx.send(true).unwrap();
     rt.block_on(again).unwrap().unwrap();
-
     api_stop.send(true).unwrap();
     rt.block_on(served).unwrap().unwrap();
-    host.cli(&["vm", "rm", &host_vm()]);
 }
