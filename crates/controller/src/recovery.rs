@@ -27,6 +27,9 @@ pub enum HostVm {
     Paused,
     /// Being torn down.
     Stopping,
+    /// Powered off with its disks kept (a stopped CLI VM): it can be
+    /// started again; the host's reason when it went off by itself.
+    Off(Option<String>),
     /// Not running any more (ended, failed, or unknown to the host), with
     /// the host's reason when it has one.
     Gone(Option<String>),
@@ -104,7 +107,12 @@ pub fn decide_vm(vm: &Vm, host: Option<&HostVm>, now: i64) -> Decision<VmState> 
     // `Some(reason)`: the VM is not running at its host (or was never placed).
     let gone: Option<Option<String>> = match host {
         None => Some(None),
-        Some(HostVm::Gone(r)) => Some(r.clone()),
+        Some(HostVm::Gone(r) | HostVm::Off(r)) => Some(r.clone()),
+        Some(_) => None,
+    };
+    // Gone for good: a VM that is off can still be started.
+    let lost = match host {
+        None | Some(HostVm::Gone(_)) => gone.clone(),
         Some(_) => None,
     };
     match st {
@@ -122,24 +130,28 @@ pub fn decide_vm(vm: &Vm, host: Option<&HostVm>, now: i64) -> Decision<VmState> 
             )),
             None => Keep,
         },
-        Hibernating => match (gone, host) {
+        // A stop (power off, disks kept) interrupted by the restart: off
+        // at the host is the outcome; still running, the driver powers it
+        // off again.
+        Hibernating => match (lost, host) {
             (Some(r), _) => Fail(Failure::new(
-                FailureReason::SnapshotFailed,
-                gone_detail("VM ended during hibernation", &r),
+                FailureReason::VmDied,
+                gone_detail("VM ended while it was being stopped", &r),
             )),
-            // The snapshot did not finish: the VM still runs, so say so.
-            (None, Some(HostVm::Running)) => Move(Running),
+            (None, Some(HostVm::Off(_))) => Move(Hibernated),
             (None, _) => Keep,
         },
-        Resuming => match gone {
+        // Still off: the driver starts it again.
+        Resuming => match lost {
             Some(r) => Fail(Failure::new(
-                FailureReason::SnapshotFailed,
-                gone_detail("restore did not complete", &r),
+                FailureReason::VmDied,
+                gone_detail("VM ended while it was being started", &r),
             )),
             None => Keep,
         },
-        // Destroy was asked for and the VM is gone: that is the outcome.
-        Stopping => match gone {
+        // Destroy was asked for and the VM is gone: that is the outcome
+        // (one that is only off still has its disk: the driver destroys it).
+        Stopping => match lost {
             Some(_) => Move(Destroyed),
             None => Keep,
         },
@@ -377,6 +389,8 @@ mod tests {
             Some(HostVm::Stopping),
             Some(HostVm::Gone(None)),
             Some(HostVm::Gone(Some("killed by SIGKILL".into()))),
+            Some(HostVm::Off(None)),
+            Some(HostVm::Off(Some("start failed: no answer".into()))),
             Some(HostVm::Unknown),
         ]
     }
@@ -429,6 +443,30 @@ mod tests {
         );
         assert_eq!(
             decide_vm(&vm(Running, None, true), run.as_ref(), 5),
+            Decision::Keep
+        );
+        // A stop or start the restart interrupted is finished, not failed:
+        // off is where a stop ends and where a start begins.
+        let off = Some(HostVm::Off(None));
+        assert_eq!(
+            decide_vm(&vm(Hibernating, None, true), off.as_ref(), 5),
+            Decision::Move(Hibernated)
+        );
+        for st in [Hibernating, Hibernated, Resuming] {
+            let kept = if st == Hibernating { &run } else { &off };
+            assert_eq!(
+                decide_vm(&vm(st, None, true), kept.as_ref(), 5),
+                Decision::Keep,
+                "{st}"
+            );
+        }
+        assert_eq!(
+            decide_vm(&vm(Resuming, None, true), run.as_ref(), 5),
+            Decision::Move(Running)
+        );
+        // A VM being destroyed that is only off still has its disk.
+        assert_eq!(
+            decide_vm(&vm(Stopping, None, true), off.as_ref(), 5),
             Decision::Keep
         );
         match decide_vm(&vm(Running, None, true), gone.as_ref(), 5) {

@@ -72,11 +72,13 @@ pub enum VmState {
     Creating,
     /// Booted and healthy.
     Running,
-    /// Being snapshotted to disk (idle CLI VM).
+    /// Being stopped: powered off at its host with its disks (`/home`)
+    /// kept (a CLI VM its user stopped).
     Hibernating,
-    /// Snapshotted and stopped; resumes on demand.
+    /// Stopped with its disks kept; started again on request or when a
+    /// delivery needs it.
     Hibernated,
-    /// Being restored from its snapshot.
+    /// Being started again from its kept disks.
     Resuming,
     /// Being destroyed on request.
     Stopping,
@@ -116,10 +118,14 @@ impl Lifecycle for VmState {
             // (bounded by Creating's entry limit).
             (Creating, Running | Pending | Stopping | Failed) => true,
             (Running, Hibernating | Stopping | Failed) => true,
-            // A snapshot that fails leaves the VM running.
-            (Hibernating, Hibernated | Running | Failed) => true,
+            // A stop the host refuses leaves the VM running. A VM being
+            // stopped or started can be destroyed: the destroy waits for
+            // the host's power-off or boot to end.
+            (Hibernating, Hibernated | Running | Stopping | Failed) => true,
             (Hibernated, Resuming | Stopping | Failed) => true,
-            (Resuming, Running | Failed) => true,
+            // A start the host could not finish leaves the VM off with its
+            // disks: stopped again, to be started once more, not lost.
+            (Resuming, Running | Hibernated | Stopping | Failed) => true,
             (Stopping, Destroyed | Failed) => true,
             (Destroyed | Failed, _) => false,
             (Pending | Creating | Running | Hibernating | Hibernated | Resuming | Stopping, _) => {
@@ -140,7 +146,9 @@ impl Lifecycle for VmState {
             // The prototype's 34 s boots are what we must beat; TCG boots to
             // desktop in well under this.
             Creating => Some(Duration::from_secs(180)),
-            Hibernating | Resuming => Some(Duration::from_secs(120)),
+            Hibernating => Some(Duration::from_secs(120)),
+            // A start is a whole boot: as long as a create's.
+            Resuming => Some(Duration::from_secs(180)),
             Stopping => Some(Duration::from_secs(60)),
             Running | Hibernated | Destroyed | Failed => None,
         }
@@ -255,7 +263,9 @@ impl Lifecycle for SessionState {
             // abandoned browser VM does not linger.
             AwaitingUser => Some(Duration::from_secs(15 * 60)),
             Capturing => Some(Duration::from_secs(180)),
-            Delivering => Some(Duration::from_secs(120)),
+            // May include booting the user's CLI VM (created, or started
+            // again from its disk): longer than a create or a start.
+            Delivering => Some(Duration::from_secs(300)),
             Completed | Cancelled | Failed => None,
         }
     }
@@ -431,11 +441,14 @@ mod tests {
             (Running, Failed),
             (Hibernating, Hibernated),
             (Hibernating, Running),
+            (Hibernating, Stopping),
             (Hibernating, Failed),
             (Hibernated, Resuming),
             (Hibernated, Stopping),
             (Hibernated, Failed),
             (Resuming, Running),
+            (Resuming, Hibernated),
+            (Resuming, Stopping),
             (Resuming, Failed),
             (Stopping, Destroyed),
             (Stopping, Failed),
@@ -510,6 +523,29 @@ mod tests {
         assert!(S::FAILED.is_final());
         assert!(!S::INITIAL.is_final());
         assert!(S::parse("bogus").is_err());
+    }
+
+    /// Stop and start of a CLI VM: running → hibernating → hibernated →
+    /// resuming → running, over and over; a failed stop or start lands in
+    /// a state that keeps the disk, and a stopped VM can be destroyed.
+    #[test]
+    fn stop_start_cycle() {
+        use VmState::*;
+        let cycle = [Running, Hibernating, Hibernated, Resuming, Running];
+        for w in cycle.windows(2) {
+            assert!(w[0].valid_transition(w[1]), "{} -> {}", w[0], w[1]);
+        }
+        assert!(Hibernating.valid_transition(Running));
+        assert!(Resuming.valid_transition(Hibernated));
+        for st in [Hibernating, Hibernated, Resuming] {
+            assert!(st.valid_transition(Stopping), "{st} cannot be destroyed");
+        }
+        // No shortcut skips the host's power-off or boot.
+        assert!(!Running.valid_transition(Hibernated));
+        assert!(!Hibernated.valid_transition(Running));
+        // A start is a boot: it gets at least a create's time.
+        assert!(Resuming.timeout() >= Creating.timeout());
+        assert_eq!(Hibernated.timeout(), None);
     }
 
     #[test]

@@ -402,6 +402,15 @@ fn routes(w: &World) -> Vec<Route> {
             false,
             200,
         ),
+        // The VM runs: only a stopped one starts (after the checks, 409).
+        r(
+            M::POST,
+            "/api/v1/vms/{vm}/start",
+            Some(json!({})),
+            Some(Scope::VmsWrite),
+            true,
+            409,
+        ),
         r(
             M::POST,
             "/api/v1/tickets",
@@ -527,7 +536,15 @@ fn routes(w: &World) -> Vec<Route> {
             None,
             Some(Scope::CredentialsWrite),
             true,
-            204,
+            200,
+        ),
+        r(
+            M::POST,
+            "/api/v1/vms/{vm}/stop",
+            Some(json!({})),
+            Some(Scope::VmsWrite),
+            true,
+            202,
         ),
         r(
             M::DELETE,

@@ -131,7 +131,7 @@ async fn every_non_final_state_is_settled(db: common::TestDb) {
             Pending => (Pending, None),
             Creating => (Pending, None),
             Running => (Failed, Some(FailureReason::VmDied)),
-            Hibernating | Resuming => (Failed, Some(FailureReason::SnapshotFailed)),
+            Hibernating | Resuming => (Failed, Some(FailureReason::VmDied)),
             Hibernated => (Hibernated, None),
             Stopping => (Destroyed, None),
             _ => unreachable!(),

@@ -25,6 +25,13 @@ pub enum FieldsError {
          fix or remove that file in the CLI VM and connect again"
     )]
     ExistingNotObject(String),
+    /// The CLI VM's own file is not a JSON object: the credential's fields
+    /// cannot be taken out of it without destroying it.
+    #[error(
+        "the CLI VM's ~/{0} is not a JSON object, so the credential's fields cannot be removed \
+         from it; fix or remove that file in the CLI VM and disconnect again"
+    )]
+    StripNotObject(String),
 }
 
 /// The named fields (dotted keys, e.g. `tokens` or `a.b`) of the JSON
@@ -81,6 +88,39 @@ pub fn merge(
     copy_fields(&src, &mut dst, keys);
     // Pretty, as the CLIs write their own files.
     Ok(serde_json::to_vec_pretty(&Value::Object(dst)).unwrap_or_default())
+}
+
+/// `existing` (the CLI VM's file) without the named fields (dotted keys),
+/// everything else kept: what a disconnect leaves of a file whose
+/// credential was merged in. `None` when none of the fields was there (the
+/// file need not be written).
+pub fn strip(path: &str, existing: &[u8], keys: &[String]) -> Result<Option<Vec<u8>>, FieldsError> {
+    let mut dst = match serde_json::from_slice::<Value>(existing) {
+        Ok(Value::Object(m)) => m,
+        _ if existing.iter().all(u8::is_ascii_whitespace) => return Ok(None),
+        _ => return Err(FieldsError::StripNotObject(path.to_string())),
+    };
+    let mut removed = false;
+    for key in keys {
+        let parts: Vec<&str> = key.split('.').collect();
+        removed |= remove(&mut dst, &parts);
+    }
+    // Pretty, as the CLIs write their own files.
+    Ok(removed.then(|| serde_json::to_vec_pretty(&Value::Object(dst)).unwrap_or_default()))
+}
+
+fn remove(m: &mut Map<String, Value>, parts: &[&str]) -> bool {
+    let Some((last, parents)) = parts.split_last() else {
+        return false;
+    };
+    let mut cur = m;
+    for p in parents {
+        match cur.get_mut(*p) {
+            Some(Value::Object(next)) => cur = next,
+            _ => return false,
+        }
+    }
+    cur.remove(*last).is_some()
 }
 
 fn copy_fields(src: &Map<String, Value>, dst: &mut Map<String, Value>, keys: &[String]) {
@@ -142,6 +182,40 @@ mod tests {
         assert_eq!(
             select("f", b"[1]", &keys(&["a"])),
             Err(FieldsError::CapturedNotObject("f".into()))
+        );
+    }
+
+    #[test]
+    fn strip_takes_out_only_the_named_fields() {
+        let holder = br#"{"theme":"dark","oauthAccount":{"email":"a@b"},"a":{"b":1,"c":2}}"#;
+        let got = strip(
+            ".claude.json",
+            holder,
+            &keys(&["oauthAccount", "a.b", "absent", "x.y"]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&got).unwrap(),
+            serde_json::json!({"theme":"dark","a":{"c":2}})
+        );
+        // What merge put in, strip takes out; the holder's settings stay.
+        let merged = merge("f", Some(br#"{"own":1}"#), br#"{"t":"x"}"#, &keys(&["t"])).unwrap();
+        let got = strip("f", &merged, &keys(&["t"])).unwrap().unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&got).unwrap(),
+            serde_json::json!({"own":1})
+        );
+        // Nothing to take out: no write needed.
+        assert_eq!(
+            strip("f", br#"{"own":1}"#, &keys(&["t", "own.x"])),
+            Ok(None)
+        );
+        assert_eq!(strip("f", b" \n", &keys(&["t"])), Ok(None));
+        // A holder's file that is not an object is not destroyed.
+        assert_eq!(
+            strip("f", b"[1]", &keys(&["t"])),
+            Err(FieldsError::StripNotObject("f".into()))
         );
     }
 

@@ -79,6 +79,12 @@ pub trait HostApi: Send + Sync {
     fn exec<'a>(&'a self, vm: &'a str, req: ExecRequest) -> HostFuture<'a, ExecOutput>;
     /// Destroy a VM; one that is already gone is not an error.
     fn destroy<'a>(&'a self, vm: &'a str) -> HostFuture<'a, ()>;
+    /// Power a running VM off and keep it, disks included (the host's
+    /// `off` state); returns once it is off.
+    fn stop<'a>(&'a self, vm: &'a str) -> HostFuture<'a, VmInfo>;
+    /// Boot a VM that is off again, with its disks; returns once its guest
+    /// agent answers.
+    fn start<'a>(&'a self, vm: &'a str) -> HostFuture<'a, VmInfo>;
     /// The guest agent's supervised services (with their readiness).
     fn services<'a>(&'a self, vm: &'a str) -> HostFuture<'a, Vec<ServiceStatus>>;
     /// A connection to `target` in the VM through the guest agent: a TCP
@@ -135,8 +141,8 @@ pub fn host_vm(r: &Result<VmInfo, HostError>) -> HostVm {
             HostState::Stopping => HostVm::Stopping,
             HostState::Stopped => HostVm::Gone(Some("stopped".into())),
             HostState::Failed => HostVm::Gone(info.failure.clone().or(Some("failed".into()))),
-            // Powered off with its disks kept: not running.
-            HostState::Off => HostVm::Gone(info.failure.clone().or(Some("powered off".into()))),
+            // Powered off with its disks kept: not running, but startable.
+            HostState::Off => HostVm::Off(info.failure.clone()),
         },
         // Never had it, or its logs were pruned: either way not running.
         Err(HostError::NotFound(_)) => HostVm::Gone(None),
@@ -284,6 +290,14 @@ impl HostApi for LocalHost {
             }
         })
     }
+
+    fn stop<'a>(&'a self, vm: &'a str) -> HostFuture<'a, VmInfo> {
+        Box::pin(async move { self.manager.power_off(vm).await.map_err(from_manager) })
+    }
+
+    fn start<'a>(&'a self, vm: &'a str) -> HostFuture<'a, VmInfo> {
+        Box::pin(async move { self.manager.power_on(vm).await.map_err(from_manager) })
+    }
 }
 
 /// A host agent reached over its HTTP API (`polydev host`'s Unix socket).
@@ -395,6 +409,24 @@ impl HostApi for RemoteHost {
                 Ok(()) | Err(HostError::NotFound(_)) => Ok(()),
                 Err(e) => Err(e),
             }
+        })
+    }
+
+    fn stop<'a>(&'a self, vm: &'a str) -> HostFuture<'a, VmInfo> {
+        Box::pin(async move {
+            self.client
+                .call::<(), _>(hyper::Method::POST, &format!("/v1/vms/{vm}/stop"), None)
+                .await
+                .map_err(from_client)
+        })
+    }
+
+    fn start<'a>(&'a self, vm: &'a str) -> HostFuture<'a, VmInfo> {
+        Box::pin(async move {
+            self.client
+                .call::<(), _>(hyper::Method::POST, &format!("/v1/vms/{vm}/start"), None)
+                .await
+                .map_err(from_client)
         })
     }
 }

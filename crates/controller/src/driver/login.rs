@@ -223,6 +223,38 @@ pub async fn write_file(
     }
 }
 
+/// Remove the file at the absolute `path` in `vm`, as `user` when given
+/// (see [`write_file`] for why: as the user, a planted symlink is removed
+/// itself, never what it points to). A file that is not there is not an
+/// error.
+pub async fn remove_file(
+    host: &dyn HostApi,
+    vm: &str,
+    path: &str,
+    user: Option<&str>,
+) -> Result<(), WriteError> {
+    let out = host
+        .exec(
+            vm,
+            ExecRequest {
+                argv: as_user(user, sh(r#"rm -f -- "$1""#, &[path])),
+                timeout_ms: Some(30_000),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(WriteError::Host)?;
+    if out.success() {
+        Ok(())
+    } else {
+        Err(WriteError::Refused(format!(
+            "removing {path} in the VM{} failed: {}",
+            user.map(|u| format!(" as {u}")).unwrap_or_default(),
+            redact(String::from_utf8_lossy(&out.stderr).trim())
+        )))
+    }
+}
+
 /// The largest home-directory file [`read_as`] reads back.
 const READ_MAX: usize = 1 << 20;
 

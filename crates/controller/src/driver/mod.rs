@@ -18,6 +18,7 @@
 //! or every [`DriverConfig::poll_ms`], and runs
 //! [`crate::recovery::fail_overdue`] on every pass.
 
+mod disconnect;
 mod egress_check;
 pub mod fields;
 pub mod host;
@@ -34,6 +35,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::{watch, Notify};
 
+pub use disconnect::DisconnectError;
 pub use host::{Duplex, ExecOutput, HostApi, HostError, RemoteHost};
 pub use session::decode_credential;
 
@@ -436,6 +438,18 @@ impl Driver {
         let owner = self.inner.cfg.cli_owner.as_deref()?;
         let user = owner.split(':').next().unwrap_or(owner);
         (!user.is_empty()).then(|| user.to_string())
+    }
+
+    /// Before a disconnect deletes the sealed credential: take the
+    /// provider's delivered files out of the user's running CLI VM.
+    /// `Ok(Some(vm))`: removed from that VM; `Ok(None)`: the user has no
+    /// running CLI VM. On error the credential must be kept.
+    pub async fn remove_delivered(
+        &self,
+        user_id: &str,
+        provider: &str,
+    ) -> Result<Option<String>, DisconnectError> {
+        disconnect::remove_delivered(&self.inner, user_id, provider).await
     }
 
     /// The provider definitions in force.

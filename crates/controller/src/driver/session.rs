@@ -557,8 +557,27 @@ async fn delivering(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, St
     };
     match cli.life.state {
         VmState::Running => {}
-        VmState::Hibernated | VmState::Hibernating | VmState::Stopping => {
-            // Delivery on resume is not built: the vault keeps the credential.
+        // Stopped by its user: start it again for the delivery (a stop
+        // under way finishes first; the next pass finds it hibernated).
+        VmState::Hibernated => {
+            tracing::info!(session = %s.id, vm = %cli.id, "starting the user's stopped CLI VM for delivery");
+            return changed(
+                inner
+                    .store
+                    .transition_vm(
+                        &cli,
+                        VmState::Resuming,
+                        None,
+                        Also {
+                            detail: Some(json!({ "for_session": s.id })),
+                            ..Also::default()
+                        },
+                    )
+                    .await,
+            );
+        }
+        VmState::Stopping => {
+            // Being destroyed: the vault keeps the credential.
             return go(
                 inner,
                 s,
@@ -624,13 +643,21 @@ async fn delivering(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, St
             }
         }
     }
-    go(
-        inner,
-        s,
-        SessionState::Completed,
-        Some(json!({ "delivered_to": cli.id })),
+    changed(
+        inner
+            .store
+            .transition_session(
+                s,
+                SessionState::Completed,
+                None,
+                Also {
+                    detail: Some(json!({ "delivered_to": cli.id })),
+                    credential_holder: Some(cli.id.clone()),
+                    ..Also::default()
+                },
+            )
+            .await,
     )
-    .await
 }
 
 /// Write one captured file into the CLI VM at `full`, as `owner`: whole
@@ -656,7 +683,7 @@ async fn deliver_file(
 }
 
 /// The user part of a `user[:group]` owner (`None` for an empty one).
-fn owner_user(owner: &str) -> Option<&str> {
+pub(super) fn owner_user(owner: &str) -> Option<&str> {
     let user = owner.split(':').next().unwrap_or(owner);
     (!user.is_empty()).then_some(user)
 }

@@ -1,5 +1,7 @@
 //! VM steps: pending → creating (host create, named after the record, with
 //! the user's upstream as egress policy) → running; stopping → destroyed;
+//! a CLI VM's stop and start: hibernating (host power-off, disks kept) →
+//! hibernated, resuming (host power-on) → running;
 //! a VM the host reports dead → failed with the host's reason. Browser VMs
 //! whose session is over (completed, cancelled, failed) or that no session
 //! claims are stopped.
@@ -162,7 +164,7 @@ pub(super) async fn step(inner: &Arc<Inner>, v: Vm) -> Result<bool, StoreError> 
         Running => {
             let seen = inner.host.inspect(host_ref(&v)).await;
             match host_vm(&seen) {
-                HostVm::Gone(reason) => {
+                HostVm::Gone(reason) | HostVm::Off(reason) => {
                     let detail = match reason {
                         Some(r) => format!("the host reports the VM ended: {r}"),
                         None => "the VM is no longer running at its host".into(),
@@ -184,8 +186,126 @@ pub(super) async fn step(inner: &Arc<Inner>, v: Vm) -> Result<bool, StoreError> 
                 Ok(false)
             }
         },
-        // Hibernation is not driven yet; recovery and deadlines cover it.
-        Hibernating | Hibernated | Resuming | Destroyed | Failed => Ok(false),
+        Hibernating => power_off(inner, &v).await,
+        Resuming => power_on(inner, &v).await,
+        Hibernated | Destroyed | Failed => Ok(false),
+    }
+}
+
+/// Move `v` to `to` with `detail` in its event.
+async fn to(
+    inner: &Inner,
+    v: &Vm,
+    to: VmState,
+    detail: Option<serde_json::Value>,
+) -> Result<bool, StoreError> {
+    changed(
+        inner
+            .store
+            .transition_vm(
+                v,
+                to,
+                None,
+                Also {
+                    detail,
+                    ..Also::default()
+                },
+            )
+            .await,
+    )
+}
+
+/// The hibernating state: power the VM off at its host, disks kept. A
+/// VM already off (a stop finished before a restart) is recorded as such;
+/// one the host refuses to stop runs on (back to running, with why).
+async fn power_off(inner: &Arc<Inner>, v: &Vm) -> Result<bool, StoreError> {
+    let seen = inner.host.inspect(host_ref(v)).await;
+    match &seen {
+        Ok(info) if info.state == HostState::Off => to(inner, v, VmState::Hibernated, None).await,
+        Ok(info) if info.state == HostState::Running => {
+            match inner.host.stop(host_ref(v)).await {
+                Ok(info) if info.state == HostState::Off => {
+                    tracing::info!(vm = %v.id, "VM stopped; its disks are kept");
+                    to(inner, v, VmState::Hibernated, None).await
+                }
+                // Changed meanwhile: look again next pass.
+                Ok(_) | Err(HostError::Conflict(_)) => Ok(false),
+                Err(e @ HostError::Unreachable(_)) => {
+                    tracing::warn!(vm = %v.id, error = %e, "host not answering; retrying the stop");
+                    Ok(false)
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %v.id, error = %e, "the host could not stop the VM; it runs on");
+                    to(
+                        inner,
+                        v,
+                        VmState::Running,
+                        Some(json!({ "stop_error": e.to_string() })),
+                    )
+                    .await
+                }
+            }
+        }
+        // Starting, stopping or paused at the host: look again next pass.
+        Ok(info) if !info.state.is_final() => Ok(false),
+        Ok(_) | Err(HostError::NotFound(_)) => {
+            let detail = match host_vm(&seen) {
+                HostVm::Gone(Some(r)) => {
+                    format!("the VM ended at its host while being stopped: {r}")
+                }
+                _ => "the VM is no longer at its host (it was being stopped)".into(),
+            };
+            fail(inner, v, FailureReason::VmDied, detail).await
+        }
+        Err(e) => {
+            tracing::warn!(vm = %v.id, error = %e, "host not answering; retrying");
+            Ok(false)
+        }
+    }
+}
+
+/// The resuming state: boot the VM that is off again from its disks. One
+/// the host could not boot is stopped again (its disks kept, the reason in
+/// its event), so another start can be asked for.
+async fn power_on(inner: &Arc<Inner>, v: &Vm) -> Result<bool, StoreError> {
+    let seen = inner.host.inspect(host_ref(v)).await;
+    match &seen {
+        Ok(info) if info.state == HostState::Running => running(inner, v, info.id.clone()).await,
+        Ok(info) if info.state == HostState::Off => match inner.host.start(host_ref(v)).await {
+            Ok(info) if info.state == HostState::Running => {
+                tracing::info!(vm = %v.id, "VM started again from its disks");
+                running(inner, v, info.id).await
+            }
+            Ok(_) | Err(HostError::Conflict(_)) => Ok(false),
+            Err(e @ HostError::Unreachable(_)) => {
+                tracing::warn!(vm = %v.id, error = %e, "host not answering; retrying the start");
+                Ok(false)
+            }
+            Err(e) => {
+                tracing::warn!(vm = %v.id, error = %e, "the host could not start the VM; it stays stopped");
+                to(
+                    inner,
+                    v,
+                    VmState::Hibernated,
+                    Some(json!({ "start_error": e.to_string() })),
+                )
+                .await
+            }
+        },
+        Ok(info) if !info.state.is_final() => Ok(false),
+        Ok(_) | Err(HostError::NotFound(_)) => {
+            let detail = match host_vm(&seen) {
+                HostVm::Gone(Some(r)) => {
+                    format!("the VM ended at its host while being started: {r}")
+                }
+                _ => "the VM is no longer at its host (it was being started)".into(),
+            };
+            fail(inner, v, FailureReason::VmDied, detail).await
+        }
+        Err(e) => {
+            tracing::warn!(vm = %v.id, error = %e, "host not answering; retrying");
+            Ok(false)
+        }
     }
 }
 

@@ -320,6 +320,11 @@ pub struct VmCreate {
     pub kind: VmKindView,
 }
 
+/// The body of a request that takes no options: `{}`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoOptions {}
+
 /// The kind of VM `POST /api/v1/vms` makes: the caller's CLI VM.
 #[derive(ToSchema)]
 #[schema(rename_all = "lowercase")]
@@ -377,6 +382,9 @@ pub struct CredentialView {
     pub created_at: i64,
     /// Last changed (ms).
     pub updated_at: i64,
+    /// The CLI VM (`vm-…`) this version was delivered to; `null` when it
+    /// is in the vault only (not delivered yet, or that VM is gone).
+    pub holder_vm_id: Option<String>,
 }
 
 impl From<CredentialInfo> for CredentialView {
@@ -386,8 +394,20 @@ impl From<CredentialInfo> for CredentialView {
             version: c.version,
             created_at: c.created_at,
             updated_at: c.updated_at,
+            holder_vm_id: c.holder_vm_id,
         }
     }
+}
+
+/// A disconnected provider: its sealed credential is deleted.
+#[derive(Serialize, ToSchema)]
+pub struct CredentialDeleted {
+    /// Provider id.
+    pub provider: String,
+    /// The CLI VM (`vm-…`) the provider's files were removed from first;
+    /// `null` when the user had no running CLI VM (none, or stopped: a
+    /// stopped VM keeps the files it was given).
+    pub removed_from_vm: Option<String>,
 }
 
 /// Kind of stream.

@@ -162,6 +162,8 @@ pub fn router_and_document() -> (Router<AppState>, openapi::OpenApi) {
         .routes(routes!(sessions::events))
         .routes(routes!(vms::list, vms::create))
         .routes(routes!(vms::get, vms::destroy))
+        .routes(routes!(vms::stop))
+        .routes(routes!(vms::start))
         .routes(routes!(vms::credentials))
         .routes(routes!(vms::delete_credential))
         .routes(routes!(vms::ticket))

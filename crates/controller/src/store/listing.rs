@@ -22,6 +22,9 @@ pub struct CredentialInfo {
     pub created_at: i64,
     /// Last re-sealed or re-wrapped (ms).
     pub updated_at: i64,
+    /// The CLI VM the current version was delivered to (`None`: none, or
+    /// that VM is gone).
+    pub holder_vm_id: Option<String>,
 }
 
 impl Store {
@@ -53,8 +56,8 @@ impl Store {
 
     /// Metadata of the user's credentials, by provider.
     pub async fn credentials_of(&self, user_id: &str) -> Result<Vec<CredentialInfo>, StoreError> {
-        let rows: Vec<(String, i64, String, i64, i64)> = sqlx::query_as(
-            "SELECT provider, version, key_id, created_at, updated_at FROM credentials
+        let rows: Vec<(String, i64, String, i64, i64, Option<String>)> = sqlx::query_as(
+            "SELECT provider, version, key_id, created_at, updated_at, holder_vm_id FROM credentials
              WHERE user_id = $1 ORDER BY provider",
         )
         .bind(user_id)
@@ -68,6 +71,7 @@ impl Store {
                 key_id: r.2,
                 created_at: r.3,
                 updated_at: r.4,
+                holder_vm_id: r.5,
             })
             .collect())
     }

@@ -43,6 +43,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "quotas",
         sql: include_str!("../../migrations/0004_quotas.sql"),
     },
+    Migration {
+        version: 5,
+        name: "credential_holder",
+        sql: include_str!("../../migrations/0005_credential_holder.sql"),
+    },
 ];
 
 /// The schema version this binary brings a database to.

@@ -343,6 +343,9 @@ pub struct Also {
     /// Extra fields merged into the event's detail (never a secret), e.g.
     /// the auth URL a login printed.
     pub detail: Option<serde_json::Value>,
+    /// Session: the CLI VM its credential was delivered to, recorded as
+    /// the holder of the user's credential for the session's provider.
+    pub credential_holder: Option<String>,
 }
 
 /// Handle to the database; cheap to clone.
@@ -820,6 +823,24 @@ impl Store {
                 expected: current.version,
             });
         }
+        if let ("sessions", Some(vm)) = (table, &also.credential_holder) {
+            sqlx::query(
+                "UPDATE credentials SET holder_vm_id = $1
+                 WHERE user_id = $2 AND provider = (SELECT provider FROM sessions WHERE id = $3)",
+            )
+            .bind(vm.clone())
+            .bind(user_id)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        // A VM that is gone holds nothing any more.
+        if table == "vms" && to.is_final() {
+            sqlx::query("UPDATE credentials SET holder_vm_id = NULL WHERE holder_vm_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
         let mut detail = json!({ "version": current.version + 1, "attempts": attempts });
         if let Some(f) = &failure {
             detail["reason"] = json!(f.reason.as_str());
@@ -876,7 +897,9 @@ impl Store {
             })?
         } else {
             sqlx::query(
-                "UPDATE credentials SET version = $1, key_id = $2, wrapped_key = $3, nonce = $4, ciphertext = $5, updated_at = $6
+                // A new version is held by no VM until it is delivered.
+                "UPDATE credentials SET version = $1, key_id = $2, wrapped_key = $3, nonce = $4, ciphertext = $5, updated_at = $6,
+                    holder_vm_id = NULL
                  WHERE user_id = $7 AND provider = $8 AND version = $9",
             )
             .bind(rec.version)

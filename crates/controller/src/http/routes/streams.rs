@@ -193,6 +193,10 @@ pub(super) fn terminal_vm(vm: &Vm) -> Result<&str, ApiError> {
     }
     match (vm.life.state, vm.host_vm_id.as_deref()) {
         (VmState::Running, Some(host_vm)) => Ok(host_vm),
+        (VmState::Hibernated | VmState::Hibernating, _) => Err(ApiError::conflict(format!(
+            "the VM is stopped: start it (POST /api/v1/vms/{}/start with {{}}), wait until it is running, then ask for a new ticket",
+            vm.id
+        ))),
         _ => Err(ApiError::conflict(format!(
             "VM {} is {}: a terminal needs it running; wait for it (GET /api/v1/vms/{}) and ask for a new ticket",
             vm.id,

@@ -6,11 +6,12 @@ use axum::http::StatusCode;
 use axum::Json;
 
 use crate::auth::Scope;
+use crate::driver::DisconnectError;
 use crate::http::error::{check_id, check_name};
 use crate::http::model::*;
 use crate::http::{ApiError, ApiJson, ApiPath, AppState, Caller};
 use crate::state::{Lifecycle, VmState};
-use crate::store::{StoreError, Vm, VmKind};
+use crate::store::{Also, StoreError, Vm, VmKind};
 
 /// The caller's VM `id`; another user's is not found.
 pub(super) async fn own_vm(st: &AppState, user_id: &str, id: &str) -> Result<Vm, ApiError> {
@@ -126,6 +127,105 @@ pub async fn destroy(
     )))
 }
 
+/// Stop (power off) one of the caller's CLI VMs, keeping its disk
+/// (`/home`): it passes through `hibernating` to `hibernated`, and
+/// `POST /api/v1/vms/{id}/start` boots it again. Only a running VM stops.
+#[utoipa::path(post, path = "/api/v1/vms/{id}/stop", operation_id = "stop_vm", tag = "vms",
+    request_body = NoOptions,
+    params(("id" = String, Path, description = "`vm-…`", pattern = "^vm-[0-9a-f]{1,64}$")),
+    responses((status = 202, body = VmView)))]
+pub async fn stop(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(NoOptions {}): ApiJson<NoOptions>,
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    p.require(Scope::VmsWrite)?;
+    power(&st, &p.user_id, &id, Power::Stop).await
+}
+
+/// Start one of the caller's stopped CLI VMs again from its disk: it
+/// passes through `resuming` to `running`. Only a `hibernated` VM starts.
+#[utoipa::path(post, path = "/api/v1/vms/{id}/start", operation_id = "start_vm", tag = "vms",
+    request_body = NoOptions,
+    params(("id" = String, Path, description = "`vm-…`", pattern = "^vm-[0-9a-f]{1,64}$")),
+    responses((status = 202, body = VmView)))]
+pub async fn start(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(NoOptions {}): ApiJson<NoOptions>,
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    p.require(Scope::VmsWrite)?;
+    power(&st, &p.user_id, &id, Power::Start).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Power {
+    Stop,
+    Start,
+}
+
+/// Ask the driver to stop or start a CLI VM: the record moves to
+/// `hibernating` / `resuming` and the driver does the rest at the host.
+async fn power(
+    st: &AppState,
+    user_id: &str,
+    id: &str,
+    op: Power,
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    let (from, to, verb, hint) = match op {
+        Power::Stop => (
+            VmState::Running,
+            VmState::Hibernating,
+            "stopped",
+            "only a running VM can be stopped",
+        ),
+        Power::Start => (
+            VmState::Hibernated,
+            VmState::Resuming,
+            "started",
+            "only a stopped (hibernated) VM can be started",
+        ),
+    };
+    // The driver may move the VM between our read and our write: read
+    // again and decide again (each loss means it moved on).
+    for _ in 0..5 {
+        let v = own_vm(st, user_id, id).await?;
+        if v.kind == VmKind::Browser {
+            return Err(ApiError::conflict(format!(
+                "VM {id} is a browser VM: only CLI VMs are {verb} on request (a browser VM ends with its connect session)"
+            )));
+        }
+        if v.life.state != from {
+            let settling = matches!(
+                v.life.state,
+                VmState::Pending | VmState::Creating | VmState::Hibernating | VmState::Resuming
+            );
+            return Err(ApiError::conflict(format!(
+                "VM {id} is {}: {hint}{}",
+                v.life.state.as_str(),
+                if settling {
+                    format!("; wait until it settles (GET /api/v1/vms/{id}) and try again")
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        match st.store.transition_vm(&v, to, None, Also::default()).await {
+            Ok(v) => {
+                st.notify();
+                return Ok((StatusCode::ACCEPTED, Json(VmView::from(&v))));
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::conflict(format!(
+        "VM {id} kept changing while it was being {verb}: try again"
+    )))
+}
+
 /// The caller's stored credentials (which providers, versions; never content).
 #[utoipa::path(get, path = "/api/v1/credentials", tag = "credentials",
     responses((status = 200, body = [CredentialView])))]
@@ -138,20 +238,54 @@ pub async fn credentials(
     Ok(Json(all.into_iter().map(CredentialView::from).collect()))
 }
 
-/// Delete the caller's credential for a provider (connect it again to get
-/// a new one). Copies already delivered into a VM are not touched.
+/// Disconnect a provider: remove its delivered files from the caller's
+/// running CLI VM (whole files deleted; fields merged into a file the CLI
+/// VM owns taken out of it), then delete the sealed credential. When the
+/// removal fails the credential is kept (502/503, try again); with no
+/// running CLI VM only the sealed credential is deleted
+/// (`removed_from_vm: null`).
 #[utoipa::path(delete, path = "/api/v1/credentials/{provider}", tag = "credentials",
     params(("provider" = String, Path, description = "Provider id", max_length = 64, pattern = "^[a-z0-9][a-z0-9_-]*$")),
-    responses((status = 204, description = "Deleted")))]
+    responses((status = 200, body = CredentialDeleted)))]
 pub async fn delete_credential(
     State(st): State<AppState>,
     Caller(p): Caller,
     ApiPath(provider): ApiPath<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Json<CredentialDeleted>, ApiError> {
     p.require(Scope::CredentialsWrite)?;
     check_name("provider id", &provider)?;
+    if st.store.credential(&p.user_id, &provider).await?.is_none() {
+        return Err(ApiError::not_found("credential for provider", &provider));
+    }
+    let removed_from_vm = match &st.driver {
+        Some(d) => match d.remove_delivered(&p.user_id, &provider).await {
+            Ok(vm) => vm,
+            Err(DisconnectError::Store(e)) => return Err(e.into()),
+            Err(e @ DisconnectError::Unreachable { .. }) => {
+                return Err(ApiError::new(
+                    503,
+                    "cli-vm-unreachable",
+                    "The CLI VM did not answer",
+                    e.to_string(),
+                ))
+            }
+            Err(e @ DisconnectError::Refused { .. }) => {
+                return Err(ApiError::new(
+                    502,
+                    "cli-vm-removal-failed",
+                    "The files could not be removed from the CLI VM",
+                    e.to_string(),
+                ))
+            }
+        },
+        // Nothing here reaches VMs.
+        None => None,
+    };
     if st.store.delete_credential(&p.user_id, &provider).await? {
-        Ok(StatusCode::NO_CONTENT)
+        Ok(Json(CredentialDeleted {
+            provider,
+            removed_from_vm,
+        }))
     } else {
         Err(ApiError::not_found("credential for provider", &provider))
     }
