@@ -17,6 +17,7 @@ both_backends!(
     the_page_and_every_answer_carry_a_strict_policy,
     admins_see_every_users_vms_and_sessions_counted,
     state_changes_from_another_origin_need_json_and_change_nothing,
+    a_login_link_lets_someone_who_lost_their_password_set_a_new_one,
 );
 
 async fn the_page_and_every_answer_carry_a_strict_policy(db: common::TestDb) {
@@ -259,4 +260,87 @@ async fn state_changes_from_another_origin_need_json_and_change_nothing(db: comm
     )
     .await;
     assert_eq!(st, 201, "{v}");
+}
+
+async fn a_login_link_lets_someone_who_lost_their_password_set_a_new_one(db: common::TestDb) {
+    let api = Api::start(&db, HttpConfig::unlimited(), AuthConfig::default()).await;
+    let old = "the password nobody remembers";
+    let bob = api
+        .auth
+        .create_user("bob", Role::User, Some(old))
+        .await
+        .unwrap();
+    let login = |name: &str, password: &str| {
+        let body = json!({"name": name, "password": password});
+        let api = &api;
+        async move {
+            let (st, h, _) = api
+                .call(Method::POST, "/api/v1/auth/login", None, &[], Some(body))
+                .await;
+            (
+                st,
+                h.get("set-cookie")
+                    .and_then(|v| v.to_str().ok())
+                    .map(|c| c.split(';').next().unwrap_or("").to_string()),
+            )
+        }
+    };
+    // A session that a password started must prove the old password.
+    let (st, cookie) = login("bob", old).await;
+    assert_eq!(st, 200);
+    let cookie = cookie.unwrap();
+    let (st, h, v) = api
+        .call(
+            Method::PUT,
+            "/api/v1/me/password",
+            None,
+            &[("cookie", &cookie)],
+            Some(json!({"new_password": "an attacker with a borrowed laptop"})),
+        )
+        .await;
+    assert_problem((st, &h, &v), 422, "invalid", "no current password");
+
+    // The administrator's one-time link: its session sets a new one.
+    let link = api.auth.create_login_link(&bob.id).await.unwrap();
+    let (st, h, v) = api
+        .call(
+            Method::POST,
+            "/api/v1/auth/link",
+            None,
+            &[],
+            Some(json!({"token": link.token.to_string()})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let linked = h["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let new = "a fresh passphrase for bob";
+    let (st, _, v) = api
+        .call(
+            Method::PUT,
+            "/api/v1/me/password",
+            None,
+            &[("cookie", &linked)],
+            Some(json!({"new_password": new})),
+        )
+        .await;
+    assert_eq!(st, 204, "{v}");
+    assert_eq!(login("bob", old).await.0, 401);
+    assert_eq!(login("bob", new).await.0, 200);
+    // Every session of the account ended, the password one included.
+    let (st, _, _) = api
+        .call(
+            Method::GET,
+            "/api/v1/me",
+            None,
+            &[("cookie", &cookie)],
+            None,
+        )
+        .await;
+    assert_eq!(st, 401);
 }

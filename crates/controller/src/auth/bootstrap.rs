@@ -126,7 +126,7 @@ impl Auth {
         .await?;
         tx.commit().await?;
         let p = Principal::from_row(user_id, name, &role, None, AuthMethod::LoginLink)?;
-        let s = self.create_login_session(&p.user_id).await?;
+        let s = self.create_login_session(&p.user_id, true).await?;
         Ok((p, s))
     }
 }

@@ -9,22 +9,26 @@ use super::{ms, Auth, AuthError, AuthMethod, LoginSession, Principal};
 use crate::util::now_ms;
 
 impl Auth {
-    /// Start a login session for `user_id` (after a password or login-link check).
+    /// Start a login session for `user_id` (after a password or login-link
+    /// check; `from_link`: a one-time link, whose session may set a new
+    /// password without the old one).
     pub(crate) async fn create_login_session(
         &self,
         user_id: &str,
+        from_link: bool,
     ) -> Result<LoginSession, AuthError> {
         let value = new_secret("")?;
         let now = now_ms();
         let expires_at = now.saturating_add(ms(self.cfg.session_ttl));
         self.store.write_one(sqlx::query(
-            "INSERT INTO login_sessions (id_hash, user_id, created_at, expires_at, last_seen_at)
-             VALUES ($1, $2, $3, $4, $3)",
+            "INSERT INTO login_sessions (id_hash, user_id, created_at, expires_at, last_seen_at, from_link)
+             VALUES ($1, $2, $3, $4, $3, $5)",
         )
         .bind(hash(&value))
         .bind(user_id)
         .bind(now)
-        .bind(expires_at))
+        .bind(expires_at)
+        .bind(i64::from(from_link)))
         .await?;
         Ok(LoginSession {
             cookie_value: value.to_string(),
@@ -38,14 +42,14 @@ impl Auth {
             return Err(AuthError::Unauthenticated);
         }
         let id_hash = hash(value);
-        let row: Option<(String, String, String, i64, i64)> = sqlx::query_as(
-            "SELECT u.id, u.name, u.role, s.expires_at, s.last_seen_at
+        let row: Option<(String, String, String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT u.id, u.name, u.role, s.expires_at, s.last_seen_at, s.from_link
              FROM login_sessions s JOIN users u ON u.id = s.user_id WHERE s.id_hash = $1",
         )
         .bind(&id_hash)
         .fetch_optional(self.store.pool())
         .await?;
-        let Some((user_id, name, role, expires_at, last_seen_at)) = row else {
+        let Some((user_id, name, role, expires_at, last_seen_at, from_link)) = row else {
             tracing::debug!("session cookie rejected: unknown");
             return Err(AuthError::Unauthenticated);
         };
@@ -72,7 +76,14 @@ impl Auth {
                 )
                 .await?;
         }
-        Principal::from_row(user_id, name, &role, None, AuthMethod::Cookie)
+        // A session a one-time link started keeps saying so: it is how a
+        // person without a (known) password sets one.
+        let via = if from_link != 0 {
+            AuthMethod::LoginLink
+        } else {
+            AuthMethod::Cookie
+        };
+        Principal::from_row(user_id, name, &role, None, via)
     }
 
     /// End a login session (logout). Unknown or already ended sessions are

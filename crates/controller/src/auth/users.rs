@@ -207,7 +207,7 @@ impl Auth {
         }
         self.clear_login_failures(&name).await?;
         let p = Principal::from_row(id, name, &role, None, AuthMethod::Cookie)?;
-        let s = self.create_login_session(&p.user_id).await?;
+        let s = self.create_login_session(&p.user_id, false).await?;
         Ok((p, s))
     }
 }

@@ -83,7 +83,8 @@ pub struct LinkQuery {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordChange {
-    /// The current password; required when the account has one.
+    /// The current password; required when the account has one, unless a
+    /// one-time login link started this session.
     #[schema(max_length = 1024)]
     pub current_password: Option<String>,
     /// The new password (at least 15 characters).

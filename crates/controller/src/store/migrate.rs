@@ -48,6 +48,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "credential_holder",
         sql: include_str!("../../migrations/0005_credential_holder.sql"),
     },
+    Migration {
+        version: 6,
+        name: "login_from_link",
+        sql: include_str!("../../migrations/0006_login_from_link.sql"),
+    },
 ];
 
 /// The schema version this binary brings a database to.

@@ -95,7 +95,8 @@ pub async fn me(Caller(p): Caller) -> Json<Me> {
 }
 
 /// Set or change the caller's password; every login session of theirs
-/// ends (log in again). Needs a login session, not an API token.
+/// ends (log in again). Needs a login session, not an API token; the
+/// current password too, unless a one-time login link started the session.
 #[utoipa::path(put, path = "/api/v1/me/password", tag = "auth",
     request_body = PasswordChange,
     responses((status = 204, description = "Changed; log in again")))]
@@ -113,7 +114,10 @@ pub async fn password(
             "a password is changed from a login session (the dashboard), not with an API token or JWT",
         ));
     }
-    if st.auth.has_password(&p.user_id).await? {
+    // A session a one-time login link started needs no current password:
+    // that link is how an administrator lets someone who lost theirs back
+    // in (and how the first administrator sets one).
+    if p.via != AuthMethod::LoginLink && st.auth.has_password(&p.user_id).await? {
         let Some(current) = req.current_password.as_deref() else {
             return Err(ApiError::invalid(
                 "current_password is required: the account has a password",
