@@ -24,7 +24,9 @@ pub struct ControllerArgs {
     /// is printed).
     #[arg(long, default_value = "127.0.0.1:8080", env = "POLYDEV_LISTEN")]
     pub listen: std::net::SocketAddr,
-    /// Mark the session cookie `Secure` (when a TLS proxy fronts the API).
+    /// Always mark the session cookie `Secure`. Without it, it is marked
+    /// when a `--trusted-proxy` says the client used https
+    /// (`X-Forwarded-Proto`, or `proto=` of `Forwarded`).
     #[arg(long)]
     pub secure_cookies: bool,
     /// Accept JWTs verified against this JWKS URL (with --jwt-issuer and

@@ -2,7 +2,8 @@
 //! client address comes from the forwarding header only when a trusted
 //! proxy sent it (right-most untrusted hop; IPv6 clients by their /64),
 //! failed password logins back off per account whatever address they come
-//! from, and `/readyz` keeps database errors to the log. Time is moved by
+//! from, `/readyz` keeps database errors to the log, and the session
+//! cookie is `Secure` when a trusted proxy says the client used https. Time is moved by
 //! editing stored timestamps.
 
 mod common;
@@ -19,6 +20,7 @@ both_backends!(
     client_addresses_come_from_trusted_proxies_only,
     failed_logins_back_off_per_account,
     readyz_keeps_database_errors_to_the_log,
+    cookies_are_secure_when_a_trusted_proxy_says_https,
 );
 
 /// One anonymous request per address allowed (a bucket of one that
@@ -260,4 +262,50 @@ async fn readyz_keeps_database_errors_to_the_log(db: common::TestDb) {
         assert!(!detail.to_lowercase().contains(leak), "{leak}: {detail}");
     }
     assert!(detail.contains("log"), "{detail}");
+}
+
+async fn cookies_are_secure_when_a_trusted_proxy_says_https(db: common::TestDb) {
+    let password = "a passphrase long enough";
+    // The test's loopback connection plays the proxy: trusted, then not.
+    for (trusted, proto, secure) in [
+        (true, Some("https"), true),
+        (true, Some("http"), false),
+        (true, None, false),
+        (false, Some("https"), false),
+    ] {
+        let cfg = if trusted {
+            one_per_address(&["127.0.0.0/8"])
+        } else {
+            one_per_address(&[])
+        };
+        let mut cfg = cfg;
+        cfg.rate = polydev_controller::http::RateLimits::unlimited();
+        let api = Api::start(&db, cfg, AuthConfig::default()).await;
+        let name = format!("u{}", polydev_controller::util::now_ms());
+        api.auth
+            .create_user(&name, Role::User, Some(password))
+            .await
+            .unwrap();
+        let h: Vec<(&str, &str)> = proto
+            .map(|p| ("x-forwarded-proto", p))
+            .into_iter()
+            .collect();
+        let (st, headers, v) = api
+            .call(
+                Method::POST,
+                "/api/v1/auth/login",
+                None,
+                &h,
+                Some(json!({"name": name, "password": password})),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+        let cookie = headers["set-cookie"].to_str().unwrap();
+        assert_eq!(
+            cookie.contains("; Secure"),
+            secure,
+            "trusted proxy: {trusted}, proto: {proto:?}: {cookie}"
+        );
+        let _ = api.stop.send(true);
+    }
 }

@@ -144,6 +144,41 @@ impl ProxyConfig {
         }
         client
     }
+
+    /// Whether the client reached the nearest trusted proxy over TLS: only
+    /// a trusted proxy's word counts (the nearest one's: the last
+    /// `X-Forwarded-Proto` value, or the `proto` of the last `Forwarded`
+    /// element, whichever header this configuration reads).
+    pub fn forwarded_https(&self, peer: IpAddr, headers: &HeaderMap) -> bool {
+        if !self.trusts(canonical(peer)) {
+            return false;
+        }
+        let last = |name: &str| {
+            headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .last()
+                .map(str::to_string)
+        };
+        match self.header {
+            ForwardedHeader::XForwardedFor => {
+                last("x-forwarded-proto").is_some_and(|p| p.eq_ignore_ascii_case("https"))
+            }
+            ForwardedHeader::Forwarded => last("forwarded").is_some_and(|element| {
+                element
+                    .split(';')
+                    .filter_map(|pair| pair.split_once('='))
+                    .any(|(k, v)| {
+                        k.trim().eq_ignore_ascii_case("proto")
+                            && v.trim().trim_matches('"').eq_ignore_ascii_case("https")
+                    })
+            }),
+        }
+    }
 }
 
 /// The addresses in the forwarding header, left (client end) to right
@@ -393,5 +428,37 @@ mod tests {
         assert_eq!(rate_key(ip("198.51.100.7")), "198.51.100.7");
         assert_eq!(rate_key(ip("::ffff:198.51.100.7")), "198.51.100.7");
         assert_ne!(rate_key(ip("198.51.100.7")), rate_key(ip("198.51.100.8")));
+    }
+
+    #[test]
+    fn only_a_trusted_proxy_says_the_client_used_tls() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-proto", "http, https".parse().unwrap());
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let stranger: IpAddr = "203.0.113.9".parse().unwrap();
+        let cfg = ProxyConfig {
+            trusted: vec!["10.0.0.0/8".parse().unwrap()],
+            header: ForwardedHeader::XForwardedFor,
+        };
+        assert!(cfg.forwarded_https(proxy, &h));
+        assert!(!cfg.forwarded_https(stranger, &h));
+        h.insert("x-forwarded-proto", "https, http".parse().unwrap());
+        assert!(
+            !cfg.forwarded_https(proxy, &h),
+            "the nearest proxy's word counts"
+        );
+        let rfc = ProxyConfig {
+            header: ForwardedHeader::Forwarded,
+            ..cfg
+        };
+        let mut h = HeaderMap::new();
+        h.insert(
+            "forwarded",
+            "for=1.2.3.4;proto=http, for=5.6.7.8;proto=\"HTTPS\""
+                .parse()
+                .unwrap(),
+        );
+        assert!(rfc.forwarded_https(proxy, &h));
+        assert!(!rfc.forwarded_https(proxy, &HeaderMap::new()));
     }
 }

@@ -1,7 +1,8 @@
 //! `/api/v1/auth/*`, `/api/v1/me`, `/api/v1/tokens`: logging in and out,
 //! the caller, their password and their API tokens.
 
-use axum::extract::State;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -10,12 +11,27 @@ use crate::auth::{
     clear_session_cookie, session_cookie, ApiTokenInfo, AuthError, LoginSession, Principal, Scope,
 };
 use crate::http::error::check_id;
+use crate::http::layers::ViaTls;
 use crate::http::model::*;
 use crate::http::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, Caller};
 
-fn with_cookie(st: &AppState, p: &Principal, s: &LoginSession) -> Response {
+/// Whether this answer's session cookie is `Secure`: always with
+/// `--secure-cookies`, else when a trusted reverse proxy says the client
+/// reached it over TLS (this server itself speaks plain HTTP).
+pub struct SecureCookie(bool);
+
+impl FromRequestParts<AppState> for SecureCookie {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Self::Rejection> {
+        let tls = parts.extensions.get::<ViaTls>().is_some_and(|t| t.0);
+        Ok(SecureCookie(st.cfg.secure_cookies || tls))
+    }
+}
+
+fn with_cookie(secure: SecureCookie, p: &Principal, s: &LoginSession) -> Response {
     let mut r = Json(Me::from(p)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&s.set_cookie(st.cfg.secure_cookies)) {
+    if let Ok(v) = HeaderValue::from_str(&s.set_cookie(secure.0)) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r
@@ -41,9 +57,13 @@ fn login_refused(e: AuthError) -> Response {
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", security(()),
     request_body = LoginRequest,
     responses((status = 200, description = "Logged in; the `polydev_session` cookie is set", body = Me)))]
-pub async fn login(State(st): State<AppState>, ApiJson(req): ApiJson<LoginRequest>) -> Response {
+pub async fn login(
+    State(st): State<AppState>,
+    secure: SecureCookie,
+    ApiJson(req): ApiJson<LoginRequest>,
+) -> Response {
     match st.auth.login(&req.name, &req.password).await {
-        Ok((p, s)) => with_cookie(&st, &p, &s),
+        Ok((p, s)) => with_cookie(secure, &p, &s),
         Err(e) => login_refused(e),
     }
 }
@@ -51,12 +71,16 @@ pub async fn login(State(st): State<AppState>, ApiJson(req): ApiJson<LoginReques
 /// End the cookie's login session (idempotent); clears the cookie.
 #[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", security(()),
     responses((status = 204, description = "Logged out")))]
-pub async fn logout(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn logout(
+    State(st): State<AppState>,
+    secure: SecureCookie,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     if let Some(c) = session_cookie(&headers) {
         st.auth.logout(c).await?;
     }
     let mut r = StatusCode::NO_CONTENT.into_response();
-    if let Ok(v) = HeaderValue::from_str(&clear_session_cookie(st.cfg.secure_cookies)) {
+    if let Ok(v) = HeaderValue::from_str(&clear_session_cookie(secure.0)) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     Ok(r)
@@ -68,10 +92,11 @@ pub async fn logout(State(st): State<AppState>, headers: HeaderMap) -> Result<Re
     responses((status = 200, description = "Logged in; the cookie is set", body = Me)))]
 pub async fn link_post(
     State(st): State<AppState>,
+    secure: SecureCookie,
     ApiJson(req): ApiJson<LinkRequest>,
 ) -> Result<Response, ApiError> {
     let (p, s) = st.auth.redeem_login_link(&req.token).await?;
-    Ok(with_cookie(&st, &p, &s))
+    Ok(with_cookie(secure, &p, &s))
 }
 
 /// Log in by opening a one-time login link in a browser (what first start
@@ -81,10 +106,11 @@ pub async fn link_post(
     responses((status = 200, description = "Logged in; the cookie is set", body = Me)))]
 pub async fn link_get(
     State(st): State<AppState>,
+    secure: SecureCookie,
     ApiQuery(q): ApiQuery<LinkQuery>,
 ) -> Result<Response, ApiError> {
     let (p, s) = st.auth.redeem_login_link(&q.token).await?;
-    Ok(with_cookie(&st, &p, &s))
+    Ok(with_cookie(secure, &p, &s))
 }
 
 /// The caller.
@@ -102,6 +128,7 @@ pub async fn me(Caller(p): Caller) -> Json<Me> {
     responses((status = 204, description = "Changed; log in again")))]
 pub async fn password(
     State(st): State<AppState>,
+    secure: SecureCookie,
     Caller(p): Caller,
     ApiJson(req): ApiJson<PasswordChange>,
 ) -> Result<Response, ApiError> {
@@ -131,7 +158,7 @@ pub async fn password(
     }
     st.auth.set_password(&p.user_id, &req.new_password).await?;
     let mut r = StatusCode::NO_CONTENT.into_response();
-    if let Ok(v) = HeaderValue::from_str(&clear_session_cookie(st.cfg.secure_cookies)) {
+    if let Ok(v) = HeaderValue::from_str(&clear_session_cookie(secure.0)) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     Ok(r)
