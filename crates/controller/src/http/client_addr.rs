@@ -161,7 +161,7 @@ impl ProxyConfig {
                 .flat_map(|v| v.split(','))
                 .map(str::trim)
                 .filter(|e| !e.is_empty())
-                .last()
+                .next_back()
                 .map(str::to_string)
         };
         match self.header {
