@@ -160,8 +160,7 @@ impl ProxyConfig {
                 .filter_map(|v| v.to_str().ok())
                 .flat_map(|v| v.split(','))
                 .map(str::trim)
-                .filter(|e| !e.is_empty())
-                .next_back()
+                .rfind(|e| !e.is_empty())
                 .map(str::to_string)
         };
         match self.header {
