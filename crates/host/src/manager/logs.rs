@@ -143,12 +143,10 @@ impl Manager {
         };
         let path = match self.live(id) {
             Ok(vm) => vm.dir.root().join(file),
-            Err(e) => {
-                if self.archived_record(id).is_none() {
-                    return Err(e);
-                }
-                self.cfg.logs_dir().join(id).join(file)
-            }
+            Err(e) => match self.archived_record(id) {
+                Some(r) => self.cfg.logs_dir().join(&r.info.id).join(file),
+                None => return Err(e),
+            },
         };
         let bytes = tail.bytes.min(MAX_TAIL_BYTES);
         let p = path.clone();
@@ -248,6 +246,46 @@ mod tests {
             Err(ManagerError::NotFound { .. })
         ));
     }
+    #[tokio::test]
+    async fn an_ended_vms_logs_are_found_by_its_name_the_newest_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = HostConfig::with_defaults(
+            tmp.path().to_path_buf(),
+            tmp.path().join("k"),
+            tmp.path().join("i"),
+        );
+        let mgr = Manager::start(cfg).await.unwrap();
+        for (n, text) in [(1u64, "the old dev"), (2, "the newest dev")] {
+            let id = format!("vm-00000000000{n}");
+            let d = tmp.path().join("logs").join(&id);
+            std::fs::create_dir_all(&d).unwrap();
+            let mut r = record(&id, 1000 + n, tmp.path());
+            r.info.name = Some("dev".into());
+            r.save(&d.join("vm.json")).unwrap();
+            std::fs::write(d.join("console.log"), text).unwrap();
+        }
+        let by_name = mgr
+            .logs("dev", LogKind::Console, LogTail::default())
+            .await
+            .unwrap();
+        assert_eq!(by_name, "the newest dev");
+        let by_id = mgr
+            .logs("vm-000000000001", LogKind::Console, LogTail::default())
+            .await
+            .unwrap();
+        assert_eq!(by_id, "the old dev");
+        assert!(matches!(
+            mgr.logs("nobody", LogKind::Console, LogTail::default())
+                .await,
+            Err(ManagerError::NotFound { .. })
+        ));
+        // A name is never a path.
+        assert!(mgr
+            .logs("../k", LogKind::Console, LogTail::default())
+            .await
+            .is_err());
+    }
+
     #[tokio::test]
     async fn archived_logs_are_bounded_by_total_size_oldest_first() {
         let tmp = tempfile::tempdir().unwrap();

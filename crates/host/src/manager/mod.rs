@@ -297,11 +297,21 @@ impl Manager {
         })
     }
 
+    /// The record of an ended VM whose logs are kept, by id or, as for
+    /// live VMs, by name (the newest ended VM of that name).
     fn archived_record(&self, id: &str) -> Option<VmRecord> {
-        if !valid_id(id) {
-            return None;
+        if valid_id(id) {
+            if let Ok(r) = VmRecord::load(&self.cfg.logs_dir().join(id).join("vm.json")) {
+                return Some(r);
+            }
         }
-        VmRecord::load(&self.cfg.logs_dir().join(id).join("vm.json")).ok()
+        // At most `--log-retention` (200) small records to read.
+        std::fs::read_dir(self.cfg.logs_dir())
+            .ok()?
+            .flatten()
+            .filter_map(|e| VmRecord::load(&e.path().join("vm.json")).ok())
+            .filter(|r| r.info.name.as_deref() == Some(id))
+            .max_by_key(|r| r.info.created_ms)
     }
 
     /// The live VMs now (taken out of the lock, which no `await` may hold).
