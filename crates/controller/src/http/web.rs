@@ -53,11 +53,7 @@ async fn asset(req: Request) -> Response {
 }
 
 async fn top_level(req: Request) -> Response {
-    let path = req.uri().path().trim_start_matches('/');
-    if path == "index.html" {
-        return index(req.headers().clone()).await;
-    }
-    serve(path, req.headers())
+    serve(req.uri().path().trim_start_matches('/'), req.headers())
 }
 
 fn serve(path: &str, headers: &HeaderMap) -> Response {
@@ -99,27 +95,20 @@ fn file(a: polydev_web::Asset, headers: &HeaderMap) -> Response {
         // The page names the current hashed assets: always ask again.
         "no-cache"
     };
-    let mut resp = match a.gzip.filter(|_| accepts_gzip(headers)) {
-        Some(gz) => (
-            StatusCode::OK,
-            [
-                (header::CONTENT_TYPE, a.content_type),
-                (header::CACHE_CONTROL, cache),
-                (header::CONTENT_ENCODING, "gzip"),
-            ],
-            gz,
-        )
-            .into_response(),
-        None => (
-            StatusCode::OK,
-            [
-                (header::CONTENT_TYPE, a.content_type),
-                (header::CACHE_CONTROL, cache),
-            ],
-            a.bytes,
-        )
-            .into_response(),
-    };
+    let gzip = a.gzip.filter(|_| accepts_gzip(headers));
+    let mut resp = (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, a.content_type),
+            (header::CACHE_CONTROL, cache),
+        ],
+        gzip.unwrap_or(a.bytes),
+    )
+        .into_response();
+    if gzip.is_some() {
+        resp.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
     // Caches must keep the two encodings apart.
     resp.headers_mut()
         .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
