@@ -62,18 +62,10 @@ pub async fn client_addr(State(st): State<AppState>, mut req: Request, next: Nex
         .map(|c| c.0.ip())
     {
         let ip = st.cfg.proxies.client_ip(peer, req.headers());
-        let tls = st.cfg.proxies.forwarded_https(peer, req.headers());
         req.extensions_mut().insert(ClientAddr(ip));
-        req.extensions_mut().insert(ViaTls(tls));
     }
     next.run(req).await
 }
-
-/// Whether the client reached us over TLS, as a trusted reverse proxy
-/// says (`X-Forwarded-Proto` / `Forwarded: proto=`): session cookies are
-/// then `Secure`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ViaTls(pub bool);
 
 /// Log one line per request and count it by route template.
 pub async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Response {

@@ -1,7 +1,9 @@
 //! `/api/v1/auth/*`, `/api/v1/me`, `/api/v1/tokens`: logging in and out,
 //! the caller, their password and their API tokens.
 
-use axum::extract::{FromRequestParts, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -11,20 +13,23 @@ use crate::auth::{
     clear_session_cookie, session_cookie, ApiTokenInfo, AuthError, LoginSession, Principal, Scope,
 };
 use crate::http::error::check_id;
-use crate::http::layers::ViaTls;
 use crate::http::model::*;
 use crate::http::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, Caller};
 
 /// Whether this answer's session cookie is `Secure`: always with
 /// `--secure-cookies`, else when a trusted reverse proxy says the client
-/// reached it over TLS (this server itself speaks plain HTTP).
+/// reached it over TLS (this server itself speaks plain HTTP). Worked out
+/// only for the routes that set the cookie, not for every request.
 pub struct SecureCookie(bool);
 
 impl FromRequestParts<AppState> for SecureCookie {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Self::Rejection> {
-        let tls = parts.extensions.get::<ViaTls>().is_some_and(|t| t.0);
+        let tls = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .is_some_and(|c| st.cfg.proxies.forwarded_https(c.0.ip(), &parts.headers));
         Ok(SecureCookie(st.cfg.secure_cookies || tls))
     }
 }
