@@ -10,7 +10,7 @@ use crate::auth::{Principal, Role, Scope};
 use crate::http::error::check_id;
 use crate::http::model::*;
 use crate::http::{ApiError, ApiJson, ApiPath, AppState, Caller};
-use crate::store::{Assignment, Records};
+use crate::store::{Assignment, Records, Vm};
 
 fn admin(p: &Principal) -> Result<(), ApiError> {
     p.require(Scope::Admin)?;
@@ -160,30 +160,49 @@ pub async fn vms(
 ) -> Result<Json<Vec<AdminVmView>>, ApiError> {
     admin(&p)?;
     let all = st.store.all_vms_with_owners().await?;
-    let mut out = Vec::with_capacity(all.len());
-    for (vm, owner_name) in all {
-        use crate::state::Lifecycle;
-        // Only live VMs are at the host; a slow host costs each one its
-        // shape, never the list.
-        let shape = match (&st.host, &vm.host_vm_id, vm.life.state.is_final()) {
-            (Some(host), Some(hid), false) => {
-                tokio::time::timeout(std::time::Duration::from_secs(2), host.inspect(hid))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .map(|i| (i.memory_mib, i.vcpus))
-            }
-            _ => None,
-        };
-        out.push(AdminVmView {
+    let shapes = shapes_at_host(&st, &all).await;
+    let out = all
+        .into_iter()
+        .zip(shapes)
+        .map(|((vm, owner_name), shape)| AdminVmView {
             vm: VmView::from(&vm),
             owner_id: vm.user_id.clone(),
             owner_name,
             memory_mib: shape.map(|s| s.0),
             vcpus: shape.map(|s| s.1),
-        });
-    }
+        })
+        .collect();
     Ok(Json(out))
+}
+
+/// Memory and vCPUs of each VM the host still has, asked all at once
+/// under one deadline: a slow host costs the list its shapes, never the
+/// list itself.
+async fn shapes_at_host(st: &AppState, vms: &[(Vm, Option<String>)]) -> Vec<Option<(u32, u32)>> {
+    use crate::state::Lifecycle;
+    let mut shapes = vec![None; vms.len()];
+    let Some(host) = &st.host else {
+        return shapes;
+    };
+    let mut asks = tokio::task::JoinSet::new();
+    for (i, (vm, _)) in vms.iter().enumerate() {
+        if let (Some(hid), false) = (vm.host_vm_id.clone(), vm.life.state.is_final()) {
+            let host = host.clone();
+            asks.spawn(async move {
+                let info = host.inspect(&hid).await.ok();
+                (i, info.map(|v| (v.memory_mib, v.vcpus)))
+            });
+        }
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        while let Some(done) = asks.join_next().await {
+            if let Ok((i, shape)) = done {
+                shapes[i] = shape;
+            }
+        }
+    })
+    .await;
+    shapes
 }
 
 /// The end of one of a VM's logs (at most 64 KiB, the newest lines):
