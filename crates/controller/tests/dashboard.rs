@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::api::{assert_problem, call, Api};
+use common::api::{assert_problem, call, set_cookie, Api};
 use polydev_controller::auth::{AuthConfig, Role, Scope};
 use polydev_controller::http::HttpConfig;
 use polydev_controller::state::{FailureReason, SessionState};
@@ -213,13 +213,7 @@ async fn state_changes_from_another_origin_need_json_and_change_nothing(db: comm
         )
         .await;
     assert_eq!(st, 200, "{v}");
-    let cookie = h["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let cookie = set_cookie(&h).expect("the session cookie");
     // What a page of another origin can send without a preflight: a form
     // or plain text, with the cookie.
     for (ctype, body) in [
@@ -277,12 +271,7 @@ async fn a_login_link_lets_someone_who_lost_their_password_set_a_new_one(db: com
             let (st, h, _) = api
                 .call(Method::POST, "/api/v1/auth/login", None, &[], Some(body))
                 .await;
-            (
-                st,
-                h.get("set-cookie")
-                    .and_then(|v| v.to_str().ok())
-                    .map(|c| c.split(';').next().unwrap_or("").to_string()),
-            )
+            (st, set_cookie(&h))
         }
     };
     // A session that a password started must prove the old password.
@@ -312,13 +301,7 @@ async fn a_login_link_lets_someone_who_lost_their_password_set_a_new_one(db: com
         )
         .await;
     assert_eq!(st, 200, "{v}");
-    let linked = h["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let linked = set_cookie(&h).expect("the session cookie");
     let new = "a fresh passphrase for bob";
     let (st, _, v) = api
         .call(

@@ -87,6 +87,16 @@ pub async fn call(
     (status, headers, v)
 }
 
+/// The `name=value` of the cookie an answer sets (what a browser sends back).
+pub fn set_cookie(h: &reqwest::header::HeaderMap) -> Option<String> {
+    h.get("set-cookie")?
+        .to_str()
+        .ok()?
+        .split(';')
+        .next()
+        .map(str::to_string)
+}
+
 /// A problem answer with `status` and type slug `slug`.
 pub fn assert_problem(
     got: (StatusCode, &reqwest::header::HeaderMap, &Value),
