@@ -85,6 +85,11 @@ pub enum VmCmd {
         /// Environment, KEY=VALUE (repeatable).
         #[arg(long = "env", value_parser = parse_kv)]
         env: Vec<(String, String)>,
+        /// Feed this file to the command's standard input (`-` for this
+        /// process's own; at most 4 MiB), e.g. to copy a file in:
+        /// `--stdin f -- sh -c 'cat > /tmp/f'`.
+        #[arg(long)]
+        stdin: Option<PathBuf>,
         /// Command and arguments.
         #[arg(trailing_var_arg = true, required = true)]
         argv: Vec<String>,
@@ -207,6 +212,32 @@ pub enum VmCmd {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+}
+
+/// The most `vm exec --stdin` sends: the whole input travels in the exec
+/// request, which the host bounds.
+const MAX_STDIN: u64 = 4 * 1024 * 1024;
+
+/// Read `--stdin`'s file (`-`: standard input), refusing more than
+/// [`MAX_STDIN`] rather than cutting it short.
+fn read_stdin(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut data = Vec::new();
+    let limit = MAX_STDIN + 1;
+    if path == std::path::Path::new("-") {
+        std::io::stdin().take(limit).read_to_end(&mut data)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(limit).read_to_end(&mut data))
+    }
+    .with_context(|| format!("cannot read {}", path.display()))?;
+    if data.len() as u64 > MAX_STDIN {
+        bail!(
+            "{} is over {} MiB: copy large files into the VM in parts",
+            path.display(),
+            MAX_STDIN >> 20
+        );
+    }
+    Ok(data)
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -359,12 +390,14 @@ pub async fn run(data_dir: PathBuf, cmd: VmCmd) -> anyhow::Result<i32> {
             id,
             timeout,
             env,
+            stdin,
             argv,
         } => {
             let req = ExecRequest {
                 argv,
                 env: env.into_iter().collect(),
                 timeout_ms: timeout.map(|s| s.saturating_mul(1000)),
+                stdin: stdin.as_deref().map(read_stdin).transpose()?,
                 ..Default::default()
             };
             let mut frames = c.exec(path_seg(&id)?, &req).await?;
