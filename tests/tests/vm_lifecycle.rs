@@ -60,15 +60,46 @@ fn boot_exec_destroy_leaves_only_logs() {
     assert_eq!(ls.trim(), "[]");
 }
 
-/// QEMU runs under its seccomp filter, and it and its vsock bridge run in
-/// the VM's own cgroups with the limits the host agent's defaults give a
-/// 1-vCPU, 256 MiB VM under TCG. Returns the cgroup directories.
+/// The uid QEMU process `pid` runs as, after checking that it is no
+/// root: real, effective, saved and filesystem uids and gids all one
+/// number of the host's per-VM range, no other group, no capability.
+fn qemu_user(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| -> Vec<String> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    let uids = field("Uid:");
+    let uid: u32 = uids[0].parse().expect("uid");
+    assert!(
+        uid >= polydev_host::config::DEFAULT_QEMU_UID_BASE,
+        "QEMU runs as a per-VM user, not {uid}: {status}"
+    );
+    assert!(uids.iter().all(|u| *u == uids[0]), "{status}");
+    let gids = field("Gid:");
+    assert!(gids.iter().all(|g| *g == uids[0]), "{status}");
+    assert_eq!(field("Groups:"), vec![uids[0].clone()], "{status}");
+    assert_eq!(field("CapEff:"), vec!["0000000000000000"], "{status}");
+    assert_eq!(field("CapPrm:"), vec!["0000000000000000"], "{status}");
+    uid
+}
+
+/// QEMU runs under its seccomp filter as a user of its own, and it and its
+/// vsock bridge run in the VM's own cgroups with the limits the host
+/// agent's defaults give a 1-vCPU, 256 MiB VM under TCG. Returns the cgroup
+/// directories.
 fn assert_confined(host: &Host, vm_dir: &Path, qemu: u32) -> Vec<PathBuf> {
     let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).expect("status");
     assert!(
         status.lines().any(|l| l == "Seccomp:\t2"),
         "QEMU runs in seccomp filter mode: {status}"
     );
+    qemu_user(qemu);
     let listed = std::fs::read_to_string(vm_dir.join("cgroup")).unwrap_or_else(|e| {
         panic!(
             "the VM has no cgroups ({e}); the host agent said: {}",
@@ -212,6 +243,11 @@ fn four_vms_run_at_once_and_survive_a_host_agent_restart() {
     for (i, vm) in vms.iter().enumerate() {
         host.sh(&vm.id, &format!("echo {i} > /tmp/who"));
     }
+    // Each QEMU runs as a user none of the others is.
+    let mut users: Vec<u32> = vms.iter().map(|v| qemu_user(v.pid.expect("pid"))).collect();
+    users.sort_unstable();
+    users.dedup();
+    assert_eq!(users.len(), 4, "{users:?}");
 
     // A fifth VM dies while no host agent watches it: the next one must
     // clean up its remains instead of adopting them.
@@ -251,6 +287,21 @@ fn four_vms_run_at_once_and_survive_a_host_agent_restart() {
         let r = host.ok(&["vm", "exec", &vm.id, "--", "cat", "/tmp/who"]);
         assert_eq!(r.stdout.trim(), i.to_string(), "each VM kept its own state");
     }
+    // The new host agent receives the adopted VMs' consoles again.
+    host.sh(&vms[2].id, "echo console-after-restart > /dev/console");
+    let console = host.data().join("vms").join(&vms[2].id).join("console.log");
+    host.wait_for("the adopted VM's console written", BOOT, || {
+        std::fs::read_to_string(&console)
+            .ok()
+            .filter(|c| c.contains("console-after-restart"))
+    });
+    // A VM started now takes a user no running VM has.
+    let fresh = host.run_vm(&[]);
+    let fresh_user = qemu_user(fresh.pid.expect("pid"));
+    for vm in &vms {
+        assert_ne!(qemu_user(vm.pid.expect("pid")), fresh_user);
+    }
+    host.ok(&["vm", "rm", &fresh.id]);
     // Adopted VMs are still watched: a death after adoption is noticed.
     let victim = host.inspect(&vms[0].id);
     // SAFETY: kill(2) on our own VM's QEMU process.

@@ -129,6 +129,15 @@ pub struct ConfinementArgs {
     /// as the host agent's user (development only).
     #[arg(long, env = "POLYDEV_JAILER", requires_all = ["jailer_uid", "jailer_gid"])]
     pub jailer: Option<PathBuf>,
+    /// Run QEMU as the host agent's user instead of a user of each VM's
+    /// own (uid and gid from --qemu-uid-base on).
+    #[arg(long)]
+    pub qemu_as_host_user: bool,
+    /// First uid (and gid) of QEMU's per-VM users; the next 1,048,576 must
+    /// belong to nobody on this host.
+    #[arg(long, default_value_t = polydev_host::config::DEFAULT_QEMU_UID_BASE,
+          value_parser = clap::value_parser!(u32).range(1000..=0xFFE0_0000))]
+    pub qemu_uid_base: u32,
     /// uid jailed Firecracker processes run as (a dedicated, unused one).
     #[arg(long)]
     pub jailer_uid: Option<u32>,
@@ -142,6 +151,10 @@ impl Default for ConfinementArgs {
         let d = polydev_host::config::Confinement::default();
         ConfinementArgs {
             no_qemu_sandbox: false,
+            qemu_as_host_user: false,
+            qemu_uid_base: d
+                .qemu_uid_base
+                .unwrap_or(polydev_host::config::DEFAULT_QEMU_UID_BASE),
             vm_cgroups: d.cgroups,
             cgroup_parent: d.cgroup_parent,
             vm_memory_overhead_mib: d.memory_overhead_mib,
@@ -214,6 +227,7 @@ pub async fn config(data_dir: PathBuf, a: &HostArgs) -> anyhow::Result<HostConfi
     cfg.confinement.memory_overhead_mib = c.vm_memory_overhead_mib;
     cfg.confinement.cpu_percent_per_vcpu = c.vm_cpu_percent;
     cfg.confinement.pids_max = c.vm_pids_max;
+    cfg.confinement.qemu_uid_base = (!c.qemu_as_host_user).then_some(c.qemu_uid_base);
     cfg.confinement.jailer = match (&c.jailer, c.jailer_uid, c.jailer_gid) {
         (Some(bin), Some(uid), Some(gid)) => {
             if uid == 0 || gid == 0 {

@@ -102,7 +102,20 @@ pub struct Confinement {
     /// Start Firecracker through this jailer (`None`: directly, for tests
     /// and development).
     pub jailer: Option<crate::hypervisor::jailer::Jailer>,
+    /// Run each QEMU VM as a user of its own, uid and gid `base + n` for
+    /// the lowest `n` no running VM has (QEMU's `-run-with user=`), when
+    /// the host agent is root and QEMU offers `-run-with`; `None`: QEMU
+    /// runs as the host agent's user.
+    pub qemu_uid_base: Option<u32>,
 }
+
+/// The first uid of QEMU's per-VM users by default: above the ranges
+/// systemd gives to regular users, dynamic users and containers
+/// (systemd's `UIDS-GIDS.md`), so no file on the host belongs to them.
+pub const DEFAULT_QEMU_UID_BASE: u32 = 0x7000_0000;
+
+/// How many per-VM users there are from the base on.
+pub const QEMU_UIDS: u32 = 1 << 20;
 
 impl Default for Confinement {
     fn default() -> Self {
@@ -113,6 +126,7 @@ impl Default for Confinement {
             cpu_percent_per_vcpu: 150,
             pids_max: 512,
             jailer: None,
+            qemu_uid_base: Some(DEFAULT_QEMU_UID_BASE),
         }
     }
 }

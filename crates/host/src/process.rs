@@ -24,6 +24,14 @@ pub fn spawn_logged(
         .append(true)
         .mode(crate::private::FILE_MODE)
         .open(log)?;
+    spawn_with_output(cmd, out)
+}
+
+/// [`spawn_logged`] with stdout and stderr going to `out`.
+pub fn spawn_with_output(
+    cmd: &mut tokio::process::Command,
+    out: File,
+) -> std::io::Result<tokio::process::Child> {
     crate::private::restrictive_umask(cmd);
     let err = out.try_clone()?;
     cmd.stdin(Stdio::null())
@@ -32,6 +40,41 @@ pub fn spawn_logged(
         .process_group(0)
         .kill_on_drop(false);
     cmd.spawn()
+}
+
+/// Give `cmd`'s process `fds` as descriptors 3, 4, … (open across its
+/// exec), e.g. for QEMU's `-add-fd fd=3,…`.
+pub fn pass_fds(cmd: &mut tokio::process::Command, fds: Vec<OwnedFd>) -> std::io::Result<()> {
+    let first = 3;
+    // Copies numbered above every target first, so that placing one never
+    // overwrites another still to be placed.
+    let high = fds
+        .iter()
+        .map(|fd| {
+            // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor we own returns
+            // a new one we then own.
+            let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, first + 64) };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: `n` was just returned by fcntl and is owned by nobody else.
+            Ok(unsafe { OwnedFd::from_raw_fd(n) })
+        })
+        .collect::<std::io::Result<Vec<OwnedFd>>>()?;
+    // SAFETY: dup2(2) is async-signal-safe; it touches only the child's
+    // descriptor table between fork and exec, and the result has no
+    // close-on-exec flag.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, fd) in high.iter().enumerate() {
+                if libc::dup2(fd.as_raw_fd(), first + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// [`spawn_logged`] for a process of the VM in `dir`: it joins the VM's
@@ -44,6 +87,17 @@ pub fn spawn_logged_in(
 ) -> std::io::Result<tokio::process::Child> {
     crate::cgroup::join_in_child(cmd, crate::cgroup::open_procs(dir)?);
     spawn_logged(cmd, log)
+}
+
+/// [`spawn_with_output`] for a process of the VM in `dir` (see
+/// [`spawn_logged_in`]).
+pub fn spawn_with_output_in(
+    cmd: &mut tokio::process::Command,
+    out: File,
+    dir: &crate::vmdir::VmDir,
+) -> std::io::Result<tokio::process::Child> {
+    crate::cgroup::join_in_child(cmd, crate::cgroup::open_procs(dir)?);
+    spawn_with_output(cmd, out)
 }
 
 /// Whether `pid` is alive and its command line mentions `needle` (a VM's

@@ -65,10 +65,16 @@ impl VmDir {
         self.root.join("control.sock")
     }
 
-    /// Where QEMU's serial console connects (the host writes what arrives
-    /// to [`VmDir::console_log`]).
+    /// Where QEMU serves its serial console (the host connects and writes
+    /// what arrives to [`VmDir::console_log`]).
     pub fn console_sock(&self) -> PathBuf {
         self.root.join("console.sock")
+    }
+
+    /// The FIFO Firecracker's stdout (the serial console) is written to;
+    /// the host reads it into [`VmDir::console_log`].
+    pub fn console_fifo(&self) -> PathBuf {
+        self.root.join("console.fifo")
     }
 
     /// Serial console output.
@@ -112,7 +118,7 @@ impl VmDir {
     pub fn check_socket_paths(&self) -> Result<(), PathBuf> {
         for (p, extra) in [
             (self.vsock_port(65535), crate::private::BIND_STAGING_LEN),
-            (self.console_sock(), crate::private::BIND_STAGING_LEN),
+            (self.console_sock(), 0),
             (self.vhost(), 0),
             (self.mux(), 0),
             (self.control(), 0),
@@ -136,6 +142,10 @@ pub struct VmRecord {
     pub hypervisor_pid: Option<u32>,
     /// vsock backend process (QEMU only).
     pub backend_pid: Option<u32>,
+    /// The uid (and gid) the hypervisor runs as, when not ours (see
+    /// [`crate::hypervisor::LaunchPlan::run_as`]).
+    #[serde(default)]
+    pub run_as: Option<u32>,
 }
 
 impl VmRecord {

@@ -164,6 +164,7 @@ fn plan(
         accel: Accel::Kvm,
         cmdline: "console=ttyS0 reboot=k panic=0 pci=off".into(),
         restore_from: None,
+        run_as: None,
     }
 }
 
@@ -247,6 +248,10 @@ async fn launch_pause_resume_snapshot_and_restore_elsewhere() {
         DATA_MIB,
     );
     let a = &plan_a.dir;
+    // The host's console reader, as the manager starts it before a launch.
+    let (console, _) =
+        polydev_host::console::start_fifo(&a.console_fifo(), a.console_log(), 1 << 20)
+            .expect("console fifo");
     let mut vm_a = fc.launch(&plan_a).await.expect("launch");
     assert_alive(&mut vm_a, a);
     assert_eq!(api_state(a).await, "Running");
@@ -259,10 +264,17 @@ async fn launch_pause_resume_snapshot_and_restore_elsewhere() {
         log.contains("Running Firecracker"),
         "firecracker logs to hypervisor.log: {log}"
     );
-    assert!(
-        a.console_log().exists(),
-        "the serial console goes to console.log"
-    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(a.console_log())
+        .unwrap_or_default()
+        .contains(GUEST_GREETING)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the serial console reaches console.log through the FIFO"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Pause and resume.
     fc.pause(a).await.expect("pause");
@@ -328,6 +340,7 @@ async fn launch_pause_resume_snapshot_and_restore_elsewhere() {
 
     kill(vm_b).await;
     kill(vm_a).await;
+    console.abort();
 }
 
 #[tokio::test]

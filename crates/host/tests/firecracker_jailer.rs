@@ -81,6 +81,7 @@ fn plan(base: &Path, id: &str, restore_from: Option<PathBuf>) -> LaunchPlan {
         accel: Accel::Kvm,
         cmdline: "console=ttyS0 reboot=k panic=0 pci=off".into(),
         restore_from,
+        run_as: None,
     }
 }
 

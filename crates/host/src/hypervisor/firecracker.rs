@@ -17,10 +17,10 @@
 //!   so a restored VM needs its own `data.img`).
 //! - `hypervisor.log`: Firecracker's own log (`--log-path`).
 //!
-//! The guest serial console is Firecracker's stdout, which goes to
-//! `console.log` through [`spawn_logged_in`]; Firecracker's stderr lands there
-//! too, but it only prints a copy of a fatal error that its logger has
-//! already written to `hypervisor.log`.
+//! The guest serial console is Firecracker's stdout, a FIFO the host reads
+//! into the capped `console.log` ([`crate::console::start_fifo`]);
+//! Firecracker's stderr goes there too, but it only prints a copy of a
+//! fatal error that its logger has already written to `hypervisor.log`.
 //!
 //! The API socket is passed as an absolute path so that the command line
 //! names the state directory, which is how the manager recognises the
@@ -57,7 +57,7 @@ use tokio::net::UnixStream;
 
 use super::jailer::{self, Jailer};
 use super::{wait_for_socket, Hypervisor, HypervisorError, LaunchPlan, Launched};
-use crate::process::spawn_logged_in;
+use crate::process::spawn_with_output_in;
 use crate::vmdir::VmDir;
 
 /// Guest CID given to every Firecracker VM. Each VM has its own vsock
@@ -295,9 +295,11 @@ impl Hypervisor for Firecracker {
             }
         };
         cmd.current_dir(d.root());
-        // stdout is the guest serial console.
-        let mut child = spawn_logged_in(&mut cmd, &d.console_log(), d).map_err(|source| {
-            HypervisorError::Spawn {
+        // stdout is the guest serial console: a FIFO the host reads into
+        // the capped console.log (crate::console).
+        let mut child = crate::console::open_fifo_writer(&d.console_fifo())
+            .and_then(|out| spawn_with_output_in(&mut cmd, out, d))
+            .map_err(|source| HypervisorError::Spawn {
                 what: if jail.is_some() {
                     "jailer"
                 } else {
@@ -305,8 +307,7 @@ impl Hypervisor for Firecracker {
                 },
                 path: self.bin.display().to_string(),
                 source,
-            }
-        })?;
+            })?;
         let logs = [d.hypervisor_log(), d.console_log()];
         let ready = async {
             // Firecracker's logger may never start (argument errors go to

@@ -33,6 +33,9 @@ pub struct LaunchPlan {
     pub cmdline: String,
     /// Restore guest state from this snapshot directory instead of booting.
     pub restore_from: Option<PathBuf>,
+    /// The uid (and gid) the hypervisor switches to once it has opened its
+    /// files (QEMU's `-run-with user=`); `None`: it runs as we do.
+    pub run_as: Option<u32>,
 }
 
 /// Processes a driver started for one VM.

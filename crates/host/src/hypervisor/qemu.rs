@@ -55,6 +55,12 @@ pub struct Qemu {
 /// QEMU is then confined to the syscalls a running VM needs.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
+/// [`SANDBOX`] for a QEMU that switches to the VM's own user
+/// (`-run-with user=`): QEMU installs the filter before it switches, so
+/// set*id stays allowed; once switched, without root, it cannot raise its
+/// privileges again anyway.
+pub const SANDBOX_SWITCHING: &str = "on,obsolete=deny,spawn=deny,resourcecontrol=deny";
+
 impl Qemu {
     /// The QEMU command line for a plan (without the binary).
     pub fn args(&self, plan: &LaunchPlan) -> Vec<String> {
@@ -93,10 +99,11 @@ impl Qemu {
             plan.cmdline.clone(),
             // The console goes to the host agent, which caps console.log
             // (crate::console); a file chardev would grow without bound.
-            // Reconnecting each second finds a restarted host agent.
+            // QEMU serves it (a restarted host agent connects again) and
+            // waits for the host before running the guest.
             "-chardev".into(),
             format!(
-                "socket,id=console,path={},server=off,reconnect-ms=1000",
+                "socket,id=console,path={},server=on,wait=on",
                 d.console_sock().display()
             ),
             "-serial".into(),
@@ -143,10 +150,19 @@ impl Qemu {
             a.push("virtio-blk-device,drive=root".into());
         }
         if plan.spec.data_disk_mib > 0 {
+            // Opened by us and passed in (see `data_disk_fds`): QEMU reopens
+            // the disk when it deactivates and activates it around a
+            // snapshot, which it could not do by path as its own user. No
+            // image locking: the set keeps every descriptor QEMU took locks
+            // through open, so its own locks would outlive each reopen and
+            // refuse the next; the disk is this VM's alone anyway.
+            for (fd, opaque) in [(3, "data-rw"), (4, "data-ro")] {
+                a.push("-add-fd".into());
+                a.push(format!("fd={fd},set={DATA_FDSET},opaque={opaque}"));
+            }
             a.push("-drive".into());
             a.push(format!(
-                "file={},format=raw,if=none,id=data,cache=none,aio=threads",
-                d.data_disk().display()
+                "file=/dev/fdset/{DATA_FDSET},file.locking=off,format=raw,if=none,id=data,cache=none,aio=threads"
             ));
             a.push("-device".into());
             a.push("virtio-blk-device,drive=data".into());
@@ -157,9 +173,24 @@ impl Qemu {
         // disks, so they keep their virtio-mmio slots (vda, vdb).
         a.push("-device".into());
         a.push("virtio-balloon-device,free-page-reporting=on".into());
+        if let Some(uid) = plan.run_as {
+            // QEMU opens every file, disk and socket it is given on its
+            // command line as root, then runs the guest as a user of the
+            // VM's own that owns nothing: a guest escaping into QEMU can
+            // neither read the host's files nor touch another VM's QEMU.
+            a.push("-run-with".into());
+            a.push(format!("user={uid}:{uid}"));
+        }
         if self.sandbox {
             a.push("-sandbox".into());
-            a.push(SANDBOX.into());
+            a.push(
+                if plan.run_as.is_some() {
+                    SANDBOX_SWITCHING
+                } else {
+                    SANDBOX
+                }
+                .into(),
+            );
         }
         if plan.restore_from.is_some() {
             a.push("-incoming".into());
@@ -243,6 +274,9 @@ impl Hypervisor for Qemu {
         };
         let mut cmd = tokio::process::Command::new(&self.qemu_bin);
         cmd.args(self.args(plan));
+        if plan.spec.data_disk_mib > 0 {
+            crate::process::pass_fds(&mut cmd, data_disk_fds(&d.data_disk())?)?;
+        }
         let mut qemu = match spawn_logged_in(&mut cmd, &d.hypervisor_log(), d) {
             Ok(c) => c,
             Err(source) => {
@@ -264,7 +298,11 @@ impl Hypervisor for Qemu {
             }
             if let Some(snap) = &plan.restore_from {
                 let mut q = Qmp::connect(&d.control()).await?;
-                let uri = format!("file:{}", snap.join(STATE_FILE).display());
+                // Opened here and handed over: QEMU may run as a user that
+                // cannot open anything in the host's directories.
+                let state = std::fs::File::open(snap.join(STATE_FILE))?;
+                let set = q.add_fd(&state).await?;
+                let uri = format!("file:/dev/fdset/{set}");
                 q.execute("migrate-incoming", json!({ "uri": uri })).await?;
                 q.wait_migration("restore").await?;
                 q.execute("cont", json!({})).await?;
@@ -333,8 +371,13 @@ impl Hypervisor for Qemu {
         if was_running {
             q.execute("stop", json!({})).await?;
         }
-        let uri = format!("file:{}", dest.join(STATE_FILE).display());
         let result = async {
+            // Created here (0600 whatever the umask) and handed over: QEMU
+            // may run as a user that cannot create files in the host's
+            // directories.
+            let state = crate::private::create_file(&dest.join(STATE_FILE))?;
+            let set = q.add_fd(&state).await?;
+            let uri = format!("file:/dev/fdset/{set}");
             q.execute("migrate", json!({ "uri": uri })).await?;
             q.wait_migration("snapshot").await
         }
@@ -344,6 +387,81 @@ impl Hypervisor for Qemu {
         }
         result
     }
+}
+
+/// The first uid of QEMU's per-VM users, if QEMU is to run as them: asked
+/// for ([`crate::config::Confinement::qemu_uid_base`]), possible (we are
+/// root) and supported (QEMU 9 and later have `-run-with`). Says which in
+/// the log.
+pub fn users(cfg: &crate::config::HostConfig) -> Option<u32> {
+    let base = cfg.confinement.qemu_uid_base?;
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        tracing::warn!(
+            "QEMU runs as the host agent's own user: switching to per-VM users needs root"
+        );
+        return None;
+    }
+    let help = std::process::Command::new(&cfg.qemu_bin)
+        .arg("-help")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    match help {
+        Ok(o) if String::from_utf8_lossy(&o.stdout).contains("-run-with") => {
+            tracing::info!(
+                "QEMU VMs run as users of their own, uid and gid {base} to {}",
+                base.saturating_add(crate::config::QEMU_UIDS - 1)
+            );
+            Some(base)
+        }
+        _ => {
+            tracing::warn!(
+                "{} has no -run-with (QEMU 9 or later has): QEMU VMs run as root",
+                cfg.qemu_bin.display()
+            );
+            None
+        }
+    }
+}
+
+/// The fd set QEMU finds the data disk's descriptors in.
+const DATA_FDSET: u32 = 1000;
+
+/// The data disk opened read-write and read-only, for QEMU's fd set (it
+/// picks the one whose access mode it needs), with O_DIRECT as QEMU's
+/// `cache=none` opens it.
+fn data_disk_fds(path: &Path) -> Result<Vec<std::os::fd::OwnedFd>, HypervisorError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    [true, false]
+        .into_iter()
+        .map(|write| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(path)
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|e| HypervisorError::Control {
+                    op: "opening the data disk",
+                    message: format!(
+                        "{}: {e} (it needs a file system with O_DIRECT, as QEMU's cache=none does)",
+                        path.display()
+                    ),
+                })
+        })
+        .collect()
+}
+
+/// One QMP command as a line.
+fn command_line(cmd: &str, args: Value) -> String {
+    let mut msg = json!({ "execute": cmd });
+    if args.as_object().is_some_and(|o| !o.is_empty()) {
+        msg["arguments"] = args;
+    }
+    let mut line = msg.to_string();
+    line.push('\n');
+    line
 }
 
 /// A minimal QMP client: one command at a time, events skipped.
@@ -379,13 +497,44 @@ impl Qmp {
         cmd: &'static str,
         args: Value,
     ) -> Result<Value, HypervisorError> {
-        let mut msg = json!({ "execute": cmd });
-        if args.as_object().is_some_and(|o| !o.is_empty()) {
-            msg["arguments"] = args;
-        }
-        let mut line = msg.to_string();
-        line.push('\n');
-        self.writer.write_all(line.as_bytes()).await?;
+        self.writer
+            .write_all(command_line(cmd, args).as_bytes())
+            .await?;
+        self.reply(cmd).await
+    }
+
+    /// Hand `file` to QEMU in a new fd set (`add-fd`, the descriptor
+    /// passed with the command as SCM_RIGHTS) and return the set's id, for
+    /// a later `/dev/fdset/ID` path. QEMU opens such a path by duplicating
+    /// the set's descriptor of the same access mode.
+    pub async fn add_fd(&mut self, file: &impl std::os::fd::AsFd) -> Result<u64, HypervisorError> {
+        let line = command_line("add-fd", json!({}));
+        let sock: &UnixStream = self.writer.as_ref();
+        let fd = file.as_fd();
+        let sent = loop {
+            sock.writable().await?;
+            match sock.try_io(tokio::io::Interest::WRITABLE, || {
+                crate::private::send_with_fd(sock, line.as_bytes(), fd)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // The descriptor went with the first byte; the rest of a short
+        // write follows as plain data.
+        self.writer.write_all(&line.as_bytes()[sent..]).await?;
+        let r = self.reply("add-fd").await?;
+        r.get("fdset-id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| HypervisorError::Control {
+                op: "add-fd",
+                message: format!("no fdset-id in {r}"),
+            })
+    }
+
+    /// Read until the answer to `cmd`, skipping events.
+    async fn reply(&mut self, cmd: &'static str) -> Result<Value, HypervisorError> {
         loop {
             let mut buf = String::new();
             let n = tokio::time::timeout(Duration::from_secs(30), self.reader.read_line(&mut buf))

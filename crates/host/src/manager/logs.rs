@@ -9,7 +9,7 @@ use polydev_api::agent;
 use polydev_api::vm::{HypervisorKind, LogKind};
 use tracing::info;
 
-use super::{dir_size, io_err, Manager, ManagerError, Vm};
+use super::{abort, dir_size, io_err, Manager, ManagerError, Vm};
 use crate::logfile::{rotated, DEFAULT_TAIL_BYTES, MAX_TAIL_BYTES};
 use crate::metrics::LOG_CAPS;
 use crate::vmdir::{write_atomic, VmRecord};
@@ -44,20 +44,26 @@ impl Manager {
         Ok(())
     }
 
-    /// Receive a QEMU VM's serial console into `console.log`; see
-    /// [`crate::console`]. (Firecracker's console is its stdout.)
+    /// Receive a VM's serial console into `console.log`: QEMU's socket or
+    /// Firecracker's stdout FIFO; see [`crate::console`].
     pub(super) fn start_console(
         &self,
         vm: &Arc<Vm>,
         kind: HypervisorKind,
     ) -> Result<(), ManagerError> {
-        if kind != HypervisorKind::Qemu {
-            return Ok(());
-        }
-        let path = vm.dir.console_sock();
-        let (task, connected) =
-            crate::console::start(&path, vm.dir.console_log(), self.cfg.log_max_bytes)
-                .map_err(io_err(&path))?;
+        // A VM started again after a power-off: its old receiver is done.
+        abort(&vm.console_task);
+        let (log, max) = (vm.dir.console_log(), self.cfg.log_max_bytes);
+        let (task, connected) = match kind {
+            HypervisorKind::Qemu => {
+                let path = vm.dir.console_sock();
+                crate::console::start(path.clone(), log, max).map_err(io_err(&path))?
+            }
+            HypervisorKind::Firecracker => {
+                let path = vm.dir.console_fifo();
+                crate::console::start_fifo(&path, log, max).map_err(io_err(&path))?
+            }
+        };
         *vm.console_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         *vm.console_connected
             .lock()
@@ -206,6 +212,7 @@ mod tests {
             },
             hypervisor_pid: None,
             backend_pid: None,
+            run_as: None,
         }
     }
 

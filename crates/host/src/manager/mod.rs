@@ -28,6 +28,7 @@ use crate::{new_id, now_ms};
 use snapshots::copy_disk;
 
 mod logs;
+mod power;
 mod snapshots;
 mod watch;
 
@@ -107,6 +108,9 @@ struct Vm {
     /// The VM's egress proxy (`vsock.sock_1026`).
     egress_task: StdMutex<Option<JoinHandle<()>>>,
     exited: Arc<std::sync::atomic::AtomicBool>,
+    /// The uid its hypervisor runs as while it runs, 0 for none: taken at
+    /// launch (or adoption), given back when the hypervisor is gone.
+    run_as: std::sync::atomic::AtomicU32,
 }
 
 /// Abort the task in `slot`, if any.
@@ -123,6 +127,7 @@ async fn kill_processes(vm: &Vm, hv_pid: Option<u32>, be_pid: Option<u32>) {
     if let Some(pid) = hv_pid {
         process::kill_matching(pid, &needle).await;
     }
+    vm.run_as.store(0, std::sync::atomic::Ordering::SeqCst);
     let watcher = vm.watcher.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(w) = watcher {
         // The watcher reaps our own child; for an adopted one it returns
@@ -185,6 +190,7 @@ impl Vm {
             console_connected: StdMutex::new(None),
             egress_task: StdMutex::new(None),
             exited: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            run_as: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -206,6 +212,9 @@ pub struct Manager {
     drivers: HashMap<HypervisorKind, Arc<dyn Hypervisor>>,
     vms: StdMutex<HashMap<String, Arc<Vm>>>,
     cgroups: crate::cgroup::Cgroups,
+    /// The first uid of QEMU's per-VM users, when QEMU runs as one (see
+    /// [`crate::config::Confinement::qemu_uid_base`]).
+    qemu_uid_base: Option<u32>,
 }
 
 impl Manager {
@@ -256,11 +265,13 @@ impl Manager {
                 ),
             );
         }
+        let qemu_uid_base = crate::hypervisor::qemu::users(&cfg);
         let mgr = Arc::new(Manager {
             cfg: Arc::new(cfg),
             drivers,
             vms: StdMutex::new(HashMap::new()),
             cgroups,
+            qemu_uid_base,
         });
         mgr.reconcile().await?;
         Ok(mgr)
@@ -393,6 +404,7 @@ impl Manager {
             spec: spec.clone(),
             hypervisor_pid: None,
             backend_pid: None,
+            run_as: None,
         };
         {
             // Name uniqueness and registration under one lock, so two
@@ -467,8 +479,15 @@ impl Manager {
             accel: self.cfg.accel,
             cmdline: self.cmdline(&vm.id, spec),
             restore_from: restore_from.clone(),
+            run_as: self.take_uid(vm, spec),
         };
-        let launched = driver.launch(&plan).await?;
+        let launched = match driver.launch(&plan).await {
+            Ok(l) => l,
+            Err(e) => {
+                vm.run_as.store(0, std::sync::atomic::Ordering::SeqCst);
+                return Err(e.into());
+            }
+        };
         let pid = launched.hypervisor.id();
         let backend_pid = launched.backend.as_ref().and_then(|b| b.id());
         if let Some(b) = launched.backend {
@@ -478,6 +497,7 @@ impl Manager {
             let mut r = vm.record.lock().await;
             r.hypervisor_pid = pid;
             r.backend_pid = backend_pid;
+            r.run_as = plan.run_as;
             r.info.pid = pid;
             r.save(&dir.record()).map_err(io_err(&dir.record()))?;
         }
@@ -547,118 +567,6 @@ impl Manager {
         .map_err(io_err(&path))?;
         *vm.egress_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         Ok(())
-    }
-
-    /// Leave a VM powered off with its state directory and disks: kill
-    /// whatever of it still runs, drop its sockets, record `off`.
-    async fn settle_off(&self, vm: &Arc<Vm>, failure: Option<String>) {
-        let (hv_pid, be_pid) = {
-            let r = vm.record.lock().await;
-            (r.hypervisor_pid, r.backend_pid)
-        };
-        kill_processes(vm, hv_pid, be_pid).await;
-        if let Ok(rd) = std::fs::read_dir(vm.dir.root()) {
-            for e in rd.flatten() {
-                let is_socket = e.file_type().map(|t| {
-                    use std::os::unix::fs::FileTypeExt;
-                    t.is_socket()
-                });
-                if is_socket.unwrap_or(false) {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-        let mut r = vm.record.lock().await;
-        r.info.state = VmState::Off;
-        r.info.failure = failure;
-        r.info.pid = None;
-        r.hypervisor_pid = None;
-        r.backend_pid = None;
-        if let Err(e) = r.save(&vm.dir.record()) {
-            warn!(vm = %vm.id, error = %e, "cannot record the VM as off");
-        }
-        vm.exited.store(false, std::sync::atomic::Ordering::SeqCst);
-        info!(vm = %vm.id, "vm off");
-    }
-
-    /// Power a VM off and keep it: the guest agent stops its services,
-    /// syncs its disks and powers off; the state directory (disks
-    /// included) stays, and [`Manager::power_on`] boots it again.
-    pub async fn power_off(&self, id: &str) -> Result<VmInfo, ManagerError> {
-        let vm = self.running(id).await?;
-        {
-            let mut r = vm.record.lock().await;
-            if r.info.state != VmState::Running {
-                return Err(ManagerError::Conflict(format!(
-                    "VM {} is {}, not running",
-                    vm.id, r.info.state
-                )));
-            }
-            r.info.state = VmState::Stopping;
-            r.save(&vm.dir.record()).map_err(io_err(&vm.dir.record()))?;
-        }
-        // The agent answers, then powers off; a dropped answer means the same.
-        if let Err(e) = vm
-            .agent()
-            .call(
-                &Request::Shutdown { reboot: false },
-                Duration::from_secs(10),
-            )
-            .await
-        {
-            info!(vm = %vm.id, error = %e, "no answer to the shutdown request");
-        }
-        let watcher = vm.watcher.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(mut w) = watcher {
-            if tokio::time::timeout(self.cfg.stop_timeout, &mut w)
-                .await
-                .is_err()
-            {
-                warn!(vm = %vm.id, "the guest did not power off in time; killing it");
-                // Hand the watcher back so the teardown reaps the process.
-                *vm.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
-            }
-        }
-        self.settle_off(&vm, None).await;
-        let info = vm.record.lock().await.info.clone();
-        Ok(info)
-    }
-
-    /// Boot a VM that is off, with the same spec, id and disks.
-    pub async fn power_on(self: &Arc<Self>, id: &str) -> Result<VmInfo, ManagerError> {
-        let vm = self.live(id)?;
-        let spec = {
-            let mut r = vm.record.lock().await;
-            if r.info.state != VmState::Off {
-                return Err(ManagerError::Conflict(format!(
-                    "VM {} is {}; only a VM that is off (`polydev vm stop`) can be started",
-                    vm.id, r.info.state
-                )));
-            }
-            r.info.state = VmState::Starting;
-            r.info.failure = None;
-            r.info.boot_ms = None;
-            r.save(&vm.dir.record()).map_err(io_err(&vm.dir.record()))?;
-            r.spec.clone()
-        };
-        let driver = self
-            .drivers
-            .get(&spec.hypervisor)
-            .cloned()
-            .ok_or(ManagerError::Invalid(SpecError::NoFirecracker))?;
-        vm.exited.store(false, std::sync::atomic::Ordering::SeqCst);
-        match self.boot(&vm, driver, &spec, None, Instant::now()).await {
-            Ok(info) => Ok(info),
-            Err(e) => {
-                let reason = e.to_string();
-                self.settle_off(&vm, Some(format!("start failed: {reason}")))
-                    .await;
-                Err(ManagerError::StartFailed {
-                    id: vm.id.clone(),
-                    reason,
-                })
-            }
-        }
     }
 
     /// Tear a VM down and preserve its logs: kill and reap its processes,
@@ -760,6 +668,9 @@ impl Manager {
                     self.finish(&vm, VmState::Failed, Some(why)).await;
                 }
                 continue;
+            }
+            if let Some(uid) = record.run_as {
+                vm.run_as.store(uid, std::sync::atomic::Ordering::SeqCst);
             }
             let adopted = async {
                 self.start_log_listener(&vm)?;
