@@ -57,6 +57,16 @@ pub async fn run(data_dir: PathBuf, a: DoctorArgs) -> anyhow::Result<i32> {
             "./polydev.sh setup (apt-get install qemu-system-x86 from bookworm-backports)",
         ),
     }
+    match polydev_host::hypervisor::qemu::users(&probe_cfg) {
+        Some(base) => r.ok(
+            "qemu users",
+            format!("each VM's QEMU runs as a user of its own (uid {base} and up)"),
+        ),
+        None => r.warn(
+            "qemu users",
+            "QEMU VMs run as root (needs a root host agent and QEMU 9 or later with -run-with)",
+        ),
+    }
     if probe_cfg.qboot.is_file() {
         r.ok("qboot", probe_cfg.qboot.display().to_string());
     } else {
