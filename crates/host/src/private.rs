@@ -131,11 +131,16 @@ pub fn send_with_fd(
 /// Make `cmd` run with umask 0177, so the files and sockets it creates are
 /// 0600 (only for programs that create no directories).
 pub fn restrictive_umask(cmd: &mut tokio::process::Command) {
+    umask(cmd, 0o177);
+}
+
+/// Make `cmd` run with umask `mask`.
+pub fn umask(cmd: &mut tokio::process::Command, mask: libc::mode_t) {
     // SAFETY: umask(2) is async-signal-safe and touches only the child's
     // own state between fork and exec.
     unsafe {
-        cmd.pre_exec(|| {
-            libc::umask(0o177);
+        cmd.pre_exec(move || {
+            libc::umask(mask);
             Ok(())
         });
     }

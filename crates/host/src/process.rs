@@ -18,22 +18,29 @@ pub fn spawn_logged(
     cmd: &mut tokio::process::Command,
     log: &Path,
 ) -> std::io::Result<tokio::process::Child> {
+    let out = open_log(log)?;
+    let err = out.try_clone()?;
+    crate::private::restrictive_umask(cmd);
+    spawn_with_stdio(cmd, out, err)
+}
+
+/// `log` opened for appending, created 0600.
+pub fn open_log(log: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let out = File::options()
+    File::options()
         .create(true)
         .append(true)
         .mode(crate::private::FILE_MODE)
-        .open(log)?;
-    spawn_with_output(cmd, out)
+        .open(log)
 }
 
-/// [`spawn_logged`] with stdout and stderr going to `out`.
-pub fn spawn_with_output(
+/// Start `cmd` detached from our process group with stdout to `out` and
+/// stderr to `err` (the caller sets its umask).
+pub fn spawn_with_stdio(
     cmd: &mut tokio::process::Command,
     out: File,
+    err: File,
 ) -> std::io::Result<tokio::process::Child> {
-    crate::private::restrictive_umask(cmd);
-    let err = out.try_clone()?;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))
@@ -89,15 +96,16 @@ pub fn spawn_logged_in(
     spawn_logged(cmd, log)
 }
 
-/// [`spawn_with_output`] for a process of the VM in `dir` (see
+/// [`spawn_with_stdio`] for a process of the VM in `dir` (see
 /// [`spawn_logged_in`]).
-pub fn spawn_with_output_in(
+pub fn spawn_with_stdio_in(
     cmd: &mut tokio::process::Command,
     out: File,
+    err: File,
     dir: &crate::vmdir::VmDir,
 ) -> std::io::Result<tokio::process::Child> {
     crate::cgroup::join_in_child(cmd, crate::cgroup::open_procs(dir)?);
-    spawn_with_output(cmd, out)
+    spawn_with_stdio(cmd, out, err)
 }
 
 /// Whether `pid` is alive and its command line mentions `needle` (a VM's

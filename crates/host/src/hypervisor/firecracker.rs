@@ -19,8 +19,8 @@
 //!
 //! The guest serial console is Firecracker's stdout, a FIFO the host reads
 //! into the capped `console.log` ([`crate::console::start_fifo`]);
-//! Firecracker's stderr goes there too, but it only prints a copy of a
-//! fatal error that its logger has already written to `hypervisor.log`.
+//! Firecracker's stderr (and the jailer's) goes to `hypervisor.log`, where
+//! its logger writes too: errors from before the logger runs land there.
 //!
 //! The API socket is passed as an absolute path so that the command line
 //! names the state directory, which is how the manager recognises the
@@ -57,7 +57,7 @@ use tokio::net::UnixStream;
 
 use super::jailer::{self, Jailer};
 use super::{wait_for_socket, Hypervisor, HypervisorError, LaunchPlan, Launched};
-use crate::process::spawn_with_output_in;
+use crate::process::spawn_with_stdio_in;
 use crate::vmdir::VmDir;
 
 /// Guest CID given to every Firecracker VM. Each VM has its own vsock
@@ -296,9 +296,21 @@ impl Hypervisor for Firecracker {
         };
         cmd.current_dir(d.root());
         // stdout is the guest serial console: a FIFO the host reads into
-        // the capped console.log (crate::console).
+        // the capped console.log (crate::console). stderr (what Firecracker
+        // or the jailer says before its logger runs) goes to
+        // hypervisor.log, whoever reads the console.
+        if jail.is_some() {
+            // The jailer creates the jail's directories and copies
+            // Firecracker in, which must stay traversable and executable
+            // for the jail's user (0177 made the copy 0600: EACCES at its
+            // exec). The jail is inside the 0700 VM directory.
+            crate::private::umask(&mut cmd, 0o022);
+        } else {
+            crate::private::restrictive_umask(&mut cmd);
+        }
         let mut child = crate::console::open_fifo_writer(&d.console_fifo())
-            .and_then(|out| spawn_with_output_in(&mut cmd, out, d))
+            .and_then(|out| Ok((out, crate::process::open_log(&d.hypervisor_log())?)))
+            .and_then(|(out, err)| spawn_with_stdio_in(&mut cmd, out, err, d))
             .map_err(|source| HypervisorError::Spawn {
                 what: if jail.is_some() {
                     "jailer"
