@@ -221,6 +221,33 @@ try {
   await shot(page, 'dashboard-6-whoami.png');
   await axe(page, 'CLI workspace');
 
+  // The terminal is kept: a reload attaches to the same shell and its
+  // screen comes back (nothing typed since); a second tab is another shell.
+  await page.keyboard.type('echo shell-$((6*7))-one\n', { delay: 20 });
+  await until('the first shell answers', 60, async () => ((await rows.innerText()) ?? '').includes('shell-42-one'));
+  const reloaded = Date.now();
+  await page.reload();
+  await until('the terminal reconnects after a reload', 120, async () =>
+    (await page.getByTestId('terminal-state').textContent()) === 'connected');
+  await until('the restored screen shows the earlier output', 60, async () => {
+    const text = (await page.getByTestId('terminal').locator('.xterm-rows').innerText()) ?? '';
+    return text.includes('shell-42-one') && new RegExp(`\\b${WHO}\\b`).test(text);
+  });
+  console.log(`measure: reload to the restored terminal screen ${Date.now() - reloaded} ms`);
+  await page.getByTestId('terminal-add').click();
+  await until('the second terminal connects', 120, async () =>
+    (await page.getByTestId('terminal-state').textContent()) === 'connected');
+  const second = page.getByTestId('terminal').locator('.xterm-rows');
+  if (((await second.innerText()) ?? '').includes('shell-42-one')) throw new Error('the new tab shows the first shell');
+  await page.getByTestId('terminal').click();
+  await page.keyboard.type('exit 3\n', { delay: 20 });
+  await until('the second shell ends', 60, async () =>
+    (await page.getByTestId('terminal-state').textContent()) === 'ended');
+  await page.getByTestId('terminal-remove').click();
+  await until('back on the first terminal', 120, async () =>
+    ((await page.getByTestId('terminal').locator('.xterm-rows').innerText()) ?? '').includes('shell-42-one'));
+  await axe(page, 'CLI workspace with tabs');
+
   // The rest of the pages an administrator has, each checked.
   for (const [nav, testid, what] of [
     ['nav-tokens', 'token-name', 'API tokens'],

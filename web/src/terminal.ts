@@ -1,7 +1,9 @@
-// A CLI VM's login shell in xterm.js over the ticketed WebSocket: bytes
-// both ways as binary messages, resize as a text control message, the
-// shell's exit as a text event. An unexpected drop reconnects with
-// backoff and a fresh (single-use) ticket.
+// A CLI VM's kept terminal in xterm.js over the ticketed WebSocket: bytes
+// both ways as binary messages, resize and close as text control messages,
+// the shell's exit as a text event. The shell lives on in the VM when the
+// WebSocket drops: a reconnect (with backoff and a fresh single-use ticket)
+// attaches to it again, and the server replays its recent output, so the
+// screen is cleared first.
 import { Terminal } from '@xterm/xterm';
 import { FitAddon } from '@xterm/addon-fit';
 import '@xterm/xterm/css/xterm.css';
@@ -39,6 +41,8 @@ export class TerminalView {
   constructor(
     container: HTMLElement,
     private readonly vmId: string,
+    /** The kept terminal's name in the VM. */
+    private readonly session: string,
     private readonly h: TerminalHandlers,
   ) {
     this.term = new Terminal({
@@ -83,6 +87,11 @@ export class TerminalView {
 
   focus(): void {
     this.term.focus();
+  }
+
+  /** Ends the shell in the VM (not only this view); its exit follows. */
+  close(): void {
+    if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify({ type: 'close' }));
   }
 
   dispose(): void {
@@ -137,7 +146,7 @@ export class TerminalView {
     if (this.disposed) return;
     this.safeFit();
     const { cols, rows } = this.term;
-    const q = `ticket=${encodeURIComponent(ticket)}&cols=${cols}&rows=${rows}`;
+    const q = `ticket=${encodeURIComponent(ticket)}&cols=${cols}&rows=${rows}&session=${encodeURIComponent(this.session)}`;
     const ws = new WebSocket(wsUrl(`/api/v1/vms/${encodeURIComponent(this.vmId)}/terminal?${q}`), ['binary']);
     ws.binaryType = 'arraybuffer';
     this.ws = ws;
@@ -145,6 +154,9 @@ export class TerminalView {
       if (this.ws !== ws) return;
       this.attempt = 0;
       this.everConnected = true;
+      // The server sends the shell's recent output first: start from a
+      // clean screen so a reattach shows it once.
+      this.term.reset();
       this.h.onError(null);
       this.h.onState('connected');
       // The panel may have changed size while connecting.

@@ -271,6 +271,12 @@ pub struct PtySpec {
     pub cols: u16,
     /// Initial height in rows (1-1000).
     pub rows: u16,
+    /// Keep the terminal under this name ([`PtySpec::session_ok`]): the
+    /// shell outlives the stream, and the next `forward` with the same name
+    /// (and user) attaches to it, the screen restored from its recent
+    /// output. Without a name the terminal ends with its stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 impl PtySpec {
@@ -280,6 +286,16 @@ impl PtySpec {
     /// Whether the size is usable (both 1..=[`Self::MAX_SIZE`]).
     pub fn size_ok(cols: u16, rows: u16) -> bool {
         (1..=Self::MAX_SIZE).contains(&cols) && (1..=Self::MAX_SIZE).contains(&rows)
+    }
+
+    /// Whether `name` can name a kept terminal: 1-32 of `a-z`, `0-9` and
+    /// `-`, starting with a letter or digit.
+    pub fn session_ok(name: &str) -> bool {
+        (1..=32).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
     }
 }
 

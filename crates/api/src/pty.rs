@@ -5,8 +5,8 @@
 //! a [`crate::agent::ForwardTarget::Pty`] with `forward_ready`, both
 //! directions carry frames: a tag byte, a big-endian `u32` payload length,
 //! the payload. Host → guest: [`PtyFrame::Data`] (keyboard input) and
-//! [`PtyFrame::Resize`]; guest → host: [`PtyFrame::Data`] (terminal
-//! output) and finally [`PtyFrame::Exit`].
+//! [`PtyFrame::Resize`] and [`PtyFrame::Close`]; guest → host:
+//! [`PtyFrame::Data`] (terminal output) and finally [`PtyFrame::Exit`].
 
 use crate::agent::ExitStatus;
 
@@ -16,6 +16,7 @@ pub const MAX_PAYLOAD: usize = 64 * 1024;
 const TAG_DATA: u8 = 1;
 const TAG_RESIZE: u8 = 2;
 const TAG_EXIT: u8 = 3;
+const TAG_CLOSE: u8 = 4;
 const HEADER: usize = 5;
 
 /// One frame of a terminal stream.
@@ -33,6 +34,9 @@ pub enum PtyFrame {
     },
     /// The shell ended; the last frame the guest sends.
     Exit(ExitStatus),
+    /// End the terminal (hang up its shell), rather than only leave it as
+    /// closing the stream of a kept terminal does.
+    Close,
 }
 
 /// A stream that does not follow the framing.
@@ -61,6 +65,7 @@ impl PtyFrame {
                 (TAG_RESIZE, p)
             }
             PtyFrame::Exit(st) => (TAG_EXIT, serde_json::to_vec(st).unwrap_or_default()),
+            PtyFrame::Close => (TAG_CLOSE, Vec::new()),
         };
         let mut out = Vec::with_capacity(HEADER + payload.len());
         out.push(tag);
@@ -102,7 +107,7 @@ impl PtyDecoder {
         }
         let tag = self.buf[0];
         let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-        if !matches!(tag, TAG_DATA | TAG_RESIZE | TAG_EXIT) {
+        if !matches!(tag, TAG_DATA | TAG_RESIZE | TAG_EXIT | TAG_CLOSE) {
             return Err(PtyFrameError::Tag(tag));
         }
         if len > MAX_PAYLOAD {
@@ -121,6 +126,8 @@ impl PtyDecoder {
                 },
                 _ => return Err(PtyFrameError::Malformed("resize")),
             },
+            TAG_CLOSE if payload.is_empty() => PtyFrame::Close,
+            TAG_CLOSE => return Err(PtyFrameError::Malformed("close")),
             _ => PtyFrame::Exit(
                 serde_json::from_slice(&payload).map_err(|_| PtyFrameError::Malformed("exit"))?,
             ),
@@ -146,6 +153,7 @@ mod tests {
                 signal: None,
                 timed_out: false,
             }),
+            PtyFrame::Close,
         ]
     }
 

@@ -82,7 +82,15 @@ pub async fn run(
         bail!("--cols and --rows must be 1-{}", PtySpec::MAX_SIZE);
     }
     let conn = c
-        .forward(id, &ForwardTarget::Pty(PtySpec { user, cols, rows }))
+        .forward(
+            id,
+            &ForwardTarget::Pty(PtySpec {
+                user,
+                cols,
+                rows,
+                session: None,
+            }),
+        )
         .await
         .with_context(|| format!("open a terminal in {id}"))?;
     let (mut rd, mut wr) = tokio::io::split(conn);
@@ -144,7 +152,7 @@ pub async fn run(
                             drop(raw);
                             return Ok(st.code.unwrap_or_else(|| 128 + st.signal.unwrap_or(0)));
                         }
-                        PtyFrame::Resize { .. } => bail!("the guest sent a resize frame; agent and CLI versions differ"),
+                        PtyFrame::Resize { .. } | PtyFrame::Close => bail!("the guest sent a frame only a viewer sends; agent and CLI versions differ"),
                     }
                 }
             }

@@ -21,6 +21,7 @@ mod pty;
 mod reaper;
 mod server;
 mod supervisor;
+mod terminals;
 mod util;
 
 use std::collections::BTreeMap;

@@ -58,66 +58,9 @@ pub fn handle(conn: Stream, env: &SharedEnv, spec: PtySpec, early: Vec<u8>) {
         );
         return;
     }
-    let user = spec.user.as_deref().unwrap_or("0");
-    let creds = match process::lookup_user(user) {
-        Ok(c) => c,
-        Err(e) => {
-            send_error(&conn, AgentErrorKind::NotFound, e.to_string());
-            return;
-        }
-    };
-    let (master, slave) = match open_pty(spec.cols, spec.rows, creds.uid) {
-        Ok(p) => p,
-        Err(e) => {
-            send_error(
-                &conn,
-                AgentErrorKind::Internal,
-                format!("cannot open a pseudo-terminal in the guest: {e}; is /dev/pts mounted?"),
-            );
-            return;
-        }
-    };
-    let mut full_env = lock(env).clone();
-    for (k, v) in [
-        ("HOME", creds.home.as_str()),
-        ("USER", creds.name.as_str()),
-        ("LOGNAME", creds.name.as_str()),
-        ("SHELL", creds.shell.as_str()),
-    ] {
-        full_env.insert(k.into(), v.into());
+    if spec.session.is_some() {
+        return crate::terminals::attach(conn, env, spec, early);
     }
-    full_env
-        .entry("TERM".into())
-        .or_insert_with(|| "xterm-256color".into());
-    let cwd = if std::path::Path::new(&creds.home).is_dir() {
-        creds.home.clone()
-    } else {
-        "/".into()
-    };
-    let argv = [creds.shell.clone(), "-l".into()];
-    let stdio = || slave.try_clone().map(Stdio::from);
-    let (stdin, stdout, stderr) = match (stdio(), stdio(), stdio()) {
-        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-            send_error(
-                &conn,
-                AgentErrorKind::Internal,
-                format!("cannot duplicate the terminal: {e}"),
-            );
-            return;
-        }
-    };
-    drop(slave);
-    let mut cmd = process::command(process::Spec {
-        argv: &argv,
-        env: &full_env,
-        cwd: &cwd,
-        creds: Some(&creds),
-        stdin,
-        tty: true,
-    });
-    cmd.stdout(stdout).stderr(stderr);
-
     let (tx, rx) = mpsc::channel::<Event>();
     let exit_tx = tx.clone();
     let exited = Arc::new(AtomicBool::new(false));
@@ -126,20 +69,9 @@ pub fn handle(conn: Stream, env: &SharedEnv, spec: PtySpec, early: Vec<u8>) {
         exited_cb.store(true, Ordering::SeqCst);
         let _ = exit_tx.send(Event::Exit(st));
     });
-    let spawned = reaper::spawn(&mut cmd, on_exit);
-    // The Command holds the slave's descriptors: the master only sees the
-    // end of output once every copy outside the shell's tree is closed.
-    drop(cmd);
-    let pid = match spawned {
-        Ok(child) => child.id(),
-        Err(e) => {
-            send_error(
-                &conn,
-                AgentErrorKind::NotFound,
-                format!("cannot start the login shell {:?} of {}: {e}; set a shell that exists in /etc/passwd", creds.shell, creds.name),
-            );
-            return;
-        }
+    let (master, pid) = match start_shell(env, &spec, on_exit) {
+        Ok(s) => s,
+        Err((kind, message)) => return send_error(&conn, kind, message),
     };
     if send(&conn, &Response::ForwardReady).is_err() {
         reaper::kill_group(pid, libc::SIGKILL);
@@ -148,11 +80,7 @@ pub fn handle(conn: Stream, env: &SharedEnv, spec: PtySpec, early: Vec<u8>) {
     let conn = Arc::new(conn);
     let master = Arc::new(master);
     let over = Arc::new(AtomicBool::new(false));
-    let hangup = Arc::new(Hangup {
-        pid,
-        exited,
-        done: AtomicBool::new(false),
-    });
+    let hangup = Arc::new(Hangup::new(pid, exited));
     spawn_output_reader(master.clone(), tx.clone(), over.clone());
     spawn_input(conn.clone(), master.clone(), early, hangup.clone());
     drop(tx);
@@ -191,17 +119,99 @@ pub fn handle(conn: Stream, env: &SharedEnv, spec: PtySpec, early: Vec<u8>) {
     conn.shutdown(Shutdown::Both);
 }
 
+/// Start `spec.user`'s login shell on a new pseudo-terminal of
+/// `spec.cols`x`spec.rows` in its home directory; `on_exit` gets its exit
+/// status. Returns the terminal's master side and the shell's pid (the
+/// leader of its process group), or what to answer.
+pub(crate) fn start_shell(
+    env: &SharedEnv,
+    spec: &PtySpec,
+    on_exit: reaper::OnExit,
+) -> Result<(File, u32), (AgentErrorKind, String)> {
+    let user = spec.user.as_deref().unwrap_or("0");
+    let creds =
+        process::lookup_user(user).map_err(|e| (AgentErrorKind::NotFound, e.to_string()))?;
+    let (master, slave) = open_pty(spec.cols, spec.rows, creds.uid).map_err(|e| {
+        (
+            AgentErrorKind::Internal,
+            format!("cannot open a pseudo-terminal in the guest: {e}; is /dev/pts mounted?"),
+        )
+    })?;
+    let mut full_env = lock(env).clone();
+    for (k, v) in [
+        ("HOME", creds.home.as_str()),
+        ("USER", creds.name.as_str()),
+        ("LOGNAME", creds.name.as_str()),
+        ("SHELL", creds.shell.as_str()),
+    ] {
+        full_env.insert(k.into(), v.into());
+    }
+    full_env
+        .entry("TERM".into())
+        .or_insert_with(|| "xterm-256color".into());
+    let cwd = if std::path::Path::new(&creds.home).is_dir() {
+        creds.home.clone()
+    } else {
+        "/".into()
+    };
+    let argv = [creds.shell.clone(), "-l".into()];
+    let stdio = || slave.try_clone().map(Stdio::from);
+    let (stdin, stdout, stderr) = match (stdio(), stdio(), stdio()) {
+        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            return Err((
+                AgentErrorKind::Internal,
+                format!("cannot duplicate the terminal: {e}"),
+            ))
+        }
+    };
+    drop(slave);
+    let mut cmd = process::command(process::Spec {
+        argv: &argv,
+        env: &full_env,
+        cwd: &cwd,
+        creds: Some(&creds),
+        stdin,
+        tty: true,
+    });
+    cmd.stdout(stdout).stderr(stderr);
+    let spawned = reaper::spawn(&mut cmd, on_exit);
+    // The Command holds the slave's descriptors: the master only sees the
+    // end of output once every copy outside the shell's tree is closed.
+    drop(cmd);
+    match spawned {
+        Ok(child) => Ok((master, child.id())),
+        Err(e) => Err((
+            AgentErrorKind::NotFound,
+            format!(
+                "cannot start the login shell {:?} of {}: {e}; set a shell that exists in /etc/passwd",
+                creds.shell, creds.name
+            ),
+        )),
+    }
+}
+
 /// Ends the shell when the viewer leaves: SIGHUP to its process group, as
 /// a terminal emulator does when its window closes, then SIGKILL if it is
 /// still there after [`HANGUP_GRACE`]. Runs once.
-struct Hangup {
+pub(crate) struct Hangup {
     pid: u32,
     exited: Arc<AtomicBool>,
     done: AtomicBool,
 }
 
 impl Hangup {
-    fn run(&self) {
+    /// For the shell `pid` (its process group's leader); `exited` says
+    /// whether it is gone already.
+    pub(crate) fn new(pid: u32, exited: Arc<AtomicBool>) -> Self {
+        Hangup {
+            pid,
+            exited,
+            done: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn run(&self) {
         if self.done.swap(true, Ordering::SeqCst) || self.exited.load(Ordering::SeqCst) {
             return;
         }
@@ -252,7 +262,7 @@ fn spawn_output_reader(master: Arc<File>, tx: mpsc::Sender<Event>, over: Arc<Ato
 }
 
 /// Whether the terminal has output (or has hung up) within one poll step.
-fn readable(master: &File) -> io::Result<bool> {
+pub(crate) fn readable(master: &File) -> io::Result<bool> {
     let mut p = libc::pollfd {
         fd: master.as_raw_fd(),
         events: libc::POLLIN,
@@ -298,7 +308,8 @@ fn spawn_input(conn: Arc<Stream>, master: Arc<File>, early: Vec<u8>, hangup: Arc
                         }
                         // Only the guest sends exits; a viewer that does
                         // is confused, and so is one that breaks framing.
-                        Ok(Some(PtyFrame::Exit(_))) | Err(_) => break 'stream,
+                        // A close ends this terminal as leaving does.
+                        Ok(Some(PtyFrame::Exit(_) | PtyFrame::Close)) | Err(_) => break 'stream,
                         Ok(None) => break,
                     }
                 }
@@ -318,7 +329,7 @@ fn spawn_input(conn: Arc<Stream>, master: Arc<File>, early: Vec<u8>, hangup: Arc
 
 /// A new pseudo-terminal of `cols`x`rows`: (master, slave), the slave
 /// owned by `uid` (so programs that reopen it by name may).
-fn open_pty(cols: u16, rows: u16, uid: libc::uid_t) -> io::Result<(File, File)> {
+pub(crate) fn open_pty(cols: u16, rows: u16, uid: libc::uid_t) -> io::Result<(File, File)> {
     let err = io::Error::last_os_error;
     // SAFETY: plain syscalls on descriptors we own; ptsname_r writes a
     // NUL-terminated name into the buffer it is given.
@@ -353,7 +364,7 @@ fn open_pty(cols: u16, rows: u16, uid: libc::uid_t) -> io::Result<(File, File)> 
     }
 }
 
-fn set_size(master: &File, cols: u16, rows: u16) -> io::Result<()> {
+pub(crate) fn set_size(master: &File, cols: u16, rows: u16) -> io::Result<()> {
     let ws = libc::winsize {
         ws_row: rows,
         ws_col: cols,

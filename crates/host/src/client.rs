@@ -219,6 +219,9 @@ impl HostClient {
                 if let Some(u) = &p.user {
                     q.push_str(&format!("&user={}", escape(u)));
                 }
+                if let Some(s) = &p.session {
+                    q.push_str(&format!("&session={}", escape(s)));
+                }
                 q
             }
         };

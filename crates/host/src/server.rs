@@ -210,11 +210,13 @@ pub const FORWARD_PROTOCOL: &str = "polydev-forward";
 struct ForwardQuery {
     port: Option<u16>,
     unix: Option<String>,
-    /// A terminal (`pty=true`, with `cols`, `rows` and `user`).
+    /// A terminal (`pty=true`, with `cols`, `rows`, `user` and `session`).
     pty: Option<bool>,
     cols: Option<u16>,
     rows: Option<u16>,
     user: Option<String>,
+    /// Keep the terminal under this name (see `PtySpec::session`).
+    session: Option<String>,
 }
 
 /// A user name or uid as the guest looks it up: what `useradd` accepts.
@@ -237,13 +239,13 @@ async fn forward(
     let bad = |detail: String| ApiError(Problem::new(422, "bad-forward", "Bad forward", detail));
     let Query(q) = q.map_err(|e| {
         bad(format!(
-            "{}: use port=N, unix=/path or pty=true&cols=N&rows=N[&user=NAME]",
+            "{}: use port=N, unix=/path or pty=true&cols=N&rows=N[&user=NAME][&session=NAME]",
             e.body_text()
         ))
     })?;
     let pty = q.pty.unwrap_or(false);
-    if !pty && (q.cols.is_some() || q.rows.is_some() || q.user.is_some()) {
-        return Err(bad("cols, rows and user go with pty=true".into()));
+    if !pty && (q.cols.is_some() || q.rows.is_some() || q.user.is_some() || q.session.is_some()) {
+        return Err(bad("cols, rows, user and session go with pty=true".into()));
     }
     let target = match (q.port, q.unix) {
         (None, None) if pty => {
@@ -259,10 +261,20 @@ async fn forward(
                     "user={u:?}: give a user name (a-z, 0-9, '_', '-') or a uid"
                 )));
             }
+            if let Some(s) = q
+                .session
+                .as_deref()
+                .filter(|s| !polydev_api::agent::PtySpec::session_ok(s))
+            {
+                return Err(bad(format!(
+                    "session={s:?}: name a kept terminal with 1-32 of a-z, 0-9 and '-'"
+                )));
+            }
             polydev_api::agent::ForwardTarget::Pty(polydev_api::agent::PtySpec {
                 user: q.user,
                 cols,
                 rows,
+                session: q.session,
             })
         }
         _ if pty => return Err(bad("pty=true takes no port or unix".into())),

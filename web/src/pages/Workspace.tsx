@@ -84,7 +84,7 @@ export function Workspace() {
             </div>
           )}
           {vm.state === 'running' ? (
-            <TerminalPanel vmId={vm.id} />
+            <Terminals vmId={vm.id} />
           ) : (
             <Status>
               {vm.state === 'hibernated' ? 'The VM is stopped: Start it to open a terminal.' : `The VM is ${words(vm.state)}…`}
@@ -96,7 +96,58 @@ export function Workspace() {
   );
 }
 
-function TerminalPanel({ vmId }: { vmId: string }) {
+const MAX_TERMINALS = 16;
+
+/** The names of the kept terminals this browser has opened in `vmId`. */
+function savedNames(vmId: string): string[] {
+  try {
+    const v: unknown = JSON.parse(localStorage.getItem(`polydev.terminals.${vmId}`) ?? '[]');
+    const names = Array.isArray(v) ? v.filter((n): n is string => typeof n === 'string' && /^[a-z0-9][a-z0-9-]{0,31}$/.test(n)) : [];
+    return names.length ? names.slice(0, MAX_TERMINALS) : ['main'];
+  } catch {
+    return ['main'];
+  }
+}
+
+/** Tabs of kept terminals: each a shell that outlives the page. */
+function Terminals({ vmId }: { vmId: string }) {
+  const [names, setNames] = useState<string[]>(() => savedNames(vmId));
+  const [active, setActive] = useState(names[0] ?? 'main');
+  const save = (next: string[]) => {
+    setNames(next);
+    localStorage.setItem(`polydev.terminals.${vmId}`, JSON.stringify(next));
+  };
+  const add = () => {
+    let n = 2;
+    while (names.includes(`t${n}`)) n++;
+    save([...names, `t${n}`]);
+    setActive(`t${n}`);
+  };
+  const closed = (name: string) => {
+    const next = names.filter((n) => n !== name);
+    save(next.length ? next : ['main']);
+    setActive(next[0] ?? 'main');
+  };
+  return (
+    <div>
+      <div class="tabs" role="tablist" aria-label="Terminals">
+        {names.map((n) => (
+          <button type="button" role="tab" aria-selected={n === active} data-testid={`terminal-tab-${n}`} onClick={() => setActive(n)}>
+            {n}
+          </button>
+        ))}
+        {names.length < MAX_TERMINALS && (
+          <button type="button" data-testid="terminal-add" onClick={add}>
+            + Terminal
+          </button>
+        )}
+      </div>
+      <TerminalPanel key={active} vmId={vmId} session={active} onClosed={() => closed(active)} />
+    </div>
+  );
+}
+
+function TerminalPanel({ vmId, session, onClosed }: { vmId: string; session: string; onClosed: () => void }) {
   const box = useRef<HTMLDivElement>(null);
   const view = useRef<TerminalView | null>(null);
   const [state, setState] = useState<TerminalState>('connecting');
@@ -110,7 +161,7 @@ function TerminalPanel({ vmId }: { vmId: string }) {
       .then(({ TerminalView }) => {
         if (cancelled) return;
         // Mounted only while the VM runs: a drop while mounted is worth a reconnect.
-        const v = new TerminalView(el, vmId, { onState: setState, onError: setError, alive: () => true });
+        const v = new TerminalView(el, vmId, session, { onState: setState, onError: setError, alive: () => true });
         view.current = v;
         v.connect();
         v.focus();
@@ -121,11 +172,11 @@ function TerminalPanel({ vmId }: { vmId: string }) {
       view.current?.dispose();
       view.current = null;
     };
-  }, [vmId]);
+  }, [vmId, session]);
   return (
     <div class="terminal-panel">
       <div class="terminal-bar">
-        <h2>Terminal</h2>
+        <h2>Terminal {session}</h2>
         <span>
           Connection:{' '}
           <span class={`pill ts-${state}`} data-testid="terminal-state" aria-live="polite">
@@ -135,6 +186,16 @@ function TerminalPanel({ vmId }: { vmId: string }) {
         {state === 'ended' && (
           <button type="button" data-testid="terminal-new" onClick={() => view.current?.newShell()}>
             New shell
+          </button>
+        )}
+        {state === 'connected' && (
+          <button type="button" data-testid="terminal-close" onClick={() => view.current?.close()}>
+            Close terminal
+          </button>
+        )}
+        {state === 'ended' && session !== 'main' && (
+          <button type="button" data-testid="terminal-remove" onClick={onClosed}>
+            Remove tab
           </button>
         )}
       </div>

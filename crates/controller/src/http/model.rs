@@ -465,7 +465,8 @@ pub struct WebSocketHandshake {
     sec_websocket_key: String,
 }
 
-/// Query of the terminal URL: the ticket and the initial window size.
+/// Query of the terminal URL: the ticket, the kept terminal and the
+/// initial window size.
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -479,6 +480,11 @@ pub struct TerminalQuery {
     /// Rows (default 24).
     #[param(minimum = 1, maximum = 1000)]
     pub rows: Option<u16>,
+    /// Which kept terminal (default `main`): its shell lives on when the
+    /// WebSocket closes, and the next connection with this name attaches
+    /// to it with the screen restored. Several names, several shells.
+    #[param(pattern = "^[a-z0-9][a-z0-9-]{0,31}$")]
+    pub session: Option<String>,
 }
 
 /// A control message a terminal client sends as a WebSocket text frame.
@@ -492,6 +498,9 @@ pub enum TerminalControl {
         /// Rows (1-1000).
         rows: u16,
     },
+    /// End this terminal: its shell is hung up (then `exit` and a 1000
+    /// close follow), rather than kept as closing the WebSocket does.
+    Close,
 }
 
 /// What the server sends as a text frame when the shell ends, just before

@@ -212,8 +212,10 @@ pub(super) fn terminal_vm(vm: &Vm) -> Result<&str, ApiError> {
 /// `{"type": "resize", "cols": N, "rows": N}` (any other text closes the
 /// stream with 1003). The server sends the terminal's output as binary
 /// messages and, when the shell ends, `{"type": "exit", "code": N,
-/// "signal": N}` as text, then closes (1000). Closing the WebSocket hangs
-/// up the shell.
+/// "signal": N}` as text, then closes (1000). The terminal is kept: closing
+/// the WebSocket leaves its shell running, and the next connection with the
+/// same `session` (default `main`) attaches to it, first receiving its
+/// recent output so the screen comes back. `{"type": "close"}` ends it.
 #[utoipa::path(get, path = "/api/v1/vms/{id}/terminal", tag = "streams", security(()),
     params(("id" = String, Path, description = "`vm-…`", pattern = "^vm-[0-9a-f]{1,64}$"), TerminalQuery, WebSocketHandshake),
     responses((status = 101, description = "Switching to the WebSocket")))]
@@ -231,9 +233,15 @@ pub async fn terminal(
             PtySpec::MAX_SIZE
         )));
     }
+    let session = q.session.unwrap_or_else(|| "main".into());
+    if !PtySpec::session_ok(&session) {
+        return Err(ApiError::invalid(
+            "session names a kept terminal: 1-32 of a-z, 0-9 and '-', not starting with '-'",
+        ));
+    }
     // Checked before the ticket is spent: a plain GET must not burn it.
     let ws = ws.map_err(upgrade_required)?;
-    let outcome = open_terminal(&st, &id, &q.ticket, cols, rows).await;
+    let outcome = open_terminal(&st, &id, &q.ticket, cols, rows, session).await;
     st.metrics
         .stream_connect("terminal", outcome_label(&outcome));
     let (conn, slot) = outcome?;
@@ -253,6 +261,7 @@ async fn open_terminal(
     ticket: &str,
     cols: u16,
     rows: u16,
+    session: String,
 ) -> Result<Opened, ApiError> {
     let p = st.auth.redeem_ticket(ticket, "terminal", id).await?;
     let vm = super::vms::own_vm(st, &p.user_id, id).await?;
@@ -263,7 +272,15 @@ async fn open_terminal(
     };
     let user = st.driver.as_ref().and_then(|d| d.terminal_user());
     let conn = host
-        .forward(host_vm, ForwardTarget::Pty(PtySpec { user, cols, rows }))
+        .forward(
+            host_vm,
+            ForwardTarget::Pty(PtySpec {
+                user,
+                cols,
+                rows,
+                session: Some(session),
+            }),
+        )
         .await
         .map_err(|e| {
             ApiError::new(
@@ -308,7 +325,7 @@ async fn send_guest_frames(socket: &mut WebSocket, dec: &mut PtyDecoder) -> bool
                 close(socket, 1000, "the shell exited").await;
                 return false;
             }
-            Ok(Some(PtyFrame::Resize { .. })) | Err(_) => {
+            Ok(Some(PtyFrame::Resize { .. } | PtyFrame::Close)) | Err(_) => {
                 close(socket, 1011, "the terminal stream broke").await;
                 return false;
             }
@@ -318,7 +335,7 @@ async fn send_guest_frames(socket: &mut WebSocket, dec: &mut PtyDecoder) -> bool
 
 /// Relay between the WebSocket and the guest's terminal frames until the
 /// shell exits, the client leaves or the server shuts down. Dropping the
-/// guest connection hangs up the shell.
+/// guest connection leaves the kept terminal for the next viewer.
 async fn relay_terminal(
     mut socket: WebSocket,
     conn: Box<dyn Duplex>,
@@ -341,8 +358,13 @@ async fn relay_terminal(
                             break;
                         }
                     }
+                    Ok(TerminalControl::Close) => {
+                        if wr.write_all(&PtyFrame::Close.encode()).await.is_err() {
+                            break;
+                        }
+                    }
                     _ => {
-                        close(&mut socket, 1003, "text messages are control: {\"type\":\"resize\",\"cols\":1-1000,\"rows\":1-1000}; send input as binary").await;
+                        close(&mut socket, 1003, "text messages are control: {\"type\":\"resize\",\"cols\":1-1000,\"rows\":1-1000} or {\"type\":\"close\"}; send input as binary").await;
                         return;
                     }
                 },
