@@ -13,6 +13,21 @@ pub mod oauth;
 pub mod rfb;
 
 /// The `polydev` binary under test: `$POLYDEV_BIN`, or the release build.
+/// A static program the README's setup builds for VMs (`polydev-testcli`,
+/// `polydev-egress-flood`), which tests copy in.
+pub fn static_test_bin(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/x86_64-unknown-linux-gnu/release")
+        .join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build \
+         --release -p polydev-testcli --target x86_64-unknown-linux-gnu (./polydev.sh setup does)",
+        p.display()
+    );
+    p
+}
+
 pub fn polydev_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("POLYDEV_BIN") {
         return PathBuf::from(p);

@@ -246,15 +246,18 @@ fn up_serves_the_api_and_a_connect_session_completes_through_it() {
     // The CLI VM's terminal: a login shell on a terminal of the asked
     // size, resizable, where the delivered credential is; its exit status
     // comes back and the ticket is spent.
-    let r = call(
-        &addr,
-        "POST",
-        "/api/v1/tickets",
-        &h,
-        Some(&json!({"kind": "terminal", "resource_id": cli_id})),
-    );
-    assert_eq!(r.status, 201, "{:?}", r.json());
-    let t = r.json()["ticket"].as_str().unwrap().to_string();
+    let ticket = || {
+        let r = call(
+            &addr,
+            "POST",
+            "/api/v1/tickets",
+            &h,
+            Some(&json!({"kind": "terminal", "resource_id": cli_id})),
+        );
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        r.json()["ticket"].as_str().unwrap().to_string()
+    };
+    let t = ticket();
     let path = format!("/api/v1/vms/{cli_id}/terminal?ticket={t}&cols=100&rows=30");
     let mut term = websocket(&addr, &path).expect("terminal WebSocket");
     let bin = |s: &str| tungstenite::Message::Binary(s.as_bytes().to_vec().into());
@@ -298,15 +301,7 @@ fn up_serves_the_api_and_a_connect_session_completes_through_it() {
     // screen and reaches the same shell; names give several; a close
     // control ends one.
     let open = |name: &str| {
-        let r = call(
-            &addr,
-            "POST",
-            "/api/v1/tickets",
-            &h,
-            Some(&json!({"kind": "terminal", "resource_id": cli_id})),
-        );
-        assert_eq!(r.status, 201, "{:?}", r.json());
-        let t = r.json()["ticket"].as_str().unwrap().to_string();
+        let t = ticket();
         websocket(
             &addr,
             &format!("/api/v1/vms/{cli_id}/terminal?ticket={t}&session={name}"),

@@ -38,14 +38,7 @@ fn a_flooding_guest_leaves_its_logs_under_their_caps_and_the_drops_counted() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    let flood_bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/x86_64-unknown-linux-gnu/release/polydev-egress-flood");
-    assert!(
-        flood_bin.is_file(),
-        "{} is missing: build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build \
-         --release -p polydev-testcli --target x86_64-unknown-linux-gnu (./polydev.sh setup does)",
-        flood_bin.display()
-    );
+    let flood_bin = polydev_e2e::static_test_bin("polydev-egress-flood");
     let cap = CAP.to_string();
     let host = Host::start_with(&["--log-max-bytes", &cap], None);
     let vm = host.run_vm(&["--name", "flood"]);

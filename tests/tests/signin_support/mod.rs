@@ -26,15 +26,7 @@ pub const F5: u32 = 0xffc2;
 
 /// The static test CLI that the README's setup builds.
 pub fn testcli_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/x86_64-unknown-linux-gnu/release/polydev-testcli");
-    assert!(
-        p.is_file(),
-        "{} is missing: build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build \
-         --release -p polydev-testcli --target x86_64-unknown-linux-gnu (./polydev.sh setup does)",
-        p.display()
-    );
-    p
+    polydev_e2e::static_test_bin("polydev-testcli")
 }
 
 pub fn artifacts() -> PathBuf {
