@@ -130,12 +130,14 @@ function Terminals({ vmId }: { vmId: string }) {
   };
   return (
     <div>
-      <div class="tabs" role="tablist" aria-label="Terminals">
-        {names.map((n) => (
-          <button type="button" role="tab" aria-selected={n === active} data-testid={`terminal-tab-${n}`} onClick={() => setActive(n)}>
-            {n}
-          </button>
-        ))}
+      <div class="tabs">
+        <div class="tabs" role="tablist" aria-label="Terminals">
+          {names.map((n) => (
+            <button type="button" role="tab" aria-selected={n === active} data-testid={`terminal-tab-${n}`} onClick={() => setActive(n)}>
+              {n}
+            </button>
+          ))}
+        </div>
         {names.length < MAX_TERMINALS && (
           <button type="button" data-testid="terminal-add" onClick={add}>
             + Terminal
