@@ -185,6 +185,7 @@ struct World {
     admin_token: String,
     session: String,
     cli_vm: String,
+    run: String,
     alice_token_id: String,
 }
 
@@ -281,8 +282,24 @@ async fn world(api: &Api) -> World {
         .store(&api.store, &alice.id, "codex", b"{\"k\":\"v\"}")
         .await
         .unwrap();
+    let run = api
+        .store
+        .create_run_limited(
+            polydev_controller::store::NewRun {
+                user_id: alice.id.clone(),
+                vm_id: vm.id.clone(),
+                provider: "codex".into(),
+                prompt: "hi".into(),
+                cwd: "/home/user".into(),
+                timeout_secs: 60,
+            },
+            10,
+        )
+        .await
+        .unwrap();
     World {
         alice: alice.id,
+        run: run.id,
         alice_token,
         alice_without,
         expired,
@@ -389,6 +406,38 @@ fn routes(w: &World) -> Vec<Route> {
         r(
             M::GET,
             "/api/v1/vms/{vm}",
+            None,
+            Some(Scope::VmsRead),
+            true,
+            200,
+        ),
+        r(
+            M::GET,
+            "/api/v1/runs",
+            None,
+            Some(Scope::VmsRead),
+            false,
+            200,
+        ),
+        r(
+            M::POST,
+            "/api/v1/runs",
+            Some(json!({"provider": "codex", "prompt": "hi"})),
+            Some(Scope::VmsWrite),
+            false,
+            201,
+        ),
+        r(
+            M::GET,
+            "/api/v1/runs/{run}",
+            None,
+            Some(Scope::VmsRead),
+            true,
+            200,
+        ),
+        r(
+            M::GET,
+            "/api/v1/runs/{run}/events",
             None,
             Some(Scope::VmsRead),
             true,
@@ -532,6 +581,14 @@ fn routes(w: &World) -> Vec<Route> {
         ),
         r(
             M::DELETE,
+            "/api/v1/runs/{run}",
+            None,
+            Some(Scope::VmsWrite),
+            true,
+            202,
+        ),
+        r(
+            M::DELETE,
             "/api/v1/credentials/codex",
             None,
             Some(Scope::CredentialsWrite),
@@ -560,6 +617,7 @@ fn routes(w: &World) -> Vec<Route> {
 
 fn fill(s: &str, w: &World) -> String {
     s.replace("{ses}", &w.session)
+        .replace("{run}", &w.run)
         .replace("{vm}", &w.cli_vm)
         .replace("{tok}", &w.alice_token_id)
         .replace("{usr}", &w.alice)
@@ -602,6 +660,7 @@ async fn authorization_matrix(db: common::TestDb) {
                     r.method == m
                         && r.path
                             .replace("{ses}", "{id}")
+                            .replace("{run}", "{id}")
                             .replace("{vm}", "{id}")
                             .replace("{tok}", "{id}")
                             .replace("/upstreams/{usr}", "/upstreams/{user_id}")

@@ -24,6 +24,7 @@ pub mod fields;
 pub mod host;
 pub mod login;
 pub mod provision;
+pub mod runs;
 mod session;
 mod vm;
 
@@ -135,6 +136,12 @@ pub struct DriverConfig {
     /// Command run as root in a new VM after its files are placed (e.g.
     /// `["update-ca-certificates"]`); `[]`: none.
     pub vm_setup: Option<Vec<String>>,
+    /// Where prompt runs keep their output and exit status inside the CLI
+    /// VM (memory in the CLI image, so a VM restart loses its runs).
+    pub runs_dir: String,
+    /// Output one prompt run may print; a run beyond it is stopped and
+    /// fails.
+    pub run_output_max_bytes: u64,
 }
 
 impl Default for DriverConfig {
@@ -168,6 +175,8 @@ impl Default for DriverConfig {
             direct_egress_without_upstream: true,
             vm_files: Vec::new(),
             vm_setup: None,
+            runs_dir: "/run/polydev-runs".into(),
+            run_output_max_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -221,7 +230,11 @@ impl DriverConfig {
                 message: problem,
             });
         }
-        for (field, home) in [("login_home", &c.login_home), ("cli_home", &c.cli_home)] {
+        for (field, home) in [
+            ("login_home", &c.login_home),
+            ("cli_home", &c.cli_home),
+            ("runs_dir", &c.runs_dir),
+        ] {
             if !home.starts_with('/') {
                 return Err(DriverError::Config {
                     path: origin.to_string(),
@@ -452,6 +465,11 @@ impl Driver {
         disconnect::remove_delivered(&self.inner, user_id, provider).await
     }
 
+    /// The home directory of CLI VMs (where runs start by default).
+    pub fn cli_home(&self) -> &str {
+        &self.inner.cfg.cli_home
+    }
+
     /// The provider definitions in force.
     pub fn providers(&self) -> &Providers {
         &self.inner.providers
@@ -507,12 +525,14 @@ async fn pass(inner: &Arc<Inner>) -> Result<(), StoreError> {
     crate::recovery::fail_overdue(&inner.store, crate::util::now_ms()).await?;
     let vms = inner.store.non_final_vms().await?;
     let sessions = inner.store.non_final_sessions().await?;
+    let runs = inner.store.active_runs().await?;
     {
         // Forget records that ended.
         let live: HashSet<&str> = vms
             .iter()
             .map(|v| v.id.as_str())
             .chain(sessions.iter().map(|s| s.id.as_str()))
+            .chain(runs.iter().map(|r| r.id.as_str()))
             .collect();
         lock(&inner.quiet).retain(|id, _| live.contains(id.as_str()));
     }
@@ -529,6 +549,12 @@ async fn pass(inner: &Arc<Inner>) -> Result<(), StoreError> {
         let (id, version) = (s.id.clone(), s.life.version);
         spawn_step(inner, id, version, move |i| async move {
             session::step(&i, s).await
+        });
+    }
+    for r in runs {
+        let (id, version) = (r.id.clone(), r.version);
+        spawn_step(inner, id, version, move |i| async move {
+            runs::step(&i, r).await
         });
     }
     Ok(())

@@ -76,6 +76,13 @@ pub struct HttpConfig {
     pub purge_interval: Duration,
     /// Reverse proxies whose forwarding header names the client.
     pub proxies: ProxyConfig,
+    /// Prompt runs one user may have queued or running at once.
+    pub max_runs_per_user: usize,
+    /// Finished prompt runs (with their events) are deleted this long
+    /// after they finished, by the periodic purge.
+    pub run_retention: Duration,
+    /// Finished prompt runs kept per user; older ones are purged.
+    pub max_runs_kept_per_user: usize,
 }
 
 impl Default for HttpConfig {
@@ -92,6 +99,10 @@ impl Default for HttpConfig {
             max_websockets_per_user: 8,
             purge_interval: Duration::from_secs(600),
             proxies: ProxyConfig::default(),
+            // Each run is a CLI process in the user's one small VM.
+            max_runs_per_user: 2,
+            run_retention: Duration::from_secs(30 * 24 * 3600),
+            max_runs_kept_per_user: 200,
         }
     }
 }
@@ -105,6 +116,7 @@ impl HttpConfig {
             max_sessions_per_user: usize::MAX,
             max_event_streams_per_user: usize::MAX,
             max_websockets_per_user: usize::MAX,
+            max_runs_per_user: usize::MAX,
             ..HttpConfig::default()
         }
     }
@@ -267,8 +279,10 @@ pub async fn serve(
     .await
 }
 
-/// Delete expired login sessions, stream tickets, login links and login
-/// backoff records every `purge_interval` until shutdown (the checks never
+/// Delete expired login sessions, stream tickets, login links, login
+/// backoff records and finished prompt runs past their retention
+/// ([`HttpConfig::run_retention`], [`HttpConfig::max_runs_kept_per_user`])
+/// every `purge_interval` until shutdown (the checks never
 /// depend on it: this only keeps the tables from growing).
 async fn purge_expired(st: AppState) {
     let mut shutdown = st.shutdown.clone();
@@ -282,6 +296,19 @@ async fn purge_expired(st: AppState) {
             Ok(n) => tracing::debug!(rows = n, "purged expired logins, tickets and links"),
             Err(e) => {
                 tracing::warn!(error = %e, "purging expired logins, tickets and links failed; retrying at the next interval")
+            }
+        }
+        let keep = i64::try_from(st.cfg.max_runs_kept_per_user).unwrap_or(i64::MAX);
+        let age = i64::try_from(st.cfg.run_retention.as_millis()).unwrap_or(i64::MAX);
+        match st
+            .store
+            .purge_runs(crate::util::now_ms().saturating_sub(age), keep)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(runs = n, "purged finished prompt runs past retention"),
+            Err(e) => {
+                tracing::warn!(error = %e, "purging finished prompt runs failed; retrying at the next interval")
             }
         }
     }

@@ -12,7 +12,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::routes::{admin, auth, ops, sessions, streams, vms};
+use super::routes::{admin, auth, ops, runs, sessions, streams, vms};
 use super::AppState;
 
 #[derive(OpenApi)]
@@ -30,6 +30,7 @@ use super::AppState;
         (name = "tokens", description = "The caller's API tokens"),
         (name = "sessions", description = "Connect-provider sessions"),
         (name = "vms", description = "The caller's VMs"),
+        (name = "runs", description = "Prompts run by a provider's CLI in the caller's CLI VM"),
         (name = "credentials", description = "Stored credentials (metadata only)"),
         (name = "streams", description = "Desktop and terminal stream tickets"),
         (name = "admin", description = "Accounts, upstream ports, every VM and session (admin)"),
@@ -167,6 +168,9 @@ pub fn router_and_document() -> (Router<AppState>, openapi::OpenApi) {
         .routes(routes!(vms::credentials))
         .routes(routes!(vms::delete_credential))
         .routes(routes!(vms::ticket))
+        .routes(routes!(runs::create, runs::list))
+        .routes(routes!(runs::get, runs::cancel))
+        .routes(routes!(runs::events))
         .routes(routes!(streams::desktop))
         .routes(routes!(streams::terminal))
         .routes(routes!(admin::users, admin::create_user))

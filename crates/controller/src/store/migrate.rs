@@ -53,6 +53,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "login_from_link",
         sql: include_str!("../../migrations/0006_login_from_link.sql"),
     },
+    Migration {
+        version: 7,
+        name: "runs",
+        sql: include_str!("../../migrations/0007_runs.sql"),
+    },
 ];
 
 /// The schema version this binary brings a database to.

@@ -9,6 +9,7 @@
 mod census;
 mod listing;
 mod migrate;
+mod runs;
 mod sessions;
 mod upstream;
 mod vms;
@@ -31,6 +32,7 @@ use crate::vault::SealedRecord;
 pub use census::Records;
 pub use listing::CredentialInfo;
 pub use migrate::latest_version;
+pub use runs::{NewRun, NewRunEvent, Run, RunEvent, RunState, RunStep};
 pub use upstream::{Assignment, Quarantined, UpstreamError, UpstreamStats};
 
 /// Errors of the store. Messages name what to do where there is something to do.
@@ -155,6 +157,15 @@ pub enum StoreError {
         /// Sessions one user may have at once.
         limit: usize,
         /// The user's active sessions, oldest first.
+        active: Vec<String>,
+    },
+    /// The user already has as many prompt runs queued or running as one
+    /// user may have at once.
+    #[error("you already have {} prompt run(s) queued or running ({}); at most {limit} may run at once: wait for one to finish, or cancel it", active.len(), active.join(", "))]
+    RunLimit {
+        /// Runs one user may have at once.
+        limit: usize,
+        /// The user's active runs, oldest first.
         active: Vec<String>,
     },
     /// Random id generation failed.

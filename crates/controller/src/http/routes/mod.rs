@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod auth;
 pub mod ops;
+pub mod runs;
 pub mod sessions;
 pub mod streams;
 pub mod vms;
