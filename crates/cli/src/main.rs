@@ -9,6 +9,7 @@ mod bench_soak;
 mod controller_run;
 mod doctor;
 mod hostd;
+mod run;
 mod server;
 mod upstream;
 mod vault;
@@ -47,6 +48,10 @@ enum Cmd {
     Doctor(doctor::DoctorArgs),
     /// Run the controller (HTTP API + driver) against a host agent's socket.
     Server(server::ServerArgs),
+    /// Run a prompt with a connected provider's CLI in your CLI VM (through
+    /// the controller's API; `$POLYDEV_TOKEN`), printing its output; exits
+    /// with the run's exit status.
+    Run(run::RunArgs),
     /// Users' upstream proxy ports: ls, show, pin, release, rotate.
     Upstream(upstream::UpstreamArgs),
     /// The credential vault's master keys (rotate).
@@ -131,6 +136,7 @@ fn main() {
             Cmd::Image(c) => artifacts::run(c).await,
             Cmd::Doctor(a) => doctor::run(data_dir, a).await,
             Cmd::Bench(c) => bench::run(c).await,
+            Cmd::Run(a) => run::run(a).await,
             Cmd::Upstream(a) => upstream::run(data_dir, a).await,
             Cmd::Vault(a) => vault::run(data_dir, a).await,
             Cmd::ControllerRun(a) => controller_run::run(data_dir, a).await,

@@ -78,6 +78,15 @@ pub struct ControllerArgs {
     /// login links and login backoff records.
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..), env = "POLYDEV_PURGE_INTERVAL_S")]
     pub purge_interval_s: u64,
+    /// Prompt runs one user may have queued or running at once.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..), env = "POLYDEV_MAX_RUNS_PER_USER")]
+    pub max_runs_per_user: u64,
+    /// Days a finished prompt run and its output are kept.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..), env = "POLYDEV_RUN_RETENTION_DAYS")]
+    pub run_retention_days: u64,
+    /// Finished prompt runs kept per user (older ones are purged).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..), env = "POLYDEV_MAX_RUNS_KEPT_PER_USER")]
+    pub max_runs_kept_per_user: u64,
 }
 
 /// Options of `polydev server`.
@@ -150,6 +159,9 @@ pub async fn run_controller(
             .unwrap_or(usize::MAX),
         max_websockets_per_user: usize::try_from(a.max_websockets_per_user).unwrap_or(usize::MAX),
         purge_interval: std::time::Duration::from_secs(a.purge_interval_s),
+        max_runs_per_user: usize::try_from(a.max_runs_per_user).unwrap_or(usize::MAX),
+        run_retention: std::time::Duration::from_secs(a.run_retention_days.saturating_mul(86_400)),
+        max_runs_kept_per_user: usize::try_from(a.max_runs_kept_per_user).unwrap_or(usize::MAX),
         proxies: http::ProxyConfig {
             trusted: a.trusted_proxies.clone(),
             header: a.client_ip_header,
