@@ -49,6 +49,18 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404",
 include-operation-id = "create_token"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
 
+# A prompt run needs the provider connected and the caller's CLI VM
+# running (409 otherwise, 404 for a provider the server does not have);
+# a page of runs starts after one of the caller's own runs (422 else).
+[[operations]]
+include-operation-id = "create_run"
+parameters = { "body.provider" = { dictionary = "providers", probability = 0.5 } }
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
+
+[[operations]]
+include-operation-id = "list_runs"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
+
 # The desktop and the terminal are WebSockets: a request that is not a
 # WebSocket handshake (no `Connection: Upgrade` or `Upgrade: websocket`) is
 # answered 426 Upgrade Required (RFC 9110 15.5.22), the status that says

@@ -20,11 +20,12 @@ use crate::http::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, Caller, Stream
 use crate::state::{Lifecycle, VmState};
 use crate::store::{NewRun, Run, RunEvent, RunState, RunStep, StoreError};
 
-/// Longest prompt accepted, in bytes (one argv element; the kernel's limit
-/// for one is 128 KiB, the request body's 64 KiB).
-pub const MAX_PROMPT_BYTES: usize = 32 * 1024;
-/// Longest working directory accepted, in bytes.
-pub const MAX_CWD_BYTES: usize = 1024;
+/// Longest prompt accepted, in characters (one argv element: the kernel's
+/// limit for one is 128 KiB, and the request body's 64 KiB keeps any
+/// prompt below it).
+pub const MAX_PROMPT_CHARS: usize = 32 * 1024;
+/// Longest working directory accepted, in characters.
+pub const MAX_CWD_CHARS: usize = 1024;
 /// A run's time limit when the request names none.
 pub const DEFAULT_TIMEOUT_SECS: u32 = 3600;
 /// The longest time limit a run may ask for.
@@ -37,13 +38,17 @@ pub struct RunCreate {
     /// Provider id (connected: see `GET /api/v1/credentials`).
     #[schema(min_length = 1, max_length = 64, pattern = "^[a-z0-9][a-z0-9_-]*$")]
     pub provider: String,
-    /// The prompt (1-32768 bytes, no NUL), passed to the provider's command
+    /// The prompt (1-32768 characters, no NUL), passed to the provider's command
     /// as one argument.
     #[schema(min_length = 1, max_length = 32768, pattern = "^[^\\x00]+$")]
     pub prompt: String,
     /// Working directory in the CLI VM: absolute, or relative to the home
     /// directory (default: the home directory).
-    #[schema(min_length = 1, max_length = 1024, pattern = "^[^\\x00-\\x1f\\x7f]+$")]
+    #[schema(
+        min_length = 1,
+        max_length = 1024,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"
+    )]
     pub cwd: Option<String>,
     /// Options.
     pub options: Option<RunOptions>,
@@ -183,9 +188,9 @@ fn working_dir(st: &AppState, cwd: Option<&str>) -> Result<String, ApiError> {
     let Some(cwd) = cwd else {
         return Ok(home);
     };
-    if cwd.is_empty() || cwd.len() > MAX_CWD_BYTES || cwd.chars().any(char::is_control) {
+    if cwd.is_empty() || cwd.chars().count() > MAX_CWD_CHARS || cwd.chars().any(char::is_control) {
         return Err(ApiError::invalid(format!(
-            "`cwd` must be 1-{MAX_CWD_BYTES} bytes without control characters: an absolute path in the CLI VM, or one relative to the home directory {home}"
+            "`cwd` must be 1-{MAX_CWD_CHARS} characters without control characters: an absolute path in the CLI VM, or one relative to the home directory {home}"
         )));
     }
     Ok(if cwd.starts_with('/') {
@@ -221,9 +226,12 @@ pub async fn create(
             ),
         ));
     }
-    if req.prompt.is_empty() || req.prompt.len() > MAX_PROMPT_BYTES || req.prompt.contains('\0') {
+    if req.prompt.is_empty()
+        || req.prompt.chars().count() > MAX_PROMPT_CHARS
+        || req.prompt.contains('\0')
+    {
         return Err(ApiError::invalid(format!(
-            "`prompt` must be 1-{MAX_PROMPT_BYTES} bytes without NUL characters"
+            "`prompt` must be 1-{MAX_PROMPT_CHARS} characters without NUL"
         )));
     }
     let cwd = working_dir(&st, req.cwd.as_deref())?;
