@@ -8,6 +8,12 @@
 //! decisions are pure functions of (record, observation, clock), tested over
 //! every state; [`recover`] applies them through the store, so each change is
 //! one transaction with its event like any other.
+//!
+//! Prompt runs need nothing here: a run's process lives in its VM and its
+//! record keeps how far its output was read, so the driver's next step
+//! ([`crate::driver::runs`]) reads on from that offset, or marks the run
+//! lost with the reason once the VM (settled above) or the run's directory
+//! in it is gone.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -140,6 +140,10 @@ pub async fn provision(
             path: f.source.display().to_string(),
             source,
         })?;
+        if data.len() > PIECE {
+            place_in_pieces(host, vm, f, &data).await?;
+            continue;
+        }
         run(
             host,
             vm,
@@ -182,6 +186,76 @@ pub async fn provision(
             ..Default::default()
         },
         "marking the VM provisioned",
+    )
+    .await
+}
+
+/// Most bytes of a file sent in one exec: a host agent takes request
+/// bodies up to 8 MiB (`polydev_host::server::MAX_BODY`) and standard input
+/// travels as base64 (4/3 larger) in JSON, so a larger file (the 7 MiB
+/// static test CLI) goes in pieces.
+const PIECE: usize = 4 * 1024 * 1024;
+
+/// The first piece: into a fresh temporary file beside the target, whose
+/// name is printed for the pieces after it.
+const PLACE_FIRST: &str = r#"umask 022; mkdir -p "${1%/*}" && t=$(mktemp "$1.polydev-tmp.XXXXXX") || exit 1
+cat >"$t" || { rm -f "$t"; exit 1; }
+printf '%s' "$t""#;
+
+/// A further piece, appended to that temporary file (which must be one of
+/// ours for this target).
+const PLACE_MORE: &str = r#"case "$2" in "$1".polydev-tmp.*) ;; *) exit 2 ;; esac
+cat >>"$2" || { rm -f "$2"; exit 1; }"#;
+
+/// The last step: mode, then the atomic rename into place.
+const PLACE_DONE: &str = r#"case "$3" in "$1".polydev-tmp.*) ;; *) exit 2 ;; esac
+chmod "$2" "$3" && mv "$3" "$1" || { rm -f "$3"; exit 1; }"#;
+
+/// Place `data` at `f.path` in pieces of [`PIECE`] bytes; the target
+/// appears only whole (rename at the end).
+async fn place_in_pieces(
+    host: &dyn HostApi,
+    vm: &str,
+    f: &VmFile,
+    data: &[u8],
+) -> Result<(), ProvisionError> {
+    let what = format!("placing {}", f.path);
+    let sh = |script: &str, args: &[&str], stdin: Option<Vec<u8>>| ExecRequest {
+        argv: ["sh", "-c", script, "sh"]
+            .into_iter()
+            .chain(args.iter().copied())
+            .map(String::from)
+            .collect(),
+        stdin,
+        timeout_ms: Some(120_000),
+        ..Default::default()
+    };
+    let mut pieces = data.chunks(PIECE);
+    let first = pieces.next().unwrap_or_default().to_vec();
+    let out = host
+        .exec(vm, sh(PLACE_FIRST, &[&f.path], Some(first)))
+        .await?;
+    if !out.success() {
+        return Err(ProvisionError::Failed(format!(
+            "{what} failed in the VM: {}",
+            super::login::redact(String::from_utf8_lossy(&out.stderr).trim())
+        )));
+    }
+    let tmp = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    for piece in pieces {
+        run(
+            host,
+            vm,
+            sh(PLACE_MORE, &[&f.path, &tmp], Some(piece.to_vec())),
+            &what,
+        )
+        .await?;
+    }
+    run(
+        host,
+        vm,
+        sh(PLACE_DONE, &[&f.path, &f.mode, &tmp], None),
+        &what,
     )
     .await
 }
