@@ -245,13 +245,30 @@ pub async fn refresh() -> Result<(), Error> {
 }
 
 /// `prompt TEXT`: a canned answer streamed as JSON lines, as coding CLIs do
-/// in their non-interactive modes. Needs credentials, no network.
+/// in their non-interactive modes. Needs credentials, no network. A prompt
+/// `/slow N` answers like a model that takes its time: one `delta` a
+/// second for N seconds (at most an hour), so tests can follow, cancel or
+/// interrupt a run that is still going.
 pub fn prompt(text: &str) -> Result<(), Error> {
     store::load(&store::default_path()?)?;
+    if let Some(n) = slow_seconds(text) {
+        say(&serde_json::json!({"type": "start", "prompt": text}).to_string())?;
+        for i in 0..n {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            say(&serde_json::json!({"type": "delta", "text": format!("tick {i}. ")}).to_string())?;
+        }
+        return say(&serde_json::json!({"type": "result", "text": "done", "exit": 0}).to_string());
+    }
     for line in prompt_lines(text) {
         say(&line)?;
     }
     Ok(())
+}
+
+/// The N of a `/slow N` prompt (1-3600).
+pub fn slow_seconds(text: &str) -> Option<u64> {
+    let n: u64 = text.strip_prefix("/slow ")?.trim().parse().ok()?;
+    (1..=3600).contains(&n).then_some(n)
 }
 
 /// The JSON lines `prompt` prints.
@@ -289,6 +306,14 @@ mod tests {
         let wrong_aud = jwt(serde_json::json!({"iss": iss, "aud": ["x"], "nonce": "n"}));
         assert!(check_id_token(&wrong_aud, iss, "n").is_err());
         assert!(check_id_token("garbage", iss, "n").is_err());
+    }
+
+    #[test]
+    fn slow_prompts_are_recognised() {
+        assert_eq!(slow_seconds("/slow 5"), Some(5));
+        assert_eq!(slow_seconds("/slow 0"), None);
+        assert_eq!(slow_seconds("/slow 9999"), None);
+        assert_eq!(slow_seconds("slow 5"), None);
     }
 
     #[test]

@@ -37,7 +37,8 @@ enum Cmd {
     Whoami,
     /// Rotate the stored tokens with the refresh token.
     Refresh,
-    /// Print a canned answer to TEXT as a stream of JSON lines.
+    /// Print a canned answer to TEXT as a stream of JSON lines (`/slow N`:
+    /// one line a second for N seconds).
     Prompt {
         /// The prompt.
         text: String,
