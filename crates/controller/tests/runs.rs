@@ -821,8 +821,11 @@ async fn a_restarted_controller_resumes_or_loses_runs(db: common::TestDb) {
         .trim()
         .parse()
         .unwrap();
-    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    // The directory goes first: a step of the stopped driver still in
+    // flight then reads `absent` (lost, as wanted), never a killed run
+    // whose directory is still there.
     std::fs::remove_dir_all(rig.runs_dir().join(&ids[1])).unwrap();
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
     eventually(30, "the first run exits in the VM", || async {
         rig.runs_dir().join(&ids[0]).join("exit").exists()
     })
