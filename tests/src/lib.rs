@@ -16,9 +16,12 @@ pub mod rfb;
 /// A static program the README's setup builds for VMs (`polydev-testcli`,
 /// `polydev-egress-flood`), which tests copy in.
 pub fn static_test_bin(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/x86_64-unknown-linux-gnu/release")
-        .join(name);
+    // The build's own target directory: a worktree built with
+    // CARGO_TARGET_DIR has its binaries there, not in ../target.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let p = target.join("x86_64-unknown-linux-gnu/release").join(name);
     assert!(
         p.is_file(),
         "{} is missing: build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build \

@@ -25,22 +25,6 @@ use serde_json::{json, Value};
 
 mod driver_support;
 
-/// The static test CLI (built by `./polydev.sh setup`) in this build's
-/// target directory.
-fn testcli_bin() -> std::path::PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let p = target.join("x86_64-unknown-linux-gnu/release/polydev-testcli");
-    assert!(
-        p.is_file(),
-        "{} is missing: build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build \
-         --release -p polydev-testcli --target x86_64-unknown-linux-gnu (./polydev.sh setup does)",
-        p.display()
-    );
-    p
-}
-
 struct Client {
     addr: String,
     auth: String,
@@ -105,7 +89,7 @@ impl Client {
 #[test]
 fn prompts_run_stream_cancel_and_outlive_the_controller() {
     polydev_e2e::require_images(&["cli"]);
-    let testcli = testcli_bin();
+    let testcli = polydev_e2e::static_test_bin("polydev-testcli");
     let host = Host::start();
     let data = host.data().to_path_buf();
     std::fs::create_dir_all(data.join("providers")).unwrap();
