@@ -201,6 +201,19 @@ pub(super) async fn step(inner: &Arc<Inner>, run: Run) -> Result<bool, StoreErro
     }
 }
 
+/// Finish `run` as lost, with why.
+async fn lost(inner: &Inner, run: &Run, why: String) -> Result<bool, StoreError> {
+    finish(
+        inner,
+        run,
+        RunState::Lost,
+        Some(why),
+        None,
+        RunStep::default(),
+    )
+    .await
+}
+
 async fn finish(
     inner: &Inner,
     run: &Run,
@@ -397,15 +410,7 @@ async fn kill(inner: &Inner, vm: &str, run: &Run) -> Result<(), HostError> {
 async fn running(inner: &Inner, run: &Run) -> Result<bool, StoreError> {
     let now = now_ms();
     if let Some(why) = vm_problem(inner, run).await? {
-        return finish(
-            inner,
-            run,
-            RunState::Lost,
-            Some(why),
-            None,
-            RunStep::default(),
-        )
-        .await;
+        return lost(inner, run, why).await;
     }
     let vm = inner.store.vm(&run.vm_id).await?;
     let r = host_ref(&vm);
@@ -429,15 +434,7 @@ async fn running(inner: &Inner, run: &Run) -> Result<bool, StoreError> {
         }
         Err(HostError::NotFound(m)) => {
             let why = format!("the CLI VM {} is gone at its host: {m}", vm.id);
-            return finish(
-                inner,
-                run,
-                RunState::Lost,
-                Some(why),
-                None,
-                RunStep::default(),
-            )
-            .await;
+            return lost(inner, run, why).await;
         }
         Err(e) => {
             // Past its time limit and then some: the VM is not coming back
@@ -447,15 +444,7 @@ async fn running(inner: &Inner, run: &Run) -> Result<bool, StoreError> {
                 .saturating_add(UNREACHABLE_MS);
             if now > give_up {
                 let why = format!("the CLI VM {} stopped answering: {e}", vm.id);
-                return finish(
-                    inner,
-                    run,
-                    RunState::Lost,
-                    Some(why),
-                    None,
-                    RunStep::default(),
-                )
-                .await;
+                return lost(inner, run, why).await;
             }
             tracing::warn!(run = %run.id, error = %e, "cannot read the run's output; retrying");
             return Ok(false);
@@ -473,15 +462,7 @@ async fn running(inner: &Inner, run: &Run) -> Result<bool, StoreError> {
             "the run's directory {d} is gone from the CLI VM {} (the VM restarted): its output after byte {} is lost",
             vm.id, run.output_offset
         );
-        return finish(
-            inner,
-            run,
-            RunState::Lost,
-            Some(why),
-            None,
-            RunStep::default(),
-        )
-        .await;
+        return lost(inner, run, why).await;
     }
     let ended = matches!(status, Status::Dead | Status::Exited(_));
     let eof = ended && bytes.len() < READ_CHUNK;

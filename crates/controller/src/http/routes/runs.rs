@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -309,11 +309,10 @@ pub async fn create(
         Err(e) => return Err(e.into()),
     };
     st.notify();
-    let mut r = (StatusCode::CREATED, Json(RunView::from(&run))).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/runs/{}", run.id)) {
-        r.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(r)
+    Ok(super::created(
+        RunView::from(&run),
+        &format!("/api/v1/runs/{}", run.id),
+    ))
 }
 
 /// The caller's runs, newest first, one page at a time (`before` = the

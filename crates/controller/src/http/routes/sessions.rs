@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -88,11 +88,10 @@ pub async fn create(
         Err(e) => return Err(e.into()),
     };
     st.notify();
-    let mut r = (StatusCode::CREATED, Json(SessionView::from(&s))).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/sessions/{}", s.id)) {
-        r.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(r)
+    Ok(super::created(
+        SessionView::from(&s),
+        &format!("/api/v1/sessions/{}", s.id),
+    ))
 }
 
 /// The caller's sessions, oldest first.
