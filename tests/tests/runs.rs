@@ -13,9 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use polydev_controller::auth::{Auth, AuthConfig, Scope};
 use polydev_controller::driver::DriverConfig;
-use polydev_controller::http::{self, AppState, HttpConfig};
 use polydev_controller::store::Store;
 use polydev_controller::upstream::UpstreamConfig;
 use polydev_controller::vault::{Keyring, Vault};
@@ -111,25 +109,8 @@ fn prompts_run_stream_cancel_and_outlive_the_controller() {
         (tx, rt.spawn(d.clone().run(rx)), d)
     };
     let (driver_stop, driver_task, driver) = start_driver(&rt);
-    let (api_stop, api_stop_rx) = tokio::sync::watch::channel(false);
-    let auth = Auth::new(store.clone(), AuthConfig::default()).unwrap();
-    let state = AppState::new(
-        auth.clone(),
-        Some(driver),
-        HttpConfig::unlimited(),
-        api_stop_rx,
-    )
-    .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let served = rt.spawn(http::serve(listener, state));
-    let user = rt.block_on(store.create_user("runner", "user")).unwrap();
-    let scopes: Vec<Scope> = Scope::ALL.into_iter().filter(|s| !s.admin_only()).collect();
-    let (_, token) = rt
-        .block_on(auth.create_token(&user.id, "t", &scopes, None))
-        .unwrap();
+    let served = driver_support::ServedApi::start(&rt, &store, driver, "runner");
+    let (addr, token, user) = (served.addr.clone(), served.token.clone(), &served.user);
     let api = Client {
         addr: addr.clone(),
         auth: format!("Bearer {token}"),
@@ -345,8 +326,7 @@ fn prompts_run_stream_cancel_and_outlive_the_controller() {
 
     driver_stop.send(true).unwrap();
     rt.block_on(driver_task).unwrap().unwrap();
-    api_stop.send(true).unwrap();
-    rt.block_on(served).unwrap().unwrap();
+    served.shutdown(&rt);
 }
 
 /// `s` as one single-quoted shell word.

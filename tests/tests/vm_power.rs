@@ -18,9 +18,7 @@
 use std::time::{Duration, Instant};
 
 use polydev_api::vm::VmState as HostState;
-use polydev_controller::auth::{Auth, AuthConfig, Scope};
 use polydev_controller::driver::DriverConfig;
-use polydev_controller::http::{self, AppState, HttpConfig};
 use polydev_controller::state::{SessionState, VmState};
 use polydev_controller::store::{Also, Store};
 use polydev_controller::upstream::UpstreamConfig;
@@ -94,25 +92,8 @@ fn a_cli_vm_stops_and_starts_with_its_home_and_disconnect_removes_the_files() {
     let driver = driver_support::driver_at_host(&store, &data, UpstreamConfig::none(), cfg);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let running = rt.spawn(driver.clone().run(stop_rx));
-    let (api_stop, api_stop_rx) = tokio::sync::watch::channel(false);
-    let auth = Auth::new(store.clone(), AuthConfig::default()).unwrap();
-    let state = AppState::new(
-        auth.clone(),
-        Some(driver.clone()),
-        HttpConfig::unlimited(),
-        api_stop_rx,
-    )
-    .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let served = rt.spawn(http::serve(listener, state));
-    let user = rt.block_on(store.create_user("pw", "user")).unwrap();
-    let scopes: Vec<Scope> = Scope::ALL.into_iter().filter(|s| !s.admin_only()).collect();
-    let (_, token) = rt
-        .block_on(auth.create_token(&user.id, "t", &scopes, None))
-        .unwrap();
+    let served = driver_support::ServedApi::start(&rt, &store, driver.clone(), "pw");
+    let (addr, token, user) = (served.addr.clone(), served.token.clone(), &served.user);
     let api = Client {
         addr,
         auth: format!("Bearer {token}"),
@@ -301,6 +282,5 @@ fn a_cli_vm_stops_and_starts_with_its_home_and_disconnect_removes_the_files() {
 
     tx.send(true).unwrap();
     rt.block_on(again).unwrap().unwrap();
-    api_stop.send(true).unwrap();
-    rt.block_on(served).unwrap().unwrap();
+    served.shutdown(&rt);
 }

@@ -91,3 +91,57 @@ output = "text"
 "#
     )
 }
+
+/// The controller's HTTP API over a driver, served on a loopback port,
+/// and a user with a bearer token of every non-admin scope.
+pub struct ServedApi {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The user's bearer token.
+    pub token: String,
+    /// The user.
+    pub user: polydev_controller::store::User,
+    stop: tokio::sync::watch::Sender<bool>,
+    served: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl ServedApi {
+    /// Serve the API of `store` and `driver` in `rt`, for a new user `name`.
+    pub fn start(rt: &tokio::runtime::Runtime, store: &Store, driver: Driver, name: &str) -> Self {
+        use polydev_controller::auth::{Auth, AuthConfig, Scope};
+        use polydev_controller::http::{self, AppState, HttpConfig};
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let auth = Auth::new(store.clone(), AuthConfig::default()).expect("auth");
+        let state = AppState::new(auth.clone(), Some(driver), HttpConfig::unlimited(), stop_rx)
+            .expect("app state");
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("a loopback port");
+        let addr = listener.local_addr().expect("its address").to_string();
+        let served = rt.spawn(http::serve(listener, state));
+        let user = rt
+            .block_on(store.create_user(name, "user"))
+            .expect("a user");
+        let scopes: Vec<Scope> = Scope::ALL.into_iter().filter(|s| !s.admin_only()).collect();
+        let (_, token) = rt
+            .block_on(auth.create_token(&user.id, "t", &scopes, None))
+            .expect("a token");
+        ServedApi {
+            addr,
+            token,
+            user,
+            stop,
+            served,
+        }
+    }
+
+    /// Stop serving and wait until the server is done.
+    pub fn shutdown(self, rt: &tokio::runtime::Runtime) {
+        self.stop
+            .send(true)
+            .expect("the server listens for its stop");
+        rt.block_on(self.served)
+            .expect("the server task")
+            .expect("the server ends cleanly");
+    }
+}
