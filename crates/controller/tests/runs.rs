@@ -291,7 +291,16 @@ impl Rig {
 
     async fn wait_state(&self, id: &str, want: RunState) -> polydev_controller::store::Run {
         eventually(30, &format!("run {id} is {}", want.as_str()), || async {
-            self.store.run(id).await.unwrap().state == want
+            let r = self.store.run(id).await.unwrap();
+            let active = matches!(r.state, RunState::Queued | RunState::Running);
+            assert!(
+                r.state == want || active,
+                "run {id} ended {} ({:?}), not {}",
+                r.state.as_str(),
+                r.reason,
+                want.as_str()
+            );
+            r.state == want
         })
         .await;
         self.store.run(id).await.unwrap()
@@ -824,7 +833,11 @@ async fn a_restarted_controller_resumes_or_loses_runs(db: common::TestDb) {
     // The directory goes first: a step of the stopped driver still in
     // flight then reads `absent` (lost, as wanted), never a killed run
     // whose directory is still there.
-    std::fs::remove_dir_all(rig.runs_dir().join(&ids[1])).unwrap();
+    // Renamed away in one step, since `remove_dir_all` deletes `pid` before
+    // the directory: a read in between would see a dead run, not a gone one.
+    let away = rig.dir.path().join("gone-run");
+    std::fs::rename(rig.runs_dir().join(&ids[1]), &away).unwrap();
+    std::fs::remove_dir_all(&away).unwrap();
     unsafe { libc::kill(-pid, libc::SIGKILL) };
     eventually(30, "the first run exits in the VM", || async {
         rig.runs_dir().join(&ids[0]).join("exit").exists()
