@@ -334,17 +334,45 @@ fn sign_in(w: &World, i: usize, together: &Together) -> SignedIn {
             .wait_event("login_failed", |e| e["user"] == who.name.as_str());
     }
 
-    // 4. The right one, then consent.
-    type_credentials(&mut desk, tag, &who.name, &who.password);
-    let submitted = Instant::now();
-    let (_, allow) = wait_screen(
-        &mut desk,
-        &format!("{tag}: consent page"),
-        &format!("signin-{tag}-3-consent.png"),
-        Duration::from_secs(300),
-        false,
-        consent_page("allow_button"),
-    );
+    // 4. The right one, then consent. A busy host can lose keys while the
+    // page settles, and the server then refuses the sign-in: a person sees
+    // the page again and types again (the server's own count of refusals
+    // says so, since an earlier banner may still be on screen).
+    let refusals = || {
+        w.server
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "login_failed" && e["user"] == who.name.as_str())
+            .count()
+    };
+    let mut expected_refusals = refusals();
+    let mut tries = 0;
+    let (allow, submitted) = loop {
+        type_credentials(&mut desk, tag, &who.name, &who.password);
+        let typed = Instant::now();
+        tries += 1;
+        let retry = tries < 3;
+        let (_, seen) = wait_screen(
+            &mut desk,
+            &format!("{tag}: consent page"),
+            &format!("signin-{tag}-3-consent.png"),
+            Duration::from_secs(300),
+            false,
+            |f| match consent_page("allow_button")(f) {
+                Some(b) => Some(Some(b)),
+                None => (retry && refusals() > expected_refusals).then_some(None),
+            },
+        );
+        match seen {
+            Some(b) => break (b, typed),
+            None => {
+                eprintln!(
+                    "{tag}: the server refused the sign-in (keys lost while typing); typing again"
+                );
+                expected_refusals = refusals();
+            }
+        }
+    };
     // Everyone is signed in and on their consent page: all sessions are
     // live at once. Then each allows.
     together.at_consent.arrive();
