@@ -9,7 +9,9 @@
 
 use std::time::{Duration, Instant};
 
-use polydev_e2e::http::{call, make_token, redeem_link, sse_until, ApiProcess};
+use polydev_e2e::http::{
+    call, make_token, read_until, redeem_link, sse_until, websocket, ApiProcess,
+};
 use serde_json::json;
 
 mod driver_support;
@@ -39,46 +41,6 @@ fn desktop(
         addr,
         &format!("/api/v1/sessions/{id}/desktop?ticket={ticket}"),
     )
-}
-
-/// Read terminal output until it contains `want` (or the stream ends).
-fn read_until(ws: &mut tungstenite::WebSocket<std::net::TcpStream>, want: &str) -> String {
-    let mut out = Vec::new();
-    while !String::from_utf8_lossy(&out).contains(want) {
-        match ws.read() {
-            Ok(tungstenite::Message::Binary(b)) => out.extend_from_slice(&b),
-            Ok(tungstenite::Message::Close(c)) => {
-                panic!(
-                    "terminal closed ({c:?}) before {want:?}: {}",
-                    String::from_utf8_lossy(&out)
-                )
-            }
-            Ok(_) => {}
-            Err(e) => panic!(
-                "terminal read before {want:?}: {e}: {}",
-                String::from_utf8_lossy(&out)
-            ),
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Open a WebSocket at `path`: the upgrade's status, and on 101 the
-/// connection.
-fn websocket(addr: &str, path: &str) -> Result<tungstenite::WebSocket<std::net::TcpStream>, u16> {
-    let url = format!("ws://{addr}{path}");
-    let stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
-    match tungstenite::client::client(url, stream) {
-        Ok((ws, resp)) => {
-            assert_eq!(resp.status(), 101);
-            Ok(ws)
-        }
-        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
-            Err(r.status().as_u16())
-        }
-        Err(e) => panic!("WebSocket handshake: {e}"),
-    }
 }
 
 /// `polydev up` on `data`, logging to `up-<tag>.log`.

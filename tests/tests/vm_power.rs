@@ -2,7 +2,8 @@
 //! with the production defaults on the CLI side (the cli image, its
 //! unprivileged `user`, delivery as that user): the VM is created through
 //! the API, a file the user writes in /home survives Stop (the host's VM
-//! is then off, not running) and Start; a stopped VM has no terminal; and
+//! is then off with its memory saved, not running) and Start (which resumes
+//! it); and
 //! Disconnect takes the delivered credential out of the running VM — the
 //! whole file removed, the fields merged into the user's own file taken
 //! out while the user's other key stays — and names the VM it did that in.
@@ -145,21 +146,9 @@ fn a_cli_vm_stops_and_starts_with_its_home_and_disconnect_removes_the_files() {
     );
     api.wait_vm(&id, "hibernated", Duration::from_secs(180));
     assert_eq!(host.inspect(&host_vm()).state, HostState::Off);
-    // Its terminal: a clear refusal saying to start it.
-    let r = api.call(
-        "POST",
-        "/api/v1/tickets",
-        Some(json!({"kind": "terminal", "resource_id": id})),
-    );
-    assert_eq!(r.status, 409);
-    assert!(
-        r.json()["detail"]
-            .as_str()
-            .unwrap_or("")
-            .contains("the VM is stopped: start it"),
-        "{:?}",
-        r.json()
-    );
+    // Its memory was saved: Start resumes the same boot.
+    let info = host.inspect(&host_vm());
+    assert!(info.hibernated, "{info:?}");
 
     // Start: running again, the user's file still there.
     let r = api.call("POST", &format!("/api/v1/vms/{id}/start"), Some(json!({})));
@@ -168,7 +157,13 @@ fn a_cli_vm_stops_and_starts_with_its_home_and_disconnect_removes_the_files() {
         (202, json!("resuming"))
     );
     api.wait_vm(&id, "running", Duration::from_secs(400));
-    assert_eq!(host.inspect(&host_vm()).state, HostState::Running);
+    let info = host.inspect(&host_vm());
+    assert_eq!(info.state, HostState::Running);
+    assert_eq!(
+        info.restored_from.as_deref(),
+        Some("hibernation"),
+        "{info:?}"
+    );
     assert_eq!(as_user("cat ~/mine.txt").stdout.trim(), "kept-across-stop");
 
     // Disconnect: the credential file gone, only its field taken out of

@@ -212,8 +212,13 @@ pub struct VmInfo {
     pub created_ms: u64,
     /// Milliseconds from start to guest-agent-ready (when known).
     pub boot_ms: Option<u64>,
-    /// Snapshot this VM was restored from, if any.
+    /// Snapshot this VM was restored from, if any; `hibernation` when its
+    /// last start resumed it from its own saved memory.
     pub restored_from: Option<String>,
+    /// Off with its memory saved (`polydev vm hibernate`): the next start
+    /// resumes it where it was instead of booting.
+    #[serde(default)]
+    pub hibernated: bool,
 }
 
 /// A saved snapshot of a VM.

@@ -135,7 +135,15 @@ pub enum VmCmd {
         /// VM id or name.
         id: String,
     },
-    /// Boot a VM that is off, with the same id, spec and disks.
+    /// Hibernate a VM: save its memory to disk and end its hypervisor, disks
+    /// kept; `vm start` resumes it where it was (a VM whose memory cannot be
+    /// saved is powered off instead).
+    Hibernate {
+        /// VM id or name.
+        id: String,
+    },
+    /// Start a VM that is off, with the same id, spec and disks: resumed
+    /// from its saved memory if it was hibernated, else booted.
     Start {
         /// VM id or name.
         id: String,
@@ -492,6 +500,7 @@ pub async fn run(data_dir: PathBuf, cmd: VmCmd) -> anyhow::Result<i32> {
             }
         }
         VmCmd::Stop { id } => simple(&c, &id, "stop").await,
+        VmCmd::Hibernate { id } => simple(&c, &id, "hibernate").await,
         VmCmd::Start { id } => simple(&c, &id, "start").await,
         VmCmd::Forward {
             id,

@@ -12,25 +12,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 use common::api::{assert_problem, call, eventually, Api};
-use polydev_api::agent::{ExecRequest, ExitStatus, ForwardTarget, ServiceStatus};
-use polydev_api::vm::{LogKind, VmInfo, VmSpec};
-use polydev_controller::auth::{Auth, AuthConfig, Role, Scope};
-use polydev_controller::driver::host::HostFuture;
-use polydev_controller::driver::{
-    Driver, DriverConfig, Duplex, ExecOutput, HostApi, HostError, KeySource,
-};
-use polydev_controller::http::{self, AppState, HttpConfig};
-use polydev_controller::providers::Providers;
+use common::rig::{cli_vm, connect, host_row, run_body, user, Rig};
+use polydev_controller::auth::AuthConfig;
+use polydev_controller::http::HttpConfig;
 use polydev_controller::state::VmState;
-use polydev_controller::store::{Also, RunState, RunStep, Store, Vm, VmKind};
-use polydev_controller::vault::{Keyring, Vault};
+use polydev_controller::store::{Also, RunState, RunStep};
 use reqwest::Method;
 use serde_json::{json, Value};
-use tokio::sync::watch;
 
 both_backends!(
     creates_are_validated_and_runs_are_private,
@@ -38,285 +29,6 @@ both_backends!(
     runs_stream_typed_events_exit_and_cancel,
     a_restarted_controller_resumes_or_loses_runs,
 );
-
-fn user_scopes() -> Vec<Scope> {
-    Scope::ALL.into_iter().filter(|s| !s.admin_only()).collect()
-}
-
-async fn user(auth: &Auth, name: &str) -> (String, String) {
-    let u = auth.create_user(name, Role::User, None).await.unwrap();
-    let (_, t) = auth
-        .create_token(&u.id, "all", &user_scopes(), None)
-        .await
-        .unwrap();
-    (u.id, t)
-}
-
-async fn host_row(s: &Store) {
-    sqlx::query("INSERT INTO hosts (id, name, address, vcpus, memory_mib, state, created_at) VALUES ('local', 'local', 'in-process', 4, 8192, 'up', 0) ON CONFLICT (id) DO NOTHING")
-        .execute(s.pool())
-        .await
-        .unwrap();
-}
-
-/// A CLI VM record of `user` walked to `to`.
-async fn cli_vm(s: &Store, user: &str, to: &[VmState]) -> Vm {
-    let mut vm = s.create_vm(user, VmKind::Cli).await.unwrap();
-    for &st in to {
-        let also = if st == VmState::Creating {
-            Also {
-                placement: Some(("local".into(), vm.id.clone())),
-                ..Also::default()
-            }
-        } else {
-            Also::default()
-        };
-        vm = s.transition_vm(&vm, st, None, also).await.unwrap();
-    }
-    vm
-}
-
-async fn connect(s: &Store, user: &str, provider: &str) {
-    Vault::new(Keyring::generate().unwrap())
-        .store(s, user, provider, b"{}")
-        .await
-        .unwrap();
-}
-
-fn run_body(prompt: &str) -> Value {
-    json!({ "provider": "fakecli", "prompt": prompt })
-}
-
-/// The stand-in CLI: `wait FILE` prints, waits for FILE, prints, exits 0;
-/// `fail` prints to stderr and exits 3; anything else prints a start
-/// event, the prompt as given, the working directory and a result.
-const FAKE_CLI: &str = r#"#!/bin/sh
-case "$1" in
-wait\ *)
-  echo '{"type":"start"}'
-  while [ ! -f "${1#wait }" ]; do sleep 0.05; done
-  echo '{"type":"delta","text":"after the gate"}'
-  echo '{"type":"result"}' ;;
-fail)
-  echo 'something went wrong' >&2
-  exit 3 ;;
-*)
-  echo '{"type":"start","n":1}'
-  printf '%s\n' "$1"
-  pwd
-  printf '{"type":"result"}' ;;
-esac
-"#;
-
-/// A provider directory with `fakecli` (the test CLI's definition with the
-/// stand-in as its prompt command).
-fn providers(dir: &Path) -> Providers {
-    let cli = dir.join("fakecli.sh");
-    std::fs::write(&cli, FAKE_CLI).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let testcli = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../providers/testcli.toml"),
-    )
-    .unwrap();
-    let text = testcli
-        .replace("id = \"testcli\"", "id = \"fakecli\"")
-        .replace(
-            "command = [\"polydev-testcli\", \"prompt\", \"{prompt}\"]",
-            &format!("command = [\"{}\", \"{{prompt}}\"]", cli.display()),
-        );
-    assert!(
-        text.contains("fakecli.sh"),
-        "the prompt command was replaced"
-    );
-    let pdir = dir.join("providers");
-    std::fs::create_dir_all(&pdir).unwrap();
-    std::fs::write(pdir.join("fakecli.toml"), text).unwrap();
-    Providers::load_dir(&pdir).unwrap()
-}
-
-/// A host whose VMs are this machine: every exec is a local process.
-struct LocalExec;
-
-impl HostApi for LocalExec {
-    fn host_id(&self) -> &str {
-        "local"
-    }
-    fn create<'a>(&'a self, _: &'a VmSpec) -> HostFuture<'a, VmInfo> {
-        Box::pin(async { Err(HostError::Refused("this test host creates no VMs".into())) })
-    }
-    fn inspect<'a>(&'a self, _: &'a str) -> HostFuture<'a, VmInfo> {
-        // Unknown to recovery and the VM steps: the record is kept as is.
-        Box::pin(async {
-            Err(HostError::Unreachable(
-                "this test host has no VM records".into(),
-            ))
-        })
-    }
-    fn exec<'a>(&'a self, _vm: &'a str, req: ExecRequest) -> HostFuture<'a, ExecOutput> {
-        Box::pin(async move {
-            let mut cmd = tokio::process::Command::new(&req.argv[0]);
-            cmd.args(&req.argv[1..])
-                .envs(&req.env)
-                .current_dir(req.cwd.as_deref().unwrap_or("/"))
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped());
-            let mut child = cmd.spawn().map_err(|e| HostError::Failed(e.to_string()))?;
-            if let Some(mut sin) = child.stdin.take() {
-                use tokio::io::AsyncWriteExt;
-                if let Some(data) = &req.stdin {
-                    sin.write_all(data).await.ok();
-                }
-            }
-            let out = child
-                .wait_with_output()
-                .await
-                .map_err(|e| HostError::Failed(e.to_string()))?;
-            Ok(ExecOutput {
-                stdout: out.stdout,
-                stderr: out.stderr,
-                status: Some(ExitStatus {
-                    code: out.status.code(),
-                    signal: None,
-                    timed_out: false,
-                }),
-            })
-        })
-    }
-    fn destroy<'a>(&'a self, _: &'a str) -> HostFuture<'a, ()> {
-        Box::pin(async { Ok(()) })
-    }
-    fn stop<'a>(&'a self, _: &'a str) -> HostFuture<'a, VmInfo> {
-        Box::pin(async { Err(HostError::Refused("not here".into())) })
-    }
-    fn start<'a>(&'a self, _: &'a str) -> HostFuture<'a, VmInfo> {
-        Box::pin(async { Err(HostError::Refused("not here".into())) })
-    }
-    fn services<'a>(&'a self, _: &'a str) -> HostFuture<'a, Vec<ServiceStatus>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-    fn forward<'a>(&'a self, _: &'a str, _: ForwardTarget) -> HostFuture<'a, Box<dyn Duplex>> {
-        Box::pin(async { Err(HostError::Refused("not here".into())) })
-    }
-    fn logs<'a>(&'a self, _: &'a str, _: LogKind) -> HostFuture<'a, String> {
-        Box::pin(async { Ok(String::new()) })
-    }
-}
-
-/// The API with a driver over [`LocalExec`], and what a test needs.
-struct Rig {
-    base: String,
-    client: reqwest::Client,
-    auth: Auth,
-    store: Store,
-    host: Arc<LocalExec>,
-    dir: tempfile::TempDir,
-    providers: Providers,
-    http_stop: watch::Sender<bool>,
-    driver_stop: Option<watch::Sender<bool>>,
-}
-
-impl Rig {
-    async fn start(db: &common::TestDb, cfg: HttpConfig) -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("home")).unwrap();
-        let providers = providers(dir.path());
-        let host = Arc::new(LocalExec);
-        let driver = Self::driver(&db.store, &host, dir.path(), &providers);
-        let auth = Auth::new(db.store.clone(), AuthConfig::default()).unwrap();
-        let (http_stop, rx) = watch::channel(false);
-        let state = AppState::new(auth.clone(), Some(driver), cfg, rx).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(http::serve(listener, state));
-        Rig {
-            base,
-            client: reqwest::Client::builder().no_proxy().build().unwrap(),
-            auth,
-            store: db.store.clone(),
-            host,
-            dir,
-            providers,
-            http_stop,
-            driver_stop: None,
-        }
-    }
-
-    fn driver(store: &Store, host: &Arc<LocalExec>, dir: &Path, providers: &Providers) -> Driver {
-        Driver::with_config(
-            store.clone(),
-            host.clone(),
-            providers.clone(),
-            KeySource::fixed(Keyring::generate().unwrap()),
-            polydev_controller::upstream::UpstreamConfig::none(),
-            DriverConfig {
-                cli_owner: None,
-                cli_home: dir.join("home").display().to_string(),
-                runs_dir: dir.join("runs").display().to_string(),
-                poll_ms: 50,
-                idle_poll_ms: 50,
-                ..DriverConfig::default()
-            },
-        )
-    }
-
-    /// Start (or restart) a driver over the same store and host.
-    fn run_driver(&mut self) {
-        let (tx, rx) = watch::channel(false);
-        let d = Self::driver(&self.store, &self.host, self.dir.path(), &self.providers);
-        tokio::spawn(d.run(rx));
-        self.driver_stop = Some(tx);
-    }
-
-    fn stop_driver(&mut self) {
-        if let Some(tx) = self.driver_stop.take() {
-            tx.send(true).unwrap();
-        }
-    }
-
-    async fn call(
-        &self,
-        m: Method,
-        path: &str,
-        t: &str,
-        body: Option<Value>,
-    ) -> (reqwest::StatusCode, reqwest::header::HeaderMap, Value) {
-        call(&self.client, &self.base, m, path, Some(t), &[], body).await
-    }
-
-    fn runs_dir(&self) -> PathBuf {
-        self.dir.path().join("runs")
-    }
-
-    async fn wait_state(&self, id: &str, want: RunState) -> polydev_controller::store::Run {
-        eventually(30, &format!("run {id} is {}", want.as_str()), || async {
-            let r = self.store.run(id).await.unwrap();
-            let active = matches!(r.state, RunState::Queued | RunState::Running);
-            assert!(
-                r.state == want || active,
-                "run {id} ended {} ({:?}), not {}",
-                r.state.as_str(),
-                r.reason,
-                want.as_str()
-            );
-            r.state == want
-        })
-        .await;
-        self.store.run(id).await.unwrap()
-    }
-
-    async fn events(&self, id: &str) -> Vec<polydev_controller::store::RunEvent> {
-        self.store.run_events_after(id, 0, 10_000).await.unwrap()
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        self.stop_driver();
-        let _ = self.http_stop.send(true);
-    }
-}
 
 async fn creates_are_validated_and_runs_are_private(db: common::TestDb) {
     let api = Api::start(&db, HttpConfig::unlimited(), AuthConfig::default()).await;
@@ -380,28 +92,28 @@ async fn creates_are_validated_and_runs_are_private(db: common::TestDb) {
     connect(s, &alice, "codex").await;
     let (st, h, v) = post(json!({"provider": "codex", "prompt": "hi"})).await;
     assert_problem((st, &h, &v), 409, "no-cli-vm", "no CLI VM");
-    let vm = cli_vm(
-        s,
-        &alice,
-        &[
-            VmState::Creating,
-            VmState::Running,
-            VmState::Hibernating,
-            VmState::Hibernated,
-        ],
-    )
-    .await;
+    // A VM still being created cannot take a run (a hibernated one can:
+    // the driver resumes it first, `tests/idle.rs`).
+    let vm = cli_vm(s, &alice, &[]).await;
     let (st, h, v) = post(json!({"provider": "codex", "prompt": "hi"})).await;
-    assert_problem((st, &h, &v), 409, "cli-vm-not-running", "stopped VM");
+    assert_problem((st, &h, &v), 409, "cli-vm-not-running", "VM being created");
     assert!(
         v["detail"]
             .as_str()
             .unwrap()
-            .contains(&format!("/api/v1/vms/{}/start", vm.id)),
+            .contains(&format!("{} is pending", vm.id)),
         "{v}"
     );
     let vm = s
-        .transition_vm(&vm, VmState::Resuming, None, Also::default())
+        .transition_vm(
+            &vm,
+            VmState::Creating,
+            None,
+            polydev_controller::store::Also {
+                placement: Some(("local".into(), vm.id.clone())),
+                ..Also::default()
+            },
+        )
         .await
         .unwrap();
     s.transition_vm(&vm, VmState::Running, None, Also::default())

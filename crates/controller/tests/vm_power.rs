@@ -1,7 +1,7 @@
 //! Stop and start of a CLI VM, and disconnect, over the real HTTP API on
 //! SQLite and on a real PostgreSQL: what the routes accept and refuse in
 //! each VM state (the driver's work at the host is the e2e test
-//! `tests/tests/vm_power.rs`), terminals of a stopped VM, and the
+//! `tests/tests/vm_power.rs`), a terminal ticket resuming a stopped VM, and the
 //! credential's holder VM.
 
 mod common;
@@ -112,21 +112,28 @@ async fn stop_and_start_follow_the_vm_state(db: common::TestDb) {
 
     // What the driver does at the host; then the VM is stopped.
     let vm = walk(s, &s.vm(&vm.id).await.unwrap(), &[VmState::Hibernated]).await;
-    // A stopped VM has no terminal: a clear 409, before any ticket.
-    let (st, h, v) = post(
+    // A stopped VM's terminal resumes it: the ticket is given and the VM
+    // is on its way back while the client connects.
+    let (st, _, v) = post(
         "/api/v1/tickets".into(),
         t.clone(),
         Some(json!({"kind": "terminal", "resource_id": vm.id})),
     )
     .await;
-    assert_problem((st, &h, &v), 409, "conflict", "terminal of a stopped VM");
-    assert!(
-        v["detail"]
-            .as_str()
-            .unwrap()
-            .contains("the VM is stopped: start it"),
-        "{v}"
-    );
+    assert_eq!(st.as_u16(), 201, "{v}");
+    let vm = s.vm(&vm.id).await.unwrap();
+    assert_eq!(vm.life.state, VmState::Resuming);
+    let vm = walk(s, &vm, &[VmState::Running, VmState::Hibernating]).await;
+    let vm = walk(s, &vm, &[VmState::Hibernated]).await;
+    // A ticket for a VM that is not the caller's resumes nothing.
+    let (st, _, v) = post(
+        "/api/v1/tickets".into(),
+        bob_t.clone(),
+        Some(json!({"kind": "terminal", "resource_id": vm.id})),
+    )
+    .await;
+    assert_eq!(st.as_u16(), 404, "{v}");
+    assert_eq!(s.vm(&vm.id).await.unwrap().life.state, VmState::Hibernated);
 
     // Start: 202, resuming.
     let (st, _, v) = post(start.clone(), t.clone(), Some(json!({}))).await;

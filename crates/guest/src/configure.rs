@@ -78,8 +78,13 @@ pub fn apply(cfg: GuestConfig, env: &SharedEnv, sup: &Supervisor) -> Result<(), 
         lock(env).extend(cfg.env.clone());
     }
     if let Some(data) = &cfg.entropy {
-        if let Err(e) = add_entropy(data) {
-            failures.push(e);
+        // Logged so that a host can tell each boot or resume got its own.
+        match add_entropy(data) {
+            Ok(()) => logger::info(format!(
+                "configure: {} bytes of entropy credited",
+                data.len()
+            )),
+            Err(e) => failures.push(e),
         }
     }
     if let Some(ns) = cfg.clock_unix_ns {

@@ -91,6 +91,7 @@ pub fn router(mgr: Arc<Manager>) -> Router {
         .route("/v1/vms/{id}/services", get(services))
         .route("/v1/vms/{id}/stop", post(stop))
         .route("/v1/vms/{id}/start", post(start))
+        .route("/v1/vms/{id}/hibernate", post(hibernate))
         .route("/v1/vms/{id}/forward", post(forward))
         .route("/v1/vms/{id}/pause", post(pause))
         .route("/v1/vms/{id}/resume", post(resume))
@@ -190,6 +191,15 @@ async fn stop(
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(
         to_completion(async move { m.power_off(&id).await }).await?,
+    ))
+}
+
+async fn hibernate(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        to_completion(async move { m.hibernate(&id).await }).await?,
     ))
 }
 

@@ -107,6 +107,11 @@ impl VmDir {
         self.root.join("data.img")
     }
 
+    /// The memory and device state of a hibernated VM (a directory, 0700).
+    pub fn hibernation(&self) -> PathBuf {
+        self.root.join("hibernation")
+    }
+
     /// The VM's cgroup directories, one a line (see [`crate::cgroup`]).
     pub fn cgroup(&self) -> PathBuf {
         self.root.join("cgroup")

@@ -83,18 +83,22 @@ export function Workspace() {
               </p>
             </div>
           )}
-          {vm.state === 'running' ? (
+          {vm.state !== 'running' && AWAKES.includes(vm.state) && (
+            <Status>The VM is {words(vm.state)}: its terminal resumes it, which takes a moment.</Status>
+          )}
+          {vm.state === 'running' || AWAKES.includes(vm.state) ? (
             <Terminals vmId={vm.id} />
           ) : (
-            <Status>
-              {vm.state === 'hibernated' ? 'The VM is stopped: Start it to open a terminal.' : `The VM is ${words(vm.state)}…`}
-            </Status>
+            <Status>{`The VM is ${words(vm.state)}…`}</Status>
           )}
         </>
       )}
     </section>
   );
 }
+
+/** States of a CLI VM that a terminal resumes (it hibernated when idle). */
+const AWAKES = ['hibernating', 'hibernated', 'resuming'];
 
 const MAX_TERMINALS = 16;
 

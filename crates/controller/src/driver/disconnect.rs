@@ -27,6 +27,14 @@ pub enum DisconnectError {
         /// The host's error.
         cause: HostError,
     },
+    /// The hibernated CLI VM holding the files could not be resumed.
+    #[error("the CLI VM {vm} holds the files but could not be resumed ({cause}); the credential is kept: try the disconnect again")]
+    NotResumed {
+        /// The CLI VM.
+        vm: String,
+        /// Why.
+        cause: super::WakeError,
+    },
     /// A removal ran in the VM and failed.
     #[error(
         "{cause}; the credential is kept: fix that file in the CLI VM {vm} and disconnect again"
@@ -42,9 +50,12 @@ pub enum DisconnectError {
     Store(#[from] StoreError),
 }
 
-/// Remove `provider`'s delivered files from `user_id`'s CLI VM if it is
-/// running: `Ok(Some(vm))` when they were removed from it, `Ok(None)` when
-/// the user has no running CLI VM (none, or stopped).
+/// How long a disconnect waits for a hibernated CLI VM to resume.
+const RESUME_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Remove `provider`'s delivered files from `user_id`'s CLI VM, resuming
+/// it if it hibernated: `Ok(Some(vm))` when they were removed from it,
+/// `Ok(None)` when the user has no CLI VM that can hold them.
 pub(super) async fn remove_delivered(
     inner: &Inner,
     user_id: &str,
@@ -53,12 +64,22 @@ pub(super) async fn remove_delivered(
     let Some(vm) = inner.store.live_cli_vm(user_id).await? else {
         return Ok(None);
     };
-    if vm.life.state != VmState::Running {
-        return Ok(None);
-    }
     let Some(p) = inner.providers.get(provider) else {
         // Not configured here: nothing says which files it delivered.
         return Ok(None);
+    };
+    // A hibernated VM still holds the files: it is resumed to give them up.
+    let vm = match vm.life.state {
+        VmState::Running => vm,
+        VmState::Hibernating | VmState::Hibernated | VmState::Resuming => {
+            super::idle::awake(inner, &vm.id, RESUME_WAIT)
+                .await
+                .map_err(|cause| DisconnectError::NotResumed {
+                    vm: vm.id.clone(),
+                    cause,
+                })?
+        }
+        _ => return Ok(None),
     };
     // The files the sealed credential holds (what was delivered); when it
     // cannot be opened, every file the provider captures.

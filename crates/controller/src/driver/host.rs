@@ -82,8 +82,15 @@ pub trait HostApi: Send + Sync {
     /// Power a running VM off and keep it, disks included (the host's
     /// `off` state); returns once it is off.
     fn stop<'a>(&'a self, vm: &'a str) -> HostFuture<'a, VmInfo>;
-    /// Boot a VM that is off again, with its disks; returns once its guest
-    /// agent answers.
+    /// Hibernate a running VM: its memory saved, then off with its disks
+    /// (`hibernated` in the answer; a host that cannot save memory powers
+    /// it off instead, as this default does); returns once it is off.
+    fn hibernate<'a>(&'a self, vm: &'a str) -> HostFuture<'a, VmInfo> {
+        self.stop(vm)
+    }
+    /// Start a VM that is off again, with its disks (resumed from its
+    /// saved memory if it was hibernated); returns once its guest agent
+    /// answers.
     fn start<'a>(&'a self, vm: &'a str) -> HostFuture<'a, VmInfo>;
     /// The guest agent's supervised services (with their readiness).
     fn services<'a>(&'a self, vm: &'a str) -> HostFuture<'a, Vec<ServiceStatus>>;
@@ -295,6 +302,10 @@ impl HostApi for LocalHost {
         Box::pin(async move { self.manager.power_off(vm).await.map_err(from_manager) })
     }
 
+    fn hibernate<'a>(&'a self, vm: &'a str) -> HostFuture<'a, VmInfo> {
+        Box::pin(async move { self.manager.hibernate(vm).await.map_err(from_manager) })
+    }
+
     fn start<'a>(&'a self, vm: &'a str) -> HostFuture<'a, VmInfo> {
         Box::pin(async move { self.manager.power_on(vm).await.map_err(from_manager) })
     }
@@ -416,6 +427,19 @@ impl HostApi for RemoteHost {
         Box::pin(async move {
             self.client
                 .call::<(), _>(hyper::Method::POST, &format!("/v1/vms/{vm}/stop"), None)
+                .await
+                .map_err(from_client)
+        })
+    }
+
+    fn hibernate<'a>(&'a self, vm: &'a str) -> HostFuture<'a, VmInfo> {
+        Box::pin(async move {
+            self.client
+                .call::<(), _>(
+                    hyper::Method::POST,
+                    &format!("/v1/vms/{vm}/hibernate"),
+                    None,
+                )
                 .await
                 .map_err(from_client)
         })

@@ -22,6 +22,7 @@ mod disconnect;
 mod egress_check;
 pub mod fields;
 pub mod host;
+mod idle;
 pub mod login;
 pub mod provision;
 pub mod runs;
@@ -38,6 +39,7 @@ use tokio::sync::{watch, Notify};
 
 pub use disconnect::DisconnectError;
 pub use host::{Duplex, ExecOutput, HostApi, HostError, RemoteHost};
+pub use idle::WakeError;
 pub use session::decode_credential;
 
 use crate::providers::{ProviderError, Providers};
@@ -142,6 +144,11 @@ pub struct DriverConfig {
     /// Output one prompt run may print; a run beyond it is stopped and
     /// fails.
     pub run_output_max_bytes: u64,
+    /// A running CLI VM nobody has used for this long (no terminal
+    /// attached, no run, no delivery) is hibernated: its memory saved to
+    /// disk and its hypervisor ended. The next terminal, run or delivery
+    /// resumes it. 0: never.
+    pub cli_idle_hibernate_secs: u64,
 }
 
 impl Default for DriverConfig {
@@ -177,6 +184,7 @@ impl Default for DriverConfig {
             vm_setup: None,
             runs_dir: "/run/polydev-runs".into(),
             run_output_max_bytes: 16 * 1024 * 1024,
+            cli_idle_hibernate_secs: 900,
         }
     }
 }
@@ -463,6 +471,22 @@ impl Driver {
         provider: &str,
     ) -> Result<Option<String>, DisconnectError> {
         disconnect::remove_delivered(&self.inner, user_id, provider).await
+    }
+
+    /// Have CLI VM `id` running within `limit` for a use (a terminal, a
+    /// delivery): resumed if it hibernated, waited for while it settles.
+    pub async fn awake(&self, id: &str, limit: Duration) -> Result<crate::store::Vm, WakeError> {
+        idle::awake(&self.inner, id, limit).await
+    }
+
+    /// Record a use of VM `id` now (it is not idle).
+    pub async fn touch(&self, id: &str) -> Result<(), StoreError> {
+        self.inner.store.touch_vm(id, crate::util::now_ms()).await
+    }
+
+    /// How often a lasting use (an attached terminal) is recorded again.
+    pub fn touch_every(&self) -> Duration {
+        idle::touch_every(&self.inner)
     }
 
     /// The home directory of CLI VMs (where runs start by default).

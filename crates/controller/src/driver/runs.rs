@@ -225,6 +225,8 @@ async fn finish(
     if let Some(r) = &reason {
         tracing::info!(run = %run.id, state = to.as_str(), reason = %r, "run finished");
     }
+    // Idle hibernation counts from the end of the run.
+    inner.store.touch_vm(&run.vm_id, now_ms()).await?;
     changed(
         inner
             .store
@@ -270,6 +272,22 @@ async fn queued(inner: &Inner, run: &Run) -> Result<bool, StoreError> {
             RunStep::default(),
         )
         .await;
+    }
+    // A hibernated VM is resumed for the run (which waits for it, within
+    // its start deadline).
+    match inner.store.vm(&run.vm_id).await {
+        Ok(vm)
+            if !overdue
+                && matches!(
+                    vm.life.state,
+                    VmState::Hibernating | VmState::Hibernated | VmState::Resuming
+                ) =>
+        {
+            super::idle::wake(inner, &vm).await?;
+            return Ok(false);
+        }
+        Ok(_) | Err(StoreError::NotFound { .. }) => {}
+        Err(e) => return Err(e),
     }
     if let Some(why) = vm_problem(inner, run).await? {
         return finish(

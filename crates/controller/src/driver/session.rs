@@ -556,7 +556,8 @@ async fn delivering(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, St
         };
     };
     match cli.life.state {
-        VmState::Running => {}
+        // A delivery is a use: idle hibernation counts from here.
+        VmState::Running => inner.store.touch_vm(&cli.id, crate::util::now_ms()).await?,
         // Stopped by its user: start it again for the delivery (a stop
         // under way finishes first; the next pass finds it hibernated).
         VmState::Hibernated => {

@@ -111,15 +111,11 @@ async fn unwanted(inner: &Inner, v: &Vm) -> Result<bool, StoreError> {
     if v.kind != VmKind::Browser {
         return Ok(false);
     }
-    let rows: Vec<(String,)> =
-        sqlx::query_as("SELECT state FROM sessions WHERE browser_vm_id = $1")
-            .bind(&v.id)
-            .fetch_all(inner.store.pool())
-            .await?;
-    if rows.is_empty() {
+    let states = inner.store.browser_vm_session_states(&v.id).await?;
+    if states.is_empty() {
         return Ok(now_ms() - v.created_at > inner.cfg.orphan_grace_ms);
     }
-    Ok(rows.iter().all(|(st,)| {
+    Ok(states.iter().all(|st| {
         SessionState::parse(st)
             .map(|s| s.is_final())
             .unwrap_or(false)
@@ -162,6 +158,11 @@ pub(super) async fn step(inner: &Arc<Inner>, v: Vm) -> Result<bool, StoreError> 
         }
         Creating => create(inner, v).await,
         Running => {
+            if let Some(idle) = super::idle::idle_past_limit(inner, &v).await? {
+                tracing::info!(vm = %v.id, idle_secs = idle / 1000, "hibernating the idle CLI VM");
+                let detail = json!({ "idle_ms": idle, "reason": "idle" });
+                return to(inner, &v, Hibernating, Some(detail)).await;
+            }
             let seen = inner.host.inspect(host_ref(&v)).await;
             match host_vm(&seen) {
                 HostVm::Gone(reason) | HostVm::Off(reason) => {
@@ -223,10 +224,13 @@ async fn power_off(inner: &Arc<Inner>, v: &Vm) -> Result<bool, StoreError> {
     match &seen {
         Ok(info) if info.state == HostState::Off => to(inner, v, VmState::Hibernated, None).await,
         Ok(info) if info.state == HostState::Running => {
-            match inner.host.stop(host_ref(v)).await {
+            let asked = std::time::Instant::now();
+            match inner.host.hibernate(host_ref(v)).await {
                 Ok(info) if info.state == HostState::Off => {
-                    tracing::info!(vm = %v.id, "VM stopped; its disks are kept");
-                    to(inner, v, VmState::Hibernated, None).await
+                    let ms = asked.elapsed().as_millis() as u64;
+                    tracing::info!(vm = %v.id, memory_saved = info.hibernated, ms, "VM hibernated; its disks are kept");
+                    let detail = json!({ "memory_saved": info.hibernated, "hibernate_ms": ms });
+                    to(inner, v, VmState::Hibernated, Some(detail)).await
                 }
                 // Changed meanwhile: look again next pass.
                 Ok(_) | Err(HostError::Conflict(_)) => Ok(false),
@@ -273,7 +277,7 @@ async fn power_on(inner: &Arc<Inner>, v: &Vm) -> Result<bool, StoreError> {
         Ok(info) if info.state == HostState::Running => running(inner, v, info.id.clone()).await,
         Ok(info) if info.state == HostState::Off => match inner.host.start(host_ref(v)).await {
             Ok(info) if info.state == HostState::Running => {
-                tracing::info!(vm = %v.id, "VM started again from its disks");
+                tracing::info!(vm = %v.id, boot_ms = info.boot_ms, "VM started again");
                 running(inner, v, info.id).await
             }
             Ok(_) | Err(HostError::Conflict(_)) => Ok(false),

@@ -58,6 +58,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "runs",
         sql: include_str!("../../migrations/0007_runs.sql"),
     },
+    Migration {
+        version: 8,
+        name: "vm_activity",
+        sql: include_str!("../../migrations/0008_vm_activity.sql"),
+    },
 ];
 
 /// The schema version this binary brings a database to.

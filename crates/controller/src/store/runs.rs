@@ -341,6 +341,18 @@ impl Store {
         rows.iter().map(run_from).collect()
     }
 
+    /// How many runs in VM `vm_id` are queued or running.
+    pub async fn active_runs_in_vm(&self, vm_id: &str) -> Result<i64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as(&format!(
+            "SELECT COUNT(*) FROM runs WHERE vm_id = $1 AND state IN ({})",
+            active_list()
+        ))
+        .bind(vm_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n)
+    }
+
     /// Apply one step's changes to `run` (read at its version) in one
     /// transaction: its events with the next sequence numbers, the new
     /// offset, the new state with a `state` event. [`StoreError::Conflict`]

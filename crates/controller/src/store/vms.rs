@@ -74,6 +74,38 @@ impl Store {
             })
     }
 
+    /// Record a use of VM `id` at `at` (ms): the idle hibernation counts
+    /// from the latest. Never moves the time back, and bumps no version.
+    pub async fn touch_vm(&self, id: &str, at: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE vms SET active_at = $1 WHERE id = $2 AND (active_at IS NULL OR active_at < $1)",
+        )
+        .bind(at)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// When VM `id` was last used ([`Store::touch_vm`]); `None` if never.
+    pub async fn vm_active_at(&self, id: &str) -> Result<Option<i64>, StoreError> {
+        let row: Option<(Option<i64>,)> = sqlx::query_as("SELECT active_at FROM vms WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.and_then(|(a,)| a))
+    }
+
+    /// The states of the sessions whose browser VM is `id`.
+    pub async fn browser_vm_session_states(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT state FROM sessions WHERE browser_vm_id = $1")
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(|(s,)| s).collect())
+    }
+
     /// Every VM not in a final state (what a restarting controller resumes).
     pub async fn non_final_vms(&self) -> Result<Vec<Vm>, StoreError> {
         let finals = final_list::<VmState>();

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod rig;
 
 use std::path::{Path, PathBuf};
 

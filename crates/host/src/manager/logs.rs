@@ -195,6 +195,7 @@ mod tests {
                 created_ms,
                 boot_ms: None,
                 restored_from: None,
+                hibernated: false,
             },
             spec: ResolvedSpec {
                 name: None,

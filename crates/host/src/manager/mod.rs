@@ -398,6 +398,7 @@ impl Manager {
             created_ms: now_ms(),
             boot_ms: None,
             restored_from: snapshot.as_ref().map(|(_, s)| s.clone()),
+            hibernated: false,
         };
         let record = VmRecord {
             info,

@@ -11,6 +11,9 @@ use tracing::{info, warn};
 use super::{io_err, kill_processes, Manager, ManagerError, Vm};
 use crate::config::{ResolvedSpec, SpecError};
 
+/// `restored_from` of a VM last started from its own saved memory.
+pub const HIBERNATION: &str = "hibernation";
+
 impl Manager {
     /// Leave a VM powered off with its state directory and disks: kill
     /// whatever of it still runs, drop its sockets, record `off`.
@@ -108,10 +111,76 @@ impl Manager {
         Ok(info)
     }
 
-    /// Boot a VM that is off, with the same spec, id and disks.
+    /// Hibernate a VM: pause it, save its memory and device state into its
+    /// own directory ([`crate::vmdir::VmDir::hibernation`], 0600 files,
+    /// since guest memory holds tokens), then end its hypervisor with the
+    /// disks kept. [`Manager::power_on`] resumes it where it was. If the
+    /// state cannot be saved the VM is shut down as by
+    /// [`Manager::power_off`] instead (`hibernated` false), so a stop never
+    /// fails for want of a snapshot.
+    pub async fn hibernate(&self, id: &str) -> Result<VmInfo, ManagerError> {
+        let vm = self.running(id).await?;
+        let driver = self.driver(&vm).await?;
+        let saved_at = vm.dir.hibernation();
+        let _ = std::fs::remove_dir_all(&saved_at);
+        let saved = async {
+            crate::private::create_dir(&saved_at).map_err(io_err(&saved_at))?;
+            {
+                // Under the record's lock: nothing else may start, stop or
+                // snapshot the VM between the check and the pause.
+                let mut r = vm.record.lock().await;
+                if r.info.state != VmState::Running {
+                    return Err(ManagerError::Conflict(format!(
+                        "VM {} is {}, not running",
+                        vm.id, r.info.state
+                    )));
+                }
+                driver.pause(&vm.dir).await?;
+                r.info.state = VmState::Stopping;
+                r.save(&vm.dir.record()).map_err(io_err(&vm.dir.record()))?;
+            }
+            driver.snapshot(&vm.dir, &saved_at).await?;
+            super::snapshots::private_files(&saved_at).map_err(io_err(&saved_at))?;
+            Ok(())
+        }
+        .await;
+        match saved {
+            Ok(()) => {
+                self.settle_off(&vm, None).await;
+                let mut r = vm.record.lock().await;
+                r.info.hibernated = true;
+                r.save(&vm.dir.record()).map_err(io_err(&vm.dir.record()))?;
+                info!(vm = %vm.id, "vm hibernated");
+                Ok(r.info.clone())
+            }
+            Err(ManagerError::Conflict(m)) => {
+                let _ = std::fs::remove_dir_all(&saved_at);
+                Err(ManagerError::Conflict(m))
+            }
+            Err(e) => {
+                warn!(vm = %vm.id, error = %e, "cannot save the VM's memory; shutting it down instead");
+                let _ = std::fs::remove_dir_all(&saved_at);
+                {
+                    let mut r = vm.record.lock().await;
+                    if r.info.state == VmState::Stopping {
+                        r.info.state = VmState::Running;
+                    }
+                }
+                if let Err(e) = driver.resume(&vm.dir).await {
+                    warn!(vm = %vm.id, error = %e, "cannot resume the VM's vCPUs before its shutdown");
+                }
+                self.power_off(id).await
+            }
+        }
+    }
+
+    /// Start a VM that is off, with the same spec, id and disks: resumed
+    /// from its saved memory when it was hibernated (fresh entropy and the
+    /// clock pushed in on the way), else booted. A saved state that will
+    /// not load is dropped and the VM booted from its disks instead.
     pub async fn power_on(self: &Arc<Self>, id: &str) -> Result<VmInfo, ManagerError> {
         let vm = self.live(id)?;
-        let spec = {
+        let (spec, saved) = {
             let mut r = vm.record.lock().await;
             if r.info.state != VmState::Off {
                 return Err(ManagerError::Conflict(format!(
@@ -122,8 +191,13 @@ impl Manager {
             r.info.state = VmState::Starting;
             r.info.failure = None;
             r.info.boot_ms = None;
+            if r.info.restored_from.as_deref() == Some(HIBERNATION) {
+                r.info.restored_from = None;
+            }
             r.save(&vm.dir.record()).map_err(io_err(&vm.dir.record()))?;
-            r.spec.clone()
+            let saved = vm.dir.hibernation();
+            let saved = (r.info.hibernated && saved.is_dir()).then_some(saved);
+            (r.spec.clone(), saved)
         };
         let driver = self
             .drivers
@@ -131,7 +205,39 @@ impl Manager {
             .cloned()
             .ok_or(ManagerError::Invalid(SpecError::NoFirecracker))?;
         vm.exited.store(false, std::sync::atomic::Ordering::SeqCst);
-        match self.boot(&vm, driver, &spec, None, Instant::now()).await {
+        let mut result = self
+            .boot(&vm, driver.clone(), &spec, saved.clone(), Instant::now())
+            .await;
+        if let Some(saved) = &saved {
+            // Resumed or not, the saved state is spent: the disks move on
+            // from here, and memory from before would not match them.
+            let _ = std::fs::remove_dir_all(saved);
+            {
+                let mut r = vm.record.lock().await;
+                r.info.hibernated = false;
+                if result.is_ok() {
+                    r.info.restored_from = Some(HIBERNATION.into());
+                }
+                if let Err(e) = r.save(&vm.dir.record()) {
+                    warn!(vm = %vm.id, error = %e, "cannot record the VM as resumed");
+                }
+            }
+            if let Ok(info) = &mut result {
+                info.restored_from = Some(HIBERNATION.into());
+            }
+            if let Err(e) = &result {
+                warn!(vm = %vm.id, error = %e, "resuming from the saved memory failed; booting from the disks");
+                self.settle_off(&vm, None).await;
+                {
+                    let mut r = vm.record.lock().await;
+                    r.info.state = VmState::Starting;
+                    r.save(&vm.dir.record()).map_err(io_err(&vm.dir.record()))?;
+                }
+                vm.exited.store(false, std::sync::atomic::Ordering::SeqCst);
+                result = self.boot(&vm, driver, &spec, None, Instant::now()).await;
+            }
+        }
+        match result {
             Ok(info) => Ok(info),
             Err(e) => {
                 let reason = e.to_string();

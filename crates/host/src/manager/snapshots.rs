@@ -170,7 +170,7 @@ pub(super) async fn copy_disk(src: &Path, dst: &Path) -> Result<(), ManagerError
 }
 
 /// Make every file in `dir` 0600.
-fn private_files(dir: &Path) -> std::io::Result<()> {
+pub(super) fn private_files(dir: &Path) -> std::io::Result<()> {
     for e in std::fs::read_dir(dir)? {
         let e = e?;
         if e.file_type()?.is_file() {

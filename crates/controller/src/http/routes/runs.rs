@@ -266,13 +266,19 @@ pub async fn create(
             "you have no CLI VM to run the prompt in: connecting a provider creates one (or POST /api/v1/vms {\"kind\":\"cli\"}); run the prompt once it is running",
         ));
     };
-    if vm.life.state != VmState::Running {
+    // A hibernated VM is resumed for the run (the driver does that before
+    // it starts the run); one being created or ended cannot take it.
+    let usable = matches!(
+        vm.life.state,
+        VmState::Running | VmState::Hibernating | VmState::Hibernated | VmState::Resuming
+    );
+    if !usable {
         return Err(ApiError::new(
             409,
             "cli-vm-not-running",
             "CLI VM not running",
             format!(
-                "your CLI VM {} is {}: start it (POST /api/v1/vms/{}/start) and run the prompt once it is running",
+                "your CLI VM {} is {}: wait until it is running (GET /api/v1/vms/{}) and run the prompt again",
                 vm.id,
                 vm.life.state.as_str(),
                 vm.id

@@ -182,21 +182,17 @@ async fn splice(
     let _ = socket.send(Message::Close(None)).await;
 }
 
-/// The host agent's id of `vm` while it can have a terminal (a running
-/// CLI VM; a conflict otherwise).
-pub(super) fn terminal_vm(vm: &Vm) -> Result<&str, ApiError> {
+/// Whether `vm` can have a terminal: a CLI VM that runs, or one that
+/// hibernates or is hibernated (the terminal resumes it first).
+pub(super) fn terminal_vm(vm: &Vm) -> Result<(), ApiError> {
     if vm.kind != VmKind::Cli {
         return Err(ApiError::conflict(format!(
             "VM {} is a browser VM: terminals are for CLI VMs (a login's desktop has its own terminal)",
             vm.id
         )));
     }
-    match (vm.life.state, vm.host_vm_id.as_deref()) {
-        (VmState::Running, Some(host_vm)) => Ok(host_vm),
-        (VmState::Hibernated | VmState::Hibernating, _) => Err(ApiError::conflict(format!(
-            "the VM is stopped: start it (POST /api/v1/vms/{}/start with {{}}), wait until it is running, then ask for a new ticket",
-            vm.id
-        ))),
+    match vm.life.state {
+        VmState::Running | VmState::Hibernating | VmState::Hibernated | VmState::Resuming => Ok(()),
         _ => Err(ApiError::conflict(format!(
             "VM {} is {}: a terminal needs it running; wait for it (GET /api/v1/vms/{}) and ask for a new ticket",
             vm.id,
@@ -205,6 +201,10 @@ pub(super) fn terminal_vm(vm: &Vm) -> Result<&str, ApiError> {
         ))),
     }
 }
+
+/// How long a terminal waits for its hibernated VM to resume (a resume
+/// that fails boots the VM from its disks, which takes longer).
+const RESUME_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The login shell of a running CLI VM, as a WebSocket (subprotocol
 /// `binary` accepted). Needs a `terminal` ticket for this VM. Binary
@@ -246,12 +246,49 @@ pub async fn terminal(
         .stream_connect("terminal", outcome_label(&outcome));
     let (conn, slot) = outcome?;
     let shutdown = st.shutdown.clone();
+    let in_use = st.driver.clone().map(|d| InUse::start(d, id.clone()));
     Ok(ws
         .protocols(["binary"])
         .on_upgrade(move |socket| async move {
             let _slot = slot;
+            let _in_use = in_use;
             relay_terminal(socket, conn, shutdown).await
         }))
+}
+
+/// A VM in use while this lives (an attached terminal): the use is
+/// recorded now, again every [`crate::driver::Driver::touch_every`], and
+/// once more when it ends, so idle hibernation counts from the end.
+struct InUse {
+    task: tokio::task::JoinHandle<()>,
+    driver: crate::driver::Driver,
+    vm: String,
+}
+
+impl InUse {
+    fn start(driver: crate::driver::Driver, vm: String) -> Self {
+        let (d, id) = (driver.clone(), vm.clone());
+        let task = tokio::spawn(async move {
+            let every = d.touch_every();
+            loop {
+                if let Err(e) = d.touch(&id).await {
+                    tracing::warn!(vm = %id, error = %e, "cannot record the terminal's use of the VM");
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+        InUse { task, driver, vm }
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.task.abort();
+        let (d, id) = (self.driver.clone(), std::mem::take(&mut self.vm));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { d.touch(&id).await });
+        }
+    }
 }
 
 /// Redeem the ticket and open a terminal in the VM.
@@ -265,12 +302,23 @@ async fn open_terminal(
 ) -> Result<Opened, ApiError> {
     let p = st.auth.redeem_ticket(ticket, "terminal", id).await?;
     let vm = super::vms::own_vm(st, &p.user_id, id).await?;
-    let host_vm = terminal_vm(&vm)?;
+    terminal_vm(&vm)?;
     let slot = st.open_stream(&p.user_id, StreamClass::WebSocket)?;
-    let Some(host) = &st.host else {
+    let (Some(host), Some(driver)) = (&st.host, &st.driver) else {
         return Err(no_host("terminal"));
     };
-    let user = st.driver.as_ref().and_then(|d| d.terminal_user());
+    // A hibernated VM is resumed for its terminal: the person only sees
+    // the connection take a moment longer.
+    let vm = driver.awake(id, RESUME_WAIT).await.map_err(|e| match e {
+        crate::driver::WakeError::Store(e) => e.into(),
+        e => ApiError::conflict(e.to_string()),
+    })?;
+    let Some(host_vm) = vm.host_vm_id.as_deref() else {
+        return Err(ApiError::conflict(format!(
+            "VM {id} has no host yet: wait until it is running (GET /api/v1/vms/{id}) and ask for a new ticket"
+        )));
+    };
+    let user = driver.terminal_user();
     let conn = host
         .forward(
             host_vm,

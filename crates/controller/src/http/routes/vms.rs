@@ -261,7 +261,7 @@ pub async fn delete_credential(
         Some(d) => match d.remove_delivered(&p.user_id, &provider).await {
             Ok(vm) => vm,
             Err(DisconnectError::Store(e)) => return Err(e.into()),
-            Err(e @ DisconnectError::Unreachable { .. }) => {
+            Err(e @ (DisconnectError::Unreachable { .. } | DisconnectError::NotResumed { .. })) => {
                 return Err(ApiError::new(
                     503,
                     "cli-vm-unreachable",
@@ -321,6 +321,17 @@ pub async fn ticket(
         StreamKind::Terminal => {
             let vm = own_vm(&st, &p.user_id, &req.resource_id).await?;
             super::streams::terminal_vm(&vm)?;
+            // A ticket is a use; a hibernated VM is resumed while the
+            // client connects (the terminal waits for it).
+            st.store.touch_vm(&vm.id, crate::util::now_ms()).await?;
+            if vm.life.state == VmState::Hibernated {
+                match power(&st, &p.user_id, &vm.id, Power::Start).await {
+                    Ok(_) => {}
+                    // Someone else resumed it meanwhile.
+                    Err(e) if e.0.status == 409 => {}
+                    Err(e) => return Err(e),
+                }
+            }
         }
     }
     let t = st
