@@ -91,13 +91,17 @@ fn prompts_run_stream_cancel_and_outlive_the_controller() {
     let host = Host::start();
     let data = host.data().to_path_buf();
     std::fs::create_dir_all(data.join("providers")).unwrap();
-    std::fs::copy(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../providers/testcli.toml"),
-        data.join("providers/testcli.toml"),
-    )
-    .unwrap();
+    for p in ["testcli", "claude-code", "codex", "gemini-cli"] {
+        std::fs::copy(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../providers/{p}.toml")),
+            data.join(format!("providers/{p}.toml")),
+        )
+        .unwrap();
+    }
+    // No upstream and no direct egress: whatever a CLI asks for is refused
+    // (and logged) at the host, so nothing leaves the machine.
     let cfg_text = format!(
-        "poll_ms = 200\nidle_poll_ms = 300\n\n[[vm_files]]\nsource = \"{}\"\npath = \"/usr/local/bin/polydev-testcli\"\nmode = \"0755\"\nkinds = [\"cli\"]\n",
+        "poll_ms = 200\nidle_poll_ms = 300\ndirect_egress_without_upstream = false\n\n[[vm_files]]\nsource = \"{}\"\npath = \"/usr/local/bin/polydev-testcli\"\nmode = \"0755\"\nkinds = [\"cli\"]\n",
         testcli.display()
     );
     let cfg = DriverConfig::parse(&cfg_text, "driver.toml").unwrap();
@@ -323,6 +327,114 @@ fn prompts_run_stream_cancel_and_outlive_the_controller() {
         ticks[..6],
         ["tick 0. ", "tick 1. ", "tick 2. ", "tick 3. ", "tick 4. ", "tick 5. "]
     );
+
+    // 5. The real CLIs, up to where they need the network: each one's
+    // `[prompt]` runs as the user with a made-up credential in its own
+    // file, prints its first typed events, and asks for its provider's
+    // host, which the VM's egress refuses.
+    let egress_log = data.join("vms").join(&host_vm).join("egress.log");
+    let real: [(&str, &str, &str, &str); 3] = [
+        (
+            "claude-code",
+            "mkdir -p ~/.claude && printf \"{\\\"claudeAiOauth\\\":{\\\"accessToken\\\":\\\"sk-ant-oat01-made-up\\\",\\\"refreshToken\\\":\\\"sk-ant-ort01-made-up\\\",\\\"expiresAt\\\":%s000,\\\"scopes\\\":[\\\"user:inference\\\"]}}\" $(( $(date +%s) + 3600 )) > ~/.claude/.credentials.json",
+            "api.anthropic.com:443",
+            "system",
+        ),
+        (
+            "codex",
+            "mkdir -p ~/.codex && printf \"{\\\"auth_mode\\\":\\\"apikey\\\",\\\"OPENAI_API_KEY\\\":\\\"sk-made-up\\\"}\" > ~/.codex/auth.json",
+            "api.openai.com:443",
+            "thread.started",
+        ),
+        (
+            "gemini-cli",
+            "mkdir -p ~/.gemini && printf \"{\\\"access_token\\\":\\\"ya29.made-up\\\",\\\"refresh_token\\\":\\\"1//made-up\\\",\\\"token_type\\\":\\\"Bearer\\\",\\\"expiry_date\\\":%s000}\" $(( $(date +%s) + 3600 )) > ~/.gemini/oauth_creds.json",
+            "oauth2.googleapis.com:443",
+            "",
+        ),
+    ];
+    for (provider, write, target, first) in real {
+        rt.block_on(
+            Vault::new(Keyring::generate().unwrap()).store(&store, &user.id, provider, b"{}"),
+        )
+        .unwrap();
+        let w = host.sh(
+            &host_vm,
+            &format!(
+                "runuser -u user -- sh -c {}",
+                shell_quote(&format!("umask 077; {write}"))
+            ),
+        );
+        assert_eq!(w.code, 0, "{provider}: {}", w.stderr);
+        let r = api.call(
+            "POST",
+            "/api/v1/runs",
+            Some(json!({"provider": provider, "prompt": "say hi"})),
+        );
+        assert_eq!(r.status, 201, "{provider}: {:?}", r.json());
+        let id = r.json()["id"].as_str().unwrap().to_string();
+        if !first.is_empty() {
+            let evs = api.wait_output(&id, first, Duration::from_secs(300));
+            println!("{provider}: first events {:?}", &evs[..evs.len().min(4)]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !std::fs::read_to_string(&egress_log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(&format!("\"target\":\"{target}\"")) && l.contains("\"denied\""))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{provider} never asked for {target}: {:?}",
+                api.events(&id)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        // Gemini CLI gives up by itself; the others retry: cancelled.
+        let v = if provider == "gemini-cli" {
+            api.wait_run(&id, |v| v["done"] == true, "done", Duration::from_secs(300))
+        } else {
+            let r = api.call("DELETE", &format!("/api/v1/runs/{id}"), None);
+            assert!(
+                r.status == 200 || r.status == 202,
+                "{provider}: {:?}",
+                r.json()
+            );
+            api.wait_run(&id, |v| v["done"] == true, "done", Duration::from_secs(120))
+        };
+        let raw: String = api
+            .events(&id)
+            .iter()
+            .filter_map(|e| e["raw"].as_str().map(str::to_string))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let tail: String = raw
+            .chars()
+            .rev()
+            .take(400)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        println!(
+            "{provider}: {} (exit {}), output ends: {tail}",
+            v["state"], v["exit_code"]
+        );
+        if provider == "gemini-cli" {
+            assert_eq!(v["state"], "failed", "{v}");
+            // It got as far as its credential (the sign-in method and the
+            // trust chosen by the provider's prompt environment), and
+            // failed on the network.
+            for refusal in [
+                "Please set an Auth method",
+                "not running in a trusted directory",
+            ] {
+                assert!(!raw.contains(refusal), "{raw}");
+            }
+        } else {
+            assert_eq!(v["state"], "cancelled", "{v}");
+        }
+    }
 
     driver_stop.send(true).unwrap();
     rt.block_on(driver_task).unwrap().unwrap();

@@ -155,6 +155,10 @@ pub struct Provider {
     pub rotates_refresh_token: bool,
     /// Prompt command; exactly one element is `{prompt}`.
     pub prompt_command: Vec<String>,
+    /// Extra environment of a prompt run (e.g. which of its sign-in
+    /// methods the CLI uses, since its own settings file is not
+    /// delivered).
+    pub prompt_env: BTreeMap<String, String>,
     /// Output format of a prompt run.
     pub prompt_output: PromptOutput,
     /// A cheap use of a delivered credential, run in the CLI VM as its
@@ -293,6 +297,28 @@ struct RawRefresh {
 struct RawPrompt {
     command: Vec<String>,
     output: PromptOutput,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+/// Check an environment table: valid names, none the platform sets
+/// itself, no NUL. The problem, if any.
+fn valid_env(env: &BTreeMap<String, String>) -> Result<(), String> {
+    for (k, v) in env {
+        let name_ok = !k.is_empty()
+            && !k.as_bytes()[0].is_ascii_digit()
+            && k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_');
+        if !name_ok {
+            return Err(format!("{k:?} is not a valid variable name"));
+        }
+        if RESERVED_ENV.contains(&k.to_ascii_uppercase().as_str()) {
+            return Err(format!("{k} is set by the platform (egress goes through the per-user proxy) and must not be overridden"));
+        }
+        if v.contains('\0') {
+            return Err(format!("{k} contains NUL"));
+        }
+    }
+    Ok(())
 }
 
 /// Variables the platform sets itself (the in-VM egress shim); a provider
@@ -389,26 +415,7 @@ impl Provider {
                 format!("{} must be between 30 and 3600", l.timeout_secs),
             ));
         }
-        for (k, v) in &l.env {
-            let name_ok = !k.is_empty()
-                && !k.as_bytes()[0].is_ascii_digit()
-                && k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_');
-            if !name_ok {
-                return Err(bad(
-                    "login.env",
-                    format!("{k:?} is not a valid variable name"),
-                ));
-            }
-            if RESERVED_ENV.contains(&k.to_ascii_uppercase().as_str()) {
-                return Err(bad(
-                    "login.env",
-                    format!("{k} is set by the platform (egress goes through the per-user proxy) and must not be overridden"),
-                ));
-            }
-            if v.contains('\0') {
-                return Err(bad("login.env", format!("{k} contains NUL")));
-            }
-        }
+        valid_env(&l.env).map_err(|e| bad("login.env", e))?;
         for w in &l.write {
             if !valid_home_path(&w.path) {
                 return Err(bad(
@@ -553,6 +560,7 @@ impl Provider {
         }
         let p = raw.prompt;
         valid_argv(&p.command).map_err(|e| bad("prompt.command", e))?;
+        valid_env(&p.env).map_err(|e| bad("prompt.env", e))?;
         let slots = p.command.iter().filter(|a| *a == "{prompt}").count();
         let embedded = p
             .command
@@ -591,6 +599,7 @@ impl Provider {
             capture: raw.capture,
             rotates_refresh_token: raw.refresh.rotates_refresh_token,
             prompt_command: p.command,
+            prompt_env: p.env,
             prompt_output: p.output,
             check: raw.check,
         })
@@ -905,6 +914,8 @@ mod tests {
             ("deliver_keys = [\"auth_mode\", \"OPENAI_API_KEY\", \"tokens\", \"last_refresh\"]", "deliver_keys = [\"auth_mode\"]", "must include \"tokens.access_token\""),
             ("deliver_keys = [\"auth_mode\", \"OPENAI_API_KEY\", \"tokens\", \"last_refresh\"]", "deliver_keys = [\"tokens.\"]", "dotted"),
             ("output = \"jsonl\"", "output = \"xml\"", "unknown variant"),
+            ("output = \"jsonl\"", "output = \"jsonl\"\nenv = { NO_PROXY = \"*\" }", "prompt.env"),
+            ("output = \"jsonl\"", "output = \"jsonl\"\nenv = { \"A-B\" = \"1\" }", "not a valid variable name"),
             ("output = \"jsonl\"", "output = \"jsonl\"\nshell = true", "unknown field"),
             ("rotates_refresh_token = true", "", "missing field `rotates_refresh_token`"),
         ];

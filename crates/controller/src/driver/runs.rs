@@ -358,7 +358,12 @@ async fn queued(inner: &Inner, run: &Run) -> Result<bool, StoreError> {
     args.extend(argv.iter().map(String::as_str));
     let req = ExecRequest {
         argv: sh(START, &args),
-        env: [("HOME".to_string(), inner.cfg.cli_home.clone())].into(),
+        env: p
+            .prompt_env
+            .clone()
+            .into_iter()
+            .chain([("HOME".to_string(), inner.cfg.cli_home.clone())])
+            .collect(),
         timeout_ms: Some(30_000),
         ..Default::default()
     };
