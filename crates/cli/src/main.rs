@@ -81,10 +81,11 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    // The API bench would otherwise time the access log (one line per
-    // request on stderr) as much as the API itself.
+    // Benchmarks print their figures; the logs of what they drive (a line
+    // per request or per egress connection) would bury them and be timed
+    // as much as the path itself. `POLYDEV_LOG` still asks for more.
     let default_filter = match &cli.cmd {
-        Cmd::Bench(bench::BenchCmd::Api(_)) => "info,polydev_controller::http=warn",
+        Cmd::Bench(_) => "warn",
         _ => "info",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("POLYDEV_LOG")
