@@ -3,7 +3,8 @@
 // password; Providers, Connect; the desktop appears in the page; clicks
 // and keys on the noVNC canvas sign in to the remote sign-in page and give
 // consent; the page shows Connected; the CLI workspace's terminal runs
-// `polydev-testcli whoami` and shows the person's name. On the way the
+// `polydev-testcli whoami` and shows the person's name, and a prompt typed
+// into the page streams the test CLI's answer. On the way the
 // desktop WebSocket is cut (the session goes on and the page comes back),
 // every page is checked with axe-core, and the numbers the issue asks for
 // are printed as MEASURE lines.
@@ -247,6 +248,21 @@ try {
   await until('back on the first terminal', 120, async () =>
     ((await page.getByTestId('terminal').locator('.xterm-rows').innerText()) ?? '').includes('shell-42-one'));
   await axe(page, 'CLI workspace with tabs');
+
+  // 7. A prompt from the page: the test CLI's answer streams in.
+  step('7. prompt');
+  await page.getByTestId('run-prompt').fill('what is six times seven?');
+  const asked = Date.now();
+  await page.getByTestId('run-submit').click();
+  await until('the prompt answers', 180, async () =>
+    ((await page.getByTestId('run-output').textContent()) ?? '').includes('Here is the answer: 42.'));
+  console.log(`measure: prompt submit to its answer on the page ${Date.now() - asked} ms`);
+  await until('the run succeeds', 60, async () =>
+    ((await page.getByTestId('run-state').textContent()) ?? '').includes('succeeded'));
+  await page.getByTestId('runs').getByText('what is six times seven?').first().waitFor({ state: 'visible' });
+  await page.getByTestId('run-output').scrollIntoViewIfNeeded();
+  await shot(page, 'dashboard-6-prompt.png');
+  await axe(page, 'CLI workspace with a prompt run');
 
   // The rest of the pages an administrator has, each checked.
   for (const [nav, testid, what] of [

@@ -89,6 +89,32 @@ export interface Vm {
   created_at: number;
   failure?: Failure | null;
 }
+export interface Run {
+  id: string;
+  provider: string;
+  vm_id: string;
+  prompt: string;
+  cwd: string;
+  state: string;
+  done: boolean;
+  reason?: string | null;
+  exit_code?: number | null;
+  cancel_requested: boolean;
+  timeout_secs: number;
+  created_at: number;
+  started_at?: number | null;
+  finished_at?: number | null;
+}
+export interface RunEvent {
+  seq: number;
+  at: number;
+  /** `output` (a line the CLI printed) or `state`. */
+  source: string;
+  /** The line's JSON `type`, `raw` for a line that is not JSON, or the new state. */
+  type: string;
+  data: unknown;
+  raw: string;
+}
 export interface AdminVm extends Vm {
   owner_id?: string | null;
   owner_name?: string | null;
@@ -226,6 +252,10 @@ export const api = {
 
   ticket: (kind: 'desktop' | 'terminal', resource_id: string) => request<Ticket>('POST', '/api/v1/tickets', { kind, resource_id }),
 
+  runs: () => get<Run[]>('/api/v1/runs?limit=20'),
+  createRun: (provider: string, prompt: string) => request<Run>('POST', '/api/v1/runs', { provider, prompt }),
+  cancelRun: (id: string) => request<Run>('DELETE', `/api/v1/runs/${enc(id)}`),
+  runEvents: (id: string) => get<RunEvent[]>(`/api/v1/runs/${enc(id)}/events`),
   vms: () => get<Vm[]>('/api/v1/vms'),
   vm: (id: string) => get<Vm>(`/api/v1/vms/${enc(id)}`),
   createCliVm: () => request<Vm>('POST', '/api/v1/vms', { kind: 'cli' }),

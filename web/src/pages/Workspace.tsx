@@ -4,6 +4,7 @@ import type { Vm } from '../api';
 import { ago, words } from '../format';
 import type { TerminalState, TerminalView } from '../terminal';
 import { ErrorBox, Status, useAsync, usePageTitle } from '../ui';
+import { Prompts } from './Prompts';
 
 /** The user's CLI VM: the newest one of kind `cli` that is not done. */
 function cliVm(vms: Vm[]): Vm | null {
@@ -87,7 +88,10 @@ export function Workspace() {
             <Status>The VM is {words(vm.state)}: its terminal resumes it, which takes a moment.</Status>
           )}
           {vm.state === 'running' || AWAKES.includes(vm.state) ? (
-            <Terminals vmId={vm.id} />
+            <>
+              <Terminals vmId={vm.id} />
+              <Prompts />
+            </>
           ) : (
             <Status>{`The VM is ${words(vm.state)}…`}</Status>
           )}
