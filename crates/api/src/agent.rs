@@ -95,6 +95,10 @@ pub enum Request {
     },
     /// State of every supervised service.
     Services,
+    /// Wait until one of a user's files differs from what the host knows,
+    /// or the timeout passes (a long poll); answered with
+    /// [`Response::Watched`].
+    WatchFiles(WatchSpec),
     /// Stop all services, sync and power off (or reboot).
     Shutdown {
         /// Reboot instead of powering off.
@@ -129,6 +133,68 @@ pub struct ExecRequest {
     /// Kill the process (SIGKILL) after this many milliseconds.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+}
+
+/// Most files one [`Request::WatchFiles`] may watch.
+pub const MAX_WATCH_FILES: usize = 8;
+/// Largest watched file the agent reads, in bytes (credential files are a
+/// few KiB); a larger one is answered as refused, so one answer stays
+/// below `MAX_WATCH_FILES` MiB.
+pub const MAX_WATCH_FILE: u64 = 1024 * 1024;
+/// Longest a [`Request::WatchFiles`] waits, in milliseconds: below the
+/// host's 60 s deadline for an agent answer.
+pub const MAX_WATCH_MS: u64 = 45_000;
+/// [`WatchedFile::key`] of a file that does not exist.
+pub const WATCH_MISSING: &str = "missing";
+/// [`WatchedFile::key`] of a file the agent refused to read (see
+/// [`WatchedFile::problem`]).
+pub const WATCH_REFUSED: &str = "refused";
+
+/// Files of one user to watch. The agent reads each as data, as root but
+/// without following any symlink on its path (`openat2`
+/// `RESOLVE_NO_SYMLINKS`), and only a regular file owned by `user` of at
+/// most `max_bytes`: a user who plants a link or a device gets a refusal,
+/// never another file's content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchSpec {
+    /// The files' owner (name or numeric uid).
+    pub user: String,
+    /// What to watch, with the key the host knows for each.
+    pub files: Vec<WatchPath>,
+    /// Answer after this many milliseconds even if nothing changed (at
+    /// most [`MAX_WATCH_MS`]).
+    pub timeout_ms: u64,
+    /// Largest file read, in bytes (at most [`MAX_WATCH_FILE`]).
+    pub max_bytes: u64,
+}
+
+/// One watched path and the key the host last saw for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchPath {
+    /// Absolute path inside the guest.
+    pub path: String,
+    /// The [`WatchedFile::key`] the host knows; anything else (e.g. `""`)
+    /// makes the agent answer at once.
+    pub known: String,
+}
+
+/// A watched file as it is now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchedFile {
+    /// The path, as asked.
+    pub path: String,
+    /// Lower-case hex SHA-256 of the content, [`WATCH_MISSING`] or
+    /// [`WATCH_REFUSED`].
+    pub key: String,
+    /// The content, when the file was read (base64 on the wire).
+    #[serde(default, with = "b64_opt")]
+    pub data: Option<Vec<u8>>,
+    /// Why the file was not read, for [`WATCH_REFUSED`].
+    #[serde(default)]
+    pub problem: Option<String>,
 }
 
 /// A file to write in the guest.
@@ -341,6 +407,12 @@ pub enum Response {
     Services {
         /// One entry per declared service.
         services: Vec<ServiceStatus>,
+    },
+    /// Answer to [`Request::WatchFiles`]: every watched file as it is now,
+    /// in the order asked; final.
+    Watched {
+        /// One entry per watched path.
+        files: Vec<WatchedFile>,
     },
     /// The stream now carries raw bytes to the forward target; final.
     ForwardReady,

@@ -23,6 +23,7 @@ mod server;
 mod supervisor;
 mod terminals;
 mod util;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::io::Write;

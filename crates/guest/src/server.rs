@@ -125,7 +125,7 @@ pub fn read_request_line<R: Read>(
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     serde_json::from_slice::<Request>(line).map_err(|e| {
         format!(
-            "malformed request: {e}; send one JSON object with an \"op\" field (health, info, exec, read_file, write_file, configure, forward, logs, services, shutdown)"
+            "malformed request: {e}; send one JSON object with an \"op\" field (health, info, exec, read_file, write_file, configure, forward, logs, services, watch_files, shutdown)"
         )
     })
 }
@@ -177,6 +177,7 @@ fn handle(conn: Stream, state: &State) {
         Request::Services => Response::Services {
             services: state.supervisor.status(),
         },
+        Request::WatchFiles(spec) => crate::watch::handle(spec),
         Request::Shutdown { reboot } => {
             logger::info(format!(
                 "shutdown requested ({})",

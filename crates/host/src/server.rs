@@ -89,6 +89,7 @@ pub fn router(mgr: Arc<Manager>) -> Router {
         .route("/v1/vms/{id}/logs", get(logs))
         .route("/v1/vms/{id}/agent-logs", get(agent_ring))
         .route("/v1/vms/{id}/services", get(services))
+        .route("/v1/vms/{id}/watch-files", post(watch_files))
         .route("/v1/vms/{id}/stop", post(stop))
         .route("/v1/vms/{id}/start", post(start))
         .route("/v1/vms/{id}/hibernate", post(hibernate))
@@ -472,6 +473,17 @@ async fn services(
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(m.agent_call(&id, Request::Services).await?))
+}
+
+/// A long poll over a user's files in the VM (the guest agent's
+/// `watch_files`; its answer within the agent call's deadline).
+async fn watch_files(
+    State(m): State<Arc<Manager>>,
+    UrlPath(id): UrlPath<String>,
+    body: Result<Json<polydev_api::agent::WatchSpec>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(spec) = body?;
+    Ok(Json(m.agent_call(&id, Request::WatchFiles(spec)).await?))
 }
 
 async fn pause(

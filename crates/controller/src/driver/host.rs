@@ -7,7 +7,9 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use polydev_api::agent::{ExecRequest, ExitStatus, Request, Response, ServiceStatus};
+use polydev_api::agent::{
+    ExecRequest, ExitStatus, Request, Response, ServiceStatus, WatchSpec, WatchedFile,
+};
 use polydev_api::vm::{VmInfo, VmSpec, VmState as HostState};
 use polydev_host::client::{ClientError, HostClient};
 use polydev_host::manager::ManagerError;
@@ -105,6 +107,10 @@ pub trait HostApi: Send + Sync {
     /// The end of one of the VM's logs kept by its host (live or archived):
     /// the host's default tail (1 MiB, whole lines), never the whole file.
     fn logs<'a>(&'a self, vm: &'a str, kind: polydev_api::vm::LogKind) -> HostFuture<'a, String>;
+    /// Wait (a long poll, bounded by the spec's timeout) until one of a
+    /// user's files in the VM differs from the keys the caller knows;
+    /// every file as it is now (the guest agent's `watch_files`).
+    fn watch_files<'a>(&'a self, vm: &'a str, spec: WatchSpec) -> HostFuture<'a, Vec<WatchedFile>>;
     /// A file's content from inside the VM; `None` when it does not exist.
     /// (One implementation for every host: `cat` through exec, so nothing
     /// beyond exec is needed from the host protocol.)
@@ -223,6 +229,16 @@ fn services_of(r: Response) -> Result<Vec<ServiceStatus>, HostError> {
     }
 }
 
+fn watched_of(r: Response) -> Result<Vec<WatchedFile>, HostError> {
+    match r {
+        Response::Watched { files } => Ok(files),
+        Response::Error(e) => Err(HostError::Failed(format!("guest agent: {}", e.message))),
+        other => Err(HostError::Failed(format!(
+            "unexpected answer to a watch_files request: {other:?}"
+        ))),
+    }
+}
+
 fn from_manager(e: ManagerError) -> HostError {
     match e {
         ManagerError::NotFound { .. } => HostError::NotFound(e.to_string()),
@@ -259,6 +275,17 @@ impl HostApi for LocalHost {
             services_of(
                 self.manager
                     .agent_call(vm, Request::Services)
+                    .await
+                    .map_err(from_manager)?,
+            )
+        })
+    }
+
+    fn watch_files<'a>(&'a self, vm: &'a str, spec: WatchSpec) -> HostFuture<'a, Vec<WatchedFile>> {
+        Box::pin(async move {
+            watched_of(
+                self.manager
+                    .agent_call(vm, Request::WatchFiles(spec))
                     .await
                     .map_err(from_manager)?,
             )
@@ -374,6 +401,21 @@ impl HostApi for RemoteHost {
             services_of(
                 self.client
                     .call::<(), _>(hyper::Method::GET, &format!("/v1/vms/{vm}/services"), None)
+                    .await
+                    .map_err(from_client)?,
+            )
+        })
+    }
+
+    fn watch_files<'a>(&'a self, vm: &'a str, spec: WatchSpec) -> HostFuture<'a, Vec<WatchedFile>> {
+        Box::pin(async move {
+            watched_of(
+                self.client
+                    .call(
+                        hyper::Method::POST,
+                        &format!("/v1/vms/{vm}/watch-files"),
+                        Some(&spec),
+                    )
                     .await
                     .map_err(from_client)?,
             )

@@ -243,6 +243,13 @@ impl HostApi for LocalExec {
     fn logs<'a>(&'a self, _: &'a str, _: LogKind) -> HostFuture<'a, String> {
         Box::pin(async { Ok(String::new()) })
     }
+    fn watch_files<'a>(
+        &'a self,
+        _: &'a str,
+        _: polydev_api::agent::WatchSpec,
+    ) -> HostFuture<'a, Vec<polydev_api::agent::WatchedFile>> {
+        Box::pin(async { Err(HostError::Refused("not here".into())) })
+    }
 }
 
 /// The API with a driver over [`LocalExec`], and what a test needs.
