@@ -60,6 +60,14 @@ export interface Credential {
   updated_at: number;
   /** The CLI VM holding the files (added by the credential-holder work; may be absent). */
   holder_vm_id?: string | null;
+  /** When its tokens were last obtained (sign-in or a refresh written back), ms. */
+  last_refresh_at?: number | null;
+  /** When its access token expires, ms, when the provider's files say. */
+  expires_at?: number | null;
+  /** `ok`, or `needs_login` when it is known dead. */
+  status?: string;
+  /** Why it needs a login. */
+  status_reason?: string | null;
 }
 export interface Session {
   id: string;

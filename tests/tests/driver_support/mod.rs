@@ -21,11 +21,29 @@ pub fn driver_at_host(
     upstreams: UpstreamConfig,
     cfg: DriverConfig,
 ) -> Driver {
+    driver_with_keys(
+        store,
+        data,
+        upstreams,
+        cfg,
+        KeySource::fixed(Keyring::generate().expect("a vault key")),
+    )
+}
+
+/// [`driver_at_host`] with the vault keys of `keys` (a test that seals or
+/// opens records itself shares a key file with the driver).
+pub fn driver_with_keys(
+    store: &Store,
+    data: &std::path::Path,
+    upstreams: UpstreamConfig,
+    cfg: DriverConfig,
+    keys: KeySource,
+) -> Driver {
     Driver::with_config(
         store.clone(),
         std::sync::Arc::new(RemoteHost::new(LOCAL_HOST_ID, &data.join("host.sock"))),
         Providers::load_dir(&data.join("providers")).expect("the test's providers load"),
-        KeySource::fixed(Keyring::generate().expect("a vault key")),
+        keys,
         upstreams,
         cfg,
     )

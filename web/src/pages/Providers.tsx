@@ -155,10 +155,25 @@ function CardDetail({ st }: { st: CardState }) {
         <dl class="facts">
           <dt>CLI VM</dt>
           <dd>{st.cred.holder_vm_id ? <a href="#/workspace">{st.cred.holder_vm_id}</a> : 'none yet'}</dd>
+          <dt>Status</dt>
+          <dd>
+            {st.cred.status === 'needs_login' ? (
+              <span class="failure">
+                <strong>needs login</strong>
+                {st.cred.status_reason ? `: ${st.cred.status_reason}` : ''}
+              </span>
+            ) : (
+              'working'
+            )}
+          </dd>
+          <dt>Version</dt>
+          <dd>{st.cred.version}</dd>
           <dt>Since</dt>
           <dd>{when(st.cred.created_at)}</dd>
           <dt>Last refreshed</dt>
-          <dd>{when(st.cred.updated_at)}</dd>
+          <dd>{when(st.cred.last_refresh_at ?? st.cred.updated_at)}</dd>
+          <dt>Expires</dt>
+          <dd>{st.cred.expires_at ? when(st.cred.expires_at) : 'not readable'}</dd>
         </dl>
       );
     case 'failed':

@@ -18,6 +18,7 @@
 //! or every [`DriverConfig::poll_ms`], and runs
 //! [`crate::recovery::fail_overdue`] on every pass.
 
+pub mod custody;
 mod disconnect;
 mod egress_check;
 pub mod fields;
@@ -40,7 +41,7 @@ use tokio::sync::{watch, Notify};
 pub use disconnect::DisconnectError;
 pub use host::{Duplex, ExecOutput, HostApi, HostError, RemoteHost};
 pub use idle::WakeError;
-pub use session::decode_credential;
+pub use session::{decode_credential, encode as encode_credential};
 
 use crate::providers::{ProviderError, Providers};
 use crate::store::{Store, StoreError};
@@ -338,6 +339,9 @@ pub(crate) struct Inner {
     /// Sessions whose login printed an auth URL before handing one to the
     /// browser: session id → when the printed one was first seen.
     pub(crate) printed_url_seen: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// The keys of each holder's credential files last seen (see
+    /// [`custody`]).
+    custody_known: Mutex<custody::Known>,
 }
 
 /// The driver; cheap to clone (the API keeps one to [`Driver::notify`]).
@@ -412,6 +416,7 @@ impl Driver {
                 busy: Mutex::new(HashSet::new()),
                 quiet: Mutex::new(std::collections::HashMap::new()),
                 printed_url_seen: Mutex::new(std::collections::HashMap::new()),
+                custody_known: Mutex::new(std::collections::HashMap::new()),
             }),
         }
     }
@@ -550,13 +555,16 @@ async fn pass(inner: &Arc<Inner>) -> Result<(), StoreError> {
     let vms = inner.store.non_final_vms().await?;
     let sessions = inner.store.non_final_sessions().await?;
     let runs = inner.store.active_runs().await?;
+    let custody = inner.store.custody_targets().await?;
     {
         // Forget records that ended.
+        let held: Vec<String> = custody.iter().map(custody::record_id).collect();
         let live: HashSet<&str> = vms
             .iter()
             .map(|v| v.id.as_str())
             .chain(sessions.iter().map(|s| s.id.as_str()))
             .chain(runs.iter().map(|r| r.id.as_str()))
+            .chain(held.iter().map(String::as_str))
             .collect();
         lock(&inner.quiet).retain(|id, _| live.contains(id.as_str()));
     }
@@ -569,6 +577,7 @@ async fn pass(inner: &Arc<Inner>) -> Result<(), StoreError> {
             move |i| async move { vm::step(&i, v).await },
         );
     }
+    custody::schedule(inner, custody, &sessions);
     for s in sessions {
         let (id, version) = (s.id.clone(), s.life.version);
         spawn_step(inner, id, version, move |i| async move {

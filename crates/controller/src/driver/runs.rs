@@ -487,6 +487,10 @@ async fn running(inner: &Inner, run: &Run) -> Result<bool, StoreError> {
         );
         return lost(inner, run, why).await;
     }
+    // A CLI whose refresh was refused says so in its own (non-JSON) output.
+    if let Some(reason) = super::custody::refusal_in(&String::from_utf8_lossy(bytes)) {
+        super::custody::note_refusal(inner, &run.user_id, &run.provider, &reason).await?;
+    }
     let ended = matches!(status, Status::Dead | Status::Exited(_));
     let eof = ended && bytes.len() < READ_CHUNK;
     let format = inner

@@ -454,7 +454,7 @@ enum Next {
 }
 
 /// The vault plaintext of a credential: the captured files, by path.
-fn encode(files: &BTreeMap<String, Vec<u8>>) -> Zeroizing<Vec<u8>> {
+pub fn encode(files: &BTreeMap<String, Vec<u8>>) -> Zeroizing<Vec<u8>> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let map: serde_json::Map<String, serde_json::Value> = files
         .iter()
@@ -664,7 +664,7 @@ async fn delivering(inner: &Inner, s: &Session, p: &Provider) -> Result<bool, St
 /// Write one captured file into the CLI VM at `full`, as `owner`: whole
 /// when its provider names no fields, else only the credential's fields
 /// (`deliver_keys`), merged into the file the CLI VM already has.
-async fn deliver_file(
+pub(super) async fn deliver_file(
     host: &dyn HostApi,
     vm: &str,
     full: &str,

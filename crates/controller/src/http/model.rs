@@ -384,8 +384,23 @@ pub struct CredentialView {
     /// Last changed (ms).
     pub updated_at: i64,
     /// The CLI VM (`vm-…`) this version was delivered to; `null` when it
-    /// is in the vault only (not delivered yet, or that VM is gone).
+    /// is in the vault only (not delivered yet, or that VM is gone). The
+    /// holder is the only live copy: its refreshes are written back as new
+    /// versions.
     pub holder_vm_id: Option<String>,
+    /// When its tokens were last obtained: the sign-in, or a refresh in the
+    /// holder written back (ms); `null` for credentials older than this
+    /// field.
+    pub last_refresh_at: Option<i64>,
+    /// When the access token expires (ms), when the provider's files say;
+    /// `null` when they do not.
+    pub expires_at: Option<i64>,
+    /// `ok`, or `needs_login` when the credential is known dead (a refresh
+    /// was refused, the CLI blanked its tokens): connect the provider again.
+    #[schema(example = "ok")]
+    pub status: String,
+    /// Why it needs a login (`null` when `ok`).
+    pub status_reason: Option<String>,
 }
 
 impl From<CredentialInfo> for CredentialView {
@@ -396,6 +411,10 @@ impl From<CredentialInfo> for CredentialView {
             created_at: c.created_at,
             updated_at: c.updated_at,
             holder_vm_id: c.holder_vm_id,
+            last_refresh_at: c.refreshed_at,
+            expires_at: c.expires_at,
+            status: c.status,
+            status_reason: c.status_reason,
         }
     }
 }

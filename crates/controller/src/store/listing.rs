@@ -25,6 +25,15 @@ pub struct CredentialInfo {
     /// The CLI VM the current version was delivered to (`None`: none, or
     /// that VM is gone).
     pub holder_vm_id: Option<String>,
+    /// When its tokens were last obtained: sign-in or a refresh written
+    /// back from the holder (ms).
+    pub refreshed_at: Option<i64>,
+    /// When its access token expires (ms), when its files say.
+    pub expires_at: Option<i64>,
+    /// `ok` or `needs_login`.
+    pub status: String,
+    /// Why it needs a login.
+    pub status_reason: Option<String>,
 }
 
 impl Store {
@@ -56,8 +65,21 @@ impl Store {
 
     /// Metadata of the user's credentials, by provider.
     pub async fn credentials_of(&self, user_id: &str) -> Result<Vec<CredentialInfo>, StoreError> {
-        let rows: Vec<(String, i64, String, i64, i64, Option<String>)> = sqlx::query_as(
-            "SELECT provider, version, key_id, created_at, updated_at, holder_vm_id FROM credentials
+        type Row = (
+            String,
+            i64,
+            String,
+            i64,
+            i64,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            String,
+            Option<String>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT provider, version, key_id, created_at, updated_at, holder_vm_id,
+                    refreshed_at, expires_at, status, status_reason FROM credentials
              WHERE user_id = $1 ORDER BY provider",
         )
         .bind(user_id)
@@ -72,6 +94,10 @@ impl Store {
                 created_at: r.3,
                 updated_at: r.4,
                 holder_vm_id: r.5,
+                refreshed_at: r.6,
+                expires_at: r.7,
+                status: r.8,
+                status_reason: r.9,
             })
             .collect())
     }

@@ -63,6 +63,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "vm_activity",
         sql: include_str!("../../migrations/0008_vm_activity.sql"),
     },
+    Migration {
+        version: 9,
+        name: "credential_custody",
+        sql: include_str!("../../migrations/0009_credential_custody.sql"),
+    },
 ];
 
 /// The schema version this binary brings a database to.

@@ -7,6 +7,7 @@
 //! `version` plus an `events` row, in one transaction.
 
 mod census;
+mod custody;
 mod listing;
 mod migrate;
 mod runs;
@@ -30,6 +31,7 @@ use crate::util::{new_id, now_ms, RandomError};
 use crate::vault::SealedRecord;
 
 pub use census::Records;
+pub use custody::{CustodyTarget, Refreshed, STATUS_NEEDS_LOGIN, STATUS_OK};
 pub use listing::CredentialInfo;
 pub use migrate::latest_version;
 pub use runs::{NewRun, NewRunEvent, Run, RunEvent, RunState, RunStep};
@@ -889,8 +891,8 @@ impl Store {
         let mut tx = self.begin_write().await?;
         let done = if rec.version == 1 {
             sqlx::query(
-                "INSERT INTO credentials (user_id, provider, version, key_id, wrapped_key, nonce, ciphertext, created_at, updated_at)
-                 VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $7)",
+                "INSERT INTO credentials (user_id, provider, version, key_id, wrapped_key, nonce, ciphertext, created_at, updated_at, refreshed_at)
+                 VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $7, $7)",
             )
             .bind(&rec.user_id)
             .bind(&rec.provider)
@@ -910,7 +912,7 @@ impl Store {
             sqlx::query(
                 // A new version is held by no VM until it is delivered.
                 "UPDATE credentials SET version = $1, key_id = $2, wrapped_key = $3, nonce = $4, ciphertext = $5, updated_at = $6,
-                    holder_vm_id = NULL
+                    holder_vm_id = NULL, refreshed_at = $6, expires_at = NULL, status = 'ok', status_reason = NULL
                  WHERE user_id = $7 AND provider = $8 AND version = $9",
             )
             .bind(rec.version)
