@@ -44,8 +44,9 @@ setup_apt() {
   fi
   # debootstrap and erofs-utils build the golden images (`polydev image build`);
   # systemd brings systemd-analyze, which checks deploy/systemd in the tests;
-  # g++: libfuzzer-sys (the fuzz targets, fuzz/) compiles libFuzzer's C++.
-  local pkgs=(qemu-system-x86 qemu-system-data qemu-utils e2fsprogs dpkg cpio postgresql debootstrap erofs-utils systemd g++)
+  # g++: libfuzzer-sys (the fuzz targets, fuzz/) compiles libFuzzer's C++;
+  # curl: the custody e2e plays the person's browser at the test provider.
+  local pkgs=(qemu-system-x86 qemu-system-data qemu-utils e2fsprogs dpkg cpio postgresql debootstrap erofs-utils systemd g++ curl)
   mapfile -t missing < <(need_apt "${pkgs[@]}")
   if [ "${#missing[@]}" -gt 0 ] && [ -n "${missing[0]}" ]; then
     echo "installing: ${missing[*]}"

@@ -11,7 +11,8 @@
 //! 3. the authorization server refuses the old refresh token (reuse
 //!    detection), and until the test itself tries it nothing used it;
 //! 4. once the family is revoked the CLI's refresh is refused and it
-//!    blanks its tokens, as real CLIs do: the API shows `needs_login`.
+//!    blanks its tokens, as real CLIs do: the API shows `needs_login`;
+//! 5. a disconnect deletes the sealed copy and the holder's tokens.
 //!
 //! The person's sign-in happens on this machine (the test plays the
 //! browser with curl through its own proxy; the connect flow through a
@@ -495,6 +496,23 @@ path = "/usr/local/share/ca-certificates/polydev-test.crt"
         dead["version"], 2,
         "a dead credential is not sealed: {dead}"
     );
+
+    // 5. Disconnect: the sealed copy goes, and so do the credential's
+    // fields in the holder (a file the CLI keeps, without its tokens).
+    let r = api.call("DELETE", "/api/v1/credentials/testcli", None);
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(r.json()["removed_from_vm"], vm2.as_str(), "{:?}", r.json());
+    let left = host.sh(
+        &host_vm2,
+        &format!("cat /home/user/{AUTH} 2>/dev/null || true"),
+    );
+    assert!(
+        !left.stdout.contains("refresh_token") && !left.stdout.contains(&rt2),
+        "the holder kept the credential: {}",
+        left.stdout
+    );
+    let creds = api.call("GET", "/api/v1/credentials", None).json();
+    assert_eq!(creds, json!([]), "{creds}");
 
     println!("custody test took {:?}", started.elapsed());
     driver_stop.send(true).ok();
