@@ -226,20 +226,7 @@ async fn deliver(inner: &Inner, t: CustodyTarget) -> Result<bool, StoreError> {
     let Some(p) = inner.providers.get(&t.provider) else {
         return Ok(false);
     };
-    let vm = inner.store.vm(&t.cli_vm_id).await?;
-    let r = host_ref(&vm);
-    let host = &*inner.host;
-    // `[[vm_files]]` and `vm_setup` before a delivery, as for a sign-in's.
-    let c = &inner.cfg;
-    if let Err(e) =
-        super::provision::provision(host, r, VmKind::Cli, &c.vm_files, c.vm_setup.as_deref()).await
-    {
-        tracing::debug!(vm = %vm.id, error = %e, "custody: provisioning the new holder failed; retrying");
-        return Ok(false);
-    }
-    if !matches!(login::ready(host, r, &inner.cfg.cli_ready).await, Ok(true)) {
-        return Ok(false);
-    }
+    // The vault first: a record that cannot be opened costs the VM nothing.
     let pt = match inner.keys.vault() {
         Ok(v) => match v.load(&inner.store, &t.user_id, &t.provider).await {
             Ok(Some(pt)) => pt,
@@ -257,6 +244,20 @@ async fn deliver(inner: &Inner, t: CustodyTarget) -> Result<bool, StoreError> {
     let Some(files) = decode_credential(&pt) else {
         return Ok(false);
     };
+    let vm = inner.store.vm(&t.cli_vm_id).await?;
+    let r = host_ref(&vm);
+    let host = &*inner.host;
+    // `[[vm_files]]` and `vm_setup` before a delivery, as for a sign-in's.
+    let c = &inner.cfg;
+    if let Err(e) =
+        super::provision::provision(host, r, VmKind::Cli, &c.vm_files, c.vm_setup.as_deref()).await
+    {
+        tracing::debug!(vm = %vm.id, error = %e, "custody: provisioning the new holder failed; retrying");
+        return Ok(false);
+    }
+    if !matches!(login::ready(host, r, &inner.cfg.cli_ready).await, Ok(true)) {
+        return Ok(false);
+    }
     let owner = inner.cfg.cli_owner.as_deref().and_then(owner_user);
     for (path, data) in &files {
         let Some(spec) = p.capture.iter().find(|f| &f.path == path) else {
