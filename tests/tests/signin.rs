@@ -316,9 +316,54 @@ fn sign_in(w: &World, i: usize, together: &Together) -> SignedIn {
     );
     let visible = created.elapsed();
 
+    // What the authorization server made of each of this person's
+    // submissions (told apart from the others' by their upstream's
+    // address). A busy host can lose keys while the page settles, so a
+    // submission may reach the server mangled (an empty or cut name): a
+    // person then sees the page again and types again, up to 3 times.
+    let peer = source_of(w, i);
+    let outcomes = || -> Vec<Value> {
+        w.server
+            .events()
+            .into_iter()
+            .filter(|e| {
+                (e["event"] == "login_ok" || e["event"] == "login_failed")
+                    && e["peer"].as_str().map(|p| p.trim_start_matches("::ffff:"))
+                        == Some(peer.as_str())
+            })
+            .collect()
+    };
+    let submit = |desk: &mut rfb::Session<WsStream>, password: &str, want: &str| {
+        for attempt in 1..=3 {
+            let before = outcomes().len();
+            type_credentials(desk, tag, &who.name, password);
+            let typed = Instant::now();
+            // A submission whose Enter was lost never arrives: typed again.
+            let until = typed + Duration::from_secs(120);
+            let seen = loop {
+                if let Some(e) = outcomes().get(before) {
+                    break e.clone();
+                }
+                if Instant::now() > until {
+                    break json!({"event": "nothing within 120 s"});
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            };
+            if seen["event"] == want && seen["user"] == who.name.as_str() {
+                return typed;
+            }
+            assert!(
+                attempt < 3,
+                "{tag}: the server kept seeing {seen}, not {want}"
+            );
+            eprintln!("{tag}: the server saw {seen} (keys lost while typing); typing again");
+        }
+        unreachable!("the loop returns or fails")
+    };
+
     // 3. A wrong password: the page says so and the flow goes on.
     if wrong_first {
-        type_credentials(&mut desk, tag, &who.name, "not-the-password");
+        submit(&mut desk, "not-the-password", "login_failed");
         wait_screen(
             &mut desk,
             &format!("{tag}: wrong password banner"),
@@ -330,49 +375,18 @@ fn sign_in(w: &World, i: usize, together: &Together) -> SignedIn {
                 f.find_colour(colour("password_input"), 8, 500).map(|_| ())
             },
         );
-        w.server
-            .wait_event("login_failed", |e| e["user"] == who.name.as_str());
     }
 
-    // 4. The right one, then consent. A busy host can lose keys while the
-    // page settles, and the server then refuses the sign-in: a person sees
-    // the page again and types again (the server's own count of refusals
-    // says so, since an earlier banner may still be on screen).
-    let refusals = || {
-        w.server
-            .events()
-            .iter()
-            .filter(|e| e["event"] == "login_failed" && e["user"] == who.name.as_str())
-            .count()
-    };
-    let mut expected_refusals = refusals();
-    let mut tries = 0;
-    let (allow, submitted) = loop {
-        type_credentials(&mut desk, tag, &who.name, &who.password);
-        let typed = Instant::now();
-        tries += 1;
-        let retry = tries < 3;
-        let (_, seen) = wait_screen(
-            &mut desk,
-            &format!("{tag}: consent page"),
-            &format!("signin-{tag}-3-consent.png"),
-            Duration::from_secs(300),
-            false,
-            |f| match consent_page("allow_button")(f) {
-                Some(b) => Some(Some(b)),
-                None => (retry && refusals() > expected_refusals).then_some(None),
-            },
-        );
-        match seen {
-            Some(b) => break (b, typed),
-            None => {
-                eprintln!(
-                    "{tag}: the server refused the sign-in (keys lost while typing); typing again"
-                );
-                expected_refusals = refusals();
-            }
-        }
-    };
+    // 4. The right one, then consent.
+    let submitted = submit(&mut desk, &who.password, "login_ok");
+    let (_, allow) = wait_screen(
+        &mut desk,
+        &format!("{tag}: consent page"),
+        &format!("signin-{tag}-3-consent.png"),
+        Duration::from_secs(300),
+        false,
+        consent_page("allow_button"),
+    );
     // Everyone is signed in and on their consent page: all sessions are
     // live at once. Then each allows.
     together.at_consent.arrive();
@@ -402,6 +416,32 @@ fn sign_in(w: &World, i: usize, together: &Together) -> SignedIn {
         session: done,
         visible,
     }
+}
+
+/// The address the authorization server sees person `i`'s requests come
+/// from: their upstream's (the port the controller assigned them).
+fn source_of(w: &World, i: usize) -> String {
+    let who = &w.people[i];
+    let r = call(
+        &w.people[0].api.addr,
+        "GET",
+        "/api/v1/admin/upstreams",
+        &[("cookie", &w.admin_cookie)],
+        None,
+    );
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let assigned = r.json();
+    let port = assigned["assignments"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["user_id"] == who.user_id.as_str()))
+        .and_then(|a| a["port"].as_u64())
+        .unwrap_or_else(|| panic!("{}: no upstream port: {assigned}", who.name));
+    let up = w
+        .upstreams
+        .iter()
+        .find(|u| u64::from(u.port) == port)
+        .unwrap_or_else(|| panic!("{}: port {port} is not one of the test's", who.name));
+    up.source.to_string()
 }
 
 #[test]
