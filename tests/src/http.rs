@@ -391,3 +391,47 @@ pub fn websocket(
         Err(e) => panic!("WebSocket handshake: {e}"),
     }
 }
+
+/// A caller of the controller's API with a bearer token.
+pub struct Client {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The `authorization` header's value.
+    pub auth: String,
+}
+
+impl Client {
+    /// A client of the API at `addr` with bearer `token`.
+    pub fn bearer(addr: &str, token: &str) -> Self {
+        Client {
+            addr: addr.to_string(),
+            auth: format!("Bearer {token}"),
+        }
+    }
+
+    /// One request, its JSON `body` if any.
+    pub fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Answer {
+        call(
+            &self.addr,
+            method,
+            path,
+            &[("authorization", &self.auth)],
+            body.as_ref(),
+        )
+    }
+
+    /// Poll VM `id` until its state is `want` (failing at once if it ends,
+    /// or after `limit`).
+    pub fn wait_vm(&self, id: &str, want: &str, limit: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let v = self.call("GET", &format!("/api/v1/vms/{id}"), None).json();
+            if v["state"] == want {
+                return v;
+            }
+            assert!(v["done"] != true, "VM {id} ended: {v}");
+            assert!(Instant::now() < deadline, "VM {id} not {want}: {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}

@@ -16,7 +16,7 @@ use polydev_api::vm::VmState as HostState;
 use polydev_controller::driver::DriverConfig;
 use polydev_controller::store::Store;
 use polydev_controller::upstream::UpstreamConfig;
-use polydev_e2e::http::{call, read_until, websocket, Answer};
+use polydev_e2e::http::{read_until, websocket, Client};
 use polydev_e2e::Host;
 use serde_json::{json, Value};
 
@@ -25,38 +25,15 @@ mod driver_support;
 /// The idle limit of this test.
 const IDLE_SECS: u64 = 6;
 
-struct Client {
-    addr: String,
-    auth: String,
+/// What this test asks of the API beyond a plain call.
+trait Terminals {
+    fn state(&self, id: &str) -> Value;
+    fn terminal(&self, vm: &str) -> tungstenite::WebSocket<std::net::TcpStream>;
 }
 
-impl Client {
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
-        call(
-            &self.addr,
-            method,
-            path,
-            &[("authorization", &self.auth)],
-            body.as_ref(),
-        )
-    }
-
+impl Terminals for Client {
     fn state(&self, id: &str) -> Value {
         self.call("GET", &format!("/api/v1/vms/{id}"), None).json()
-    }
-
-    /// Poll the VM until its state is `want` (failing at once if it ends).
-    fn wait_vm(&self, id: &str, want: &str, limit: Duration) -> Value {
-        let deadline = Instant::now() + limit;
-        loop {
-            let v = self.state(id);
-            if v["state"] == want {
-                return v;
-            }
-            assert!(v["done"] != true, "VM {id} ended: {v}");
-            assert!(Instant::now() < deadline, "VM {id} not {want}: {v}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
 
     /// A terminal WebSocket to `vm`'s kept terminal `main`.
@@ -104,10 +81,7 @@ fn an_idle_cli_vm_hibernates_and_its_terminal_resumes_it_intact() {
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let running = rt.spawn(driver.clone().run(stop_rx));
     let served = driver_support::ServedApi::start(&rt, &store, driver.clone(), "hib");
-    let api = Client {
-        addr: served.addr.clone(),
-        auth: format!("Bearer {}", served.token),
-    };
+    let api = Client::bearer(&served.addr, &served.token);
 
     let r = api.call("POST", "/api/v1/vms", Some(json!({"kind": "cli"})));
     assert_eq!(r.status, 201, "{:?}", r.json());

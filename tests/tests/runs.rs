@@ -17,28 +17,26 @@ use polydev_controller::driver::DriverConfig;
 use polydev_controller::store::Store;
 use polydev_controller::upstream::UpstreamConfig;
 use polydev_controller::vault::{Keyring, Vault};
-use polydev_e2e::http::{call, sse_until, Answer};
+use polydev_e2e::http::{sse_until, Client};
 use polydev_e2e::Host;
 use serde_json::{json, Value};
 
 mod driver_support;
 
-struct Client {
-    addr: String,
-    auth: String,
+/// What this test asks of the runs API.
+trait Runs {
+    fn wait_run(
+        &self,
+        id: &str,
+        pred: impl Fn(&Value) -> bool,
+        what: &str,
+        limit: Duration,
+    ) -> Value;
+    fn events(&self, id: &str) -> Vec<Value>;
+    fn wait_output(&self, id: &str, kind: &str, limit: Duration) -> Vec<Value>;
 }
 
-impl Client {
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
-        call(
-            &self.addr,
-            method,
-            path,
-            &[("authorization", &self.auth)],
-            body.as_ref(),
-        )
-    }
-
+impl Runs for Client {
     fn wait_run(
         &self,
         id: &str,
@@ -115,10 +113,7 @@ fn prompts_run_stream_cancel_and_outlive_the_controller() {
     let (driver_stop, driver_task, driver) = start_driver(&rt);
     let served = driver_support::ServedApi::start(&rt, &store, driver, "runner");
     let (addr, token, user) = (served.addr.clone(), served.token.clone(), &served.user);
-    let api = Client {
-        addr: addr.clone(),
-        auth: format!("Bearer {token}"),
-    };
+    let api = Client::bearer(&addr, &token);
 
     // The CLI VM, through the API; the test CLI's credential in the vault
     // and in the VM (signed in, as far as `prompt` is concerned).

@@ -321,7 +321,7 @@ fn sign_in(w: &World, i: usize, together: &Together) -> SignedIn {
     // address). A busy host can lose keys while the page settles, so a
     // submission may reach the server mangled (an empty or cut name): a
     // person then sees the page again and types again, up to 3 times.
-    let peer = source_of(w, i);
+    let peer = upstream_of(w, i).source.to_string();
     let outcomes = || -> Vec<Value> {
         w.server
             .events()
@@ -418,9 +418,9 @@ fn sign_in(w: &World, i: usize, together: &Together) -> SignedIn {
     }
 }
 
-/// The address the authorization server sees person `i`'s requests come
-/// from: their upstream's (the port the controller assigned them).
-fn source_of(w: &World, i: usize) -> String {
+/// Person `i`'s upstream (the port the controller assigned them): the
+/// authorization server sees their requests come from its address.
+fn upstream_of(w: &World, i: usize) -> &signin_support::Upstream {
     let who = &w.people[i];
     let r = call(
         &w.people[0].api.addr,
@@ -436,12 +436,10 @@ fn source_of(w: &World, i: usize) -> String {
         .and_then(|a| a.iter().find(|a| a["user_id"] == who.user_id.as_str()))
         .and_then(|a| a["port"].as_u64())
         .unwrap_or_else(|| panic!("{}: no upstream port: {assigned}", who.name));
-    let up = w
-        .upstreams
+    w.upstreams
         .iter()
         .find(|u| u64::from(u.port) == port)
-        .unwrap_or_else(|| panic!("{}: port {port} is not one of the test's", who.name));
-    up.source.to_string()
+        .unwrap_or_else(|| panic!("{}: port {port} is not one of the test's", who.name))
 }
 
 #[test]
@@ -473,27 +471,9 @@ fn three_people_sign_in_through_their_desktops_and_each_cli_vm_uses_only_its_own
     // Each person's upstream is their own port, and the authorization
     // server saw everything of each person's sign-in, token exchange and
     // check come from that person's upstream.
-    let r = call(
-        &w.people[0].api.addr,
-        "GET",
-        "/api/v1/admin/upstreams",
-        &[("cookie", &w.admin_cookie)],
-        None,
-    );
-    assert_eq!(r.status, 200, "{:?}", r.json());
-    let assigned = r.json();
     let mut sources = Vec::new();
-    for who in &w.people {
-        let port = assigned["assignments"]
-            .as_array()
-            .and_then(|a| a.iter().find(|a| a["user_id"] == who.user_id.as_str()))
-            .and_then(|a| a["port"].as_u64())
-            .unwrap_or_else(|| panic!("{}: no upstream port: {assigned}", who.name));
-        let up = w
-            .upstreams
-            .iter()
-            .find(|u| u64::from(u.port) == port)
-            .unwrap_or_else(|| panic!("{}: port {port} is not one of the test's", who.name));
+    for (i, who) in w.people.iter().enumerate() {
+        let up = upstream_of(&w, i);
         sources.push(up.source);
         let mut events = vec!["login_ok", "consent_ok", "token", "userinfo"];
         if who.name == w.people[0].name {

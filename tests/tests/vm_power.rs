@@ -23,7 +23,7 @@ use polydev_controller::driver::DriverConfig;
 use polydev_controller::state::{SessionState, VmState};
 use polydev_controller::store::{Also, Store};
 use polydev_controller::upstream::UpstreamConfig;
-use polydev_e2e::http::{call, Answer};
+use polydev_e2e::http::Client;
 use polydev_e2e::Host;
 use serde_json::{json, Value};
 
@@ -45,37 +45,6 @@ fn provider() -> String {
     )
 }
 
-struct Client {
-    addr: String,
-    auth: String,
-}
-
-impl Client {
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
-        call(
-            &self.addr,
-            method,
-            path,
-            &[("authorization", &self.auth)],
-            body.as_ref(),
-        )
-    }
-
-    /// Poll the VM until its state is `want` (failing at once if it ends).
-    fn wait_vm(&self, id: &str, want: &str, limit: Duration) -> Value {
-        let deadline = Instant::now() + limit;
-        loop {
-            let v = self.call("GET", &format!("/api/v1/vms/{id}"), None).json();
-            if v["state"] == want {
-                return v;
-            }
-            assert!(v["done"] != true, "VM {id} ended: {v}");
-            assert!(Instant::now() < deadline, "VM {id} not {want}: {v}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
 #[test]
 fn a_cli_vm_stops_and_starts_with_its_home_and_disconnect_removes_the_files() {
     polydev_e2e::require_images(&["cli"]);
@@ -95,10 +64,7 @@ fn a_cli_vm_stops_and_starts_with_its_home_and_disconnect_removes_the_files() {
     let running = rt.spawn(driver.clone().run(stop_rx));
     let served = driver_support::ServedApi::start(&rt, &store, driver.clone(), "pw");
     let (addr, token, user) = (served.addr.clone(), served.token.clone(), &served.user);
-    let api = Client {
-        addr,
-        auth: format!("Bearer {token}"),
-    };
+    let api = Client::bearer(&addr, &token);
 
     // The CLI VM, through the API.
     let r = api.call("POST", "/api/v1/vms", Some(json!({"kind": "cli"})));

@@ -1,62 +1,12 @@
 // Prompt runs from the page: pick a connected CLI, type a prompt, and
-// watch its output stream in (Server-Sent Events, resumed by EventSource
-// after a drop); the recent runs stay listed with their outcome.
+// watch its output stream in (Server-Sent Events, `useRunEvents`); the
+// recent runs stay listed with their outcome.
 import { useEffect, useState } from 'preact/hooks';
 import { api, errorText } from '../api';
 import type { Credential, Run, RunEvent } from '../api';
+import { useRunEvents } from '../timeline';
 import { ago, words } from '../format';
 import { ErrorBox, Status, useAsync } from '../ui';
-
-/** Event names of a run's stream (`event:` lines). */
-const KINDS = ['output', 'state'];
-
-/** A run's events, oldest first, as they happen; `done` once it is final. */
-function useRunEvents(runId: string): { events: RunEvent[]; done: boolean } {
-  const [events, setEvents] = useState<RunEvent[]>([]);
-  const [done, setDone] = useState(false);
-  useEffect(() => {
-    setEvents([]);
-    setDone(false);
-    let closed = false;
-    let retry: number | undefined;
-    let es: EventSource | null = null;
-    const add = (e: RunEvent) => setEvents((xs) => (xs.some((x) => x.seq === e.seq) ? xs : [...xs, e].sort((a, b) => a.seq - b.seq)));
-    const onEvent = (ev: MessageEvent<string>) => {
-      try {
-        add(JSON.parse(ev.data) as RunEvent);
-      } catch {
-        // A malformed event: skip it, the stream goes on.
-      }
-    };
-    const open = () => {
-      es = new EventSource(`/api/v1/runs/${encodeURIComponent(runId)}/events`);
-      for (const k of KINDS) es.addEventListener(k, onEvent as EventListener);
-      es.addEventListener('end', () => {
-        closed = true;
-        es?.close();
-        setDone(true);
-      });
-      es.onerror = () => {
-        // CLOSED: the server refused the stream; read the list once and
-        // try the stream again a little later.
-        if (es?.readyState === EventSource.CLOSED && !closed) {
-          api
-            .runEvents(runId)
-            .then((xs) => xs.forEach(add))
-            .catch(() => {});
-          retry = window.setTimeout(open, 5000);
-        }
-      };
-    };
-    open();
-    return () => {
-      closed = true;
-      window.clearTimeout(retry);
-      es?.close();
-    };
-  }, [runId]);
-  return { events, done };
-}
 
 /** What a person reads of one output line: the text a CLI's typed event
  * carries, else the line as printed. */
