@@ -328,27 +328,39 @@ fn prompts_run_stream_cancel_and_outlive_the_controller() {
     // file, prints its first typed events, and asks for its provider's
     // host, which the VM's egress refuses.
     let egress_log = data.join("vms").join(&host_vm).join("egress.log");
-    let real: [(&str, &str, &str, &str); 3] = [
+    // Made up at run time (nothing token-like is committed); an hour left.
+    let made_up = || {
+        let mut b = [0u8; 16];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+            .expect("random bytes");
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    };
+    let expires_ms = polydev_controller::util::now_ms() + 3_600_000;
+    let real: [(&str, &str, Value, &str, &str); 3] = [
         (
             "claude-code",
-            "mkdir -p ~/.claude && printf \"{\\\"claudeAiOauth\\\":{\\\"accessToken\\\":\\\"sk-ant-oat01-made-up\\\",\\\"refreshToken\\\":\\\"sk-ant-ort01-made-up\\\",\\\"expiresAt\\\":%s000,\\\"scopes\\\":[\\\"user:inference\\\"]}}\" $(( $(date +%s) + 3600 )) > ~/.claude/.credentials.json",
+            ".claude/.credentials.json",
+            json!({"claudeAiOauth": {"accessToken": made_up(), "refreshToken": made_up(), "expiresAt": expires_ms, "scopes": ["user:inference"]}}),
             "api.anthropic.com:443",
             "system",
         ),
         (
             "codex",
-            "mkdir -p ~/.codex && printf \"{\\\"auth_mode\\\":\\\"apikey\\\",\\\"OPENAI_API_KEY\\\":\\\"sk-made-up\\\"}\" > ~/.codex/auth.json",
+            ".codex/auth.json",
+            json!({"auth_mode": "apikey", "OPENAI_API_KEY": made_up()}),
             "api.openai.com:443",
             "thread.started",
         ),
         (
             "gemini-cli",
-            "mkdir -p ~/.gemini && printf \"{\\\"access_token\\\":\\\"ya29.made-up\\\",\\\"refresh_token\\\":\\\"1//made-up\\\",\\\"token_type\\\":\\\"Bearer\\\",\\\"expiry_date\\\":%s000}\" $(( $(date +%s) + 3600 )) > ~/.gemini/oauth_creds.json",
+            ".gemini/oauth_creds.json",
+            json!({"access_token": made_up(), "refresh_token": made_up(), "token_type": "Bearer", "expiry_date": expires_ms}),
             "oauth2.googleapis.com:443",
             "",
         ),
     ];
-    for (provider, write, target, first) in real {
+    for (provider, file, content, target, first) in real {
         rt.block_on(
             Vault::new(Keyring::generate().unwrap()).store(&store, &user.id, provider, b"{}"),
         )
@@ -356,8 +368,8 @@ fn prompts_run_stream_cancel_and_outlive_the_controller() {
         let w = host.sh(
             &host_vm,
             &format!(
-                "runuser -u user -- sh -c {}",
-                shell_quote(&format!("umask 077; {write}"))
+                "runuser -u user -- sh -c 'umask 077; mkdir -p \"$(dirname ~/{file})\" && printf %s \"$1\" > ~/{file}' sh {}",
+                shell_quote(&content.to_string())
             ),
         );
         assert_eq!(w.code, 0, "{provider}: {}", w.stderr);
