@@ -420,18 +420,37 @@ impl Client {
         )
     }
 
+    /// Poll `path` (every 200 ms, at most `limit`) until `pred` holds of
+    /// its JSON; the last answer.
+    pub fn wait(
+        &self,
+        path: &str,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let v = self.call("GET", path, None).json();
+            if pred(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{what}: {v}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Poll VM `id` until its state is `want` (failing at once if it ends,
     /// or after `limit`).
     pub fn wait_vm(&self, id: &str, want: &str, limit: Duration) -> serde_json::Value {
-        let deadline = Instant::now() + limit;
-        loop {
-            let v = self.call("GET", &format!("/api/v1/vms/{id}"), None).json();
-            if v["state"] == want {
-                return v;
-            }
-            assert!(v["done"] != true, "VM {id} ended: {v}");
-            assert!(Instant::now() < deadline, "VM {id} not {want}: {v}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.wait(
+            &format!("/api/v1/vms/{id}"),
+            &format!("VM {id} not {want}"),
+            limit,
+            |v| {
+                assert!(v["done"] != true, "VM {id} ended: {v}");
+                v["state"] == want
+            },
+        )
     }
 }

@@ -38,7 +38,7 @@ use polydev_controller::providers::Providers;
 use polydev_controller::store::Store;
 use polydev_controller::upstream::UpstreamConfig;
 use polydev_controller::vault::{Keyring, Vault};
-use polydev_e2e::http::{call, Answer};
+use polydev_e2e::http::Client;
 use polydev_e2e::oauth::{random_hex, Lines, Pki, SigninServer, ISSUER, ISSUER_HOST};
 use polydev_e2e::Host;
 use serde_json::{json, Value};
@@ -50,41 +50,13 @@ const VM_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 const TEST_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const AUTH: &str = ".testcli/auth.json";
 
-struct Api {
-    addr: String,
-    auth: String,
+/// What this test asks of the API beyond the shared client.
+trait Custody {
+    fn credential(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value;
+    fn cli_vm(&self) -> String;
 }
 
-impl Api {
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
-        call(
-            &self.addr,
-            method,
-            path,
-            &[("authorization", &self.auth)],
-            body.as_ref(),
-        )
-    }
-
-    /// Poll `path` until `pred` holds.
-    fn wait(
-        &self,
-        path: &str,
-        what: &str,
-        limit: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let deadline = Instant::now() + limit;
-        loop {
-            let v = self.call("GET", path, None).json();
-            if pred(&v) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "{what}: {v}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
+impl Custody for Client {
     fn credential(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let v = self.wait("/api/v1/credentials", what, Duration::from_secs(300), |v| {
             v.as_array()
@@ -102,15 +74,7 @@ impl Api {
         let r = self.call("POST", "/api/v1/vms", Some(json!({"kind": "cli"})));
         assert_eq!(r.status, 201, "{:?}", r.json());
         let id = r.json()["id"].as_str().expect("VM id").to_string();
-        self.wait(
-            &format!("/api/v1/vms/{id}"),
-            "CLI VM running",
-            Duration::from_secs(400),
-            |v| {
-                assert!(v["done"] != true, "CLI VM ended: {v}");
-                v["state"] == "running"
-            },
-        );
+        self.wait_vm(&id, "running", Duration::from_secs(400));
         id
     }
 }
@@ -325,10 +289,7 @@ path = "/usr/local/share/ca-certificates/polydev-test.crt"
     let (driver_stop, rx) = tokio::sync::watch::channel(false);
     let driver_task = rt.spawn(driver.clone().run(rx));
     let served = driver_support::ServedApi::start(&rt, &store, driver, "carol");
-    let api = Api {
-        addr: served.addr.clone(),
-        auth: format!("Bearer {}", served.token),
-    };
+    let api = Client::bearer(&served.addr, &served.token);
     let user = served.user.id.clone();
 
     // Signed in once; sealed as a capture seals it (the credential's
